@@ -1,0 +1,602 @@
+"""The `DockerEngine` port over docker-py.
+
+Error policy, in one place (`_docker_call`):
+
+- the daemon not answering — connection refused, missing socket, read
+  timeouts, a broken stream, docker-py failing to negotiate the API version,
+  or a 5xx error that no method expects — is `ServiceUnavailable`;
+- the 4xx answers a method expects (404 of a vanished container, 409 of a
+  name conflict, ...) are handled by that method as its port docstring says;
+- any other 4xx is a bug in how we call Docker: `InternalError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, cast
+
+import docker
+import docker.errors
+import requests.exceptions
+import urllib3.exceptions
+from docker.types import CancellableStream, Mount
+
+from rtmanager.domain import labels as galaxy_labels
+from rtmanager.domain.errors import (
+    Conflict,
+    ContainerStartFailed,
+    ImagePullFailed,
+    InternalError,
+    ServiceUnavailable,
+)
+from rtmanager.ports import ContainerEvent, ContainerInfo, ContainerSpec, EventStream, PullPolicy
+
+if TYPE_CHECKING:
+    from docker.api.container import _RestartPolicy
+
+__all__ = ["INTERESTING_EVENT_ACTIONS", "DockerEngineAdapter", "DockerEventStream"]
+
+logger = logging.getLogger(__name__)
+
+# Container event actions passed on to consumers; Docker also emits exec_*,
+# attach, resize, ... which say nothing about the engine's life.
+# `health_status: <status>` events are passed on too (see `_to_event`).
+INTERESTING_EVENT_ACTIONS = frozenset(
+    {"create", "start", "restart", "die", "oom", "kill", "stop", "destroy", "pause", "unpause"}
+)
+
+# /tmp of a read-only engine: writable scratch space, no setuid files or devices.
+_TMPFS_OPTIONS = "rw,nosuid,nodev,size=64m"
+
+# Docker reports "never" as the zero time of Go.
+_GO_ZERO_TIME_PREFIX = "0001-01-01"
+
+# What a broken or absent daemon looks like from docker-py's side. APIError
+# subclasses requests' HTTPError, so it must be matched before these.
+_TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
+    requests.exceptions.RequestException,
+    urllib3.exceptions.HTTPError,
+    docker.errors.StreamParseError,
+    OSError,
+)
+_STREAM_ERRORS: tuple[type[BaseException], ...] = (
+    *_TRANSPORT_ERRORS,
+    docker.errors.DockerException,
+)
+
+
+def _explain(exc: BaseException) -> str:
+    """Return the daemon's own words for an APIError, else the exception text."""
+    if isinstance(exc, docker.errors.APIError) and exc.explanation:
+        return str(exc.explanation)
+    return str(exc) or type(exc).__name__
+
+
+def _status(exc: docker.errors.APIError) -> int:
+    return exc.status_code or 0
+
+
+@contextlib.contextmanager
+def _docker_call(what: str) -> Iterator[None]:
+    """Translate docker-py failures not handled inside the block.
+
+    Errors of the service's own vocabulary raised in the block pass through.
+    """
+    try:
+        yield
+    except docker.errors.APIError as exc:
+        if _status(exc) >= 500:
+            raise ServiceUnavailable(f"docker: {what}: daemon error: {_explain(exc)}") from exc
+        raise InternalError(f"docker: {what}: unexpected answer: {_explain(exc)}") from exc
+    except _TRANSPORT_ERRORS as exc:
+        raise ServiceUnavailable(f"docker: {what}: daemon unreachable: {_explain(exc)}") from exc
+    except docker.errors.DockerException as exc:
+        # e.g. "Error while fetching server API version" from a lazy client.
+        raise ServiceUnavailable(f"docker: {what}: {_explain(exc)}") from exc
+
+
+def _parse_docker_time(value: object) -> datetime | None:
+    """Parse Docker's RFC 3339 (nanosecond) timestamps to aware UTC datetimes.
+
+    Go's zero time ("0001-01-01T00:00:00Z"), empty or malformed values mean
+    "never" and give None.
+    """
+    if not isinstance(value, str) or not value or value.startswith(_GO_ZERO_TIME_PREFIX):
+        return None
+    text = value.strip()
+    if text.endswith(("Z", "z")):
+        text = text[:-1] + "+00:00"
+    # fromisoformat takes at most microseconds: cut nanoseconds down to six digits.
+    if "." in text:
+        head, _, rest = text.partition(".")
+        digits = ""
+        while rest and rest[0].isdigit():
+            digits, rest = digits + rest[0], rest[1:]
+        text = f"{head}.{(digits + '000000')[:6]}{rest}"
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        logger.warning("unparseable docker timestamp %r", value)
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.astimezone(UTC)
+
+
+def _event_time(raw: dict[str, Any]) -> datetime:
+    """Return an event's time from `timeNano` (or `time`), as aware UTC."""
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    nanos = raw.get("timeNano")
+    if isinstance(nanos, int):
+        return epoch + timedelta(microseconds=nanos // 1000)
+    seconds = raw.get("time")
+    if isinstance(seconds, int | float):
+        return epoch + timedelta(seconds=seconds)
+    return datetime.now(UTC)
+
+
+def _int_or_none(value: object) -> int | None:
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            return None
+    return None
+
+
+def _owner_filters(cluster: str) -> list[str]:
+    """Daemon-side label filters narrowing to this deployment's containers.
+
+    The cluster label can be filtered on only when it is not the default
+    cluster, because a container without the label belongs to the default
+    one; `is_owned` stays the final judge either way.
+    """
+    selectors = [f"{galaxy_labels.OWNER}={galaxy_labels.OWNER_VALUE}"]
+    if cluster != galaxy_labels.DEFAULT_CLUSTER:
+        selectors.append(f"{galaxy_labels.CLUSTER}={cluster}")
+    return selectors
+
+
+class DockerEventStream:
+    """Owned containers' events from Docker's event stream (an `EventStream`).
+
+    Iteration ends quietly after `close()`, which may be called from any
+    thread; the daemon closing the stream or going away raises
+    `ServiceUnavailable`, so the consumer knows to reconnect and reconcile.
+    """
+
+    def __init__(self, stream: CancellableStream[dict[str, Any]], cluster: str) -> None:
+        """Wrap a decoded docker-py event stream for deployment `cluster`."""
+        self._stream = stream
+        self._cluster = cluster
+        self._closed = threading.Event()
+
+    def __iter__(self) -> Iterator[ContainerEvent]:
+        """Yield owned containers' events until closed or disconnected."""
+        try:
+            # CancellableStream turns socket errors into StopIteration, so a
+            # dead daemon and a close() look alike here: `_closed` tells them apart.
+            for raw in self._stream:
+                if self._closed.is_set():
+                    return
+                event = self._to_event(raw)
+                if event is not None:
+                    yield event
+        except _STREAM_ERRORS as exc:
+            if self._closed.is_set():
+                return
+            raise ServiceUnavailable(f"docker: event stream broken: {_explain(exc)}") from exc
+        if not self._closed.is_set():
+            raise ServiceUnavailable("docker: event stream ended: the daemon closed it")
+
+    def close(self) -> None:
+        """End iteration (from any thread); closing twice is harmless."""
+        self._closed.set()
+        # The stream may already be finished or its socket gone; either way
+        # there is nothing left to cancel.
+        with contextlib.suppress(Exception):
+            self._stream.close()
+
+    def _to_event(self, raw: object) -> ContainerEvent | None:
+        if not isinstance(raw, dict) or raw.get("Type", "container") != "container":
+            return None
+        action = str(raw.get("Action") or raw.get("status") or "")
+        if action not in INTERESTING_EVENT_ACTIONS and not action.startswith("health_status"):
+            return None
+        actor = raw.get("Actor") or {}
+        attributes: dict[str, str] = dict(actor.get("Attributes") or {})
+        # Event attributes carry the container's labels (plus name, image, ...).
+        if not galaxy_labels.is_owned(attributes, self._cluster):
+            return None
+        container_id = str(actor.get("ID") or raw.get("id") or "")
+        if not container_id:
+            return None
+        return ContainerEvent(
+            action=action,
+            container_id=container_id,
+            game_id=attributes.get(galaxy_labels.GAME_ID, ""),
+            time=_event_time(raw),
+            exit_code=_int_or_none(attributes.get("exitCode")) if action == "die" else None,
+        )
+
+
+class DockerEngineAdapter:
+    """The `DockerEngine` port on a Docker daemon, through docker-py.
+
+    The docker-py client is built on first use: building it asks the daemon
+    for its API version, and a daemon that is down at construction must not
+    stop the service from starting (`ping` reports it instead). A failed
+    build is retried on the next call.
+
+    Thread-safe: the service's workers share one adapter.
+    """
+
+    def __init__(
+        self, *, base_url: str, cluster: str, timeout: timedelta = timedelta(seconds=30)
+    ) -> None:
+        """Prepare an adapter for the daemon at `base_url` and deployment `cluster`."""
+        if timeout <= timedelta(0):
+            raise ValueError("docker timeout must be positive")
+        self._base_url = base_url
+        self._cluster = cluster
+        self._timeout_seconds = max(1, math.ceil(timeout.total_seconds()))
+        self._client: docker.DockerClient | None = None
+        self._client_lock = threading.Lock()
+        self._network_lock = threading.Lock()
+
+    @property
+    def cluster(self) -> str:
+        """The deployment whose containers this adapter owns."""
+        return self._cluster
+
+    def close(self) -> None:
+        """Release the client's connections; a later call builds a new client."""
+        with self._client_lock:
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+    # -- plumbing ---------------------------------------------------------
+
+    def _docker(self) -> docker.DockerClient:
+        """Return the client, building it (and negotiating the API version) once."""
+        with self._client_lock:
+            if self._client is None:
+                with _docker_call("connect"):
+                    self._client = docker.DockerClient(
+                        base_url=self._base_url, timeout=self._timeout_seconds
+                    )
+            return self._client
+
+    def _api(self) -> docker.APIClient:
+        return self._docker().api
+
+    # -- DockerEngine -----------------------------------------------------
+
+    def ping(self) -> None:
+        """Raise `ServiceUnavailable` unless the daemon answers `/_ping`."""
+        try:
+            with _docker_call("ping"):
+                self._api().ping()
+        except InternalError as exc:
+            # Whatever answers there is not a usable Docker daemon.
+            raise ServiceUnavailable(exc.message) from exc
+
+    def ensure_image(self, image_ref: str, policy: PullPolicy) -> None:
+        """Make the image present per `policy`; raise `ImagePullFailed` if not.
+
+        `IF_MISSING` pulls only an absent image. `NEVER` never pulls and fails
+        for an absent image. `ALWAYS` pulls every time and fails when the pull
+        fails even if an older copy is present locally: the operator asked
+        for the registry's current image, and silently running a stale one
+        would hide a broken registry or a retagged image.
+        """
+        present = self._image_present(image_ref)
+        if policy is PullPolicy.NEVER:
+            if not present:
+                raise ImagePullFailed(
+                    f"image {image_ref} is not present and the pull policy is never"
+                )
+            return
+        if policy is PullPolicy.IF_MISSING and present:
+            return
+        self._pull(image_ref)
+        if not self._image_present(image_ref):
+            raise ImagePullFailed(f"image {image_ref} is still absent after pulling it")
+
+    def _image_present(self, image_ref: str) -> bool:
+        with _docker_call(f"inspect image {image_ref}"):
+            try:
+                self._docker().images.get(image_ref)
+            except docker.errors.NotFound:
+                return False
+            except docker.errors.APIError as exc:
+                if _status(exc) == 400:  # e.g. "invalid reference format"
+                    raise ImagePullFailed(
+                        f"image {image_ref}: {_explain(exc)}", metadata={"image_ref": image_ref}
+                    ) from exc
+                raise
+        return True
+
+    def _pull(self, image_ref: str) -> None:
+        logger.info("pulling image %s", image_ref)
+        with _docker_call(f"pull {image_ref}"):
+            try:
+                # docker-py splits repository, tag and digest itself.
+                progress = self._api().pull(image_ref, stream=True, decode=True)
+                # The daemon answers 200 and reports failures inside the stream.
+                for message in progress:
+                    if isinstance(message, dict) and message.get("error"):
+                        detail = message.get("errorDetail") or {}
+                        text = detail.get("message") or message["error"]
+                        raise ImagePullFailed(
+                            f"pull of {image_ref} failed: {text}",
+                            metadata={"image_ref": image_ref},
+                        )
+            except docker.errors.APIError as exc:
+                # Registry trouble (unreachable, unknown image, denied) comes
+                # back as a 4xx/5xx of the daemon, which is up: not our outage.
+                raise ImagePullFailed(
+                    f"pull of {image_ref} failed: {_explain(exc)}",
+                    metadata={"image_ref": image_ref},
+                ) from exc
+
+    def ensure_network(self, name: str, labels: dict[str, str]) -> None:
+        """Create the internal bridge network `name` with `labels` unless it exists.
+
+        An existing network of that name is used as it is. Two replicas may
+        race to create it; Docker's duplicate check is not atomic, so after
+        creating one we look again and drop ours if an older one won.
+        """
+        with self._network_lock, _docker_call(f"ensure network {name}"):
+            api = self._api()
+            if self._networks_named(api, name):
+                return
+            try:
+                created = api.create_network(
+                    name,
+                    driver="bridge",
+                    internal=True,
+                    labels=dict(labels),
+                    check_duplicate=True,
+                )
+            except docker.errors.APIError as exc:
+                if _status(exc) == 409:  # a concurrent creator won
+                    return
+                raise
+            ours = str(created.get("Id", ""))
+            networks = self._networks_named(api, name)
+            if len(networks) > 1 and ours:
+                keeper = min(networks, key=lambda n: (str(n.get("Created", "")), str(n["Id"])))
+                if keeper["Id"] != ours:
+                    logger.info("network %s was created concurrently; removing our copy", name)
+                    with contextlib.suppress(docker.errors.APIError):
+                        api.remove_network(ours)
+
+    @staticmethod
+    def _networks_named(api: docker.APIClient, name: str) -> list[dict[str, Any]]:
+        # The daemon's name filter matches substrings: keep exact matches only.
+        found = cast("list[dict[str, Any]]", api.networks(names=[name]) or [])
+        return [n for n in found if n.get("Name") == name]
+
+    def create_container(self, spec: ContainerSpec) -> str:
+        """Create (not start) the engine container of `spec` and return its id.
+
+        Raises `Conflict` when the name is taken, `ImagePullFailed` when the
+        image is not present and `ContainerStartFailed` when Docker refuses
+        the container's configuration (e.g. a missing network or state dir).
+        """
+        with _docker_call(f"create container {spec.name}"):
+            client = self._docker()
+            endpoint = client.api.create_endpoint_config(aliases=[spec.network_alias])
+            try:
+                container = client.containers.create(
+                    spec.image_ref,
+                    name=spec.name,
+                    hostname=spec.name,
+                    labels=dict(spec.labels),
+                    environment=dict(spec.env),
+                    init=True,
+                    # rtmanager owns restarts; Docker restarting an engine
+                    # behind its back would confuse records and the reconciler.
+                    # (The stubs' Literal omits "no", which the API accepts.)
+                    restart_policy=cast("_RestartPolicy", {"Name": "no"}),
+                    cap_drop=["ALL"],
+                    security_opt=["no-new-privileges:true"],
+                    privileged=False,
+                    pids_limit=spec.pids_limit if spec.pids_limit > 0 else None,
+                    mem_limit=spec.memory_bytes if spec.memory_bytes > 0 else None,
+                    nano_cpus=spec.nano_cpus if spec.nano_cpus > 0 else None,
+                    read_only=True if spec.read_only_rootfs else None,
+                    # A path inside the container, not a host temp file.
+                    tmpfs={"/tmp": _TMPFS_OPTIONS} if spec.read_only_rootfs else None,  # noqa: S108
+                    # A typed bind mount fails on a missing source instead of
+                    # silently creating a root-owned directory on the host.
+                    mounts=[
+                        Mount(
+                            target=spec.state_mount_path,
+                            source=spec.state_host_path,
+                            type="bind",
+                            read_only=False,
+                        )
+                    ],
+                    network=spec.network,
+                    networking_config={spec.network: endpoint},
+                )
+            except docker.errors.ImageNotFound as exc:
+                raise ImagePullFailed(
+                    f"image {spec.image_ref} is not present: {_explain(exc)}",
+                    metadata={"image_ref": spec.image_ref},
+                ) from exc
+            except docker.errors.NotFound as exc:
+                # Also raised when the container vanished between docker-py's
+                # create and its follow-up inspect; either way nothing runs.
+                raise ContainerStartFailed(
+                    f"cannot create container {spec.name}: {_explain(exc)}"
+                ) from exc
+            except docker.errors.APIError as exc:
+                if _status(exc) == 409:
+                    raise Conflict(
+                        f"a container named {spec.name} already exists: {_explain(exc)}"
+                    ) from exc
+                if 400 <= _status(exc) < 500:
+                    raise ContainerStartFailed(
+                        f"docker refused container {spec.name}: {_explain(exc)}"
+                    ) from exc
+                raise
+        container_id = container.id
+        if not container_id:
+            raise InternalError(f"docker created {spec.name} without reporting its id")
+        return container_id
+
+    def start_container(self, container_id: str) -> None:
+        """Start a created container; `ContainerStartFailed` if Docker refuses.
+
+        Any error answer of the daemon (bad command, missing mount, vanished
+        container, ...) is a start failure; only an unreachable daemon is
+        `ServiceUnavailable`.
+        """
+        with _docker_call(f"start container {container_id}"):
+            try:
+                self._api().start(container_id)
+            except docker.errors.APIError as exc:
+                raise ContainerStartFailed(
+                    f"docker could not start container {container_id}: {_explain(exc)}",
+                    metadata={"container_id": container_id},
+                ) from exc
+
+    def stop_container(self, container_id: str, timeout: timedelta) -> None:
+        """Stop gracefully (SIGTERM), killing after `timeout`; a gone container is fine.
+
+        docker-py extends the HTTP read timeout of the call by the stop
+        timeout, so a slow engine does not look like a dead daemon.
+        """
+        seconds = max(0, math.ceil(timeout.total_seconds()))
+        with _docker_call(f"stop container {container_id}"):
+            try:
+                # 304 (already stopped) is not an error for requests/docker-py.
+                self._api().stop(container_id, timeout=seconds)
+            except docker.errors.NotFound:
+                return
+
+    def remove_container(self, container_id: str, *, force: bool = False) -> None:
+        """Remove the container (killing it first when `force`); a gone one is fine.
+
+        Raises `Conflict` when it still runs and `force` is not set.
+        """
+        with _docker_call(f"remove container {container_id}"):
+            try:
+                self._api().remove_container(container_id, force=force)
+            except docker.errors.NotFound:
+                return
+            except docker.errors.APIError as exc:
+                message = _explain(exc)
+                if _status(exc) == 409 and "already in progress" in message:
+                    return
+                if _status(exc) == 409:
+                    raise Conflict(f"cannot remove container {container_id}: {message}") from exc
+                raise
+
+    def inspect_container(self, id_or_name: str) -> ContainerInfo | None:
+        """Return what Docker says about a container, owned or not; None if absent."""
+        with _docker_call(f"inspect container {id_or_name}"):
+            try:
+                data = cast("dict[str, Any]", self._api().inspect_container(id_or_name))
+            except docker.errors.NotFound:
+                return None
+        return self._to_info(data)
+
+    def _to_info(self, data: dict[str, Any]) -> ContainerInfo:
+        state: dict[str, Any] = data.get("State") or {}
+        config: dict[str, Any] = data.get("Config") or {}
+        labels: dict[str, str] = dict(config.get("Labels") or {})
+        status = str(state.get("Status") or "")
+        running = bool(state.get("Running"))
+        health: dict[str, Any] = state.get("Health") or {}
+        # A container that never ran ("created") has no exit code to report.
+        exited = not running and status not in ("created", "")
+        return ContainerInfo(
+            id=str(data.get("Id", "")),
+            name=str(data.get("Name", "")).lstrip("/"),
+            state=status,
+            running=running,
+            owned=galaxy_labels.is_owned(labels, self._cluster),
+            labels=labels,
+            image_ref=labels.get(galaxy_labels.IMAGE_REF) or str(config.get("Image") or ""),
+            game_id=labels.get(galaxy_labels.GAME_ID, ""),
+            exit_code=_int_or_none(state.get("ExitCode")) if exited else None,
+            health=str(health["Status"]) if health.get("Status") else None,
+            started_at=_parse_docker_time(state.get("StartedAt")),
+            finished_at=_parse_docker_time(state.get("FinishedAt")),
+        )
+
+    def list_owned_containers(self) -> list[ContainerInfo]:
+        """Return every container of this deployment, running or not.
+
+        Listing narrows by label on the daemon; each container is then
+        inspected (the listing lacks exit codes and times), skipping those
+        removed meanwhile, and `is_owned` has the last word.
+        """
+        with _docker_call("list containers"):
+            api = self._api()
+            listed = cast(
+                "list[dict[str, Any]]",
+                api.containers(all=True, filters={"label": _owner_filters(self._cluster)}),
+            )
+        infos: list[ContainerInfo] = []
+        for entry in listed:
+            info = self.inspect_container(str(entry["Id"]))
+            if info is not None and info.owned:
+                infos.append(info)
+        return infos
+
+    def container_logs_tail(self, container_id: str, lines: int = 20) -> str:
+        """Return the last `lines` lines of stdout and stderr ("" when unavailable)."""
+        if lines <= 0:
+            return ""
+        with _docker_call(f"logs of container {container_id}"):
+            try:
+                output = self._api().logs(
+                    container_id, stdout=True, stderr=True, stream=False, tail=lines
+                )
+            except docker.errors.APIError as exc:
+                if _status(exc) >= 500 and _status(exc) != 501:
+                    raise
+                # Gone (404) or a logging driver that cannot be read (501).
+                return ""
+        if isinstance(output, bytes):
+            return output.decode("utf-8", errors="replace")
+        return str(output)
+
+    def follow_events(self, since: datetime | None = None) -> EventStream:
+        """Stream events of this deployment's containers from `since` (or now) on.
+
+        `since` is rounded down to the second, so a resumed stream may repeat
+        an event or two; consumers are idempotent.
+        """
+        since_ts: int | None = None
+        if since is not None:
+            aware = since if since.tzinfo is not None else since.replace(tzinfo=UTC)
+            since_ts = math.floor(aware.timestamp())
+        with _docker_call("follow events"):
+            stream = self._api().events(
+                since=since_ts,
+                decode=True,
+                filters={"type": "container", "label": _owner_filters(self._cluster)},
+            )
+        return DockerEventStream(stream, self._cluster)
+
+
+if TYPE_CHECKING:
+    from rtmanager.ports import DockerEngine
+
+    def _implements_port(adapter: DockerEngineAdapter) -> DockerEngine:
+        # mypy proves here that the adapter satisfies the port's protocol.
+        return adapter

@@ -1,0 +1,141 @@
+"""The PostgreSQL connection pool and the one place database errors are mapped.
+
+Every pooled connection works in the service's schema (`search_path`), reads
+and writes timestamps at UTC (`TimeZone`) and runs with autocommit off, so a
+unit of work is one transaction. The pool opens without waiting: building it
+never blocks or fails when the database is down; borrowing a connection then
+fails with `ServiceUnavailable` after the pool timeout.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import TupleRow
+from psycopg_pool import ConnectionPool
+
+from rtmanager.domain.errors import (
+    ConcurrentModification,
+    InternalError,
+    InvalidRequest,
+    RuntimeManagerError,
+    ServiceUnavailable,
+)
+
+Connection = psycopg.Connection[TupleRow]
+"""A pooled connection (rows are tuples unless a cursor asks otherwise)."""
+
+Pool = ConnectionPool[Connection]
+"""The pool `create_pool` returns."""
+
+_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+def validate_schema_name(schema: str) -> str:
+    """Return `schema` when it is a lower-case SQL identifier; raise ValueError otherwise."""
+    if not isinstance(schema, str) or _SCHEMA_NAME.fullmatch(schema) is None:
+        raise ValueError(
+            f"schema name {schema!r} is invalid: expected a lower-case SQL identifier "
+            "(a-z, 0-9, '_', not starting with a digit, at most 63 characters)"
+        )
+    return schema
+
+
+def session_setup(conn: psycopg.Connection[TupleRow], schema: str) -> None:
+    """Point a fresh connection at `schema` and UTC, leaving it idle."""
+    conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
+    conn.execute("SET TimeZone TO 'UTC'")
+    conn.commit()
+
+
+def create_pool(
+    dsn: str,
+    schema: str,
+    *,
+    max_size: int,
+    min_size: int = 1,
+    timeout: float | timedelta,
+    name: str = "rtmanager-postgres",
+    check_on_borrow: bool = True,
+) -> Pool:
+    """Return an opened pool of connections working in `schema`.
+
+    `timeout` bounds how long borrowing a connection may wait (and each
+    connection attempt). The pool is opened with `wait=False`, so this never
+    blocks on the database. With `check_on_borrow` each borrowed connection is
+    probed first, so connections broken by a database restart are replaced
+    transparently instead of failing the caller once.
+    """
+    validate_schema_name(schema)
+    if min_size < 0 or max_size < max(min_size, 1):
+        raise ValueError(f"pool sizes are invalid: min_size={min_size}, max_size={max_size}")
+    seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else float(timeout)
+    if seconds <= 0:
+        raise ValueError(f"pool timeout must be positive, got {seconds} s")
+
+    def configure(conn: Connection) -> None:
+        session_setup(conn, schema)
+
+    pool: Pool = ConnectionPool(
+        dsn,
+        kwargs={
+            "autocommit": False,
+            # libpq wants whole seconds; at least 1, or 0 would mean "forever".
+            "connect_timeout": max(1, round(seconds)),
+            "application_name": name[:63],
+        },
+        min_size=min_size,
+        max_size=max_size,
+        timeout=seconds,
+        configure=configure,
+        check=ConnectionPool.check_connection if check_on_borrow else None,
+        name=name,
+        open=False,
+    )
+    pool.open(wait=False)
+    return pool
+
+
+def to_domain_error(error: psycopg.Error, action: str) -> RuntimeManagerError:
+    """Translate a psycopg (or pool) error raised while doing `action`.
+
+    - unreachable database, pool timeout, statement timeout, shutdown
+      (`OperationalError`) -> `ServiceUnavailable`;
+    - serialization failure or deadlock -> `ConcurrentModification` (a race:
+      retrying may succeed);
+    - a CHECK violation -> `InternalError` naming the constraint (the adapters
+      validate first, so this is a bug);
+    - a value PostgreSQL cannot store (`DataError`, e.g. a NUL character)
+      -> `InvalidRequest`;
+    - anything else -> `InternalError`.
+    """
+    detail = str(error).strip() or type(error).__name__
+    if isinstance(error, psycopg.errors.CheckViolation):
+        constraint = error.diag.constraint_name or "(unknown)"
+        return InternalError(
+            f"{action}: the row breaks database constraint {constraint}: {detail}",
+            metadata={"constraint": constraint},
+        )
+    if isinstance(error, psycopg.errors.TransactionRollback):
+        return ConcurrentModification(f"{action}: concurrent transaction conflict: {detail}")
+    if isinstance(error, psycopg.errors.QueryCanceled):
+        return ServiceUnavailable(f"{action}: PostgreSQL statement timed out or was canceled")
+    if isinstance(error, psycopg.OperationalError):
+        return ServiceUnavailable(f"{action}: PostgreSQL is unavailable: {detail}")
+    if isinstance(error, psycopg.DataError):
+        return InvalidRequest(f"{action}: value rejected by PostgreSQL: {detail}")
+    return InternalError(f"{action}: unexpected PostgreSQL error: {detail}")
+
+
+@contextmanager
+def database_errors(action: str) -> Iterator[None]:
+    """Re-raise psycopg errors of the block as domain errors (see `to_domain_error`)."""
+    try:
+        yield
+    except psycopg.Error as error:
+        raise to_domain_error(error, action) from error

@@ -1,0 +1,300 @@
+"""`RuntimeRecordStore` on the `runtime_records` table."""
+
+from __future__ import annotations
+
+import builtins
+from datetime import UTC, datetime
+from typing import Any, LiteralString
+
+from psycopg import sql
+from psycopg.rows import dict_row
+
+from rtmanager.adapters.postgres.paging import (
+    check_page_size,
+    check_utc,
+    decode_records_token,
+    encode_records_token,
+)
+from rtmanager.adapters.postgres.pool import Connection, database_errors
+from rtmanager.domain.errors import ConcurrentModification, InvalidRequest, NotFound
+from rtmanager.domain.runtime import (
+    InvalidRuntimeRecord,
+    RuntimeRecord,
+    RuntimeStatus,
+    transition,
+)
+from rtmanager.domain.timeutil import require_utc
+from rtmanager.ports import Page, StatusChange
+
+_COLUMNS: LiteralString = (
+    "game_id, status, current_container_id, current_image_ref, engine_endpoint, "
+    "state_path, docker_network, started_at, stopped_at, removed_at, last_op_at, created_at"
+)
+_SELECT: LiteralString = (
+    "SELECT game_id, status, current_container_id, current_image_ref, engine_endpoint,"
+    " state_path, docker_network, started_at, stopped_at, removed_at, last_op_at, created_at"
+    " FROM runtime_records"
+)
+_UPSERT: LiteralString = (
+    "INSERT INTO runtime_records (game_id, status, current_container_id, current_image_ref,"
+    " engine_endpoint, state_path, docker_network, started_at, stopped_at, removed_at,"
+    " last_op_at, created_at) VALUES "
+    "(%(game_id)s, %(status)s, %(current_container_id)s, %(current_image_ref)s,"
+    " %(engine_endpoint)s, %(state_path)s, %(docker_network)s, %(started_at)s,"
+    " %(stopped_at)s, %(removed_at)s, %(last_op_at)s, %(created_at)s)"
+    " ON CONFLICT (game_id) DO UPDATE SET"
+    " status = EXCLUDED.status,"
+    " current_container_id = EXCLUDED.current_container_id,"
+    " current_image_ref = EXCLUDED.current_image_ref,"
+    " engine_endpoint = EXCLUDED.engine_endpoint,"
+    " state_path = EXCLUDED.state_path,"
+    " docker_network = EXCLUDED.docker_network,"
+    " started_at = EXCLUDED.started_at,"
+    " stopped_at = EXCLUDED.stopped_at,"
+    " removed_at = EXCLUDED.removed_at,"
+    " last_op_at = EXCLUDED.last_op_at,"
+    " created_at = EXCLUDED.created_at"
+)
+
+
+def _null_if_empty(value: str) -> str | None:
+    return value if value else None
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    return value.astimezone(UTC) if value is not None else None
+
+
+def record_from_row(row: dict[str, Any]) -> RuntimeRecord:
+    """Map a `runtime_records` row (a `dict_row`) to the domain record."""
+    return RuntimeRecord(
+        game_id=row["game_id"],
+        status=RuntimeStatus(row["status"]),
+        current_container_id=row["current_container_id"] or "",
+        current_image_ref=row["current_image_ref"] or "",
+        engine_endpoint=row["engine_endpoint"],
+        state_path=row["state_path"],
+        docker_network=row["docker_network"],
+        started_at=_utc(row["started_at"]),
+        stopped_at=_utc(row["stopped_at"]),
+        removed_at=_utc(row["removed_at"]),
+        last_op_at=row["last_op_at"].astimezone(UTC),
+        created_at=row["created_at"].astimezone(UTC),
+    )
+
+
+def _record_params(record: RuntimeRecord) -> dict[str, Any]:
+    return {
+        "game_id": record.game_id,
+        "status": str(record.status),
+        "current_container_id": _null_if_empty(record.current_container_id),
+        "current_image_ref": _null_if_empty(record.current_image_ref),
+        "engine_endpoint": record.engine_endpoint,
+        "state_path": record.state_path,
+        "docker_network": record.docker_network,
+        "started_at": record.started_at,
+        "stopped_at": record.stopped_at,
+        "removed_at": record.removed_at,
+        "last_op_at": record.last_op_at,
+        "created_at": record.created_at,
+    }
+
+
+def _describe(status: str, container_id: str | None) -> str:
+    return f"status {status} with container {container_id or '(none)'}"
+
+
+class PostgresRuntimeRecordStore:
+    """Runtime records in PostgreSQL, inside the transaction of one connection.
+
+    The store never commits or rolls back: the unit of work that owns the
+    connection does. Every method may raise `ServiceUnavailable` when
+    PostgreSQL is unreachable or a statement times out.
+    """
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+
+    def _fetch_one(
+        self, action: str, query: LiteralString | sql.Composed, params: Any
+    ) -> dict[str, Any] | None:
+        with database_errors(action), self._conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(query, params)
+            return cur.fetchone()
+
+    def _fetch_all(
+        self, action: str, query: LiteralString | sql.Composed, params: Any
+    ) -> builtins.list[dict[str, Any]]:
+        with database_errors(action), self._conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(query, params)
+            return cur.fetchall()
+
+    def get(self, game_id: str) -> RuntimeRecord:
+        """Return the game's record; raise `NotFound` when there is none."""
+        row = self._fetch_one(
+            f"read runtime record {game_id}", _SELECT + " WHERE game_id = %s", (game_id,)
+        )
+        if row is None:
+            raise NotFound(f"no runtime record for game {game_id}", metadata={"game_id": game_id})
+        return record_from_row(row)
+
+    def get_for_update(self, game_id: str) -> RuntimeRecord | None:
+        """Return the game's record locked (`FOR UPDATE`) until the transaction ends, or None."""
+        row = self._fetch_one(
+            f"lock runtime record {game_id}",
+            _SELECT + " WHERE game_id = %s FOR UPDATE",
+            (game_id,),
+        )
+        return record_from_row(row) if row is not None else None
+
+    def upsert(self, record: RuntimeRecord) -> None:
+        """Insert the record, or overwrite every column of the existing row.
+
+        Raises `InvalidRuntimeRecord` (before any statement) when the record
+        breaks a domain rule.
+        """
+        record.validate()
+        with database_errors(f"upsert runtime record {record.game_id}"):
+            self._conn.execute(_UPSERT, _record_params(record))
+
+    def update_status(self, change: StatusChange) -> RuntimeRecord:
+        """Apply a CAS status transition with one `UPDATE ... RETURNING`.
+
+        Raises `InvalidTransition` for a forbidden pair without touching the
+        database, `NotFound` when there is no record, and
+        `ConcurrentModification` when the stored status (or container id,
+        when `expected_container_id` is given) differs from the expected one.
+        Timestamps are derived as `RuntimeRecord.with_status` derives them.
+        A result that would break a record rule (e.g. `now` before the stored
+        `started_at`, or running without a container) is refused by the
+        table's CHECK constraints and raised as `InternalError`; the
+        transaction is then aborted.
+        """
+        transition(change.expected_from, change.to)
+        require_utc("now", change.now, InvalidRuntimeRecord)
+        if change.to is RuntimeStatus.RUNNING and change.container_id == "":
+            raise InvalidRuntimeRecord("a running record needs a container id; got ''")
+        now = change.now
+        assignments: dict[LiteralString, object] = {"status": str(change.to), "last_op_at": now}
+        if change.to is RuntimeStatus.RUNNING:
+            assignments["started_at"] = now
+            assignments["stopped_at"] = None
+        elif change.to is RuntimeStatus.STOPPED:
+            assignments["stopped_at"] = now
+        else:
+            assignments["removed_at"] = now
+        if change.container_id is not None:
+            assignments["current_container_id"] = _null_if_empty(change.container_id)
+
+        params: dict[str, object] = {
+            f"set_{column}": value for column, value in assignments.items()
+        }
+        params["game_id"] = change.game_id
+        params["expected_from"] = str(change.expected_from)
+        guards = [sql.SQL("game_id = %(game_id)s"), sql.SQL("status = %(expected_from)s")]
+        if change.expected_container_id is not None:
+            if change.expected_container_id:
+                guards.append(sql.SQL("current_container_id = %(expected_container_id)s"))
+                params["expected_container_id"] = change.expected_container_id
+            else:
+                guards.append(sql.SQL("current_container_id IS NULL"))
+        query = sql.SQL(
+            "UPDATE runtime_records SET {sets} WHERE {guards} RETURNING {columns}"
+        ).format(
+            sets=sql.SQL(", ").join(
+                sql.SQL("{} = {}").format(sql.Identifier(column), sql.Placeholder(f"set_{column}"))
+                for column in assignments
+            ),
+            guards=sql.SQL(" AND ").join(guards),
+            columns=sql.SQL(_COLUMNS),
+        )
+        action = f"change runtime status of game {change.game_id} to {change.to}"
+        row = self._fetch_one(action, query, params)
+        if row is not None:
+            return record_from_row(row)
+
+        current = self._fetch_one(
+            action,
+            "SELECT status, current_container_id FROM runtime_records WHERE game_id = %s",
+            (change.game_id,),
+        )
+        if current is None:
+            raise NotFound(
+                f"no runtime record for game {change.game_id}",
+                metadata={"game_id": change.game_id},
+            )
+        expected_container = change.expected_container_id
+        expected = (
+            f"status {change.expected_from}"
+            if expected_container is None
+            else _describe(change.expected_from, expected_container)
+        )
+        raise ConcurrentModification(
+            f"runtime record of game {change.game_id} changed concurrently: expected "
+            f"{expected}, found {_describe(current['status'], current['current_container_id'])}",
+            metadata={
+                "game_id": change.game_id,
+                "expected_status": str(change.expected_from),
+                "actual_status": current["status"],
+            },
+        )
+
+    def list_by_status(self, status: RuntimeStatus) -> builtins.list[RuntimeRecord]:
+        """Return every record of one status, ordered by game id."""
+        rows = self._fetch_all(
+            f"list {status} runtime records",
+            _SELECT + " WHERE status = %s ORDER BY game_id",
+            (str(status),),
+        )
+        return [record_from_row(row) for row in rows]
+
+    def list_stopped_before(self, cutoff: datetime, limit: int) -> builtins.list[RuntimeRecord]:
+        """Return up to `limit` stopped records with `last_op_at` before `cutoff`.
+
+        Ordered by `last_op_at` (oldest first), then game id. Raises
+        `InvalidRequest` when `limit` is below 1 or `cutoff` is not aware UTC.
+        """
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise InvalidRequest(f"limit {limit!r} is invalid: expected at least 1")
+        check_utc("cutoff", cutoff)
+        rows = self._fetch_all(
+            "list stopped runtime records",
+            _SELECT + " WHERE status = 'stopped' AND last_op_at < %s"
+            " ORDER BY last_op_at, game_id LIMIT %s",
+            (cutoff, limit),
+        )
+        return [record_from_row(row) for row in rows]
+
+    def list(
+        self, *, status: RuntimeStatus | None = None, page_size: int = 100, page_token: str = ""
+    ) -> Page[RuntimeRecord]:
+        """Return one page of records ordered by game id, optionally of one status.
+
+        Raises `InvalidRequest` for a page size outside 1..1000, a malformed
+        page token or an unknown status.
+        """
+        check_page_size(page_size)
+        after = decode_records_token(page_token)
+        conditions: builtins.list[sql.Composable] = []
+        params: builtins.list[object] = []
+        if status is not None:
+            if status not in RuntimeStatus.__members__.values():
+                raise InvalidRequest(
+                    f"status {status!r} is unsupported", metadata={"field": "status"}
+                )
+            conditions.append(sql.SQL("status = %s"))
+            params.append(str(status))
+        if after is not None:
+            conditions.append(sql.SQL("game_id > %s"))
+            params.append(after)
+        where = (
+            sql.SQL(" WHERE ") + sql.SQL(" AND ").join(conditions) if conditions else sql.SQL("")
+        )
+        query = sql.SQL("{select}{where} ORDER BY game_id LIMIT %s").format(
+            select=sql.SQL(_SELECT), where=where
+        )
+        params.append(page_size + 1)
+        rows = self._fetch_all("list runtime records", query, params)
+        records = [record_from_row(row) for row in rows[:page_size]]
+        next_token = encode_records_token(records[-1].game_id) if len(rows) > page_size else ""
+        return Page(items=records, next_page_token=next_token)

@@ -1,0 +1,139 @@
+"""Per-game leases in Redis: `SET NX PX` to take, token-checked scripts to keep or drop.
+
+One key per game, `{prefix}lease:game:{game_id}`, holding the random token of
+its holder. Only the holder of the token can renew or release the lease, so a
+holder whose lease expired and was taken over can never extend or delete the
+new holder's lease.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+import redis
+
+from rtmanager.domain.errors import ServiceUnavailable
+from rtmanager.ports import Lease
+
+if TYPE_CHECKING:
+    from rtmanager.ports import GameLeases
+
+# Compare-and-expire: extend the lease only while it still holds our token.
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+# Compare-and-delete: drop the lease only while it still holds our token.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+# What "Redis is unreachable or timing out" looks like to redis-py:
+# ConnectionError covers refused/reset connections, BusyLoadingError (a
+# restarting server loading its dataset) and authentication failures;
+# ReadOnlyError is a replica answering during a failover.
+_UNAVAILABLE: tuple[type[Exception], ...] = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.ReadOnlyError,
+    TimeoutError,
+)
+
+_ONE_MICROSECOND = timedelta(microseconds=1)
+
+
+class RedisGameLeases:
+    """`GameLeases` on Redis, safe across threads, processes and replicas.
+
+    `prefix` namespaces every key (`RTMANAGER_REDIS_PREFIX`). Every method
+    raises `ServiceUnavailable` when Redis is unreachable or times out.
+
+    A lease whose `acquire` call timed out may have been taken anyway; it is
+    never reported as held and simply expires after its ttl.
+    """
+
+    def __init__(self, client: redis.Redis, *, prefix: str = "") -> None:
+        self._client = client
+        self._prefix = prefix
+        self._renew = client.register_script(_RENEW)
+        self._release = client.register_script(_RELEASE)
+
+    def key(self, game_id: str) -> str:
+        """Return the Redis key of a game's lease."""
+        return f"{self._prefix}lease:game:{game_id}"
+
+    def acquire(self, game_id: str, ttl: timedelta) -> Lease | None:
+        """Take the game's lease for `ttl`; return None when another holder has it.
+
+        Raises `ValueError` for a ttl that is not positive.
+        """
+        ttl_ms = _ttl_milliseconds(ttl)
+        token = secrets.token_urlsafe(24)
+        key = self.key(game_id)
+        with self._unavailable_as_error("acquire", game_id):
+            if self._client.set(key, token, nx=True, px=ttl_ms):
+                return Lease(game_id=game_id, token=token)
+            # The client retries a command once when its connection breaks;
+            # if the first SET took the lease before the break, the retry
+            # finds our own token, and the lease is ours.
+            if _as_text(self._client.get(key)) == token:
+                return Lease(game_id=game_id, token=token)
+        return None
+
+    def renew(self, lease: Lease, ttl: timedelta) -> bool:
+        """Extend a held lease to `ttl` from now; False when it is no longer ours.
+
+        Raises `ValueError` for a ttl that is not positive.
+        """
+        ttl_ms = _ttl_milliseconds(ttl)
+        with self._unavailable_as_error("renew", lease.game_id):
+            renewed = self._renew(keys=[self.key(lease.game_id)], args=[lease.token, ttl_ms])
+        return bool(renewed)
+
+    def release(self, lease: Lease) -> bool:
+        """Release a held lease; False when it was no longer ours (nothing is deleted)."""
+        with self._unavailable_as_error("release", lease.game_id):
+            released = self._release(keys=[self.key(lease.game_id)], args=[lease.token])
+        return bool(released)
+
+    @contextmanager
+    def _unavailable_as_error(self, action: str, game_id: str) -> Iterator[None]:
+        try:
+            yield
+        except _UNAVAILABLE as error:
+            raise ServiceUnavailable(
+                f"redis unavailable: cannot {action} the lease of game {game_id}: "
+                f"{type(error).__name__}: {error}",
+                metadata={"game_id": game_id, "dependency": "redis"},
+            ) from error
+
+
+def _ttl_milliseconds(ttl: timedelta) -> int:
+    """Return `ttl` in whole milliseconds, rounded up; raise `ValueError` unless positive."""
+    if ttl <= timedelta(0):
+        raise ValueError(f"lease ttl must be positive, got {ttl}")
+    microseconds = ttl // _ONE_MICROSECOND
+    return max(1, -(-microseconds // 1000))  # ceiling division
+
+
+def _as_text(value: object) -> str | None:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return value if isinstance(value, str) else None
+
+
+if TYPE_CHECKING:
+
+    def _implements_port(client: redis.Redis) -> GameLeases:
+        # mypy checks here that the adapter satisfies the port.
+        return RedisGameLeases(client)

@@ -1,0 +1,65 @@
+"""The gRPC server: servicers, health, reflection, limits, one listening address."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from rtmanager._proto.galaxy.rtmanager.v1 import rtmanager_pb2 as pb
+from rtmanager._proto.galaxy.rtmanager.v1 import rtmanager_pb2_grpc as pb_grpc
+from rtmanager.api.servicers import RuntimeAdminServicer, RuntimeServicer
+
+RUNTIME_SERVICE = pb.DESCRIPTOR.services_by_name["RuntimeService"].full_name
+ADMIN_SERVICE = pb.DESCRIPTOR.services_by_name["RuntimeAdminService"].full_name
+SERVICE_NAMES = (RUNTIME_SERVICE, ADMIN_SERVICE)
+
+
+class BindError(RuntimeError):
+    """The server could not listen on the configured address."""
+
+
+def build_server(
+    *,
+    address: str,
+    runtime: RuntimeServicer,
+    admin: RuntimeAdminServicer,
+    health_servicer: health.HealthServicer,
+    max_workers: int,
+    max_message_bytes: int,
+    reflection_enabled: bool,
+    interceptors: Sequence[grpc.ServerInterceptor[Any, Any]] = (),
+    credentials: grpc.ServerCredentials | None = None,
+) -> tuple[grpc.Server, int]:
+    """Build (not start) the server and bind it; return it with the bound port."""
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
+        interceptors=list(interceptors),
+        options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            # Never share a port with another process silently.
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    pb_grpc.add_RuntimeServiceServicer_to_server(runtime, server)
+    pb_grpc.add_RuntimeAdminServiceServicer_to_server(admin, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if reflection_enabled:
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError as error:
+        raise BindError(f"cannot listen on {address}: {error}") from error
+    if port == 0:
+        raise BindError(f"cannot listen on {address}")
+    return server, port

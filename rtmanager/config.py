@@ -1,0 +1,275 @@
+"""Settings from `RTMANAGER_*` environment variables: the one place config is read.
+
+Parsing and validation use pydantic; every bad value is reported
+once, naming the variable, the value and what is expected (`ConfigError`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import sys
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
+
+from rtmanager.ports import PullPolicy
+
+ENV_PREFIX = "RTMANAGER_"
+REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_SIZE = re.compile(r"^(\d+)([kmg]?)b?$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+_NAME = re.compile(r"^[a-z0-9]([a-z0-9_.-]{0,61}[a-z0-9])?$")
+_SQL_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+class ConfigError(ValueError):
+    """One or more settings are invalid; the message lists each of them."""
+
+
+def parse_duration(value: object) -> timedelta:
+    """Parse `500ms`, `30s`, `2m`, `1h30m`, `1d` (or a timedelta) into a timedelta."""
+    if isinstance(value, timedelta):
+        return value
+    text = str(value).strip().lower()
+    if text == "0":
+        return timedelta(0)
+    position, total = 0, 0.0
+    for match in _DURATION_PART.finditer(text):
+        if match.start() != position:
+            break
+        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        position = match.end()
+    if not text or position != len(text):
+        raise ValueError("expected a duration such as 500ms, 30s, 2m, 1h30m or 1d")
+    try:
+        return timedelta(seconds=total)
+    except OverflowError:
+        raise ValueError("duration is too large") from None
+
+
+def parse_size(value: object) -> int:
+    """Parse a byte size such as `512m`, `1g` or `1048576` into bytes."""
+    if isinstance(value, int):
+        return value
+    match = _SIZE.fullmatch(str(value).strip())
+    if match is None:
+        raise ValueError("expected a size such as 512m, 1g or a number of bytes")
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+
+
+def _split_csv(value: object) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+def _parse_labels(value: object) -> object:
+    if not isinstance(value, str):
+        return value
+    labels: dict[str, str] = {}
+    for part in filter(None, (item.strip() for item in value.split(","))):
+        key, sep, label = part.partition("=")
+        if not sep or not key.strip():
+            raise ValueError("expected comma-separated key=value pairs")
+        labels[key.strip()] = label.strip()
+    return labels
+
+
+def _positive(value: timedelta) -> timedelta:
+    if value <= timedelta(0):
+        raise ValueError("expected a duration greater than zero")
+    return value
+
+
+def _host_port(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError("expected host:port, e.g. 127.0.0.1:50051")
+    return value
+
+
+def _optional_host_port(value: str) -> str:
+    return _host_port(value) if value else value
+
+
+def _absolute_path(value: Path) -> Path:
+    if not value.is_absolute():
+        raise ValueError("expected an absolute path")
+    return value
+
+
+Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+PositiveDuration = Annotated[timedelta, BeforeValidator(parse_duration), AfterValidator(_positive)]
+HostPort = Annotated[str, AfterValidator(_host_port)]
+AbsolutePath = Annotated[Path, AfterValidator(_absolute_path)]
+
+
+def default_instance_id() -> str:
+    """This replica's default name: hostname and process id."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Settings(BaseModel):
+    """Every setting of the service, with developer-machine defaults."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    grpc_addr: HostPort = "127.0.0.1:50051"
+    grpc_max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+    grpc_max_workers: int = Field(default=32, ge=1, le=1024)
+    reflection: bool = True
+    shutdown_grace: PositiveDuration = timedelta(seconds=30)
+
+    postgres_dsn: str = Field(
+        default="postgresql://rtmanager:rtmanager@127.0.0.1:5432/rtmanager", repr=False
+    )
+    postgres_schema: str = "rtmanager"
+    postgres_pool_size: int = Field(default=10, ge=1, le=1000)
+    migrations_dir: AbsolutePath = REPOSITORY_ROOT / "migrations"
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = ""
+
+    start_jobs_stream: str = "runtime:start_jobs"
+    stop_jobs_stream: str = "runtime:stop_jobs"
+    job_results_stream: str = "runtime:job_results"
+    dead_letter_stream: str = "runtime:dead_letter"
+    stream_group: str = "rtmanager"
+    stream_max_deliveries: int = Field(default=5, ge=1, le=1000)
+    stream_workers: int = Field(default=4, ge=1, le=256)
+
+    instance_id: str = Field(default_factory=default_instance_id)
+    cluster: str = "default"
+
+    docker_host: str = "unix:///var/run/docker.sock"
+    docker_timeout: PositiveDuration = timedelta(seconds=30)
+    engine_network: str = "galaxy-engines"
+    engine_port: int = Field(default=8080, ge=1, le=65535)
+    state_root: AbsolutePath = Path("/var/lib/galaxy/games")
+    engine_state_mount: AbsolutePath = Path("/var/lib/galaxy-game")
+    image_allowlist: Annotated[list[str], BeforeValidator(_split_csv)] = ["galaxy/"]
+    image_pull_policy: PullPolicy = PullPolicy.IF_MISSING
+    engine_memory: Annotated[int, BeforeValidator(parse_size), Field(ge=4 * 1024 * 1024)] = (
+        512 * 1024 * 1024
+    )
+    engine_cpus: float = Field(default=1.0, gt=0, le=1024)
+    engine_pids: int = Field(default=256, ge=16, le=1_000_000)
+    engine_read_only: bool = False
+    remove_state_on_cleanup: bool = False
+    container_labels: Annotated[dict[str, str], BeforeValidator(_parse_labels)] = {}
+
+    game_lease_ttl: PositiveDuration = timedelta(seconds=60)
+    start_timeout: PositiveDuration = timedelta(seconds=30)
+    start_settle: Duration = timedelta(seconds=1)
+    stop_timeout: PositiveDuration = timedelta(seconds=10)
+    container_ttl: PositiveDuration = timedelta(hours=24)
+    cleanup_interval: PositiveDuration = timedelta(minutes=5)
+    reconcile_interval: PositiveDuration = timedelta(seconds=60)
+
+    auth_tokens: str = Field(default="", repr=False)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+
+    metrics_addr: Annotated[str, AfterValidator(_optional_host_port)] = "127.0.0.1:9464"
+    otlp_endpoint: str = ""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["json", "text"] = Field(
+        default_factory=lambda: "text" if sys.stderr.isatty() else "json"
+    )
+
+    watch_max_subscribers: int = Field(default=256, ge=1, le=100_000)
+    watch_heartbeat: PositiveDuration = timedelta(seconds=15)
+    watch_retention: PositiveDuration = timedelta(days=7)
+
+    @field_validator("log_level", "log_format", "image_pull_policy", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("cluster", "stream_group", "engine_network")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if _NAME.fullmatch(value) is None:
+            raise ValueError("expected 1-63 characters of a-z, 0-9, '_', '.', '-'")
+        return value
+
+    @field_validator("postgres_schema")
+    @classmethod
+    def _schema(cls, value: str) -> str:
+        if _SQL_IDENTIFIER.fullmatch(value) is None:
+            raise ValueError("expected a lower-case SQL identifier (a-z, 0-9, '_')")
+        return value
+
+    @field_validator("image_allowlist")
+    @classmethod
+    def _allowlist(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("expected at least one repository prefix, e.g. galaxy/")
+        return value
+
+    @field_validator(
+        "start_jobs_stream",
+        "stop_jobs_stream",
+        "job_results_stream",
+        "dead_letter_stream",
+        "instance_id",
+        "postgres_dsn",
+        "redis_url",
+        "docker_host",
+    )
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("expected a non-empty value")
+        return value
+
+
+def load_settings(environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
+    """Read settings from `environ` (default: the process environment).
+
+    Raises `ConfigError` listing every invalid variable with its value and
+    what is expected.
+    """
+    source = os.environ if environ is None else environ
+    values: dict[str, Any] = {
+        key[len(ENV_PREFIX) :].lower(): value
+        for key, value in source.items()
+        if key.upper().startswith(ENV_PREFIX)
+    }
+    values.update(overrides)
+    known = set(Settings.model_fields)
+    try:
+        # Only `source` is read, so tests and production share one path;
+        # unknown RTMANAGER_* names are ignored.
+        return Settings.model_validate({k: v for k, v in values.items() if k in known})
+    except ValidationError as error:
+        raise ConfigError(_describe(error, values)) from None
+
+
+def _describe(error: ValidationError, values: dict[str, Any]) -> str:
+    lines = []
+    for problem in error.errors():
+        field = str(problem["loc"][0]) if problem["loc"] else "?"
+        variable = f"{ENV_PREFIX}{field.upper()}"
+        shown = values.get(field, problem.get("input"))
+        if "token" in field:
+            shown = "<redacted>"
+        message = str(problem["msg"]).removeprefix("Value error, ")
+        lines.append(f"{variable}={shown!r}: {message}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)

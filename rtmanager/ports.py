@@ -1,0 +1,309 @@
+"""The ports: what the lifecycle layer needs from PostgreSQL, Redis and Docker.
+
+Each port is a `typing.Protocol` whose docstring is its contract. Adapters in
+`rtmanager.adapters` implement them against the real systems; tests exercise
+the contracts against those adapters and use fakes for fast unit tests.
+
+Every port method may raise `ServiceUnavailable` when its backing system is
+unreachable or times out; other errors are listed per method.
+"""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from enum import StrEnum
+from types import TracebackType
+from typing import Generic, Protocol, Self, TypeVar
+
+from rtmanager.domain.operation import OperationEntry, OpKind, OpSource, Outcome
+from rtmanager.domain.runtime import RuntimeRecord, RuntimeStatus
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Page(Generic[T]):
+    """One page of a listing; `next_page_token` is empty on the last page."""
+
+    items: Sequence[T]
+    next_page_token: str = ""
+
+
+@dataclass(frozen=True)
+class StatusChange:
+    """A compare-and-swap status transition of one runtime record.
+
+    The store applies it only when the stored status equals `expected_from`
+    and, when `expected_container_id` is not None, the stored
+    `current_container_id` equals it (empty string matching NULL). It derives
+    `stopped_at` / `removed_at` / `started_at` and `last_op_at` from `now`
+    exactly as `RuntimeRecord.with_status` does. `container_id`, when not
+    None, replaces the current container id (empty string stores NULL).
+    """
+
+    game_id: str
+    expected_from: RuntimeStatus
+    to: RuntimeStatus
+    now: datetime
+    expected_container_id: str | None = None
+    container_id: str | None = None
+
+
+class RuntimeRecordStore(Protocol):
+    """Runtime records, one per game.
+
+    Methods run inside the unit of work that owns them and see its
+    uncommitted writes.
+    """
+
+    def get(self, game_id: str) -> RuntimeRecord:
+        """Return the game's record; raise `NotFound` when there is none."""
+        ...
+
+    def get_for_update(self, game_id: str) -> RuntimeRecord | None:
+        """Return the game's record locked until the unit of work ends, or None."""
+        ...
+
+    def upsert(self, record: RuntimeRecord) -> None:
+        """Insert the record, or overwrite every column of the existing row.
+
+        Raises `InvalidRuntimeRecord` when the record breaks a domain rule
+        (the adapter validates; the table's CHECK constraints back it up).
+        """
+        ...
+
+    def update_status(self, change: StatusChange) -> RuntimeRecord:
+        """Apply a CAS status transition and return the updated record.
+
+        Raises `InvalidTransition` for a pair the status machine forbids
+        (without touching the store), `NotFound` when there is no record and
+        `ConcurrentModification` when a CAS guard fails.
+        """
+        ...
+
+    def list(
+        self, *, status: RuntimeStatus | None = None, page_size: int = 100, page_token: str = ""
+    ) -> Page[RuntimeRecord]:
+        """Return records ordered by game id, optionally of one status.
+
+        Raises `InvalidRequest` for a malformed page token or page size.
+        """
+        ...
+
+    def list_by_status(self, status: RuntimeStatus) -> builtins.list[RuntimeRecord]:
+        """Return every record of one status, ordered by game id."""
+        ...
+
+    def list_stopped_before(self, cutoff: datetime, limit: int) -> builtins.list[RuntimeRecord]:
+        """Return up to `limit` stopped records whose `last_op_at` is before `cutoff`."""
+        ...
+
+
+@dataclass(frozen=True)
+class OperationFilter:
+    """Filters of an operation-log listing; None means any."""
+
+    game_id: str | None = None
+    op_kind: OpKind | None = None
+    op_source: OpSource | None = None
+    outcome: Outcome | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+
+class OperationLog(Protocol):
+    """The append-only operation log."""
+
+    def append(self, entry: OperationEntry) -> OperationEntry:
+        """Append a validated entry and return it with its assigned id.
+
+        Raises `InvalidOperationEntry` when the entry breaks a rule.
+        """
+        ...
+
+    def list(
+        self, filters: OperationFilter, *, page_size: int = 100, page_token: str = ""
+    ) -> Page[OperationEntry]:
+        """Return entries newest first (by id), filtered, one page at a time.
+
+        `since` bounds `started_at` inclusively, `until` exclusively. Raises
+        `InvalidRequest` for a malformed page token or page size.
+        """
+        ...
+
+
+class UnitOfWork(Protocol):
+    """One database transaction over records and the operation log.
+
+    Used as a context manager: what is written inside is committed by
+    `commit()`; leaving the block without committing rolls it back. A record
+    change and its audit row therefore commit together or not at all.
+    """
+
+    records: RuntimeRecordStore
+    operations: OperationLog
+
+    def __enter__(self) -> Self: ...
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+    def commit(self) -> None:
+        """Commit everything written in this unit of work."""
+        ...
+
+
+class UnitOfWorkFactory(Protocol):
+    """Makes a fresh unit of work; `timeout` bounds its statements."""
+
+    def __call__(self, *, timeout: timedelta | None = None) -> UnitOfWork: ...
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A held game lease: the game and the random token that proves holding it."""
+
+    game_id: str
+    token: str
+
+
+class GameLeases(Protocol):
+    """Per-game mutual exclusion across threads, processes and replicas."""
+
+    def acquire(self, game_id: str, ttl: timedelta) -> Lease | None:
+        """Take the game's lease for `ttl`; return None when another holder has it."""
+        ...
+
+    def renew(self, lease: Lease, ttl: timedelta) -> bool:
+        """Extend a held lease; False when it expired or another holder has it."""
+        ...
+
+    def release(self, lease: Lease) -> bool:
+        """Release a held lease; False when it was no longer ours (nothing is deleted)."""
+        ...
+
+
+class PullPolicy(StrEnum):
+    """When the engine image is pulled."""
+
+    IF_MISSING = "if_missing"
+    ALWAYS = "always"
+    NEVER = "never"
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    """Everything needed to create one engine container."""
+
+    name: str
+    image_ref: str
+    network: str
+    network_alias: str
+    labels: dict[str, str]
+    env: dict[str, str]
+    state_host_path: str
+    state_mount_path: str
+    memory_bytes: int
+    nano_cpus: int
+    pids_limit: int
+    read_only_rootfs: bool = False
+
+
+@dataclass(frozen=True)
+class ContainerInfo:
+    """What Docker says about one container.
+
+    `owned` is True only when the container carries the owner label and
+    belongs to this deployment's cluster (a missing cluster label counts as
+    `default`). `health` is None when the container has no health check.
+    """
+
+    id: str
+    name: str
+    state: str
+    running: bool
+    owned: bool
+    labels: dict[str, str] = field(default_factory=dict)
+    image_ref: str = ""
+    game_id: str = ""
+    exit_code: int | None = None
+    health: str | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class ContainerEvent:
+    """One Docker container event of an owned container."""
+
+    action: str
+    container_id: str
+    game_id: str
+    time: datetime
+    exit_code: int | None = None
+
+
+class EventStream(Protocol):
+    """A live stream of container events; `close()` ends iteration from any thread."""
+
+    def __iter__(self) -> Iterator[ContainerEvent]: ...
+
+    def close(self) -> None: ...
+
+
+class DockerEngine(Protocol):
+    """The Docker engine as the service uses it."""
+
+    def ping(self) -> None:
+        """Raise `ServiceUnavailable` unless the daemon answers."""
+        ...
+
+    def ensure_image(self, image_ref: str, policy: PullPolicy) -> None:
+        """Make the image present per the pull policy; raise `ImagePullFailed` if not."""
+        ...
+
+    def ensure_network(self, name: str, labels: dict[str, str]) -> None:
+        """Create the engine network (internal, with `labels`) unless it exists."""
+        ...
+
+    def create_container(self, spec: ContainerSpec) -> str:
+        """Create (not start) the container and return its id.
+
+        Raises `Conflict` when a container of that name already exists.
+        """
+        ...
+
+    def start_container(self, container_id: str) -> None:
+        """Start a created container; raise `ContainerStartFailed` if Docker refuses."""
+        ...
+
+    def stop_container(self, container_id: str, timeout: timedelta) -> None:
+        """Stop gracefully, killing after `timeout`; a container already gone is fine."""
+        ...
+
+    def remove_container(self, container_id: str, *, force: bool = False) -> None:
+        """Remove the container; a container already gone is fine."""
+        ...
+
+    def inspect_container(self, id_or_name: str) -> ContainerInfo | None:
+        """Return what Docker says about a container, owned or not, or None if absent."""
+        ...
+
+    def list_owned_containers(self) -> list[ContainerInfo]:
+        """Return every container owned by this deployment, running or not."""
+        ...
+
+    def container_logs_tail(self, container_id: str, lines: int = 20) -> str:
+        """Return the last lines of a container's output (empty when unavailable)."""
+        ...
+
+    def follow_events(self, since: datetime | None = None) -> EventStream:
+        """Stream events of owned containers from `since` (or now) on."""
+        ...

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Brings everything up (see scripts/bootstrap.sh) and runs every check:
+# ruff, mypy --strict, buf lint, protobuf freshness and the whole pytest
+# suite against real PostgreSQL, Redis and Docker. Extra arguments go to
+# pytest. Exits non-zero on any failure, including "no tests collected".
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/bootstrap.sh
+echo "== ruff"
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+echo "== mypy --strict"
+.venv/bin/mypy rtmanager
+echo "== buf lint"
+node_modules/.bin/buf lint
+echo "== protobuf freshness"
+bash scripts/check-proto.sh
+echo "== pytest"
+# pytest exits 5 when it collects no test: that is a failure here too.
+.venv/bin/pytest -p no:cacheprovider -n "${RTMANAGER_TEST_WORKERS:-3}" "$@"

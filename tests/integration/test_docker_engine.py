@@ -1,0 +1,798 @@
+"""The DockerEngine port against the real daemon and the local test images.
+
+Needs the images of scripts/build-engine-images.sh. Every container and
+network carries `com.galaxy.test=<test_id>` (or the test's cluster label), so
+the `docker_cleanup` fixture removes them even when a test fails. Nothing
+here talks to a container's address or to a real registry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+import docker
+import docker.errors
+import pytest
+
+from rtmanager.adapters.docker.engine import DockerEngineAdapter, DockerEventStream
+from rtmanager.domain import labels as galaxy_labels
+from rtmanager.domain.errors import (
+    Conflict,
+    ContainerStartFailed,
+    ImagePullFailed,
+    ServiceUnavailable,
+)
+from rtmanager.ports import ContainerEvent, ContainerInfo, ContainerSpec, PullPolicy
+from tests.conftest import CRASH_IMAGE, DOCKER_HOST, ENGINE_IMAGE, TEST_LABEL
+
+pytestmark = pytest.mark.integration
+
+STUB_IMAGE = f"{ENGINE_IMAGE}:1.0.0"
+STATE_MOUNT = "/var/lib/galaxy-game"
+MEMORY_BYTES = 64 * 1024 * 1024
+NANO_CPUS = 500_000_000
+PIDS_LIMIT = 64
+
+T = TypeVar("T")
+
+
+def wait_for(probe: Callable[[], T | None], *, timeout: float = 10.0, what: str = "condition") -> T:
+    """Poll `probe` until it returns something truthy, or fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def client(docker_client: object) -> docker.DockerClient:
+    assert isinstance(docker_client, docker.DockerClient)
+    return docker_client
+
+
+@pytest.fixture(autouse=True)
+def _images_built(client: docker.DockerClient) -> None:
+    for image in (STUB_IMAGE, CRASH_IMAGE):
+        try:
+            client.images.get(image)
+        except docker.errors.ImageNotFound:
+            pytest.fail(f"{image} is missing: run scripts/build-engine-images.sh")
+
+
+@pytest.fixture
+def engine(docker_cleanup: str, cluster: str) -> Iterator[DockerEngineAdapter]:
+    adapter = DockerEngineAdapter(
+        base_url=DOCKER_HOST, cluster=cluster, timeout=timedelta(seconds=30)
+    )
+    yield adapter
+    adapter.close()
+
+
+@pytest.fixture
+def network(engine: DockerEngineAdapter, test_id: str) -> str:
+    name = f"galaxy-t-{test_id}"
+    engine.ensure_network(name, {TEST_LABEL: test_id})
+    return name
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "state"
+    path.mkdir()
+    # The engine runs as root without CAP_DAC_OVERRIDE: let it write whoever
+    # owns the directory on the host.
+    path.chmod(0o777)
+    return path
+
+
+def make_spec(
+    *,
+    test_id: str,
+    cluster: str,
+    network: str,
+    state_dir: Path,
+    game_id: str | None = None,
+    image: str = STUB_IMAGE,
+    read_only_rootfs: bool = False,
+) -> ContainerSpec:
+    game_id = game_id or f"g-{test_id}"
+    name = f"galaxy-game-{game_id}"
+    return ContainerSpec(
+        name=name,
+        image_ref=image,
+        network=network,
+        network_alias=name,
+        labels=galaxy_labels.engine_labels(
+            cluster=cluster, game_id=game_id, image_ref=image, extra={TEST_LABEL: test_id}
+        ),
+        env={"GALAXY_GAME_ID": game_id, "GALAXY_STATE_DIR": STATE_MOUNT},
+        state_host_path=str(state_dir),
+        state_mount_path=STATE_MOUNT,
+        memory_bytes=MEMORY_BYTES,
+        nano_cpus=NANO_CPUS,
+        pids_limit=PIDS_LIMIT,
+        read_only_rootfs=read_only_rootfs,
+    )
+
+
+def wait_running(engine: DockerEngineAdapter, container_id: str) -> ContainerInfo:
+    def probe() -> ContainerInfo | None:
+        info = engine.inspect_container(container_id)
+        return info if info is not None and info.running else None
+
+    return wait_for(probe, what=f"{container_id[:12]} to run")
+
+
+def wait_exited(engine: DockerEngineAdapter, container_id: str) -> ContainerInfo:
+    def probe() -> ContainerInfo | None:
+        info = engine.inspect_container(container_id)
+        return info if info is not None and info.state == "exited" else None
+
+    return wait_for(probe, what=f"{container_id[:12]} to exit")
+
+
+def raw_container(
+    client: docker.DockerClient, test_id: str, name: str, labels: dict[str, str]
+) -> str:
+    """Create (not start) a container directly with docker-py, outside the adapter."""
+    container = client.containers.create(
+        STUB_IMAGE,
+        name=name,
+        labels={**labels, TEST_LABEL: test_id},
+        network_mode="none",
+    )
+    assert container.id is not None
+    return container.id
+
+
+# -- create / start / stop / remove ------------------------------------------
+
+
+def test_create_and_start_runs_a_hardened_engine_on_the_internal_network_with_its_alias(
+    engine: DockerEngineAdapter,
+    client: docker.DockerClient,
+    network: str,
+    state_dir: Path,
+    test_id: str,
+    cluster: str,
+) -> None:
+    spec = make_spec(test_id=test_id, cluster=cluster, network=network, state_dir=state_dir)
+    container_id = engine.create_container(spec)
+    engine.start_container(container_id)
+
+    info = wait_running(engine, container_id)
+    assert info.id == container_id
+    assert info.name == spec.name
+    assert info.owned is True
+    assert info.game_id == f"g-{test_id}"
+    assert info.image_ref == STUB_IMAGE
+    assert info.exit_code is None
+    assert info.health is None
+    assert info.started_at is not None and info.started_at.tzinfo is not None
+    assert abs(datetime.now(UTC) - info.started_at) < timedelta(minutes=1)
+    assert info.finished_at is None
+
+    started = wait_for((state_dir / "started").exists, what="the engine's file in the state dir")
+    assert started
+    assert "version=1.0.0" in (state_dir / "started").read_text()
+
+    raw = cast(dict[str, Any], client.api.inspect_container(container_id))
+    config, host = raw["Config"], raw["HostConfig"]
+    assert raw["Name"] == f"/{spec.name}"
+    assert config["Hostname"] == spec.name
+    assert config["Labels"][galaxy_labels.OWNER] == galaxy_labels.OWNER_VALUE
+    assert config["Labels"][galaxy_labels.CLUSTER] == cluster
+    assert config["Labels"][galaxy_labels.GAME_ID] == f"g-{test_id}"
+    assert config["Labels"][galaxy_labels.IMAGE_REF] == STUB_IMAGE
+    assert f"GALAXY_GAME_ID=g-{test_id}" in config["Env"]
+    assert f"GALAXY_STATE_DIR={STATE_MOUNT}" in config["Env"]
+    mounts = [m for m in raw["Mounts"] if m["Destination"] == STATE_MOUNT]
+    assert len(mounts) == 1
+    assert mounts[0]["Type"] == "bind"
+    assert mounts[0]["Source"] == str(state_dir)
+    assert mounts[0]["RW"] is True
+    assert host["Init"] is True
+    assert host["RestartPolicy"]["Name"] == "no"
+    assert host["CapDrop"] == ["ALL"]
+    assert "no-new-privileges:true" in host["SecurityOpt"]
+    assert host["Privileged"] is False
+    assert host["PidsLimit"] == PIDS_LIMIT
+    assert host["Memory"] == MEMORY_BYTES
+    assert host["NanoCpus"] == NANO_CPUS
+    assert host["ReadonlyRootfs"] is False
+    assert host["NetworkMode"] == network
+    endpoints = raw["NetworkSettings"]["Networks"]
+    assert list(endpoints) == [network]
+    assert spec.network_alias in endpoints[network]["Aliases"]
+    assert cast(dict[str, Any], client.api.inspect_network(network))["Internal"] is True
+
+
+def test_read_only_rootfs_gets_a_tmpfs_and_the_engine_still_writes_its_state(
+    engine: DockerEngineAdapter,
+    client: docker.DockerClient,
+    network: str,
+    state_dir: Path,
+    test_id: str,
+    cluster: str,
+) -> None:
+    spec = make_spec(
+        test_id=test_id,
+        cluster=cluster,
+        network=network,
+        state_dir=state_dir,
+        read_only_rootfs=True,
+    )
+    container_id = engine.create_container(spec)
+    engine.start_container(container_id)
+    wait_running(engine, container_id)
+    wait_for((state_dir / "started").exists, what="the engine's state file")
+
+    raw = cast(dict[str, Any], client.api.inspect_container(container_id))
+    assert raw["HostConfig"]["ReadonlyRootfs"] is True
+    assert "/tmp" in raw["HostConfig"]["Tmpfs"]
+
+
+def test_stop_with_timeout_stops_promptly_and_stop_or_remove_of_a_vanished_container_is_a_noop(
+    engine: DockerEngineAdapter, network: str, state_dir: Path, test_id: str, cluster: str
+) -> None:
+    spec = make_spec(test_id=test_id, cluster=cluster, network=network, state_dir=state_dir)
+    container_id = engine.create_container(spec)
+    engine.start_container(container_id)
+    wait_running(engine, container_id)
+
+    began = time.monotonic()
+    engine.stop_container(container_id, timedelta(seconds=10))
+    assert time.monotonic() - began < 5, "the engine should stop on SIGTERM, not be killed"
+
+    info = engine.inspect_container(container_id)
+    assert info is not None
+    assert info.running is False
+    assert info.state == "exited"
+    assert info.exit_code == 0
+    assert info.finished_at is not None
+
+    engine.stop_container(container_id, timedelta(seconds=1))  # already stopped: 304
+    engine.remove_container(container_id)
+    assert engine.inspect_container(container_id) is None
+    engine.stop_container(container_id, timedelta(seconds=1))
+    engine.remove_container(container_id)
+    engine.remove_container(container_id, force=True)
+    assert engine.container_logs_tail(container_id) == ""
+
+
+def test_remove_of_a_running_container_needs_force(
+    engine: DockerEngineAdapter, network: str, state_dir: Path, test_id: str, cluster: str
+) -> None:
+    spec = make_spec(test_id=test_id, cluster=cluster, network=network, state_dir=state_dir)
+    container_id = engine.create_container(spec)
+    engine.start_container(container_id)
+    wait_running(engine, container_id)
+
+    with pytest.raises(Conflict):
+        engine.remove_container(container_id)
+    engine.remove_container(container_id, force=True)
+    assert engine.inspect_container(container_id) is None
+
+
+def test_create_with_a_duplicate_name_raises_conflict(
+    engine: DockerEngineAdapter, network: str, state_dir: Path, test_id: str, cluster: str
+) -> None:
+    spec = make_spec(test_id=test_id, cluster=cluster, network=network, state_dir=state_dir)
+    first = engine.create_container(spec)
+    with pytest.raises(Conflict, match=spec.name):
+        engine.create_container(spec)
+    info = engine.inspect_container(spec.name)
+    assert info is not None and info.id == first
+
+
+def test_create_with_a_missing_state_dir_is_refused_as_container_start_failed(
+    engine: DockerEngineAdapter, network: str, tmp_path: Path, test_id: str, cluster: str
+) -> None:
+    spec = make_spec(
+        test_id=test_id, cluster=cluster, network=network, state_dir=tmp_path / "missing"
+    )
+    with pytest.raises(ContainerStartFailed):
+        engine.create_container(spec)
+    assert not (tmp_path / "missing").exists()
+
+
+def test_start_of_a_container_docker_cannot_run_raises_container_start_failed(
+    engine: DockerEngineAdapter, client: docker.DockerClient, test_id: str
+) -> None:
+    container = client.containers.create(
+        STUB_IMAGE,
+        command=["/no/such/engine"],
+        name=f"galaxy-game-bad-{test_id}",
+        labels={TEST_LABEL: test_id},
+        network_mode="none",
+    )
+    assert container.id is not None
+    with pytest.raises(ContainerStartFailed, match="no/such/engine"):
+        engine.start_container(container.id)
+
+
+def test_crash_image_exits_with_code_3_and_its_logs_tail_has_the_fatal_line(
+    engine: DockerEngineAdapter, network: str, state_dir: Path, test_id: str, cluster: str
+) -> None:
+    spec = make_spec(
+        test_id=test_id, cluster=cluster, network=network, state_dir=state_dir, image=CRASH_IMAGE
+    )
+    container_id = engine.create_container(spec)
+    engine.start_container(container_id)
+
+    info = wait_exited(engine, container_id)
+    assert info.running is False
+    assert info.exit_code == 3
+    assert info.finished_at is not None
+    # (Docker may stamp FinishedAt a hair before StartedAt for a process this
+    # short-lived, so their order is not asserted.)
+    assert info.started_at is not None
+    assert "engine-crash: fatal: refusing to start" in engine.container_logs_tail(container_id)
+    assert engine.container_logs_tail(container_id, lines=0) == ""
+
+
+# -- images -------------------------------------------------------------------
+
+
+def test_ensure_image_never_on_an_absent_image_raises_image_pull_failed(
+    engine: DockerEngineAdapter, test_id: str
+) -> None:
+    with pytest.raises(ImagePullFailed, match="never"):
+        engine.ensure_image(f"galaxy/absent-{test_id}:1.0.0", PullPolicy.NEVER)
+    engine.ensure_image(STUB_IMAGE, PullPolicy.NEVER)
+
+
+def test_ensure_image_if_missing_on_a_present_image_does_not_pull_and_always_does(
+    engine: DockerEngineAdapter, client: docker.DockerClient, test_id: str
+) -> None:
+    # A local tag whose registry cannot be reached: any pull of it fails.
+    repository = f"127.0.0.1:1/galaxy/present-{test_id}"
+    ref = f"{repository}:1.0.0"
+    assert client.images.get(STUB_IMAGE).tag(repository, "1.0.0")
+    try:
+        engine.ensure_image(ref, PullPolicy.IF_MISSING)
+        engine.ensure_image(ref, PullPolicy.NEVER)
+        # ALWAYS insists on the registry's copy even when one is present.
+        with pytest.raises(ImagePullFailed, match=r"127\.0\.0\.1:1"):
+            engine.ensure_image(ref, PullPolicy.ALWAYS)
+    finally:
+        client.images.remove(ref)
+
+
+def test_ensure_image_if_missing_of_an_unreachable_registry_image_fails_fast(
+    engine: DockerEngineAdapter,
+) -> None:
+    began = time.monotonic()
+    with pytest.raises(ImagePullFailed, match=r"127\.0\.0\.1:1/galaxy/none"):
+        engine.ensure_image("127.0.0.1:1/galaxy/none:1.0.0", PullPolicy.IF_MISSING)
+    assert time.monotonic() - began < 10
+
+
+# -- networks -----------------------------------------------------------------
+
+
+def networks_named(client: docker.DockerClient, name: str) -> list[dict[str, Any]]:
+    found = cast(list[dict[str, Any]], client.api.networks(names=[name]))
+    return [n for n in found if n["Name"] == name]
+
+
+def test_ensure_network_is_idempotent_and_creates_an_internal_bridge_network(
+    engine: DockerEngineAdapter, client: docker.DockerClient, test_id: str
+) -> None:
+    name = f"galaxy-t-{test_id}"
+    # Docker's name filter matches substrings: a longer name must not count.
+    engine.ensure_network(f"{name}-longer", {TEST_LABEL: test_id})
+    engine.ensure_network(name, {TEST_LABEL: test_id, "purpose": "engines"})
+    engine.ensure_network(name, {TEST_LABEL: test_id})
+
+    found = networks_named(client, name)
+    assert len(found) == 1
+    network = found[0]
+    assert network["Driver"] == "bridge"
+    assert network["Internal"] is True
+    assert network["Labels"] == {TEST_LABEL: test_id, "purpose": "engines"}
+
+
+def test_ensure_network_from_concurrent_replicas_leaves_one_network(
+    client: docker.DockerClient, docker_cleanup: str, cluster: str, test_id: str
+) -> None:
+    name = f"galaxy-t-{test_id}"
+    replicas = [DockerEngineAdapter(base_url=DOCKER_HOST, cluster=cluster) for _ in range(4)]
+    barrier = threading.Barrier(len(replicas))
+    errors: list[BaseException] = []
+
+    def ensure(adapter: DockerEngineAdapter) -> None:
+        try:
+            adapter.ping()
+            barrier.wait(timeout=10)
+            adapter.ensure_network(name, {TEST_LABEL: test_id})
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=ensure, args=(r,)) for r in replicas]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=20)
+    for adapter in replicas:
+        adapter.close()
+    assert errors == []
+    assert len(networks_named(client, name)) == 1
+
+
+# -- ownership ----------------------------------------------------------------
+
+
+def test_container_without_owner_label_is_never_listed_and_inspects_as_not_owned(
+    engine: DockerEngineAdapter, client: docker.DockerClient, test_id: str, cluster: str
+) -> None:
+    foreign = raw_container(
+        client,
+        test_id,
+        f"galaxy-game-x{test_id}",
+        {galaxy_labels.CLUSTER: cluster, galaxy_labels.GAME_ID: f"x{test_id}"},
+    )
+    assert foreign not in {c.id for c in engine.list_owned_containers()}
+    info = engine.inspect_container(f"galaxy-game-x{test_id}")
+    assert info is not None
+    assert info.id == foreign
+    assert info.owned is False
+    assert info.state == "created"
+    assert info.exit_code is None
+
+    default = DockerEngineAdapter(base_url=DOCKER_HOST, cluster=galaxy_labels.DEFAULT_CLUSTER)
+    try:
+        assert foreign not in {c.id for c in default.list_owned_containers()}
+    finally:
+        default.close()
+
+
+def test_container_of_another_cluster_is_listed_only_by_that_cluster(
+    engine: DockerEngineAdapter, client: docker.DockerClient, test_id: str, cluster: str
+) -> None:
+    other_cluster = f"other-{test_id}"
+    labels = galaxy_labels.engine_labels(
+        cluster=other_cluster, game_id=f"o{test_id}", image_ref=STUB_IMAGE
+    )
+    theirs = raw_container(client, test_id, f"galaxy-game-o{test_id}", labels)
+    ours = raw_container(
+        client,
+        test_id,
+        f"galaxy-game-m{test_id}",
+        galaxy_labels.engine_labels(cluster=cluster, game_id=f"m{test_id}", image_ref=STUB_IMAGE),
+    )
+
+    listed = {c.id: c for c in engine.list_owned_containers()}
+    assert theirs not in listed
+    assert ours in listed
+    assert listed[ours].owned is True
+    assert listed[ours].game_id == f"m{test_id}"
+    info = engine.inspect_container(theirs)
+    assert info is not None and info.owned is False
+
+    other = DockerEngineAdapter(base_url=DOCKER_HOST, cluster=other_cluster)
+    try:
+        other_listed = {c.id for c in other.list_owned_containers()}
+    finally:
+        other.close()
+    assert theirs in other_listed
+    assert ours not in other_listed
+
+
+def test_container_without_cluster_label_is_owned_only_by_the_default_cluster(
+    engine: DockerEngineAdapter, client: docker.DockerClient, test_id: str
+) -> None:
+    legacy = raw_container(
+        client,
+        test_id,
+        f"galaxy-game-l{test_id}",
+        {
+            galaxy_labels.OWNER: galaxy_labels.OWNER_VALUE,
+            galaxy_labels.GAME_ID: f"l{test_id}",
+            galaxy_labels.IMAGE_REF: STUB_IMAGE,
+        },
+    )
+    assert legacy not in {c.id for c in engine.list_owned_containers()}
+    info = engine.inspect_container(legacy)
+    assert info is not None and info.owned is False
+
+    # A default deployment also sees other tests' default containers: only
+    # membership of ours is asserted.
+    default = DockerEngineAdapter(base_url=DOCKER_HOST, cluster=galaxy_labels.DEFAULT_CLUSTER)
+    try:
+        listed = {c.id: c for c in default.list_owned_containers()}
+        assert legacy in listed
+        assert listed[legacy].owned is True
+        assert listed[legacy].game_id == f"l{test_id}"
+        default_info = default.inspect_container(legacy)
+        assert default_info is not None and default_info.owned is True
+    finally:
+        default.close()
+
+
+# -- events -------------------------------------------------------------------
+
+
+def consume(stream: DockerEventStream | Any) -> tuple[queue.Queue[Any], threading.Thread]:
+    """Iterate `stream` on a thread; events, then an end marker, go to the queue."""
+    received: queue.Queue[Any] = queue.Queue()
+
+    def run() -> None:
+        try:
+            for event in stream:
+                received.put(event)
+            received.put("ended")
+        except BaseException as exc:
+            received.put(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return received, thread
+
+
+def next_matching(
+    received: queue.Queue[Any], match: Callable[[ContainerEvent], bool], timeout: float = 10
+) -> ContainerEvent:
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            pytest.fail("no matching event in time")
+        try:
+            item = received.get(timeout=remaining)
+        except queue.Empty:
+            pytest.fail("no matching event in time")
+        if isinstance(item, BaseException):
+            raise item
+        if item == "ended":
+            pytest.fail("the event stream ended early")
+        if match(item):
+            return cast(ContainerEvent, item)
+
+
+def test_follow_events_reports_a_killed_engine_as_die_and_close_ends_the_stream(
+    engine: DockerEngineAdapter,
+    client: docker.DockerClient,
+    network: str,
+    state_dir: Path,
+    test_id: str,
+    cluster: str,
+) -> None:
+    began = datetime.now(UTC)
+    stream = engine.follow_events()
+    received, consumer = consume(stream)
+    # A container without the owner label dies too; it must never show up.
+    foreign = raw_container(client, test_id, f"galaxy-game-f{test_id}", {})
+    spec = make_spec(test_id=test_id, cluster=cluster, network=network, state_dir=state_dir)
+    container_id = engine.create_container(spec)
+    engine.start_container(container_id)
+    wait_running(engine, container_id)
+    client.api.start(foreign)
+    client.api.kill(foreign)
+    client.api.kill(container_id)
+
+    died = next_matching(received, lambda e: e.action == "die" and e.container_id == container_id)
+    assert died.game_id == f"g-{test_id}"
+    assert died.exit_code is not None and died.exit_code != 0
+    assert abs(died.time - datetime.now(UTC)) < timedelta(minutes=1)
+
+    stream.close()
+    consumer.join(timeout=5)
+    assert not consumer.is_alive(), "close() must end the iteration"
+    seen: list[Any] = []
+    while not received.empty():
+        seen.append(received.get_nowait())
+    assert seen[-1] == "ended"
+    assert all(isinstance(e, ContainerEvent) for e in seen[:-1])
+    assert foreign not in {e.container_id for e in seen[:-1]}
+
+    # A stream opened later replays from `since`.
+    replay = engine.follow_events(since=began)
+    replayed, replayer = consume(replay)
+    try:
+        start = next_matching(
+            replayed, lambda e: e.action == "start" and e.container_id == container_id
+        )
+        assert start.exit_code is None
+    finally:
+        replay.close()
+        replayer.join(timeout=5)
+    assert not replayer.is_alive()
+
+
+class _EndedStream:
+    """A docker-py stream whose connection was dropped by the daemon."""
+
+    def __init__(self, events: list[dict[str, Any]]) -> None:
+        self._events = iter(events)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self._events
+
+    def close(self) -> None:
+        pass
+
+
+def test_event_stream_ended_by_the_daemon_raises_service_unavailable() -> None:
+    owned = {
+        "Type": "container",
+        "Action": "die",
+        "timeNano": 1_700_000_000_123_456_789,
+        "Actor": {
+            "ID": "abc",
+            "Attributes": {
+                galaxy_labels.OWNER: galaxy_labels.OWNER_VALUE,
+                galaxy_labels.GAME_ID: "g1",
+                "exitCode": "137",
+            },
+        },
+    }
+    other = {**owned, "Actor": {"ID": "def", "Attributes": {galaxy_labels.OWNER: "someone"}}}
+    exec_event = {**owned, "Action": "exec_start: sh"}
+    stream = DockerEventStream(cast(Any, _EndedStream([other, exec_event, owned])), "default")
+    events: list[ContainerEvent] = []
+    with pytest.raises(ServiceUnavailable):
+        events.extend(stream)
+    assert events == [
+        ContainerEvent(
+            action="die",
+            container_id="abc",
+            game_id="g1",
+            time=datetime(2023, 11, 14, 22, 13, 20, 123456, tzinfo=UTC),
+            exit_code=137,
+        )
+    ]
+
+    closed = DockerEventStream(cast(Any, _EndedStream([owned])), "default")
+    closed.close()
+    assert list(closed) == []
+
+
+# -- availability ---------------------------------------------------------------
+
+
+class SocketProxy:
+    """A unix-socket stand-in for the daemon: forwards to it, or answers nothing.
+
+    `cut()` drops every connection, which is what the adapter sees when the
+    daemon restarts.
+    """
+
+    def __init__(self, path: str, *, upstream: str | None) -> None:
+        self.path = path
+        self._upstream = upstream
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(path)
+        self._listener.listen(16)
+        self._listener.settimeout(0.1)
+        self._connections: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.path}"
+
+    def _accept(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with self._lock:
+                self._connections.append(conn)
+            if self._upstream is None:
+                continue  # hold it open and never answer
+            upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            upstream.connect(self._upstream)
+            with self._lock:
+                self._connections.append(upstream)
+            for src, dst in ((conn, upstream), (upstream, conn)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for sock in (src, dst):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        with self._lock:
+            connections, self._connections = self._connections, []
+        for sock in connections:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def close(self) -> None:
+        self._stopped.set()
+        self._listener.close()
+        self.cut()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+@pytest.fixture
+def daemon_socket_path() -> str:
+    if not DOCKER_HOST.startswith("unix://"):
+        pytest.skip("needs the daemon on a unix socket")
+    return DOCKER_HOST.removeprefix("unix://")
+
+
+def test_daemon_disconnect_while_following_events_raises_service_unavailable(
+    daemon_socket_path: str, cluster: str, test_id: str
+) -> None:
+    proxy = SocketProxy(f"/tmp/gx-{test_id}.sock", upstream=daemon_socket_path)
+    adapter = DockerEngineAdapter(base_url=proxy.url, cluster=cluster)
+    try:
+        stream = adapter.follow_events()
+        received, consumer = consume(stream)
+        proxy.cut()
+        item = received.get(timeout=5)
+        assert isinstance(item, ServiceUnavailable), item
+        consumer.join(timeout=5)
+        assert not consumer.is_alive()
+    finally:
+        adapter.close()
+        proxy.close()
+
+
+def test_daemon_that_does_not_answer_in_time_is_service_unavailable(test_id: str) -> None:
+    proxy = SocketProxy(f"/tmp/gx-{test_id}.sock", upstream=None)
+    adapter = DockerEngineAdapter(
+        base_url=proxy.url, cluster="default", timeout=timedelta(seconds=1)
+    )
+    try:
+        began = time.monotonic()
+        with pytest.raises(ServiceUnavailable, match="timed out"):
+            adapter.ping()
+        assert time.monotonic() - began < 5
+    finally:
+        adapter.close()
+        proxy.close()
+
+
+def test_ping_answers_on_the_local_daemon(engine: DockerEngineAdapter) -> None:
+    engine.ping()
+
+
+def test_adapter_on_a_missing_socket_reports_service_unavailable(test_id: str) -> None:
+    adapter = DockerEngineAdapter(
+        base_url=f"unix:///tmp/nonexistent-{test_id}.sock",
+        cluster="default",
+        timeout=timedelta(seconds=2),
+    )
+    try:
+        with pytest.raises(ServiceUnavailable):
+            adapter.ping()
+        with pytest.raises(ServiceUnavailable):
+            adapter.list_owned_containers()
+        with pytest.raises(ServiceUnavailable):
+            adapter.inspect_container("galaxy-game-x")
+        with pytest.raises(ServiceUnavailable):
+            adapter.ensure_image(STUB_IMAGE, PullPolicy.IF_MISSING)
+        with pytest.raises(ServiceUnavailable):
+            adapter.follow_events()
+    finally:
+        adapter.close()

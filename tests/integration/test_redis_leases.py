@@ -1,0 +1,423 @@
+"""The `GameLeases` contract against a real Redis (`RedisGameLeases`)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from typing import cast
+
+import pytest
+import redis
+
+from rtmanager.adapters.redis import leases as leases_module
+from rtmanager.adapters.redis.client import create_redis
+from rtmanager.adapters.redis.leases import RedisGameLeases
+from rtmanager.domain.errors import ErrorCode, ServiceUnavailable
+from rtmanager.ports import Lease
+from tests.conftest import REDIS_URL
+
+pytestmark = pytest.mark.integration
+
+LONG = timedelta(seconds=30)
+SHORT = timedelta(milliseconds=200)
+
+
+@pytest.fixture
+def client() -> Iterator[redis.Redis]:
+    client = create_redis(REDIS_URL, timeout=timedelta(seconds=5))
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def leases(client: redis.Redis, redis_prefix: str) -> RedisGameLeases:
+    return RedisGameLeases(client, prefix=redis_prefix)
+
+
+def pttl(client: redis.Redis, key: str) -> int:
+    """The key's remaining time to live in milliseconds."""
+    return cast(int, client.pttl(key))
+
+
+def poll(condition: Callable[[], bool], *, within: float = 3.0, every: float = 0.01) -> bool:
+    """Return True as soon as `condition()` holds, False after `within` seconds."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(every)
+    return condition()
+
+
+class FixedTokens:
+    """Stands in for the `secrets` module, handing out one known token."""
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+
+    def token_urlsafe(self, nbytes: int) -> str:
+        return self.token
+
+
+# --- acquiring -------------------------------------------------------------
+
+
+def test_lease_key_holds_the_token_under_the_prefix(
+    leases: RedisGameLeases, client: redis.Redis, redis_prefix: str
+) -> None:
+    lease = leases.acquire("game-1", LONG)
+
+    assert lease is not None
+    assert lease.game_id == "game-1"
+    assert leases.key("game-1") == f"{redis_prefix}lease:game:game-1"
+    assert client.get(f"{redis_prefix}lease:game:game-1") == lease.token.encode()
+    assert 29_000 < pttl(client, leases.key("game-1")) <= 30_000
+
+
+def test_every_lease_gets_a_fresh_random_token(leases: RedisGameLeases) -> None:
+    tokens = set()
+    for _ in range(5):
+        lease = leases.acquire("game-1", LONG)
+        assert lease is not None
+        assert len(lease.token) >= 32
+        tokens.add(lease.token)
+        assert leases.release(lease)
+    assert len(tokens) == 5
+
+
+def race_for_lease(
+    contenders: list[RedisGameLeases], game_id: str
+) -> tuple[list[Lease | None], list[BaseException]]:
+    """Let every contender acquire `game_id` at once; return their results and errors."""
+    barrier = threading.Barrier(len(contenders))
+    results: list[Lease | None] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def contend(leases: RedisGameLeases) -> None:
+        try:
+            barrier.wait(timeout=10)
+            outcome = leases.acquire(game_id, LONG)
+        except BaseException as error:
+            with lock:
+                errors.append(error)
+            return
+        with lock:
+            results.append(outcome)
+
+    threads = [threading.Thread(target=contend, args=(leases,)) for leases in contenders]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=15)
+    return results, errors
+
+
+def test_only_one_of_sixteen_racing_threads_gets_the_lease(
+    leases: RedisGameLeases, client: redis.Redis
+) -> None:
+    for round_number in range(5):
+        game_id = f"race-{round_number}"
+
+        results, errors = race_for_lease([leases] * 16, game_id)
+
+        assert errors == []
+        assert len(results) == 16
+        winners = [lease for lease in results if lease is not None]
+        assert len(winners) == 1
+        assert client.get(leases.key(game_id)) == winners[0].token.encode()
+
+
+def test_only_one_of_many_replicas_gets_the_lease(redis_prefix: str) -> None:
+    # Each contender has its own client and adapter, as separate replicas would.
+    clients = [create_redis(REDIS_URL, timeout=timedelta(seconds=5)) for _ in range(8)]
+    try:
+        replicas = [RedisGameLeases(c, prefix=redis_prefix) for c in clients]
+
+        results, errors = race_for_lease(replicas, "shared-game")
+
+        assert errors == []
+        assert len(results) == 8
+        assert sum(lease is not None for lease in results) == 1
+    finally:
+        for c in clients:
+            c.close()
+
+
+def test_held_lease_is_not_taken_over_before_it_expires(leases: RedisGameLeases) -> None:
+    started = time.monotonic()
+    holder = leases.acquire("game-1", SHORT)
+    assert holder is not None
+
+    assert leases.acquire("game-1", LONG) is None
+
+    taken: list[Lease] = []
+
+    def take_over() -> bool:
+        lease = leases.acquire("game-1", LONG)
+        if lease is not None:
+            taken.append(lease)
+        return lease is not None
+
+    assert poll(take_over, within=3.0)
+    # The key expires 200 ms after the holder's SET, which came after `started`.
+    assert time.monotonic() - started >= 0.19
+    assert taken[0].token != holder.token
+
+
+def test_expired_lease_is_taken_over(leases: RedisGameLeases, client: redis.Redis) -> None:
+    holder = leases.acquire("game-1", SHORT)
+    assert holder is not None
+
+    assert poll(lambda: client.exists(leases.key("game-1")) == 0)
+    successor = leases.acquire("game-1", LONG)
+
+    assert successor is not None
+    assert client.get(leases.key("game-1")) == successor.token.encode()
+
+
+def test_acquire_while_held_leaves_the_holders_lease_untouched(
+    leases: RedisGameLeases, client: redis.Redis
+) -> None:
+    holder = leases.acquire("game-1", timedelta(seconds=10))
+    assert holder is not None
+
+    assert leases.acquire("game-1", timedelta(seconds=60)) is None
+
+    assert client.get(leases.key("game-1")) == holder.token.encode()
+    assert pttl(client, leases.key("game-1")) <= 10_000
+
+
+def test_acquire_recognises_a_lease_its_own_retried_set_already_took(
+    leases: RedisGameLeases, client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # When a connection breaks after SET NX took the lease, the client's
+    # retry finds the key holding our own token: the lease is ours.
+    monkeypatch.setattr(leases_module, "secrets", FixedTokens("our-token"))
+    client.set(leases.key("game-1"), "our-token", px=10_000)
+
+    assert leases.acquire("game-1", LONG) == Lease(game_id="game-1", token="our-token")
+
+
+def test_ttl_must_be_positive(leases: RedisGameLeases, client: redis.Redis) -> None:
+    for ttl in (timedelta(0), timedelta(milliseconds=-1)):
+        with pytest.raises(ValueError, match="positive"):
+            leases.acquire("game-1", ttl)
+    assert client.exists(leases.key("game-1")) == 0
+
+    lease = leases.acquire("game-1", LONG)
+    assert lease is not None
+    with pytest.raises(ValueError, match="positive"):
+        leases.renew(lease, timedelta(0))
+
+
+def test_sub_millisecond_ttl_is_rounded_up_to_one_millisecond(
+    leases: RedisGameLeases, client: redis.Redis
+) -> None:
+    lease = leases.acquire("game-1", timedelta(microseconds=1))
+
+    assert lease is not None  # a ttl of 0 ms would have been refused by Redis
+    assert poll(lambda: client.exists(leases.key("game-1")) == 0, within=1.0)
+
+
+def test_fractional_ttl_is_rounded_up(leases: RedisGameLeases, client: redis.Redis) -> None:
+    lease = leases.acquire("game-1", timedelta(seconds=20, microseconds=1))
+
+    assert lease is not None
+    assert 19_000 < pttl(client, leases.key("game-1")) <= 20_001
+
+
+# --- renewing ----------------------------------------------------------------
+
+
+def test_renew_extends_the_ttl(leases: RedisGameLeases, client: redis.Redis) -> None:
+    lease = leases.acquire("game-1", timedelta(seconds=1))
+    assert lease is not None
+    assert pttl(client, leases.key("game-1")) <= 1_000
+
+    assert leases.renew(lease, LONG) is True
+
+    assert 29_000 < pttl(client, leases.key("game-1")) <= 30_000
+    assert client.get(leases.key("game-1")) == lease.token.encode()
+
+
+def test_renewed_lease_outlives_its_original_ttl(leases: RedisGameLeases) -> None:
+    started = time.monotonic()
+    lease = leases.acquire("game-1", timedelta(milliseconds=300))
+    assert lease is not None
+    time.sleep(0.1)
+    assert leases.renew(lease, timedelta(seconds=5)) is True
+
+    time.sleep(max(0.0, 0.4 - (time.monotonic() - started)))
+
+    # Past its original 300 ms, the renewed lease is still held.
+    assert leases.acquire("game-1", LONG) is None
+    assert leases.release(lease) is True
+
+
+def test_renew_of_an_expired_lease_fails_and_creates_nothing(
+    leases: RedisGameLeases, client: redis.Redis
+) -> None:
+    lease = leases.acquire("game-1", SHORT)
+    assert lease is not None
+    assert poll(lambda: client.exists(leases.key("game-1")) == 0)
+
+    assert leases.renew(lease, LONG) is False
+    assert client.exists(leases.key("game-1")) == 0
+
+
+# --- a stale holder ----------------------------------------------------------
+
+
+def test_stale_holder_cannot_release_or_renew_the_new_holders_lease(
+    leases: RedisGameLeases, client: redis.Redis
+) -> None:
+    stale = leases.acquire("game-1", timedelta(milliseconds=100))
+    assert stale is not None
+    assert poll(lambda: client.exists(leases.key("game-1")) == 0)
+    current = leases.acquire("game-1", timedelta(seconds=10))
+    assert current is not None
+
+    assert leases.renew(stale, timedelta(seconds=60)) is False
+    assert leases.release(stale) is False
+
+    key = leases.key("game-1")
+    assert client.get(key) == current.token.encode()
+    assert 9_000 < pttl(client, key) <= 10_000  # not extended to 60 s, not cleared
+    assert leases.acquire("game-1", LONG) is None
+    assert leases.release(current) is True
+
+
+def test_lease_of_one_game_cannot_touch_another_games_lease(
+    leases: RedisGameLeases, client: redis.Redis
+) -> None:
+    first = leases.acquire("game-1", LONG)
+    second = leases.acquire("game-2", timedelta(seconds=10))
+    assert first is not None
+    assert second is not None
+
+    forged = Lease(game_id="game-2", token=first.token)
+    assert leases.renew(forged, timedelta(seconds=60)) is False
+    assert leases.release(forged) is False
+
+    assert client.get(leases.key("game-2")) == second.token.encode()
+    assert pttl(client, leases.key("game-2")) <= 10_000
+
+
+# --- releasing ---------------------------------------------------------------
+
+
+def test_release_then_acquire(leases: RedisGameLeases, client: redis.Redis) -> None:
+    first = leases.acquire("game-1", LONG)
+    assert first is not None
+
+    assert leases.release(first) is True
+    assert client.exists(leases.key("game-1")) == 0
+    second = leases.acquire("game-1", LONG)
+
+    assert second is not None
+    assert second.token != first.token
+
+
+def test_release_twice_reports_the_second_as_not_ours(leases: RedisGameLeases) -> None:
+    lease = leases.acquire("game-1", LONG)
+    assert lease is not None
+
+    assert leases.release(lease) is True
+    assert leases.release(lease) is False
+
+
+def test_different_games_do_not_interfere(leases: RedisGameLeases, client: redis.Redis) -> None:
+    first = leases.acquire("game-1", LONG)
+    second = leases.acquire("game-2", LONG)
+    assert first is not None
+    assert second is not None
+
+    assert leases.release(first) is True
+
+    assert client.get(leases.key("game-2")) == second.token.encode()
+    assert leases.acquire("game-2", LONG) is None
+    assert leases.renew(second, LONG) is True
+
+
+def test_prefixes_separate_deployments(client: redis.Redis, redis_prefix: str) -> None:
+    staging = RedisGameLeases(client, prefix=f"{redis_prefix}staging:")
+    production = RedisGameLeases(client, prefix=f"{redis_prefix}production:")
+
+    assert staging.acquire("game-1", LONG) is not None
+    assert production.acquire("game-1", LONG) is not None
+
+
+def test_release_works_after_the_scripts_were_flushed(
+    leases: RedisGameLeases, client: redis.Redis
+) -> None:
+    # A Redis restart forgets loaded scripts; the adapter reloads them.
+    lease = leases.acquire("game-1", LONG)
+    assert lease is not None
+    assert leases.renew(lease, LONG) is True
+    client.script_flush()
+
+    assert leases.renew(lease, LONG) is True
+    assert leases.release(lease) is True
+
+
+# --- Redis unavailable -------------------------------------------------------
+
+
+def _assert_unavailable(call: Callable[[], object]) -> None:
+    with pytest.raises(ServiceUnavailable) as caught:
+        call()
+    assert caught.value.code is ErrorCode.SERVICE_UNAVAILABLE
+    assert "redis" in str(caught.value).lower()
+    assert caught.value.metadata["game_id"] == "game-1"
+
+
+def test_unreachable_redis_is_service_unavailable() -> None:
+    client = create_redis("redis://127.0.0.1:1/0", timeout=timedelta(milliseconds=300))
+    try:
+        leases = RedisGameLeases(client, prefix="unreachable:")
+        lease = Lease(game_id="game-1", token="token")
+        started = time.monotonic()
+
+        _assert_unavailable(lambda: leases.acquire("game-1", LONG))
+        _assert_unavailable(lambda: leases.renew(lease, LONG))
+        _assert_unavailable(lambda: leases.release(lease))
+
+        assert time.monotonic() - started < 5
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def silent_server() -> Iterator[str]:
+    """A TCP server that accepts connections and never answers."""
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    host, port = server.getsockname()
+    try:
+        yield f"redis://{host}:{port}/0"
+    finally:
+        server.close()
+
+
+def test_redis_timing_out_is_service_unavailable(silent_server: str) -> None:
+    client = create_redis(silent_server, timeout=timedelta(milliseconds=200))
+    try:
+        leases = RedisGameLeases(client)
+        lease = Lease(game_id="game-1", token="token")
+        started = time.monotonic()
+
+        _assert_unavailable(lambda: leases.acquire("game-1", LONG))
+        _assert_unavailable(lambda: leases.renew(lease, LONG))
+        _assert_unavailable(lambda: leases.release(lease))
+
+        # Each call is bounded by the timeout (plus one reconnect), not hung.
+        assert time.monotonic() - started < 5
+    finally:
+        client.close()

@@ -1,0 +1,320 @@
+"""Settings from RTMANAGER_* variables: SPEC §7 defaults and one clear message per bad value."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import sys
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from rtmanager.config import ConfigError, load_settings, parse_duration
+from rtmanager.ports import PullPolicy
+
+
+@pytest.fixture(autouse=True)
+def no_rtmanager_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Keep the runner's own RTMANAGER_* variables out of these tests."""
+    for name in list(os.environ):
+        if name.upper().startswith("RTMANAGER_"):
+            monkeypatch.delenv(name)
+    yield
+
+
+def config_error(environ: dict[str, str]) -> str:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(environ)
+    return str(caught.value)
+
+
+# --- defaults (SPEC §7) -------------------------------------------------------------
+
+
+def test_defaults_are_the_spec_defaults() -> None:
+    settings = load_settings({})
+
+    assert settings.grpc_addr == "127.0.0.1:50051"
+    assert settings.postgres_dsn.startswith("postgresql://")
+    assert settings.postgres_pool_size == 10
+    assert settings.redis_url == "redis://127.0.0.1:6379/0"
+    assert settings.redis_prefix == ""
+    assert settings.start_jobs_stream == "runtime:start_jobs"
+    assert settings.stop_jobs_stream == "runtime:stop_jobs"
+    assert settings.job_results_stream == "runtime:job_results"
+    assert settings.dead_letter_stream == "runtime:dead_letter"
+    assert settings.stream_group == "rtmanager"
+    assert settings.stream_max_deliveries == 5
+    assert settings.cluster == "default"
+    assert settings.docker_host == "unix:///var/run/docker.sock"
+    assert settings.engine_network == "galaxy-engines"
+    assert settings.engine_port == 8080
+    assert settings.state_root == Path("/var/lib/galaxy/games")
+    assert settings.engine_state_mount == Path("/var/lib/galaxy-game")
+    assert settings.image_allowlist == ["galaxy/"]
+    assert settings.image_pull_policy is PullPolicy.IF_MISSING
+    assert settings.container_ttl == timedelta(hours=24)
+    assert settings.cleanup_interval == timedelta(minutes=5)
+    assert settings.reconcile_interval == timedelta(seconds=60)
+    assert settings.auth_tokens == ""
+    assert settings.tls_cert is None
+    assert settings.tls_key is None
+    assert settings.tls_client_ca is None
+    assert settings.metrics_addr == "127.0.0.1:9464"
+    assert settings.otlp_endpoint == ""
+    assert settings.log_level == "info"
+
+
+def test_sensible_defaults_are_positive_and_bounded() -> None:
+    settings = load_settings({})
+
+    for ttl in (settings.game_lease_ttl, settings.start_timeout, settings.stop_timeout):
+        assert timedelta(0) < ttl <= timedelta(minutes=10)
+    assert settings.engine_memory > 0
+    assert settings.engine_cpus > 0
+    assert settings.engine_pids > 0
+
+
+def test_instance_id_defaults_to_hostname_and_pid() -> None:
+    assert load_settings({}).instance_id == f"{socket.gethostname()}-{os.getpid()}"
+
+
+def test_log_format_defaults_to_json_off_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert load_settings({}).log_format == "json"
+
+
+def test_log_format_defaults_to_text_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    assert load_settings({}).log_format == "text"
+
+
+def test_settings_are_read_from_the_given_variables() -> None:
+    settings = load_settings(
+        {
+            "RTMANAGER_GRPC_ADDR": "0.0.0.0:6000",
+            "RTMANAGER_REDIS_PREFIX": "staging:",
+            "RTMANAGER_CLUSTER": "staging",
+            "RTMANAGER_ENGINE_PORT": "9000",
+            "RTMANAGER_IMAGE_PULL_POLICY": "ALWAYS",
+            "RTMANAGER_ENGINE_MEMORY": "256m",
+            "RTMANAGER_METRICS_ADDR": "",
+        }
+    )
+
+    assert settings.grpc_addr == "0.0.0.0:6000"
+    assert settings.redis_prefix == "staging:"
+    assert settings.cluster == "staging"
+    assert settings.engine_port == 9000
+    assert settings.image_pull_policy is PullPolicy.ALWAYS
+    assert settings.engine_memory == 256 * 1024 * 1024
+    assert settings.metrics_addr == ""
+
+
+def test_unknown_rtmanager_variables_are_ignored() -> None:
+    settings = load_settings(
+        {"RTMANAGER_NO_SUCH_SETTING": "whatever", "RTMANAGER_TEST_REDIS_URL": "redis://x"}
+    )
+    assert settings.redis_url == "redis://127.0.0.1:6379/0"
+
+
+def test_variables_without_the_prefix_are_ignored() -> None:
+    assert load_settings({"CLUSTER": "Not Valid", "GRPC_ADDR": "nope"}).cluster == "default"
+
+
+# --- durations ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("500ms", timedelta(milliseconds=500)),
+        ("30s", timedelta(seconds=30)),
+        ("2m", timedelta(minutes=2)),
+        ("1h30m", timedelta(hours=1, minutes=30)),
+        ("1d", timedelta(days=1)),
+        ("1.5s", timedelta(seconds=1.5)),
+        ("1m30s500ms", timedelta(minutes=1, seconds=30, milliseconds=500)),
+        (" 45S ", timedelta(seconds=45)),
+    ],
+)
+def test_durations_parse(text: str, expected: timedelta) -> None:
+    assert parse_duration(text) == expected
+    assert load_settings({"RTMANAGER_GAME_LEASE_TTL": text}).game_lease_ttl == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["abc", "10", "-1s", "0s", "0", "", "1h 30m", "30 s", "1w", "s", "1.s", "30s!", "0ms"],
+)
+def test_bad_durations_name_the_variable_and_the_value(text: str) -> None:
+    message = config_error({"RTMANAGER_GAME_LEASE_TTL": text})
+
+    assert "RTMANAGER_GAME_LEASE_TTL" in message
+    assert repr(text) in message
+    assert "duration" in message
+
+
+def test_zero_duration_is_explained_as_not_positive() -> None:
+    assert "greater than zero" in config_error({"RTMANAGER_RECONCILE_INTERVAL": "0s"})
+
+
+def test_every_duration_variable_is_validated() -> None:
+    names = [
+        "RTMANAGER_GAME_LEASE_TTL",
+        "RTMANAGER_START_TIMEOUT",
+        "RTMANAGER_STOP_TIMEOUT",
+        "RTMANAGER_CONTAINER_TTL",
+        "RTMANAGER_CLEANUP_INTERVAL",
+        "RTMANAGER_RECONCILE_INTERVAL",
+    ]
+    message = config_error(dict.fromkeys(names, "soon"))
+
+    for name in names:
+        assert f"{name}='soon'" in message
+
+
+def test_several_bad_variables_are_reported_in_one_error() -> None:
+    message = config_error(
+        {
+            "RTMANAGER_GAME_LEASE_TTL": "abc",
+            "RTMANAGER_STOP_TIMEOUT": "-1s",
+            "RTMANAGER_ENGINE_PORT": "http",
+            "RTMANAGER_CLUSTER": "Prod",
+            "RTMANAGER_IMAGE_PULL_POLICY": "sometimes",
+        }
+    )
+
+    for fragment in (
+        "RTMANAGER_GAME_LEASE_TTL='abc'",
+        "RTMANAGER_STOP_TIMEOUT='-1s'",
+        "RTMANAGER_ENGINE_PORT='http'",
+        "RTMANAGER_CLUSTER='Prod'",
+        "RTMANAGER_IMAGE_PULL_POLICY='sometimes'",
+    ):
+        assert fragment in message
+    assert len(message.splitlines()) == 6  # a heading and one line per variable
+
+
+# --- lists and maps -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("galaxy/", ["galaxy/"]),
+        (
+            "galaxy/,registry.example.com:5000/galaxy/",
+            ["galaxy/", "registry.example.com:5000/galaxy/"],
+        ),
+        (" galaxy/ , other/ ,, ", ["galaxy/", "other/"]),
+    ],
+)
+def test_image_allowlist_is_comma_separated(text: str, expected: list[str]) -> None:
+    assert load_settings({"RTMANAGER_IMAGE_ALLOWLIST": text}).image_allowlist == expected
+
+
+@pytest.mark.parametrize("text", ["", " ", " , ,"])
+def test_empty_image_allowlist_is_rejected(text: str) -> None:
+    assert "RTMANAGER_IMAGE_ALLOWLIST" in config_error({"RTMANAGER_IMAGE_ALLOWLIST": text})
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("", {}),
+        ("team=galaxy", {"team": "galaxy"}),
+        (" team = galaxy , env=prod ", {"team": "galaxy", "env": "prod"}),
+        ("com.example/tier=games,empty=", {"com.example/tier": "games", "empty": ""}),
+        ("query=a=b", {"query": "a=b"}),
+    ],
+)
+def test_container_labels_are_comma_separated_pairs(text: str, expected: dict[str, str]) -> None:
+    assert load_settings({"RTMANAGER_CONTAINER_LABELS": text}).container_labels == expected
+
+
+@pytest.mark.parametrize("text", ["team", "=galaxy", "team=galaxy,env", " =x"])
+def test_malformed_container_labels_are_rejected(text: str) -> None:
+    message = config_error({"RTMANAGER_CONTAINER_LABELS": text})
+
+    assert "RTMANAGER_CONTAINER_LABELS" in message
+    assert "key=value" in message
+
+
+# --- names ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["default", "staging", "prod-eu_1.a", "a" * 63, "7"])
+def test_valid_cluster_names_are_accepted(name: str) -> None:
+    assert load_settings({"RTMANAGER_CLUSTER": name}).cluster == name
+
+
+@pytest.mark.parametrize("name", ["", "Prod", "prod cluster", "-prod", "prod-", "a" * 64, "ü"])
+def test_invalid_cluster_names_are_rejected(name: str) -> None:
+    message = config_error({"RTMANAGER_CLUSTER": name})
+    assert f"RTMANAGER_CLUSTER={name!r}" in message
+
+
+@pytest.mark.parametrize("name", ["rtmanager", "rtmanager_test_1", "_private"])
+def test_valid_schema_names_are_accepted(name: str) -> None:
+    assert load_settings({"RTMANAGER_POSTGRES_SCHEMA": name}).postgres_schema == name
+
+
+@pytest.mark.parametrize(
+    "name", ["", "Public", "1schema", "my-schema", 'x"; DROP SCHEMA public; --', "a" * 64]
+)
+def test_invalid_schema_names_are_rejected(name: str) -> None:
+    message = config_error({"RTMANAGER_POSTGRES_SCHEMA": name})
+    assert "RTMANAGER_POSTGRES_SCHEMA" in message
+    assert "SQL identifier" in message
+
+
+@pytest.mark.parametrize("name", ["Galaxy", "engines net"])
+def test_invalid_engine_network_names_are_rejected(name: str) -> None:
+    assert "RTMANAGER_ENGINE_NETWORK" in config_error({"RTMANAGER_ENGINE_NETWORK": name})
+
+
+# --- other values -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("RTMANAGER_GRPC_ADDR", "localhost"),
+        ("RTMANAGER_GRPC_ADDR", "127.0.0.1:99999"),
+        ("RTMANAGER_METRICS_ADDR", "9464"),
+        ("RTMANAGER_ENGINE_PORT", "0"),
+        ("RTMANAGER_ENGINE_PORT", "65536"),
+        ("RTMANAGER_POSTGRES_POOL_SIZE", "0"),
+        ("RTMANAGER_STREAM_MAX_DELIVERIES", "0"),
+        ("RTMANAGER_STATE_ROOT", "relative/games"),
+        ("RTMANAGER_ENGINE_STATE_MOUNT", "state"),
+        ("RTMANAGER_ENGINE_MEMORY", "lots"),
+        ("RTMANAGER_ENGINE_CPUS", "0"),
+        ("RTMANAGER_LOG_LEVEL", "loud"),
+        ("RTMANAGER_LOG_FORMAT", "xml"),
+        ("RTMANAGER_REDIS_URL", "  "),
+    ],
+)
+def test_bad_values_name_the_variable_and_the_value(variable: str, value: str) -> None:
+    assert f"{variable}={value!r}" in config_error({variable: value})
+
+
+# --- found while writing these tests (see the report) ---------------------------------
+
+
+def test_given_environ_is_the_only_source(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RTMANAGER_CLUSTER", "from-process-env")
+
+    assert load_settings({}).cluster == "default"
+
+
+def test_huge_duration_is_a_config_error() -> None:
+    assert "RTMANAGER_CONTAINER_TTL" in config_error({"RTMANAGER_CONTAINER_TTL": "99999999999d"})
