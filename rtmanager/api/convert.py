@@ -1,0 +1,193 @@
+"""Conversion between protobuf messages and domain objects: the one place it happens."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from enum import Enum
+from typing import TypeVar
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from rtmanager._proto.galaxy.rtmanager.v1 import rtmanager_pb2 as pb
+from rtmanager.domain.errors import InvalidRequest
+from rtmanager.domain.operation import OperationEntry, OpKind, OpSource, Outcome
+from rtmanager.domain.runtime import RuntimeRecord, RuntimeStatus
+from rtmanager.lifecycle.common import StopReason
+
+E = TypeVar("E", bound=Enum)
+
+STATUS_TO_PB: Mapping[RuntimeStatus, pb.RuntimeStatus.ValueType] = {
+    RuntimeStatus.RUNNING: pb.RUNTIME_STATUS_RUNNING,
+    RuntimeStatus.STOPPED: pb.RUNTIME_STATUS_STOPPED,
+    RuntimeStatus.REMOVED: pb.RUNTIME_STATUS_REMOVED,
+}
+OP_KIND_TO_PB: Mapping[OpKind, pb.OpKind.ValueType] = {
+    OpKind.START: pb.OP_KIND_START,
+    OpKind.STOP: pb.OP_KIND_STOP,
+    OpKind.RESTART: pb.OP_KIND_RESTART,
+    OpKind.PATCH: pb.OP_KIND_PATCH,
+    OpKind.CLEANUP_CONTAINER: pb.OP_KIND_CLEANUP_CONTAINER,
+    OpKind.RECONCILE_ADOPT: pb.OP_KIND_RECONCILE_ADOPT,
+    OpKind.RECONCILE_DISPOSE: pb.OP_KIND_RECONCILE_DISPOSE,
+}
+OP_SOURCE_TO_PB: Mapping[OpSource, pb.OpSource.ValueType] = {
+    OpSource.LOBBY_STREAM: pb.OP_SOURCE_LOBBY_STREAM,
+    OpSource.GM_REST: pb.OP_SOURCE_GAME_MASTER,
+    OpSource.ADMIN_REST: pb.OP_SOURCE_ADMIN,
+    OpSource.AUTO_TTL: pb.OP_SOURCE_AUTO_TTL,
+    OpSource.AUTO_RECONCILE: pb.OP_SOURCE_AUTO_RECONCILE,
+}
+OUTCOME_TO_PB: Mapping[Outcome, pb.Outcome.ValueType] = {
+    Outcome.SUCCESS: pb.OUTCOME_SUCCESS,
+    Outcome.FAILURE: pb.OUTCOME_FAILURE,
+}
+STOP_REASON_FROM_PB: Mapping[int, StopReason] = {
+    pb.STOP_REASON_UNSPECIFIED: StopReason.ADMIN_REQUEST,
+    pb.STOP_REASON_ADMIN_REQUEST: StopReason.ADMIN_REQUEST,
+    pb.STOP_REASON_LOBBY_REQUEST: StopReason.LOBBY_REQUEST,
+    pb.STOP_REASON_GAME_FINISHED: StopReason.GAME_FINISHED,
+    pb.STOP_REASON_ENGINE_EXITED: StopReason.ENGINE_EXITED,
+}
+
+
+def _reverse(mapping: Mapping[E, int]) -> dict[int, E]:
+    return {value: key for key, value in mapping.items()}
+
+
+STATUS_FROM_PB = _reverse(STATUS_TO_PB)
+OP_KIND_FROM_PB = _reverse(OP_KIND_TO_PB)
+OP_SOURCE_FROM_PB = _reverse(OP_SOURCE_TO_PB)
+OUTCOME_FROM_PB = _reverse(OUTCOME_TO_PB)
+
+
+def enum_from_pb(mapping: Mapping[int, E], value: int, field: str) -> E | None:
+    """Map a proto enum value to the domain; UNSPECIFIED (0) is None.
+
+    Unknown numbers (a newer client, or garbage) are `InvalidRequest`.
+    """
+    if value == 0:
+        return None
+    try:
+        return mapping[value]
+    except KeyError:
+        raise InvalidRequest(
+            f"{field} {value} is not a known value", metadata={"field": field}
+        ) from None
+
+
+def timestamp_to_pb(value: datetime | None) -> Timestamp | None:
+    """Return a protobuf Timestamp for an aware datetime (None stays None)."""
+    if value is None:
+        return None
+    stamp = Timestamp()
+    stamp.FromDatetime(value.astimezone(UTC))
+    return stamp
+
+
+def timestamp_from_pb(message: object, field: str) -> datetime | None:
+    """Return the datetime of an optional Timestamp field of `message`, or None when unset."""
+    if not message.HasField(field):  # type: ignore[attr-defined]
+        return None
+    stamp: Timestamp = getattr(message, field)
+    if not 0 <= stamp.nanos < 1_000_000_000:
+        raise InvalidRequest(f"{field} has invalid nanos", metadata={"field": field})
+    try:
+        return stamp.ToDatetime(tzinfo=UTC)
+    except (ValueError, OverflowError):
+        raise InvalidRequest(f"{field} is out of range", metadata={"field": field}) from None
+
+
+def record_to_pb(record: RuntimeRecord) -> pb.RuntimeRecord:
+    """Return the proto form of a runtime record."""
+    return pb.RuntimeRecord(
+        game_id=record.game_id,
+        status=STATUS_TO_PB[record.status],
+        current_container_id=record.current_container_id,
+        current_image_ref=record.current_image_ref,
+        engine_endpoint=record.engine_endpoint,
+        state_path=record.state_path,
+        docker_network=record.docker_network,
+        started_at=timestamp_to_pb(record.started_at),
+        stopped_at=timestamp_to_pb(record.stopped_at),
+        removed_at=timestamp_to_pb(record.removed_at),
+        last_op_at=timestamp_to_pb(record.last_op_at),
+        created_at=timestamp_to_pb(record.created_at),
+    )
+
+
+def operation_to_pb(entry: OperationEntry) -> pb.OperationEntry:
+    """Return the proto form of an operation-log entry."""
+    return pb.OperationEntry(
+        id=entry.id,
+        game_id=entry.game_id,
+        op_kind=OP_KIND_TO_PB[entry.op_kind],
+        op_source=OP_SOURCE_TO_PB[entry.op_source],
+        source_ref=entry.source_ref,
+        image_ref=entry.image_ref,
+        container_id=entry.container_id,
+        outcome=OUTCOME_TO_PB[entry.outcome],
+        error_code=entry.error_code,
+        error_message=entry.error_message,
+        started_at=timestamp_to_pb(entry.started_at),
+        finished_at=timestamp_to_pb(entry.finished_at),
+    )
+
+
+def stop_reason_from_pb(value: int) -> StopReason:
+    """The stop reason of a request; unspecified means an admin request."""
+    try:
+        return STOP_REASON_FROM_PB[value]
+    except KeyError:
+        raise InvalidRequest(
+            f"reason {value} is not a known value", metadata={"field": "reason"}
+        ) from None
+
+
+def record_from_pb(message: pb.RuntimeRecord) -> RuntimeRecord:
+    """Return the domain form of a proto runtime record (used by clients)."""
+    status = STATUS_FROM_PB.get(message.status)
+    if status is None:
+        raise InvalidRequest(f"status {message.status} is not a known value")
+    last_op_at = timestamp_from_pb(message, "last_op_at")
+    created_at = timestamp_from_pb(message, "created_at")
+    if last_op_at is None or created_at is None:
+        raise InvalidRequest("runtime record lacks last_op_at or created_at")
+    return RuntimeRecord(
+        game_id=message.game_id,
+        status=status,
+        engine_endpoint=message.engine_endpoint,
+        state_path=message.state_path,
+        docker_network=message.docker_network,
+        last_op_at=last_op_at,
+        created_at=created_at,
+        current_container_id=message.current_container_id,
+        current_image_ref=message.current_image_ref,
+        started_at=timestamp_from_pb(message, "started_at"),
+        stopped_at=timestamp_from_pb(message, "stopped_at"),
+        removed_at=timestamp_from_pb(message, "removed_at"),
+    )
+
+
+def operation_from_pb(message: pb.OperationEntry) -> OperationEntry:
+    """Return the domain form of a proto operation entry (used by clients)."""
+    kind = OP_KIND_FROM_PB.get(message.op_kind)
+    source = OP_SOURCE_FROM_PB.get(message.op_source)
+    outcome = OUTCOME_FROM_PB.get(message.outcome)
+    started_at = timestamp_from_pb(message, "started_at")
+    if kind is None or source is None or outcome is None or started_at is None:
+        raise InvalidRequest(f"operation entry {message.id} has unknown or missing fields")
+    return OperationEntry(
+        id=message.id,
+        game_id=message.game_id,
+        op_kind=kind,
+        op_source=source,
+        outcome=outcome,
+        started_at=started_at,
+        finished_at=timestamp_from_pb(message, "finished_at"),
+        source_ref=message.source_ref,
+        image_ref=message.image_ref,
+        container_id=message.container_id,
+        error_code=message.error_code,
+        error_message=message.error_message,
+    )

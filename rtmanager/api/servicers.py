@@ -1,0 +1,272 @@
+"""gRPC servicers of `RuntimeService` and `RuntimeAdminService`.
+
+Each RPC authenticates its caller, converts the request to domain values,
+calls one use case and converts the result back. Failures leave through
+`rpc`, which maps them to statuses in one place (`rtmanager.api.errors`).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+from google.rpc import code_pb2
+
+from rtmanager._proto.galaxy.rtmanager.v1 import rtmanager_pb2 as pb
+from rtmanager._proto.galaxy.rtmanager.v1 import rtmanager_pb2_grpc as pb_grpc
+from rtmanager.api import convert
+from rtmanager.api.auth import Authenticator, AuthFailure, Principal
+from rtmanager.api.errors import rich_status, to_rpc_status
+from rtmanager.deadlines import deadline_scope
+from rtmanager.domain.errors import ErrorCode, Failure, RuntimeManagerError
+from rtmanager.domain.runtime import RuntimeRecord
+from rtmanager.lifecycle.cleanup import CleanupRequest, CleanupService
+from rtmanager.lifecycle.patch import PatchRequest, PatchService
+from rtmanager.lifecycle.queries import RuntimeQueries
+from rtmanager.lifecycle.recorder import OperationResult
+from rtmanager.lifecycle.restart import RestartRequest, RestartService
+from rtmanager.lifecycle.start import StartRequest, StartService
+from rtmanager.lifecycle.stop import StopRequest, StopService
+from rtmanager.ports import OperationFilter
+
+log = logging.getLogger(__name__)
+
+S = TypeVar("S")
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Method = Callable[[S, Req, grpc.ServicerContext, Principal], Resp]
+Handler = Callable[[S, Req, grpc.ServicerContext], Resp]
+
+
+@dataclass(frozen=True)
+class Lifecycles:
+    """The use cases the servicers call."""
+
+    queries: RuntimeQueries
+    start: StartService
+    stop: StopService
+    restart: RestartService
+    patch: PatchService
+    cleanup: CleanupService
+
+
+class _Authenticated:
+    """Servicers that know who is calling."""
+
+    def __init__(self, lifecycles: Lifecycles, auth: Authenticator) -> None:
+        self._lifecycles = lifecycles
+        self._auth = auth
+
+
+def rpc(*, admin_only: bool = False) -> Callable[[Method[Any, Req, Resp]], Handler[Any, Req, Resp]]:
+    """Authenticate, bound waits by the caller's deadline, map every failure.
+
+    Expected failures (`RuntimeManagerError`) become their stable code; any
+    other exception is a bug, logged with its traceback and reported as
+    `internal` without leaking details.
+    """
+
+    def decorate(method: Method[Any, Req, Resp]) -> Handler[Any, Req, Resp]:
+        @functools.wraps(method)
+        def handler(self: _Authenticated, request: Req, context: grpc.ServicerContext) -> Resp:
+            game_id = _game_id_of(request)
+            try:
+                caller = self._auth.authenticate(context, admin_only=admin_only)
+                with deadline_scope(context.time_remaining()):
+                    return method(self, request, context, caller)
+            except AuthFailure as failure:
+                context.abort_with_status(
+                    rich_status(failure.code.value[0], failure.reason, failure.message, {})
+                )
+            except RuntimeManagerError as error:
+                context.abort_with_status(to_rpc_status(error.to_failure(), game_id=game_id))
+            except Exception:
+                if _aborted(context):
+                    raise
+                log.exception("unexpected error in %s", method.__name__)
+                internal = Failure(ErrorCode.INTERNAL, "internal error; see the server log")
+                context.abort_with_status(to_rpc_status(internal, game_id=game_id))
+            raise AssertionError("abort_with_status returned")  # pragma: no cover
+
+        return handler
+
+    return decorate
+
+
+def _game_id_of(request: Any) -> str:
+    value = getattr(request, "game_id", "")
+    return value if isinstance(value, str) and len(value) <= 64 else ""
+
+
+def _aborted(context: grpc.ServicerContext) -> bool:
+    # context.abort() raises a bare Exception after setting the code.
+    code = getattr(context, "code", lambda: None)()
+    return code is not None and code != grpc.StatusCode.OK
+
+
+def _record_of(result: OperationResult) -> pb.RuntimeRecord:
+    """The record of a successful result; a failure raises its error."""
+    if not result.ok:
+        assert result.failure is not None
+        raise RuntimeManagerError.from_failure(result.failure)
+    record: RuntimeRecord | None = result.record
+    if record is None:
+        raise RuntimeManagerError.from_failure(
+            Failure(ErrorCode.INTERNAL, "operation succeeded without a record")
+        )
+    return convert.record_to_pb(record)
+
+
+class RuntimeServicer(_Authenticated, pb_grpc.RuntimeServiceServicer):
+    """`galaxy.rtmanager.v1.RuntimeService` (Game Master and admins)."""
+
+    @rpc()
+    def StartRuntime(  # noqa: N802 - gRPC method names
+        self, request: pb.StartRuntimeRequest, context: grpc.ServicerContext, caller: Principal
+    ) -> pb.StartRuntimeResponse:
+        result = self._lifecycles.start.handle(
+            StartRequest(
+                game_id=request.game_id,
+                image_ref=request.image_ref,
+                op_source=caller.op_source,
+                source_ref=request.source_ref,
+            )
+        )
+        return pb.StartRuntimeResponse(runtime=_record_of(result))
+
+    @rpc()
+    def StopRuntime(  # noqa: N802
+        self, request: pb.StopRuntimeRequest, context: grpc.ServicerContext, caller: Principal
+    ) -> pb.StopRuntimeResponse:
+        reason = convert.stop_reason_from_pb(request.reason)
+        result = self._lifecycles.stop.handle(
+            StopRequest(
+                game_id=request.game_id,
+                op_source=caller.op_source,
+                reason=reason,
+                source_ref=request.source_ref,
+            )
+        )
+        return pb.StopRuntimeResponse(runtime=_record_of(result))
+
+    @rpc()
+    def RestartRuntime(  # noqa: N802
+        self, request: pb.RestartRuntimeRequest, context: grpc.ServicerContext, caller: Principal
+    ) -> pb.RestartRuntimeResponse:
+        result = self._lifecycles.restart.handle(
+            RestartRequest(
+                game_id=request.game_id, op_source=caller.op_source, source_ref=request.source_ref
+            )
+        )
+        return pb.RestartRuntimeResponse(runtime=_record_of(result))
+
+    @rpc()
+    def PatchRuntime(  # noqa: N802
+        self, request: pb.PatchRuntimeRequest, context: grpc.ServicerContext, caller: Principal
+    ) -> pb.PatchRuntimeResponse:
+        result = self._lifecycles.patch.handle(
+            PatchRequest(
+                game_id=request.game_id,
+                image_ref=request.image_ref,
+                op_source=caller.op_source,
+                source_ref=request.source_ref,
+            )
+        )
+        return pb.PatchRuntimeResponse(runtime=_record_of(result))
+
+    @rpc()
+    def GetRuntime(  # noqa: N802
+        self, request: pb.GetRuntimeRequest, context: grpc.ServicerContext, caller: Principal
+    ) -> pb.GetRuntimeResponse:
+        record = self._lifecycles.queries.get_runtime(request.game_id)
+        return pb.GetRuntimeResponse(runtime=convert.record_to_pb(record))
+
+    @rpc()
+    def ListRuntimes(  # noqa: N802
+        self, request: pb.ListRuntimesRequest, context: grpc.ServicerContext, caller: Principal
+    ) -> pb.ListRuntimesResponse:
+        status = convert.enum_from_pb(convert.STATUS_FROM_PB, request.status, "status")
+        page = self._lifecycles.queries.list_runtimes(
+            status=status, page_size=request.page_size, page_token=request.page_token
+        )
+        return pb.ListRuntimesResponse(
+            runtimes=[convert.record_to_pb(record) for record in page.items],
+            next_page_token=page.next_page_token,
+        )
+
+    def WatchRuntimes(  # noqa: N802
+        self, request: pb.WatchRuntimesRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.WatchRuntimesResponse]:
+        try:
+            self._auth.authenticate(context, admin_only=False)
+        except AuthFailure as failure:
+            context.abort_with_status(
+                rich_status(failure.code.value[0], failure.reason, failure.message, {})
+            )
+        context.abort_with_status(
+            rich_status(
+                code_pb2.UNIMPLEMENTED,
+                "unimplemented",
+                "WatchRuntimes is not implemented by this version of rtmanager yet",
+                {},
+            )
+        )
+        yield from ()  # pragma: no cover
+
+
+class RuntimeAdminServicer(_Authenticated, pb_grpc.RuntimeAdminServiceServicer):
+    """`galaxy.rtmanager.v1.RuntimeAdminService` (admins only)."""
+
+    @rpc(admin_only=True)
+    def CleanupRuntime(  # noqa: N802
+        self, request: pb.CleanupRuntimeRequest, context: grpc.ServicerContext, caller: Principal
+    ) -> pb.CleanupRuntimeResponse:
+        result = self._lifecycles.cleanup.handle(
+            CleanupRequest(
+                game_id=request.game_id,
+                op_source=caller.op_source,
+                force=request.force,
+                source_ref=request.source_ref,
+            )
+        )
+        return pb.CleanupRuntimeResponse(runtime=_record_of(result))
+
+    @rpc(admin_only=True)
+    def ListOperations(  # noqa: N802
+        self, request: pb.ListOperationsRequest, context: grpc.ServicerContext, caller: Principal
+    ) -> pb.ListOperationsResponse:
+        filters = OperationFilter(
+            game_id=request.game_id or None,
+            op_kind=convert.enum_from_pb(convert.OP_KIND_FROM_PB, request.op_kind, "op_kind"),
+            op_source=convert.enum_from_pb(
+                convert.OP_SOURCE_FROM_PB, request.op_source, "op_source"
+            ),
+            outcome=convert.enum_from_pb(convert.OUTCOME_FROM_PB, request.outcome, "outcome"),
+            since=convert.timestamp_from_pb(request, "since"),
+            until=convert.timestamp_from_pb(request, "until"),
+        )
+        page = self._lifecycles.queries.list_operations(
+            filters, page_size=request.page_size, page_token=request.page_token
+        )
+        return pb.ListOperationsResponse(
+            operations=[convert.operation_to_pb(entry) for entry in page.items],
+            next_page_token=page.next_page_token,
+        )
+
+    @rpc(admin_only=True)
+    def Reconcile(  # noqa: N802
+        self, request: pb.ReconcileRequest, context: grpc.ServicerContext, caller: Principal
+    ) -> pb.ReconcileResponse:
+        context.abort_with_status(
+            rich_status(
+                code_pb2.UNIMPLEMENTED,
+                "unimplemented",
+                "Reconcile is not implemented by this version of rtmanager yet",
+                {},
+            )
+        )
+        raise AssertionError("unreachable")  # pragma: no cover

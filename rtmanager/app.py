@@ -1,0 +1,234 @@
+"""The composition root: builds adapters, use cases, servicers and the server.
+
+Nothing else in the project constructs adapters; everything receives its
+collaborators from here.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import timedelta
+
+import grpc
+from opentelemetry.instrumentation.grpc import server_interceptor
+
+from rtmanager.adapters.docker.engine import DockerEngineAdapter
+from rtmanager.adapters.postgres.migrations import SchemaVersionError, check_schema_version
+from rtmanager.adapters.postgres.pool import create_pool
+from rtmanager.adapters.postgres.unit_of_work import PostgresUnitOfWorkFactory
+from rtmanager.adapters.redis.client import create_redis
+from rtmanager.adapters.redis.leases import RedisGameLeases
+from rtmanager.api.auth import Authenticator, is_loopback_address, parse_auth_tokens
+from rtmanager.api.health import HealthMonitor
+from rtmanager.api.server import SERVICE_NAMES, build_server
+from rtmanager.api.servicers import Lifecycles, RuntimeAdminServicer, RuntimeServicer
+from rtmanager.config import Settings
+from rtmanager.lifecycle.cleanup import CleanupService
+from rtmanager.lifecycle.common import LifecycleSettings
+from rtmanager.lifecycle.leasing import GameLock
+from rtmanager.lifecycle.patch import PatchService
+from rtmanager.lifecycle.queries import RuntimeQueries
+from rtmanager.lifecycle.recorder import OperationRecorder
+from rtmanager.lifecycle.restart import RecreateService, RestartService
+from rtmanager.lifecycle.start import StartService
+from rtmanager.lifecycle.stop import StopService
+from rtmanager.telemetry import TelemetryExport
+
+log = logging.getLogger(__name__)
+
+_DEPENDENCY_TIMEOUT = timedelta(seconds=5)
+_SCHEMA_RETRY_SECONDS = 2.0
+
+
+class StartupError(RuntimeError):
+    """The service cannot start as configured; the message says why."""
+
+
+def lifecycle_settings(settings: Settings) -> LifecycleSettings:
+    """The slice of the settings the lifecycle services act on."""
+    return LifecycleSettings(
+        cluster=settings.cluster,
+        engine_network=settings.engine_network,
+        engine_port=settings.engine_port,
+        state_root=settings.state_root,
+        engine_state_mount=settings.engine_state_mount,
+        image_allowlist=tuple(settings.image_allowlist),
+        image_pull_policy=settings.image_pull_policy,
+        engine_memory=settings.engine_memory,
+        engine_cpus=settings.engine_cpus,
+        engine_pids=settings.engine_pids,
+        start_timeout=settings.start_timeout,
+        stop_timeout=settings.stop_timeout,
+        start_settle=settings.start_settle,
+        engine_read_only=settings.engine_read_only,
+        remove_state_on_cleanup=settings.remove_state_on_cleanup,
+        container_labels=dict(settings.container_labels),
+    )
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS (and mTLS when a client CA is set) credentials, or None for plaintext."""
+    if settings.tls_cert is None and settings.tls_key is None:
+        if settings.tls_client_ca is not None:
+            raise StartupError("RTMANAGER_TLS_CLIENT_CA needs RTMANAGER_TLS_CERT and _KEY")
+        return None
+    if settings.tls_cert is None or settings.tls_key is None:
+        raise StartupError("RTMANAGER_TLS_CERT and RTMANAGER_TLS_KEY must be set together")
+    try:
+        key = settings.tls_key.read_bytes()
+        cert = settings.tls_cert.read_bytes()
+        client_ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
+    except OSError as error:
+        raise StartupError(f"cannot read TLS files: {error}") from None
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
+class Application:
+    """The whole service of one process, built from settings."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        tokens = parse_auth_tokens(settings.auth_tokens)
+        if not tokens and not is_loopback_address(settings.grpc_addr):
+            raise StartupError(
+                f"refusing to listen on {settings.grpc_addr} without authentication: "
+                "set RTMANAGER_AUTH_TOKENS or bind to a loopback address"
+            )
+        credentials = server_credentials(settings)
+        self.export = TelemetryExport(
+            metrics_addr=settings.metrics_addr,
+            otlp_endpoint=settings.otlp_endpoint,
+            service_name="rtmanager",
+        )
+        telemetry = self.export.telemetry
+        self.pool = create_pool(
+            settings.postgres_dsn,
+            settings.postgres_schema,
+            max_size=settings.postgres_pool_size,
+            timeout=_DEPENDENCY_TIMEOUT,
+        )
+        self.units_of_work = PostgresUnitOfWorkFactory(self.pool)
+        self.redis = create_redis(settings.redis_url, timeout=_DEPENDENCY_TIMEOUT)
+        self.leases = RedisGameLeases(self.redis, prefix=settings.redis_prefix)
+        self.docker = DockerEngineAdapter(
+            base_url=settings.docker_host,
+            cluster=settings.cluster,
+            timeout=settings.docker_timeout,
+        )
+        self.lock = GameLock(
+            self.leases, settings.game_lease_ttl, on_acquire_latency=telemetry.lease_acquired
+        )
+        self.recorder = OperationRecorder(self.units_of_work, telemetry)
+        lifecycle = lifecycle_settings(settings)
+        common = {
+            "recorder": self.recorder,
+            "lock": self.lock,
+            "docker": self.docker,
+            "settings": lifecycle,
+        }
+        start = StartService(**common)  # type: ignore[arg-type]
+        stop = StopService(**common)  # type: ignore[arg-type]
+        recreate = RecreateService(stop=stop, start=start, **common)  # type: ignore[arg-type]
+        self.lifecycles = Lifecycles(
+            queries=RuntimeQueries(self.units_of_work),
+            start=start,
+            stop=stop,
+            restart=RestartService(recreate),
+            patch=PatchService(recreate),
+            cleanup=CleanupService(stop=stop, **common),  # type: ignore[arg-type]
+        )
+        self.health = HealthMonitor(
+            {
+                "postgres": self._check_postgres,
+                "redis": self._check_redis,
+                "docker": self.docker.ping,
+            },
+            services=SERVICE_NAMES,
+        )
+        auth = Authenticator(tokens)
+        self.server, self.port = build_server(
+            address=settings.grpc_addr,
+            runtime=RuntimeServicer(self.lifecycles, auth),
+            admin=RuntimeAdminServicer(self.lifecycles, auth),
+            health_servicer=self.health.servicer,
+            max_workers=settings.grpc_max_workers,
+            max_message_bytes=settings.grpc_max_message_bytes,
+            reflection_enabled=settings.reflection,
+            interceptors=[
+                server_interceptor(  # type: ignore[no-untyped-call]
+                    tracer_provider=self.export.tracer_provider
+                )
+            ],
+            credentials=credentials,
+        )
+        if not tokens:
+            log.warning(
+                "no RTMANAGER_AUTH_TOKENS: every caller is trusted as admin; "
+                "listening on loopback only",
+                extra={"address": settings.grpc_addr},
+            )
+        self._stopped = threading.Event()
+
+    def _check_postgres(self) -> None:
+        with self.pool.connection(timeout=_DEPENDENCY_TIMEOUT.total_seconds()) as conn:
+            check_schema_version(conn, self.settings.postgres_schema, self.settings.migrations_dir)
+
+    def _check_redis(self) -> None:
+        self.redis.ping()
+
+    def wait_for_schema(self, stop: threading.Event) -> None:
+        """Block until the database answers with the schema this build knows.
+
+        An unreachable database is waited for (dependencies may start in any
+        order); a schema of another version raises `SchemaVersionError`.
+        """
+        while not stop.is_set():
+            try:
+                self._check_postgres()
+                return
+            except SchemaVersionError:
+                raise
+            except Exception as error:
+                log.warning("waiting for PostgreSQL", extra={"problem": str(error)})
+                stop.wait(_SCHEMA_RETRY_SECONDS)
+
+    def start(self) -> None:
+        """Start serving: the server listens, health turns SERVING once checks pass."""
+        self.server.start()
+        self.health.start()
+        self.health.set_ready()
+        log.info(
+            "rtmanager serving",
+            extra={
+                "address": self.settings.grpc_addr,
+                "port": self.port,
+                "cluster": self.settings.cluster,
+                "instance_id": self.settings.instance_id,
+            },
+        )
+
+    def shutdown(self, grace: timedelta | None = None) -> None:
+        """Drain and stop: NOT_SERVING, finish in-flight RPCs within the grace, close."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        grace = self.settings.shutdown_grace if grace is None else grace
+        log.info("draining", extra={"grace_seconds": grace.total_seconds()})
+        self.health.drain()
+        self.server.stop(grace.total_seconds()).wait()
+        held = self.lock.held_games
+        if held:
+            log.warning("operations still running after the grace period", extra={"games": held})
+        self.health.stop()
+        self.close()
+        log.info("stopped")
+
+    def close(self) -> None:
+        """Release every connection the application holds."""
+        self.pool.close()
+        self.redis.close()
+        self.docker.close()
+        self.export.shutdown()

@@ -1,0 +1,120 @@
+"""Cleanup: remove a stopped runtime's container and record it removed.
+
+Called by admins and by the TTL worker. A running runtime is a conflict
+unless `force`, which stops it first (an inner stop under the same lease). A
+removed runtime is an idempotent success. The state directory is kept unless
+the deployment is configured to remove it: game data is never lost by
+default.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+from rtmanager.domain.errors import Conflict, InvalidRequest, RuntimeManagerError
+from rtmanager.domain.ids import parse_game_id
+from rtmanager.domain.operation import OpKind, OpSource
+from rtmanager.domain.runtime import RuntimeStatus
+from rtmanager.domain.timeutil import utc_now
+from rtmanager.lifecycle.common import LifecycleSettings, new_correlation_id, owned_container
+from rtmanager.lifecycle.leasing import GameLock
+from rtmanager.lifecycle.recorder import Operation, OperationRecorder, OperationResult
+from rtmanager.lifecycle.stop import StopService
+from rtmanager.ports import DockerEngine, StatusChange
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CleanupRequest:
+    """Remove the container of `game_id`; `force` stops a running one first."""
+
+    game_id: str
+    op_source: OpSource
+    force: bool = False
+    source_ref: str = ""
+
+
+class CleanupService:
+    """The cleanup lifecycle (SPEC §3 Cleanup)."""
+
+    def __init__(
+        self,
+        *,
+        recorder: OperationRecorder,
+        lock: GameLock,
+        docker: DockerEngine,
+        stop: StopService,
+        settings: LifecycleSettings,
+        clock: Callable[[], datetime] = utc_now,
+    ) -> None:
+        self._recorder = recorder
+        self._lock = lock
+        self._docker = docker
+        self._stop = stop
+        self._settings = settings
+        self._clock = clock
+
+    def handle(self, request: CleanupRequest) -> OperationResult:
+        """Validate, take the game's lease and clean up; never raises."""
+        try:
+            game_id = parse_game_id(request.game_id)
+        except InvalidRequest as error:
+            return self._recorder.reject(
+                game_id=str(request.game_id),
+                op_kind=OpKind.CLEANUP_CONTAINER,
+                op_source=request.op_source,
+                failure=error.to_failure(),
+            )
+        operation = self._recorder.begin(
+            game_id=game_id,
+            op_kind=OpKind.CLEANUP_CONTAINER,
+            op_source=request.op_source,
+            source_ref=request.source_ref,
+        )
+
+        def body(op: Operation) -> OperationResult:
+            with self._lock.hold(game_id):
+                return self._cleanup(op, request.force)
+
+        return self._recorder.run(operation, body)
+
+    def _cleanup(self, op: Operation, force: bool) -> OperationResult:
+        with self._recorder.unit_of_work() as uow:
+            record = uow.records.get(op.game_id)
+        op.image_ref = record.current_image_ref
+        op.container_id = record.current_container_id
+        if record.status is RuntimeStatus.REMOVED:
+            return op.commit(record=record)
+        if record.status is RuntimeStatus.RUNNING:
+            if not force:
+                raise Conflict(
+                    f"runtime of game {op.game_id} is running; stop it first or use force"
+                )
+            op.source_ref = op.source_ref or new_correlation_id()
+            stopped = self._stop.run(
+                game_id=op.game_id, op_source=op.op_source, source_ref=op.source_ref
+            )
+            if not stopped.ok:
+                assert stopped.failure is not None
+                raise RuntimeManagerError.from_failure(
+                    stopped.failure, prefix="inner stop failed: "
+                )
+        container_id = record.current_container_id
+        if owned_container(self._docker, container_id) is not None:
+            self._docker.remove_container(container_id, force=True)
+        if self._settings.remove_state_on_cleanup:
+            shutil.rmtree(self._settings.state_dir(op.game_id), ignore_errors=True)
+        change = StatusChange(
+            game_id=op.game_id,
+            expected_from=RuntimeStatus.STOPPED,
+            to=RuntimeStatus.REMOVED,
+            now=self._clock(),
+            expected_container_id=container_id,
+            container_id="",
+        )
+        return op.commit(lambda uow: uow.records.update_status(change))

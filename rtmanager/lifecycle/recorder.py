@@ -1,0 +1,269 @@
+"""The one place every lifecycle operation is stamped, audited, measured and logged.
+
+A lifecycle body runs inside `OperationRecorder.run`. It raises
+`RuntimeManagerError` for business failures and calls `Operation.commit`
+for success. The recorder turns either into an `OperationResult`:
+
+- success: the record change and its operation-log row are written in one
+  unit of work, so they commit together or not at all;
+- failure: the failure row (with an optional record change) is written in
+  its own unit of work; a bug becomes `internal`, never an exception that
+  escapes to the caller.
+
+Either way it observes the duration, counts the outcome and writes one
+structured log line.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from rtmanager.deadlines import bounded
+from rtmanager.domain.errors import (
+    ErrorCode,
+    Failure,
+    InternalError,
+    RuntimeManagerError,
+)
+from rtmanager.domain.operation import OperationEntry, OpKind, OpSource, Outcome
+from rtmanager.domain.runtime import RuntimeRecord
+from rtmanager.domain.timeutil import utc_now
+from rtmanager.ports import UnitOfWork, UnitOfWorkFactory
+from rtmanager.telemetry import Telemetry
+
+log = logging.getLogger("rtmanager.operations")
+
+RecordChange = Callable[[UnitOfWork], RuntimeRecord | None]
+CommitListener = Callable[[OperationEntry, RuntimeRecord | None], None]
+
+_MAX_MESSAGE = 4000
+DEFAULT_DB_TIMEOUT = timedelta(seconds=10)
+
+
+@dataclass(frozen=True)
+class OperationResult:
+    """The outcome of one lifecycle operation."""
+
+    game_id: str
+    op_kind: OpKind
+    outcome: Outcome
+    record: RuntimeRecord | None = None
+    failure: Failure | None = None
+    operation_id: int = 0
+
+    @property
+    def ok(self) -> bool:
+        """True when the operation succeeded."""
+        return self.outcome is Outcome.SUCCESS
+
+
+@dataclass
+class Operation:
+    """One operation in flight; what its audit row will say."""
+
+    recorder: OperationRecorder
+    game_id: str
+    op_kind: OpKind
+    op_source: OpSource
+    source_ref: str
+    image_ref: str
+    started_at: datetime
+    started_monotonic: float
+    container_id: str = ""
+    _result: OperationResult | None = field(default=None, repr=False)
+
+    def commit(
+        self,
+        change: RecordChange | None = None,
+        *,
+        record: RuntimeRecord | None = None,
+    ) -> OperationResult:
+        """Write the record change and the success row in one transaction.
+
+        `change` runs inside the unit of work and returns the record after
+        the change; without it nothing but the audit row is written and
+        `record` is what the result reports. Raises `RuntimeManagerError`
+        when the transaction fails (nothing is committed then), so the body
+        can undo its Docker side effects before failing.
+        """
+        with self.recorder.units_of_work(timeout=self.recorder.db_timeout) as uow:
+            if change is not None:
+                record = change(uow)
+            entry = uow.operations.append(self._entry(Outcome.SUCCESS))
+            uow.commit()
+        self._result = OperationResult(
+            self.game_id, self.op_kind, Outcome.SUCCESS, record=record, operation_id=entry.id
+        )
+        self.recorder.committed(entry, record)
+        return self._result
+
+    def _entry(self, outcome: Outcome, failure: Failure | None = None) -> OperationEntry:
+        finished = max(self.recorder.clock(), self.started_at)
+        return OperationEntry(
+            game_id=self.game_id,
+            op_kind=self.op_kind,
+            op_source=self.op_source,
+            outcome=outcome,
+            started_at=self.started_at,
+            finished_at=finished,
+            source_ref=self.source_ref,
+            image_ref=self.image_ref,
+            container_id=self.container_id,
+            error_code=str(failure.code) if failure else "",
+            error_message=failure.message[:_MAX_MESSAGE] if failure else "",
+        )
+
+
+class OperationRecorder:
+    """Runs lifecycle bodies and records their outcome (see module docstring)."""
+
+    def __init__(
+        self,
+        units_of_work: UnitOfWorkFactory,
+        telemetry: Telemetry,
+        *,
+        clock: Callable[[], datetime] = utc_now,
+        db_timeout: timedelta = DEFAULT_DB_TIMEOUT,
+    ) -> None:
+        self.units_of_work = units_of_work
+        self.telemetry = telemetry
+        self.clock = clock
+        self.db_timeout = db_timeout
+        self._listeners: list[CommitListener] = []
+
+    def unit_of_work(self) -> UnitOfWork:
+        """A unit of work for reads, bounded by the caller's deadline."""
+        return self.units_of_work(timeout=bounded(self.db_timeout))
+
+    def add_listener(self, listener: CommitListener) -> None:
+        """Call `listener(entry, record)` after every committed operation."""
+        self._listeners.append(listener)
+
+    def begin(
+        self,
+        *,
+        game_id: str,
+        op_kind: OpKind,
+        op_source: OpSource,
+        source_ref: str = "",
+        image_ref: str = "",
+    ) -> Operation:
+        """Start timing an operation."""
+        return Operation(
+            recorder=self,
+            game_id=game_id,
+            op_kind=op_kind,
+            op_source=op_source,
+            source_ref=source_ref,
+            image_ref=image_ref,
+            started_at=self.clock(),
+            started_monotonic=time.monotonic(),
+        )
+
+    def reject(
+        self, *, game_id: str, op_kind: OpKind, op_source: OpSource, failure: Failure
+    ) -> OperationResult:
+        """Report a request refused before any I/O (a game id that cannot be stored).
+
+        No audit row is written: the game id itself is what is invalid.
+        """
+        operation = self.begin(game_id=game_id[:64], op_kind=op_kind, op_source=op_source)
+        result = OperationResult(operation.game_id, op_kind, Outcome.FAILURE, failure=failure)
+        self._finished(operation, result)
+        return result
+
+    def run(
+        self,
+        operation: Operation,
+        body: Callable[[Operation], OperationResult],
+        *,
+        on_failure: RecordChange | None = None,
+    ) -> OperationResult:
+        """Run `body`; record its failure, if any, with `on_failure` applied in the same commit."""
+        try:
+            result = body(operation)
+        except RuntimeManagerError as error:
+            result = self.fail(operation, error.to_failure(), change=on_failure)
+        except Exception as error:
+            log.exception("bug in %s of game %s", operation.op_kind, operation.game_id)
+            failure = InternalError(f"internal error: {type(error).__name__}").to_failure()
+            result = self.fail(operation, failure, change=on_failure)
+        self._finished(operation, result)
+        return result
+
+    def fail(
+        self, operation: Operation, failure: Failure, *, change: RecordChange | None = None
+    ) -> OperationResult:
+        """Write the failure row (and `change`, if any) in one transaction; never raises."""
+        record: RuntimeRecord | None = None
+        entry: OperationEntry | None = None
+        try:
+            with self.units_of_work(timeout=self.db_timeout) as uow:
+                if change is not None:
+                    record = change(uow)
+                entry = uow.operations.append(operation._entry(Outcome.FAILURE, failure))
+                uow.commit()
+        except Exception as error:
+            # The database is what failed (or the change broke a rule): the
+            # caller still gets the original failure; the row is lost.
+            log.error(
+                "could not record failed operation",
+                extra={
+                    "game_id": operation.game_id,
+                    "op_kind": str(operation.op_kind),
+                    "error_code": str(failure.code),
+                    "problem": str(error),
+                },
+            )
+            record, entry = None, None
+        if entry is not None:
+            self.committed(entry, record)
+        return OperationResult(
+            operation.game_id,
+            operation.op_kind,
+            Outcome.FAILURE,
+            record=record,
+            failure=failure,
+            operation_id=entry.id if entry else 0,
+        )
+
+    def committed(self, entry: OperationEntry, record: RuntimeRecord | None) -> None:
+        """Tell listeners about a committed operation (their errors are logged, not raised)."""
+        for listener in self._listeners:
+            try:
+                listener(entry, record)
+            except Exception:
+                log.exception("commit listener failed")
+
+    def _finished(self, operation: Operation, result: OperationResult) -> None:
+        seconds = time.monotonic() - operation.started_monotonic
+        code = str(result.failure.code) if result.failure else ""
+        self.telemetry.operation_finished(
+            kind=str(operation.op_kind),
+            source=str(operation.op_source),
+            outcome=str(result.outcome),
+            error_code=code,
+            seconds=seconds,
+        )
+        fields = {
+            "game_id": operation.game_id,
+            "op_kind": str(operation.op_kind),
+            "op_source": str(operation.op_source),
+            "source_ref": operation.source_ref,
+            "outcome": str(result.outcome),
+            "container_id": operation.container_id,
+            "image_ref": operation.image_ref,
+            "duration_ms": round(seconds * 1000, 1),
+            "operation_id": result.operation_id,
+        }
+        if result.failure is None:
+            log.info("operation succeeded", extra=fields)
+        else:
+            fields["error_code"] = code
+            fields["error_message"] = result.failure.message
+            level = logging.ERROR if result.failure.code is ErrorCode.INTERNAL else logging.WARNING
+            log.log(level, "operation failed", extra=fields)

@@ -1,0 +1,282 @@
+"""Start: create and start a game's engine container and record it running.
+
+`handle` is the entry point: validate, take the game's lease, run. `run`
+assumes the caller already holds the lease (restart and patch run it as
+their inner start).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from rtmanager.deadlines import bounded
+from rtmanager.domain import labels
+from rtmanager.domain.errors import (
+    ConcurrentModification,
+    Conflict,
+    ContainerStartFailed,
+    InvalidRequest,
+    RuntimeManagerError,
+)
+from rtmanager.domain.ids import container_name, parse_game_id
+from rtmanager.domain.operation import OpKind, OpSource
+from rtmanager.domain.runtime import RuntimeRecord, RuntimeStatus
+from rtmanager.domain.timeutil import utc_now
+from rtmanager.lifecycle.common import (
+    LifecycleSettings,
+    allowed_image,
+    load_record,
+    owned_container,
+)
+from rtmanager.lifecycle.leasing import GameLock
+from rtmanager.lifecycle.recorder import Operation, OperationRecorder, OperationResult
+from rtmanager.ports import ContainerSpec, DockerEngine, UnitOfWork
+
+log = logging.getLogger(__name__)
+
+_POLL_SECONDS = 0.1
+_LOG_TAIL_LINES = 20
+
+
+@dataclass(frozen=True)
+class StartRequest:
+    """Start `image_ref` as the engine of `game_id`."""
+
+    game_id: str
+    image_ref: str
+    op_source: OpSource
+    source_ref: str = ""
+
+
+class StartService:
+    """The start lifecycle (SPEC §3 Start)."""
+
+    def __init__(
+        self,
+        *,
+        recorder: OperationRecorder,
+        lock: GameLock,
+        docker: DockerEngine,
+        settings: LifecycleSettings,
+        clock: Callable[[], datetime] = utc_now,
+    ) -> None:
+        self._recorder = recorder
+        self._lock = lock
+        self._docker = docker
+        self._settings = settings
+        self._clock = clock
+
+    def handle(self, request: StartRequest) -> OperationResult:
+        """Validate, take the game's lease and start; never raises."""
+        try:
+            game_id = parse_game_id(request.game_id)
+        except InvalidRequest as error:
+            return self._recorder.reject(
+                game_id=str(request.game_id),
+                op_kind=OpKind.START,
+                op_source=request.op_source,
+                failure=error.to_failure(),
+            )
+        operation = self._recorder.begin(
+            game_id=game_id,
+            op_kind=OpKind.START,
+            op_source=request.op_source,
+            source_ref=request.source_ref,
+            image_ref=request.image_ref,
+        )
+
+        def body(op: Operation) -> OperationResult:
+            image_ref = str(allowed_image(request.image_ref, self._settings))
+            with self._lock.hold(game_id):
+                return self._start(op, image_ref)
+
+        return self._recorder.run(operation, body)
+
+    def run(
+        self, *, game_id: str, image_ref: str, op_source: OpSource, source_ref: str
+    ) -> OperationResult:
+        """Start under a lease the caller already holds (the inner start)."""
+        operation = self._recorder.begin(
+            game_id=game_id,
+            op_kind=OpKind.START,
+            op_source=op_source,
+            source_ref=source_ref,
+            image_ref=image_ref,
+        )
+        return self._recorder.run(operation, lambda op: self._start(op, image_ref))
+
+    def _start(self, op: Operation, image_ref: str) -> OperationResult:
+        with self._recorder.unit_of_work() as uow:
+            existing = load_record(uow, op.game_id)
+        if existing is not None:
+            if existing.status is RuntimeStatus.REMOVED:
+                raise Conflict(f"runtime of game {op.game_id} is removed; it cannot start again")
+            if existing.status is RuntimeStatus.RUNNING:
+                if existing.current_image_ref != image_ref:
+                    raise Conflict(
+                        f"runtime of game {op.game_id} runs {existing.current_image_ref}; "
+                        "use PatchRuntime to change its image"
+                    )
+                current = owned_container(self._docker, existing.current_container_id)
+                if current is not None and current.running:
+                    # A replayed start: the engine already runs as asked.
+                    op.container_id = current.id
+                    return op.commit(record=existing)
+        container_id = self._create_and_start(op.game_id, image_ref, existing)
+        op.container_id = container_id
+        now = self._clock()
+        record = RuntimeRecord(
+            game_id=op.game_id,
+            status=RuntimeStatus.RUNNING,
+            engine_endpoint=self._settings.endpoint(op.game_id),
+            state_path=str(self._settings.state_dir(op.game_id)),
+            docker_network=self._settings.engine_network,
+            last_op_at=now,
+            created_at=existing.created_at if existing else now,
+            current_container_id=container_id,
+            current_image_ref=image_ref,
+            started_at=now,
+        )
+        try:
+            return op.commit(lambda uow: _install(uow, existing, record))
+        except RuntimeManagerError:
+            # Nothing was recorded: do not leave an engine behind.
+            self._discard(container_id)
+            raise
+
+    def _create_and_start(
+        self, game_id: str, image_ref: str, existing: RuntimeRecord | None
+    ) -> str:
+        settings = self._settings
+        name = container_name(game_id)
+        occupant = self._docker.inspect_container(name)
+        if occupant is not None and not occupant.owned:
+            raise Conflict(
+                f"a container named {name} that this rtmanager does not own is in the way"
+            )
+        self._docker.ensure_image(image_ref, settings.image_pull_policy)
+        state_dir = settings.state_dir(game_id)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        network_labels = labels.engine_labels(
+            cluster=settings.cluster, game_id="", image_ref="", extra=settings.container_labels
+        )
+        network_labels.pop(labels.GAME_ID)
+        network_labels.pop(labels.IMAGE_REF)
+        self._docker.ensure_network(settings.engine_network, network_labels)
+        # The previous container of this game (the record's, or an orphan of
+        # an interrupted operation that holds the name) makes way.
+        stale = {occupant.id} if occupant is not None else set()
+        if (
+            existing is not None
+            and owned_container(self._docker, existing.current_container_id) is not None
+        ):
+            stale.add(existing.current_container_id)
+        for container_id in stale:
+            self._docker.remove_container(container_id, force=True)
+        container_id = self._docker.create_container(self._spec(game_id, image_ref, state_dir))
+        try:
+            self._docker.start_container(container_id)
+            self._wait_until_up(container_id)
+        except RuntimeManagerError:
+            self._discard(container_id)
+            raise
+        return container_id
+
+    def _spec(self, game_id: str, image_ref: str, state_dir: Path) -> ContainerSpec:
+        settings = self._settings
+        name = container_name(game_id)
+        return ContainerSpec(
+            name=name,
+            image_ref=image_ref,
+            network=settings.engine_network,
+            network_alias=name,
+            labels=labels.engine_labels(
+                cluster=settings.cluster,
+                game_id=game_id,
+                image_ref=image_ref,
+                extra=settings.container_labels,
+            ),
+            env={
+                "GALAXY_GAME_ID": game_id,
+                "GALAXY_STATE_DIR": str(settings.engine_state_mount),
+                "ENGINE_PORT": str(settings.engine_port),
+            },
+            state_host_path=str(state_dir),
+            state_mount_path=str(settings.engine_state_mount),
+            memory_bytes=settings.engine_memory,
+            nano_cpus=int(settings.engine_cpus * 1_000_000_000),
+            pids_limit=settings.engine_pids,
+            read_only_rootfs=settings.engine_read_only,
+        )
+
+    def _wait_until_up(self, container_id: str) -> None:
+        """Wait until the container runs (healthy, if it has a health check).
+
+        Without a health check it must keep running for the settle period,
+        so an engine that dies at once is caught here, not later.
+        """
+        timeout = bounded(self._settings.start_timeout).total_seconds()
+        settle = min(self._settings.start_settle.total_seconds(), timeout)
+        started = time.monotonic()
+        deadline = started + timeout
+        while True:
+            info = self._docker.inspect_container(container_id)
+            if info is None:
+                raise ContainerStartFailed("the engine container vanished while starting")
+            if not info.running:
+                raise ContainerStartFailed(
+                    f"the engine exited with code {info.exit_code} while starting"
+                    f"{self._log_tail(container_id)}"
+                )
+            if info.health == "unhealthy":
+                raise ContainerStartFailed(
+                    f"the engine reported unhealthy while starting{self._log_tail(container_id)}"
+                )
+            now = time.monotonic()
+            if info.health == "healthy" or (info.health is None and now - started >= settle):
+                return
+            if now >= deadline:
+                raise ContainerStartFailed(
+                    f"the engine did not become {'healthy' if info.health else 'running'} "
+                    f"within {timeout:g}s{self._log_tail(container_id)}"
+                )
+            time.sleep(min(_POLL_SECONDS, max(deadline - now, 0.0)))
+
+    def _log_tail(self, container_id: str) -> str:
+        try:
+            tail = self._docker.container_logs_tail(container_id, _LOG_TAIL_LINES).strip()
+        except RuntimeManagerError:
+            return ""
+        return f"; last output:\n{tail}" if tail else ""
+
+    def _discard(self, container_id: str) -> None:
+        try:
+            self._docker.remove_container(container_id, force=True)
+        except RuntimeManagerError as error:
+            log.error(
+                "could not remove a half-started engine container",
+                extra={"container_id": container_id, "problem": str(error)},
+            )
+
+
+def _install(
+    uow: UnitOfWork, expected: RuntimeRecord | None, record: RuntimeRecord
+) -> RuntimeRecord:
+    """Write the new running record unless the stored one changed since it was read."""
+    current = uow.records.get_for_update(record.game_id)
+    if (current is None) != (expected is None) or (
+        current is not None
+        and expected is not None
+        and (current.status, current.current_container_id)
+        != (expected.status, expected.current_container_id)
+    ):
+        raise ConcurrentModification(
+            f"runtime record of game {record.game_id} changed during the start"
+        )
+    uow.records.upsert(record)
+    return record

@@ -1,0 +1,103 @@
+"""Stop: stop a game's engine gracefully and record it stopped.
+
+`handle` takes the game's lease; `run` assumes the caller holds it (the
+inner stop of restart, patch and forced cleanup).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+from rtmanager.domain.errors import Conflict, InvalidRequest
+from rtmanager.domain.ids import parse_game_id
+from rtmanager.domain.operation import OpKind, OpSource
+from rtmanager.domain.runtime import RuntimeStatus
+from rtmanager.domain.timeutil import utc_now
+from rtmanager.lifecycle.common import LifecycleSettings, StopReason, owned_container
+from rtmanager.lifecycle.leasing import GameLock
+from rtmanager.lifecycle.recorder import Operation, OperationRecorder, OperationResult
+from rtmanager.ports import DockerEngine, StatusChange
+
+
+@dataclass(frozen=True)
+class StopRequest:
+    """Stop the engine of `game_id` for `reason`."""
+
+    game_id: str
+    op_source: OpSource
+    reason: StopReason = StopReason.ADMIN_REQUEST
+    source_ref: str = ""
+
+
+class StopService:
+    """The stop lifecycle (SPEC §3 Stop)."""
+
+    def __init__(
+        self,
+        *,
+        recorder: OperationRecorder,
+        lock: GameLock,
+        docker: DockerEngine,
+        settings: LifecycleSettings,
+        clock: Callable[[], datetime] = utc_now,
+    ) -> None:
+        self._recorder = recorder
+        self._lock = lock
+        self._docker = docker
+        self._settings = settings
+        self._clock = clock
+
+    def handle(self, request: StopRequest) -> OperationResult:
+        """Validate, take the game's lease and stop; never raises."""
+        try:
+            game_id = parse_game_id(request.game_id)
+        except InvalidRequest as error:
+            return self._recorder.reject(
+                game_id=str(request.game_id),
+                op_kind=OpKind.STOP,
+                op_source=request.op_source,
+                failure=error.to_failure(),
+            )
+        operation = self._recorder.begin(
+            game_id=game_id,
+            op_kind=OpKind.STOP,
+            op_source=request.op_source,
+            source_ref=request.source_ref,
+        )
+
+        def body(op: Operation) -> OperationResult:
+            with self._lock.hold(game_id):
+                return self._stop(op)
+
+        return self._recorder.run(operation, body)
+
+    def run(self, *, game_id: str, op_source: OpSource, source_ref: str) -> OperationResult:
+        """Stop under a lease the caller already holds (the inner stop)."""
+        operation = self._recorder.begin(
+            game_id=game_id, op_kind=OpKind.STOP, op_source=op_source, source_ref=source_ref
+        )
+        return self._recorder.run(operation, self._stop)
+
+    def _stop(self, op: Operation) -> OperationResult:
+        with self._recorder.unit_of_work() as uow:
+            record = uow.records.get(op.game_id)
+        op.image_ref = record.current_image_ref
+        op.container_id = record.current_container_id
+        if record.status is RuntimeStatus.REMOVED:
+            raise Conflict(f"runtime of game {op.game_id} is removed")
+        if record.status is RuntimeStatus.STOPPED:
+            return op.commit(record=record)
+        container_id = record.current_container_id
+        # A container already gone counts as stopped.
+        if owned_container(self._docker, container_id) is not None:
+            self._docker.stop_container(container_id, self._settings.stop_timeout)
+        change = StatusChange(
+            game_id=op.game_id,
+            expected_from=RuntimeStatus.RUNNING,
+            to=RuntimeStatus.STOPPED,
+            now=self._clock(),
+            expected_container_id=container_id,
+        )
+        return op.commit(lambda uow: uow.records.update_status(change))

@@ -1,0 +1,106 @@
+"""Metrics and traces (OpenTelemetry), behind one small facade.
+
+`Telemetry` records what the service does; with no exporter configured the
+instruments are OpenTelemetry's no-ops, so lifecycles call it unconditionally.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from opentelemetry import metrics
+from opentelemetry.metrics import Meter
+
+log = logging.getLogger(__name__)
+
+_METER_NAME = "rtmanager"
+
+
+class Telemetry:
+    """The service's instruments (SPEC §8)."""
+
+    def __init__(self, meter: Meter | None = None) -> None:
+        meter = meter or metrics.get_meter(_METER_NAME)
+        self._operations = meter.create_counter(
+            "rtmanager_operations", description="Operations by kind, source, outcome and code"
+        )
+        self._duration = meter.create_histogram(
+            "rtmanager_operation_duration_seconds", unit="s", description="Operation duration"
+        )
+        self._lease_latency = meter.create_histogram(
+            "rtmanager_lease_acquire_seconds", unit="s", description="Game lease acquire latency"
+        )
+        self._docker_latency = meter.create_histogram(
+            "rtmanager_docker_call_seconds", unit="s", description="Docker call latency"
+        )
+        self._reconcile_actions = meter.create_counter(
+            "rtmanager_reconcile_actions", description="Reconciler actions by kind"
+        )
+        self._stream_jobs = meter.create_counter(
+            "rtmanager_stream_jobs", description="Stream jobs processed by stream and outcome"
+        )
+
+    def operation_finished(
+        self, *, kind: str, source: str, outcome: str, error_code: str, seconds: float
+    ) -> None:
+        """Count one finished operation and observe its duration."""
+        self._operations.add(
+            1, {"op_kind": kind, "op_source": source, "outcome": outcome, "error_code": error_code}
+        )
+        self._duration.record(seconds, {"op_kind": kind, "outcome": outcome})
+
+    def lease_acquired(self, seconds: float) -> None:
+        """Observe how long taking a game lease took."""
+        self._lease_latency.record(seconds)
+
+    def docker_call(self, call: str, seconds: float) -> None:
+        """Observe one Docker call's latency."""
+        self._docker_latency.record(seconds, {"call": call})
+
+    def reconcile_action(self, kind: str, applied: bool) -> None:
+        """Count one reconciler action."""
+        self._reconcile_actions.add(1, {"kind": kind, "applied": str(applied).lower()})
+
+    def stream_job(self, stream: str, outcome: str) -> None:
+        """Count one processed stream job."""
+        self._stream_jobs.add(1, {"stream": stream, "outcome": outcome})
+
+
+class TelemetryExport:
+    """The process's exporters: Prometheus metrics and OTLP traces, when configured."""
+
+    def __init__(self, *, metrics_addr: str, otlp_endpoint: str, service_name: str) -> None:
+        from opentelemetry import trace
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+
+        resource = Resource.create({"service.name": service_name})
+        readers = []
+        self._http_server: object | None = None
+        if metrics_addr:
+            from opentelemetry.exporter.prometheus import PrometheusMetricReader
+            from prometheus_client import start_http_server
+
+            host, _, port = metrics_addr.rpartition(":")
+            self._http_server, _thread = start_http_server(int(port), addr=host)
+            readers.append(PrometheusMetricReader())
+        self.meter_provider = MeterProvider(resource=resource, metric_readers=readers)
+        self.tracer_provider = TracerProvider(resource=resource)
+        if otlp_endpoint:
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+            from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+            self.tracer_provider.add_span_processor(
+                BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint))
+            )
+        trace.set_tracer_provider(self.tracer_provider)
+        self.telemetry = Telemetry(self.meter_provider.get_meter(_METER_NAME))
+
+    def shutdown(self) -> None:
+        """Flush and stop the exporters."""
+        self.tracer_provider.shutdown()
+        self.meter_provider.shutdown()
+        shutdown = getattr(self._http_server, "shutdown", None)
+        if shutdown is not None:
+            shutdown()
