@@ -40,3 +40,20 @@ def container_name(game_id: str) -> str:
 def engine_endpoint(game_id: str, port: int) -> str:
     """Return the stable URL Game Master uses to reach a game's engine."""
     return f"http://{container_name(game_id)}:{port}"
+
+
+MAX_SOURCE_REF_LENGTH = 256
+
+
+def parse_source_ref(value: str) -> str:
+    """Return a caller's source_ref when it is storable; raise `InvalidRequest` otherwise.
+
+    At most 256 printable characters: it is an opaque reference (a request id,
+    a stream entry id), not a payload.
+    """
+    if len(value) > MAX_SOURCE_REF_LENGTH or not value.isprintable():
+        raise InvalidRequest(
+            f"source_ref must be at most {MAX_SOURCE_REF_LENGTH} printable characters",
+            metadata={"field": "source_ref"},
+        )
+    return value

@@ -15,8 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
-from rtmanager.domain.errors import Conflict, InvalidRequest, RuntimeManagerError
-from rtmanager.domain.ids import parse_game_id
+from rtmanager.domain.errors import Conflict, RuntimeManagerError
 from rtmanager.domain.operation import OpKind, OpSource
 from rtmanager.domain.runtime import RuntimeStatus
 from rtmanager.domain.timeutil import utc_now
@@ -61,21 +60,15 @@ class CleanupService:
 
     def handle(self, request: CleanupRequest) -> OperationResult:
         """Validate, take the game's lease and clean up; never raises."""
-        try:
-            game_id = parse_game_id(request.game_id)
-        except InvalidRequest as error:
-            return self._recorder.reject(
-                game_id=str(request.game_id),
-                op_kind=OpKind.CLEANUP_CONTAINER,
-                op_source=request.op_source,
-                failure=error.to_failure(),
-            )
-        operation = self._recorder.begin(
-            game_id=game_id,
+        operation = self._recorder.admit(
+            game_id=request.game_id,
             op_kind=OpKind.CLEANUP_CONTAINER,
             op_source=request.op_source,
             source_ref=request.source_ref,
         )
+        if isinstance(operation, OperationResult):
+            return operation
+        game_id = operation.game_id
 
         def body(op: Operation) -> OperationResult:
             with self._lock.hold(game_id):

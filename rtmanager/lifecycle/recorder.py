@@ -27,8 +27,10 @@ from rtmanager.domain.errors import (
     ErrorCode,
     Failure,
     InternalError,
+    InvalidRequest,
     RuntimeManagerError,
 )
+from rtmanager.domain.ids import parse_game_id, parse_source_ref
 from rtmanager.domain.operation import OperationEntry, OpKind, OpSource, Outcome
 from rtmanager.domain.runtime import RuntimeRecord
 from rtmanager.domain.timeutil import utc_now
@@ -162,6 +164,37 @@ class OperationRecorder:
             image_ref=image_ref,
             started_at=self.clock(),
             started_monotonic=time.monotonic(),
+        )
+
+    def admit(
+        self,
+        *,
+        game_id: str,
+        op_kind: OpKind,
+        op_source: OpSource,
+        source_ref: str = "",
+        image_ref: str = "",
+    ) -> Operation | OperationResult:
+        """Begin an operation, or reject a request whose game id or source_ref cannot be stored.
+
+        A rejection is returned as a failed result with no audit row.
+        """
+        try:
+            parse_game_id(game_id)
+            parse_source_ref(source_ref)
+        except InvalidRequest as error:
+            return self.reject(
+                game_id=str(game_id),
+                op_kind=op_kind,
+                op_source=op_source,
+                failure=error.to_failure(),
+            )
+        return self.begin(
+            game_id=game_id,
+            op_kind=op_kind,
+            op_source=op_source,
+            source_ref=source_ref,
+            image_ref=image_ref,
         )
 
     def reject(

@@ -15,8 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
 
-from rtmanager.domain.errors import Conflict, InvalidRequest, RuntimeManagerError
-from rtmanager.domain.ids import parse_game_id
+from rtmanager.domain.errors import Conflict, RuntimeManagerError
 from rtmanager.domain.images import ImageRef, check_patch_target, parse_image_ref
 from rtmanager.domain.operation import OpKind, OpSource
 from rtmanager.domain.runtime import RuntimeRecord, RuntimeStatus
@@ -75,22 +74,15 @@ class RecreateService:
         target_image_ref: str | None,
     ) -> OperationResult:
         """Recreate the engine; `target_image_ref` None keeps the current image."""
-        try:
-            game_id = parse_game_id(game_id)
-        except InvalidRequest as error:
-            return self._recorder.reject(
-                game_id=str(game_id),
-                op_kind=op_kind,
-                op_source=op_source,
-                failure=error.to_failure(),
-            )
-        operation = self._recorder.begin(
+        operation = self._recorder.admit(
             game_id=game_id,
             op_kind=op_kind,
             op_source=op_source,
             source_ref=source_ref,
             image_ref=target_image_ref or "",
         )
+        if isinstance(operation, OperationResult):
+            return operation
         removed: list[str] = []
 
         def body(op: Operation) -> OperationResult:

@@ -20,10 +20,9 @@ from rtmanager.domain.errors import (
     ConcurrentModification,
     Conflict,
     ContainerStartFailed,
-    InvalidRequest,
     RuntimeManagerError,
 )
-from rtmanager.domain.ids import container_name, parse_game_id
+from rtmanager.domain.ids import container_name
 from rtmanager.domain.operation import OpKind, OpSource
 from rtmanager.domain.runtime import RuntimeRecord, RuntimeStatus
 from rtmanager.domain.timeutil import utc_now
@@ -73,22 +72,16 @@ class StartService:
 
     def handle(self, request: StartRequest) -> OperationResult:
         """Validate, take the game's lease and start; never raises."""
-        try:
-            game_id = parse_game_id(request.game_id)
-        except InvalidRequest as error:
-            return self._recorder.reject(
-                game_id=str(request.game_id),
-                op_kind=OpKind.START,
-                op_source=request.op_source,
-                failure=error.to_failure(),
-            )
-        operation = self._recorder.begin(
-            game_id=game_id,
+        operation = self._recorder.admit(
+            game_id=request.game_id,
             op_kind=OpKind.START,
             op_source=request.op_source,
             source_ref=request.source_ref,
             image_ref=request.image_ref,
         )
+        if isinstance(operation, OperationResult):
+            return operation
+        game_id = operation.game_id
 
         def body(op: Operation) -> OperationResult:
             image_ref = str(allowed_image(request.image_ref, self._settings))

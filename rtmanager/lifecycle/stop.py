@@ -10,8 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
-from rtmanager.domain.errors import Conflict, InvalidRequest
-from rtmanager.domain.ids import parse_game_id
+from rtmanager.domain.errors import Conflict
 from rtmanager.domain.operation import OpKind, OpSource
 from rtmanager.domain.runtime import RuntimeStatus
 from rtmanager.domain.timeutil import utc_now
@@ -51,21 +50,15 @@ class StopService:
 
     def handle(self, request: StopRequest) -> OperationResult:
         """Validate, take the game's lease and stop; never raises."""
-        try:
-            game_id = parse_game_id(request.game_id)
-        except InvalidRequest as error:
-            return self._recorder.reject(
-                game_id=str(request.game_id),
-                op_kind=OpKind.STOP,
-                op_source=request.op_source,
-                failure=error.to_failure(),
-            )
-        operation = self._recorder.begin(
-            game_id=game_id,
+        operation = self._recorder.admit(
+            game_id=request.game_id,
             op_kind=OpKind.STOP,
             op_source=request.op_source,
             source_ref=request.source_ref,
         )
+        if isinstance(operation, OperationResult):
+            return operation
+        game_id = operation.game_id
 
         def body(op: Operation) -> OperationResult:
             with self._lock.hold(game_id):
