@@ -213,10 +213,34 @@ def test_sigterm_drains_and_exits_cleanly(server: ServerProcess) -> None:
     assert '"message": "stopped"' in server.log()
 
 
-def test_rpcs_of_later_milestones_answer_unimplemented(server: ServerProcess) -> None:
+def test_reconcile_answers_unimplemented_until_the_reconciler_lands(
+    server: ServerProcess,
+) -> None:
     with server.channel() as channel:
         admin = pb_grpc.RuntimeAdminServiceStub(channel)
         with pytest.raises(grpc.RpcError) as caught:
             admin.Reconcile(pb.ReconcileRequest(dry_run=True), timeout=5)
         assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
         assert "Reconcile" in (caught.value.details() or "")
+
+
+def test_buf_curl_starts_and_stops_a_runtime_through_reflection(server: ServerProcess) -> None:
+    base = f"http://{server.address}/galaxy.rtmanager.v1.RuntimeService"
+    common = [str(BUF), "curl", "--protocol", "grpc", "--http2-prior-knowledge"]
+
+    def curl(method: str, body: dict[str, str]) -> dict[str, object]:
+        done = subprocess.run(
+            [*common, "--data", json.dumps(body), f"{base}/{method}"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        reply: dict[str, object] = json.loads(done.stdout)
+        return reply
+
+    started = curl("StartRuntime", {"gameId": "curl", "imageRef": "galaxy/engine-stub:1.0.0"})
+    assert started["runtime"]["status"] == "RUNTIME_STATUS_RUNNING"  # type: ignore[index]
+    stopped = curl("StopRuntime", {"gameId": "curl", "reason": "STOP_REASON_GAME_FINISHED"})
+    assert stopped["runtime"]["status"] == "RUNTIME_STATUS_STOPPED"  # type: ignore[index]
