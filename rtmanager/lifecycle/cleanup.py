@@ -19,7 +19,12 @@ from rtmanager.domain.errors import Conflict, RuntimeManagerError
 from rtmanager.domain.operation import OpKind, OpSource
 from rtmanager.domain.runtime import RuntimeStatus
 from rtmanager.domain.timeutil import utc_now
-from rtmanager.lifecycle.common import LifecycleSettings, new_correlation_id, owned_container
+from rtmanager.lifecycle.common import (
+    LifecycleSettings,
+    new_correlation_id,
+    op_time,
+    owned_container,
+)
 from rtmanager.lifecycle.leasing import GameLock
 from rtmanager.lifecycle.recorder import Operation, OperationRecorder, OperationResult
 from rtmanager.lifecycle.stop import StopService
@@ -36,6 +41,8 @@ class CleanupRequest:
     op_source: OpSource
     force: bool = False
     source_ref: str = ""
+    # The TTL worker's guard: only a runtime still stopped since before this.
+    stale_before: datetime | None = None
 
 
 class CleanupService:
@@ -72,19 +79,23 @@ class CleanupService:
 
         def body(op: Operation) -> OperationResult:
             with self._lock.hold(game_id):
-                return self._cleanup(op, request.force)
+                return self._cleanup(op, request)
 
         return self._recorder.run(operation, body)
 
-    def _cleanup(self, op: Operation, force: bool) -> OperationResult:
+    def _cleanup(self, op: Operation, request: CleanupRequest) -> OperationResult:
         with self._recorder.unit_of_work() as uow:
             record = uow.records.get(op.game_id)
         op.image_ref = record.current_image_ref
         op.container_id = record.current_container_id
         if record.status is RuntimeStatus.REMOVED:
             return op.commit(record=record)
+        if request.stale_before is not None and (
+            record.status is not RuntimeStatus.STOPPED or record.last_op_at >= request.stale_before
+        ):
+            raise Conflict(f"runtime of game {op.game_id} is no longer expired")
         if record.status is RuntimeStatus.RUNNING:
-            if not force:
+            if not request.force:
                 raise Conflict(
                     f"runtime of game {op.game_id} is running; stop it first or use force"
                 )
@@ -100,14 +111,16 @@ class CleanupService:
         container_id = record.current_container_id
         if owned_container(self._docker, container_id) is not None:
             self._docker.remove_container(container_id, force=True)
-        if self._settings.remove_state_on_cleanup:
-            shutil.rmtree(self._settings.state_dir(op.game_id), ignore_errors=True)
         change = StatusChange(
             game_id=op.game_id,
             expected_from=RuntimeStatus.STOPPED,
             to=RuntimeStatus.REMOVED,
-            now=self._clock(),
+            now=op_time(self._clock, record),
             expected_container_id=container_id,
             container_id="",
         )
-        return op.commit(lambda uow: uow.records.update_status(change))
+        result = op.commit(lambda uow: uow.records.update_status(change))
+        # Only once the removal is committed: a failed cleanup keeps the data.
+        if self._settings.remove_state_on_cleanup:
+            shutil.rmtree(self._settings.state_dir(op.game_id), ignore_errors=True)
+        return result

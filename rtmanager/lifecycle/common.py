@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass, field
-from datetime import timedelta
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
 
 from rtmanager.domain.errors import Conflict, InternalError, NotFound
 from rtmanager.domain.ids import engine_endpoint
 from rtmanager.domain.images import ImageRef, parse_image_ref, require_allowed
-from rtmanager.domain.runtime import RuntimeRecord
+from rtmanager.domain.runtime import RuntimeRecord, RuntimeStatus
 from rtmanager.ports import ContainerInfo, DockerEngine, PullPolicy, UnitOfWork
 
 
@@ -68,6 +69,42 @@ def allowed_image(image_ref: str, settings: LifecycleSettings) -> ImageRef:
 def new_correlation_id() -> str:
     """A fresh opaque id linking an outer operation to its inner steps."""
     return f"rtm-{secrets.token_urlsafe(12)}"
+
+
+def op_time(clock: Callable[[], datetime], record: RuntimeRecord | None) -> datetime:
+    """The time to stamp on a record change: now, but never before its last operation.
+
+    Replicas' clocks may disagree slightly; a record's timestamps must still
+    move forward (the store's CHECK constraints insist).
+    """
+    now = clock()
+    return max(now, record.last_op_at) if record is not None else now
+
+
+def forget_container(
+    uow: UnitOfWork, game_id: str, container_id: str, now: datetime
+) -> RuntimeRecord | None:
+    """Unbind a record from its container after that container was removed.
+
+    Used when an operation removed the old container and then failed to
+    start a new one: the record must not point at a container that no
+    longer exists. A running record becomes stopped (its engine is gone); a
+    record bound to another container, or none, is left as it is.
+    """
+    record = uow.records.get_for_update(game_id)
+    if (
+        record is None
+        or record.status is RuntimeStatus.REMOVED
+        or not container_id
+        or record.current_container_id != container_id
+    ):
+        return record
+    when = max(now, record.last_op_at)
+    if record.status is RuntimeStatus.RUNNING:
+        record = record.with_status(RuntimeStatus.STOPPED, when)
+    updated = replace(record, current_container_id="", last_op_at=when)
+    uow.records.upsert(updated)
+    return updated
 
 
 def load_record(uow: UnitOfWork, game_id: str) -> RuntimeRecord | None:

@@ -45,7 +45,7 @@ class GameLock:
     def held_games(self) -> list[str]:
         """Games whose lease this process holds right now."""
         with self._lock:
-            return sorted(self._held)
+            return sorted(lease.game_id for lease in self._held.values())
 
     @contextmanager
     def hold(self, game_id: str) -> Iterator[Lease]:
@@ -95,6 +95,10 @@ class GameLock:
                 extra={"game_id": lease.game_id, "problem": str(error)},
             )
 
+    def _still_held(self, lease: Lease) -> bool:
+        with self._lock:
+            return lease.token in self._held
+
     def _renew_forever(self) -> None:
         interval = max(self._ttl.total_seconds() / 3, 0.05)
         while True:
@@ -105,8 +109,10 @@ class GameLock:
                     self._renewer = None
                     return
             for lease in leases:
+                if not self._still_held(lease):
+                    continue
                 try:
-                    if not self._leases.renew(lease, self._ttl):
+                    if not self._leases.renew(lease, self._ttl) and self._still_held(lease):
                         log.error(
                             "lost a game lease while its operation runs",
                             extra={"game_id": lease.game_id},

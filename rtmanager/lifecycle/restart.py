@@ -12,7 +12,7 @@ inner step's code.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
 
 from rtmanager.domain.errors import Conflict, RuntimeManagerError
@@ -23,6 +23,7 @@ from rtmanager.domain.timeutil import utc_now
 from rtmanager.lifecycle.common import (
     LifecycleSettings,
     allowed_image,
+    forget_container,
     new_correlation_id,
     owned_container,
 )
@@ -99,7 +100,7 @@ class RecreateService:
             # stopped record must not point at a container that no longer exists.
             if not removed:
                 return None
-            return _clear_container(uow, game_id, removed[0], self._clock())
+            return forget_container(uow, game_id, removed[0], self._clock())
 
         return self._recorder.run(operation, body, on_failure=forget_removed_container)
 
@@ -159,18 +160,3 @@ def _raise_unless_ok(result: OperationResult, prefix: str) -> None:
     if not result.ok:
         assert result.failure is not None
         raise RuntimeManagerError.from_failure(result.failure, prefix=prefix)
-
-
-def _clear_container(
-    uow: UnitOfWork, game_id: str, container_id: str, now: datetime
-) -> RuntimeRecord | None:
-    record = uow.records.get_for_update(game_id)
-    if (
-        record is None
-        or record.status is not RuntimeStatus.STOPPED
-        or record.current_container_id != container_id
-    ):
-        return record
-    updated = replace(record, current_container_id="", last_op_at=max(now, record.last_op_at))
-    uow.records.upsert(updated)
-    return updated

@@ -29,7 +29,9 @@ from rtmanager.domain.timeutil import utc_now
 from rtmanager.lifecycle.common import (
     LifecycleSettings,
     allowed_image,
+    forget_container,
     load_record,
+    op_time,
     owned_container,
 )
 from rtmanager.lifecycle.leasing import GameLock
@@ -81,14 +83,9 @@ class StartService:
         )
         if isinstance(operation, OperationResult):
             return operation
-        game_id = operation.game_id
-
-        def body(op: Operation) -> OperationResult:
-            image_ref = str(allowed_image(request.image_ref, self._settings))
-            with self._lock.hold(game_id):
-                return self._start(op, image_ref)
-
-        return self._recorder.run(operation, body)
+        return self._execute(
+            operation, lambda: str(allowed_image(request.image_ref, self._settings)), lease=True
+        )
 
     def run(
         self, *, game_id: str, image_ref: str, op_source: OpSource, source_ref: str
@@ -101,9 +98,28 @@ class StartService:
             source_ref=source_ref,
             image_ref=image_ref,
         )
-        return self._recorder.run(operation, lambda op: self._start(op, image_ref))
+        return self._execute(operation, lambda: image_ref, lease=False)
 
-    def _start(self, op: Operation, image_ref: str) -> OperationResult:
+    def _execute(
+        self, operation: Operation, image: Callable[[], str], *, lease: bool
+    ) -> OperationResult:
+        removed: list[str] = []
+
+        def body(op: Operation) -> OperationResult:
+            image_ref = image()
+            if not lease:
+                return self._start(op, image_ref, removed)
+            with self._lock.hold(op.game_id):
+                return self._start(op, image_ref, removed)
+
+        def forget_removed_container(uow: UnitOfWork) -> RuntimeRecord | None:
+            if not removed:
+                return None
+            return forget_container(uow, operation.game_id, removed[0], self._clock())
+
+        return self._recorder.run(operation, body, on_failure=forget_removed_container)
+
+    def _start(self, op: Operation, image_ref: str, removed: list[str]) -> OperationResult:
         with self._recorder.unit_of_work() as uow:
             existing = load_record(uow, op.game_id)
         if existing is not None:
@@ -120,9 +136,9 @@ class StartService:
                     # A replayed start: the engine already runs as asked.
                     op.container_id = current.id
                     return op.commit(record=existing)
-        container_id = self._create_and_start(op.game_id, image_ref, existing)
+        container_id = self._create_and_start(op.game_id, image_ref, existing, removed)
         op.container_id = container_id
-        now = self._clock()
+        now = op_time(self._clock, existing)
         record = RuntimeRecord(
             game_id=op.game_id,
             status=RuntimeStatus.RUNNING,
@@ -137,13 +153,13 @@ class StartService:
         )
         try:
             return op.commit(lambda uow: _install(uow, existing, record))
-        except RuntimeManagerError:
+        except Exception:
             # Nothing was recorded: do not leave an engine behind.
             self._discard(container_id)
             raise
 
     def _create_and_start(
-        self, game_id: str, image_ref: str, existing: RuntimeRecord | None
+        self, game_id: str, image_ref: str, existing: RuntimeRecord | None, removed: list[str]
     ) -> str:
         settings = self._settings
         name = container_name(game_id)
@@ -163,14 +179,12 @@ class StartService:
         self._docker.ensure_network(settings.engine_network, network_labels)
         # The previous container of this game (the record's, or an orphan of
         # an interrupted operation that holds the name) makes way.
-        stale = {occupant.id} if occupant is not None else set()
-        if (
-            existing is not None
-            and owned_container(self._docker, existing.current_container_id) is not None
-        ):
-            stale.add(existing.current_container_id)
-        for container_id in stale:
-            self._docker.remove_container(container_id, force=True)
+        if occupant is not None:
+            self._docker.remove_container(occupant.id, force=True)
+        if existing is not None and existing.current_container_id:
+            if owned_container(self._docker, existing.current_container_id) is not None:
+                self._docker.remove_container(existing.current_container_id, force=True)
+            removed.append(existing.current_container_id)
         container_id = self._docker.create_container(self._spec(game_id, image_ref, state_dir))
         try:
             self._docker.start_container(container_id)

@@ -14,7 +14,7 @@ from rtmanager.domain.errors import Conflict
 from rtmanager.domain.operation import OpKind, OpSource
 from rtmanager.domain.runtime import RuntimeStatus
 from rtmanager.domain.timeutil import utc_now
-from rtmanager.lifecycle.common import LifecycleSettings, StopReason, owned_container
+from rtmanager.lifecycle.common import LifecycleSettings, StopReason, op_time, owned_container
 from rtmanager.lifecycle.leasing import GameLock
 from rtmanager.lifecycle.recorder import Operation, OperationRecorder, OperationResult
 from rtmanager.ports import DockerEngine, StatusChange
@@ -90,7 +90,7 @@ class StopService:
             game_id=op.game_id,
             expected_from=RuntimeStatus.RUNNING,
             to=RuntimeStatus.STOPPED,
-            now=self._clock(),
+            now=op_time(self._clock, record),
             expected_container_id=container_id,
         )
         return op.commit(lambda uow: uow.records.update_status(change))
