@@ -1,0 +1,673 @@
+"""`rtmanager ctl` without a server: parsing, output shapes and exit codes."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import grpc
+import pytest
+from google.rpc import code_pb2
+
+from rtmanager import cli, ctl
+from rtmanager._proto.galaxy.rtmanager.v1 import rtmanager_pb2 as pb
+from rtmanager._proto.galaxy.rtmanager.v1 import rtmanager_pb2_grpc as pb_grpc
+from rtmanager.api import convert
+from rtmanager.api.errors import rich_status
+from rtmanager.client import (
+    ConflictError,
+    ContainerStartFailedError,
+    ImageNotAllowedError,
+    ImagePullFailedError,
+    InternalServerError,
+    InvalidRequestError,
+    NotFoundError,
+    PermissionDeniedError,
+    RuntimeManagerClientError,
+    SemverPatchOnlyError,
+    ServiceUnavailableError,
+    UnauthenticatedError,
+    UnimplementedError,
+)
+from rtmanager.domain.operation import OperationEntry, OpKind, OpSource, Outcome
+from rtmanager.domain.runtime import RuntimeRecord, RuntimeStatus
+from rtmanager.lifecycle.common import StopReason
+from rtmanager.ports import Page
+
+T0 = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
+CONTAINER = "0123456789abcdef" * 4
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def record(game_id: str = "g1", status: RuntimeStatus = RuntimeStatus.RUNNING) -> RuntimeRecord:
+    return RuntimeRecord(
+        game_id=game_id,
+        status=status,
+        engine_endpoint=f"http://galaxy-game-{game_id}:8080",
+        state_path=f"/var/lib/galaxy/games/{game_id}",
+        docker_network="galaxy-engines",
+        last_op_at=T0 + timedelta(minutes=5),
+        created_at=T0,
+        current_container_id=CONTAINER,
+        current_image_ref="galaxy/engine-stub:1.0.0",
+        started_at=T0,
+    )
+
+
+def entry(entry_id: int, kind: OpKind = OpKind.START) -> OperationEntry:
+    return OperationEntry(
+        id=entry_id,
+        game_id="g1",
+        op_kind=kind,
+        op_source=OpSource.ADMIN_REST,
+        outcome=Outcome.FAILURE if kind is OpKind.PATCH else Outcome.SUCCESS,
+        started_at=T0 + timedelta(seconds=entry_id),
+        finished_at=T0 + timedelta(seconds=entry_id + 1),
+        source_ref="req-1",
+        image_ref="galaxy/engine-stub:1.0.0",
+        container_id=CONTAINER,
+        error_code="semver_patch_only" if kind is OpKind.PATCH else "",
+    )
+
+
+class StubSession:
+    """Answers like the client would; records each call; raises `fail` when set."""
+
+    def __init__(
+        self,
+        *,
+        fail: Exception | None = None,
+        pages: list[Page[RuntimeRecord]] | None = None,
+        watch: list[pb.WatchRuntimesResponse] | None = None,
+    ) -> None:
+        self.fail = fail
+        self.pages = pages or [Page([record("g1"), record("g2", RuntimeStatus.STOPPED)], "")]
+        self.watch = watch or []
+        self.calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
+        self.closed = False
+        self.connection: ctl.Connection | None = None
+
+    def _called(self, name: str, *args: Any, **kwargs: Any) -> None:
+        self.calls.append((name, args, kwargs))
+        if self.fail is not None:
+            raise self.fail
+
+    def start_runtime(self, game_id: str, image_ref: str, *, source_ref: str = "") -> RuntimeRecord:
+        self._called("start", game_id, image_ref, source_ref=source_ref)
+        return record(game_id)
+
+    def stop_runtime(
+        self, game_id: str, *, reason: StopReason = StopReason.ADMIN_REQUEST, source_ref: str = ""
+    ) -> RuntimeRecord:
+        self._called("stop", game_id, reason=reason, source_ref=source_ref)
+        return record(game_id, RuntimeStatus.STOPPED)
+
+    def restart_runtime(self, game_id: str, *, source_ref: str = "") -> RuntimeRecord:
+        self._called("restart", game_id, source_ref=source_ref)
+        return record(game_id)
+
+    def patch_runtime(self, game_id: str, image_ref: str, *, source_ref: str = "") -> RuntimeRecord:
+        self._called("patch", game_id, image_ref, source_ref=source_ref)
+        return record(game_id)
+
+    def get_runtime(self, game_id: str) -> RuntimeRecord:
+        self._called("get", game_id)
+        return record(game_id)
+
+    def list_runtimes(
+        self, *, status: RuntimeStatus | None = None, page_size: int = 0, page_token: str = ""
+    ) -> Page[RuntimeRecord]:
+        self._called("list", status=status, page_size=page_size, page_token=page_token)
+        index = int(page_token or 0)
+        return self.pages[index]
+
+    def cleanup_runtime(
+        self, game_id: str, *, force: bool = False, source_ref: str = ""
+    ) -> RuntimeRecord:
+        self._called("cleanup", game_id, force=force, source_ref=source_ref)
+        return record(game_id, RuntimeStatus.STOPPED)
+
+    def list_operations(self, **filters: Any) -> Page[OperationEntry]:
+        self._called("ops", **filters)
+        return Page([entry(2, OpKind.PATCH), entry(1)], "tok-2")
+
+    def reconcile(self, *, dry_run: bool = False) -> pb.ReconcileResponse:
+        self._called("reconcile", dry_run=dry_run)
+        return pb.ReconcileResponse(
+            dry_run=dry_run,
+            adopted=1,
+            actions=[
+                pb.ReconcileAction(
+                    kind=pb.RECONCILE_ACTION_KIND_ADOPT,
+                    game_id="g9",
+                    container_id=CONTAINER,
+                    image_ref="galaxy/engine-stub:1.0.0",
+                )
+            ],
+        )
+
+    def watch_runtimes(
+        self, request: pb.WatchRuntimesRequest
+    ) -> Iterator[pb.WatchRuntimesResponse]:
+        self._called("watch", request)
+        yield from self.watch
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def run(argv: list[str], session: StubSession | None = None) -> tuple[int, str, StubSession]:
+    stub = session or StubSession()
+
+    def connect(connection: ctl.Connection) -> StubSession:
+        stub.connection = connection
+        return stub
+
+    out = io.StringIO()
+    code = ctl.main(argv, connect=connect, stdout=out)
+    return code, out.getvalue(), stub
+
+
+# --- exit codes -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (InvalidRequestError, 2),
+        (NotFoundError, 3),
+        (ConflictError, 4),
+        (SemverPatchOnlyError, 5),
+        (ImageNotAllowedError, 5),
+        (ImagePullFailedError, 5),
+        (ContainerStartFailedError, 5),
+        (UnauthenticatedError, 6),
+        (PermissionDeniedError, 6),
+        (ServiceUnavailableError, 7),
+        (InternalServerError, 1),
+        (UnimplementedError, 1),
+        (RuntimeManagerClientError, 1),
+    ],
+)
+def test_each_error_class_has_its_exit_code_and_message(
+    error: type[RuntimeManagerClientError], code: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    failure = error("it went wrong", status=grpc.StatusCode.UNKNOWN)
+    exit_code, out, stub = run(["get", "g1"], StubSession(fail=failure))
+    assert exit_code == code
+    assert out == ""
+    label = error.error_code or "unknown"
+    assert capsys.readouterr().err == f"rtmanager ctl: {label}: it went wrong\n"
+    assert stub.closed
+
+
+def test_deadline_exceeded_counts_as_service_unavailable() -> None:
+    failure = ServiceUnavailableError("Deadline Exceeded", status=grpc.StatusCode.DEADLINE_EXCEEDED)
+    assert ctl.exit_code_for(failure) == ctl.EXIT_UNAVAILABLE
+
+
+def test_unreachable_server_exits_7_quickly(capsys: pytest.CaptureFixture[str]) -> None:
+    began = time.monotonic()
+    code = ctl.main(["--addr", f"127.0.0.1:{free_port()}", "--timeout", "3", "get", "g1"])
+    assert code == 7
+    assert time.monotonic() - began < 10
+    assert capsys.readouterr().err.startswith("rtmanager ctl: service_unavailable: ")
+
+
+def test_cli_runs_ctl_without_server_settings(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A broken server setting must not matter to the client.
+    monkeypatch.setenv("RTMANAGER_ENGINE_PORT", "99999")
+    monkeypatch.setenv("RTMANAGER_CTL_ADDR", f"127.0.0.1:{free_port()}")
+    code = cli.main(["ctl", "--timeout", "3", "--json", "list"])
+    assert code == 7
+    assert "service_unavailable" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["get"],
+        ["start", "g1"],
+        ["frobnicate"],
+        ["stop", "g1", "--reason", "boredom"],
+        ["list", "--status", "dead"],
+        ["list", "--page-size", "-1"],
+        ["ops", "--since", "yesterday"],
+        ["ops", "--kind", "explode"],
+        ["--timeout", "0", "get", "g1"],
+        ["--timeout", "soon", "get", "g1"],
+        ["--tls-cert", "/nonexistent.pem", "get", "g1"],
+        ["--tls-ca", "/nonexistent/ca.pem", "get", "g1"],
+        ["ops", "--since", "2024-05-02", "--until", "2024-05-01"],
+    ],
+)
+def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, stub = run(argv)
+    assert code == 2
+    assert out == ""
+    assert capsys.readouterr().err
+    assert stub.calls == []
+
+
+def test_help_exits_0_and_documents_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, _ = run(["--help"])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "exit codes:" in text
+    for line in ("3  not_found", "4  conflict", "6  unauthenticated, permission_denied"):
+        assert line in text
+    assert "service_unavailable" in (ctl.__doc__ or "")
+
+
+# --- connection -----------------------------------------------------------
+
+
+def test_address_defaults_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RTMANAGER_CTL_ADDR", raising=False)
+    monkeypatch.delenv("RTMANAGER_GRPC_ADDR", raising=False)
+    monkeypatch.delenv("RTMANAGER_CTL_TOKEN", raising=False)
+    _, _, stub = run(["get", "g1"])
+    assert stub.connection == ctl.Connection("127.0.0.1:50051", None, None, 60.0)
+
+    monkeypatch.setenv("RTMANAGER_GRPC_ADDR", "0.0.0.0:7000")
+    monkeypatch.setenv("RTMANAGER_CTL_TOKEN", "secret-token")
+    _, _, stub = run(["get", "g1"])
+    assert stub.connection == ctl.Connection("127.0.0.1:7000", "secret-token", None, 60.0)
+
+    monkeypatch.setenv("RTMANAGER_CTL_ADDR", "rtm.example:9000")
+    _, _, stub = run(["--timeout", "2.5", "get", "g1"])
+    assert stub.connection is not None
+    assert stub.connection.address == "rtm.example:9000"
+    assert stub.connection.timeout == 2.5
+
+    _, _, stub = run(["--addr", "h:1", "--token", "t", "get", "g1"])
+    assert stub.connection == ctl.Connection("h:1", "t", None, 60.0)
+
+
+def test_tls_files_are_read(tmp_path: Any) -> None:
+    (tmp_path / "ca.pem").write_bytes(b"CA")
+    (tmp_path / "cert.pem").write_bytes(b"CERT")
+    (tmp_path / "key.pem").write_bytes(b"KEY")
+    _, _, stub = run(["--tls-ca", str(tmp_path / "ca.pem"), "get", "g1"])
+    assert stub.connection is not None and stub.connection.tls is not None
+    assert stub.connection.tls.root_certificates == b"CA"
+    assert stub.connection.tls.private_key is None
+    argv = ["--tls-cert", str(tmp_path / "cert.pem"), "--tls-key", str(tmp_path / "key.pem")]
+    _, _, stub = run([*argv, "get", "g1"])
+    assert stub.connection is not None and stub.connection.tls is not None
+    assert stub.connection.tls.root_certificates is None
+    assert (stub.connection.tls.certificate_chain, stub.connection.tls.private_key) == (
+        b"CERT",
+        b"KEY",
+    )
+
+
+def test_global_options_are_accepted_after_the_subcommand() -> None:
+    code, out, stub = run(["get", "g1", "--json", "--addr", "h:2"])
+    assert code == 0
+    assert json.loads(out)["game_id"] == "g1"
+    assert stub.connection is not None and stub.connection.address == "h:2"
+    # ... and given before it they are not reset by the subcommand's defaults.
+    code, out, stub = run(["--json", "--addr", "h:3", "get", "g1"])
+    assert json.loads(out)["game_id"] == "g1"
+    assert stub.connection is not None and stub.connection.address == "h:3"
+
+
+# --- requests -------------------------------------------------------------
+
+
+def test_subcommands_call_the_client_with_their_arguments() -> None:
+    cases: list[tuple[list[str], tuple[str, tuple[Any, ...], dict[str, Any]]]] = [
+        (
+            ["start", "g1", "galaxy/engine-stub:1.0.0", "--source-ref", "r1"],
+            ("start", ("g1", "galaxy/engine-stub:1.0.0"), {"source_ref": "r1"}),
+        ),
+        (
+            ["stop", "g1", "--reason", "game_finished"],
+            ("stop", ("g1",), {"reason": StopReason.GAME_FINISHED, "source_ref": ""}),
+        ),
+        (["stop", "g1"], ("stop", ("g1",), {"reason": StopReason.ADMIN_REQUEST, "source_ref": ""})),
+        (["restart", "g1", "--source-ref", "x"], ("restart", ("g1",), {"source_ref": "x"})),
+        (
+            ["patch", "g1", "galaxy/engine-stub:1.0.1"],
+            ("patch", ("g1", "galaxy/engine-stub:1.0.1"), {"source_ref": ""}),
+        ),
+        (["get", "g1"], ("get", ("g1",), {})),
+        (
+            ["cleanup", "g1", "--force"],
+            ("cleanup", ("g1",), {"force": True, "source_ref": ""}),
+        ),
+        (["reconcile", "--dry-run"], ("reconcile", (), {"dry_run": True})),
+        (
+            ["list", "--status", "stopped", "--page-size", "5", "--page-token", "0"],
+            ("list", (), {"status": RuntimeStatus.STOPPED, "page_size": 5, "page_token": "0"}),
+        ),
+    ]
+    for argv, expected in cases:
+        code, _, stub = run(argv)
+        assert code == 0, argv
+        assert stub.calls == [expected], argv
+        assert stub.closed
+
+
+def test_ops_filters_are_parsed() -> None:
+    argv = [
+        "ops",
+        "--game",
+        "g1",
+        "--kind",
+        "cleanup_container",
+        "--source",
+        "gm_rest",
+        "--outcome",
+        "failure",
+        "--since",
+        "2024-05-01T12:00:00Z",
+        "--until",
+        "2024-05-01T16:00:00+02:00",
+        "--limit",
+        "7",
+        "--page-token",
+        "abc",
+    ]
+    code, _, stub = run(argv)
+    assert code == 0
+    assert stub.calls == [
+        (
+            "ops",
+            (),
+            {
+                "game_id": "g1",
+                "op_kind": OpKind.CLEANUP_CONTAINER,
+                "op_source": OpSource.GM_REST,
+                "outcome": Outcome.FAILURE,
+                "since": T0,
+                "until": T0 + timedelta(hours=2),
+                "page_size": 7,
+                "page_token": "abc",
+            },
+        )
+    ]
+    # A timestamp without an offset is UTC.
+    assert ctl.parse_timestamp("2024-05-01T12:00") == T0
+
+
+def test_list_all_follows_page_tokens() -> None:
+    pages = [
+        Page([record("g1")], "1"),
+        Page([record("g2")], "2"),
+        Page([record("g3", RuntimeStatus.REMOVED)], ""),
+    ]
+    code, out, stub = run(["--json", "list", "--all", "--page-size", "1"], StubSession(pages=pages))
+    assert code == 0
+    assert [call[2]["page_token"] for call in stub.calls] == ["", "1", "2"]
+    listing = json.loads(out)
+    assert [item["game_id"] for item in listing["runtimes"]] == ["g1", "g2", "g3"]
+    assert listing["next_page_token"] == ""
+
+
+# --- output ---------------------------------------------------------------
+
+
+def test_record_json_has_iso_timestamps_and_lower_case_enums() -> None:
+    code, out, _ = run(["--json", "start", "g1", "galaxy/engine-stub:1.0.0"])
+    assert code == 0
+    assert json.loads(out) == {
+        "game_id": "g1",
+        "status": "running",
+        "engine_endpoint": "http://galaxy-game-g1:8080",
+        "state_path": "/var/lib/galaxy/games/g1",
+        "docker_network": "galaxy-engines",
+        "last_op_at": "2024-05-01T12:05:00Z",
+        "created_at": "2024-05-01T12:00:00Z",
+        "current_container_id": CONTAINER,
+        "current_image_ref": "galaxy/engine-stub:1.0.0",
+        "started_at": "2024-05-01T12:00:00Z",
+        "stopped_at": None,
+        "removed_at": None,
+    }
+
+
+def test_list_json_is_an_array_with_the_next_page_token() -> None:
+    session = StubSession(pages=[Page([record("g1"), record("g2")], "more")])
+    code, out, _ = run(["--json", "list"], session)
+    assert code == 0
+    listing = json.loads(out)
+    assert set(listing) == {"runtimes", "next_page_token"}
+    assert [item["status"] for item in listing["runtimes"]] == ["running", "running"]
+    assert listing["next_page_token"] == "more"
+
+
+def test_ops_json_entries() -> None:
+    code, out, _ = run(["--json", "ops"])
+    assert code == 0
+    listing = json.loads(out)
+    assert listing["next_page_token"] == "tok-2"
+    newest, oldest = listing["operations"]
+    assert newest == {
+        "id": 2,
+        "game_id": "g1",
+        "op_kind": "patch",
+        "op_source": "admin_rest",
+        "outcome": "failure",
+        "started_at": "2024-05-01T12:00:02Z",
+        "finished_at": "2024-05-01T12:00:03Z",
+        "source_ref": "req-1",
+        "image_ref": "galaxy/engine-stub:1.0.0",
+        "container_id": CONTAINER,
+        "error_code": "semver_patch_only",
+        "error_message": "",
+    }
+    assert oldest["op_kind"] == "start" and oldest["outcome"] == "success"
+
+
+def test_record_table_shortens_the_container_id() -> None:
+    code, out, _ = run(["list"])
+    assert code == 0
+    header, first, second = out.splitlines()
+    assert header.split() == [
+        "GAME",
+        "ID",
+        "STATUS",
+        "IMAGE",
+        "CONTAINER",
+        "ENDPOINT",
+        "LAST",
+        "OP",
+    ]
+    assert first.split() == [
+        "g1",
+        "running",
+        "galaxy/engine-stub:1.0.0",
+        CONTAINER[:12],
+        "http://galaxy-game-g1:8080",
+        "2024-05-01T12:05:00Z",
+    ]
+    assert second.split()[:2] == ["g2", "stopped"]
+    assert CONTAINER[:13] not in out
+
+
+def test_list_table_shows_how_to_continue() -> None:
+    session = StubSession(pages=[Page([record("g1")], "next-one")])
+    _, out, _ = run(["list"], session)
+    assert out.splitlines()[-1] == "next page: --page-token next-one"
+
+
+def test_get_table_shows_every_field() -> None:
+    code, out, _ = run(["get", "g1"])
+    assert code == 0
+    assert "state path:" in out and "/var/lib/galaxy/games/g1" in out
+    assert "stopped at:" in out
+    assert CONTAINER in out
+
+
+def test_ops_table_columns() -> None:
+    code, out, _ = run(["ops"])
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split() == [
+        "ID",
+        "TIME",
+        "GAME",
+        "KIND",
+        "SOURCE",
+        "OUTCOME",
+        "ERROR",
+        "SOURCE",
+        "REF",
+    ]
+    assert lines[1].split() == [
+        "2",
+        "2024-05-01T12:00:02Z",
+        "g1",
+        "patch",
+        "admin_rest",
+        "failure",
+        "semver_patch_only",
+        "req-1",
+    ]
+    assert lines[2].split()[5:7] == ["success", "-"]
+    assert lines[-1] == "next page: --page-token tok-2"
+
+
+def test_reconcile_output() -> None:
+    code, out, _ = run(["--json", "reconcile", "--dry-run"])
+    assert code == 0
+    reply = json.loads(out)
+    assert reply["dry_run"] is True
+    assert reply["adopted"] == 1 and reply["disposed"] == 0
+    assert reply["actions"][0]["kind"] == "RECONCILE_ACTION_KIND_ADOPT"
+    assert reply["actions"][0]["game_id"] == "g9"
+
+    code, out, _ = run(["reconcile"])
+    assert code == 0
+    assert out.startswith("applied: adopted 1, disposed 0")
+    assert "adopt" in out and CONTAINER[:12] in out
+
+
+def _watch_messages() -> list[pb.WatchRuntimesResponse]:
+    runtime = convert.record_to_pb(record("g1"))
+    return [
+        pb.WatchRuntimesResponse(snapshot=runtime),
+        pb.WatchRuntimesResponse(snapshot_complete=pb.SnapshotComplete(cursor="c1")),
+        pb.WatchRuntimesResponse(bookmark=pb.Bookmark(cursor="c1")),
+        pb.WatchRuntimesResponse(
+            event=pb.RuntimeEvent(
+                cursor="c2",
+                op_kind=pb.OP_KIND_STOP,
+                op_source=pb.OP_SOURCE_ADMIN,
+                outcome=pb.OUTCOME_SUCCESS,
+                runtime=convert.record_to_pb(record("g1", RuntimeStatus.STOPPED)),
+                operation_id=9,
+                committed_at=convert.timestamp_to_pb(T0),
+            )
+        ),
+    ]
+
+
+def test_watch_prints_the_stream() -> None:
+    session = StubSession(watch=_watch_messages())
+    argv = ["watch", "--game", "g1", "--status", "stopped", "--since", "c0", "--snapshot"]
+    code, out, stub = run(argv, session)
+    assert code == 0
+    request = stub.calls[0][1][0]
+    assert list(request.game_ids) == ["g1"]
+    assert list(request.statuses) == [pb.RUNTIME_STATUS_STOPPED]
+    assert (request.since, request.initial_snapshot) == ("c0", True)
+    lines = out.splitlines()
+    assert len(lines) == 3  # bookmarks are not shown in the table form
+    assert lines[0].split()[:3] == ["snapshot", "g1", "running"]
+    assert lines[1] == "snapshot complete  cursor=c1"
+    assert lines[2].split()[:6] == [
+        "2024-05-01T12:00:00Z",
+        "stop",
+        "admin_rest",
+        "success",
+        "g1",
+        "stopped",
+    ]
+    assert lines[2].endswith("op=9  cursor=c2")
+
+    code, out, _ = run(["--json", "watch"], StubSession(watch=_watch_messages()))
+    assert code == 0
+    messages = [json.loads(line) for line in out.splitlines()]
+    assert [next(iter(message)) for message in messages] == [
+        "snapshot",
+        "snapshot_complete",
+        "bookmark",
+        "event",
+    ]
+
+
+# --- against an in-process gRPC server ----------------------------------------
+
+
+class _Unimplemented(pb_grpc.RuntimeServiceServicer):
+    """Answers GetRuntime with the caller's token as image; WatchRuntimes is UNIMPLEMENTED."""
+
+    def GetRuntime(
+        self, request: pb.GetRuntimeRequest, context: grpc.ServicerContext
+    ) -> pb.GetRuntimeResponse:
+        metadata = dict(context.invocation_metadata() or ())
+        if request.game_id == "missing":
+            context.abort_with_status(
+                rich_status(code_pb2.NOT_FOUND, "not_found", "no runtime for missing", {})
+            )
+        runtime = convert.record_to_pb(record(request.game_id))
+        runtime.current_image_ref = str(metadata.get("authorization", ""))
+        return pb.GetRuntimeResponse(runtime=runtime)
+
+    def WatchRuntimes(
+        self, request: pb.WatchRuntimesRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.WatchRuntimesResponse]:
+        context.abort_with_status(
+            rich_status(code_pb2.UNIMPLEMENTED, "unimplemented", "WatchRuntimes is not here", {})
+        )
+        yield from ()
+
+
+@pytest.fixture
+def fake_server() -> Iterator[str]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    pb_grpc.add_RuntimeServiceServicer_to_server(_Unimplemented(), server)  # type: ignore[abstract]
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop(None)
+
+
+def test_real_client_sends_the_token_and_maps_rich_errors(
+    fake_server: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = io.StringIO()
+    argv = ["--addr", fake_server, "--token", "tok-123", "--json", "get", "g1"]
+    assert ctl.main(argv, stdout=out) == 0
+    assert json.loads(out.getvalue())["current_image_ref"] == "Bearer tok-123"
+
+    assert ctl.main(["--addr", fake_server, "get", "missing"]) == 3
+    assert capsys.readouterr().err == "rtmanager ctl: not_found: no runtime for missing\n"
+
+
+def test_watch_reports_unimplemented_with_exit_1(
+    fake_server: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = io.StringIO()
+    assert ctl.main(["--addr", fake_server, "watch"], stdout=out) == 1
+    assert out.getvalue() == ""
+    assert capsys.readouterr().err == "rtmanager ctl: unimplemented: WatchRuntimes is not here\n"
