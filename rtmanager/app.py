@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from datetime import timedelta
 
 import grpc
@@ -34,6 +35,11 @@ from rtmanager.lifecycle.restart import RecreateService, RestartService
 from rtmanager.lifecycle.start import StartService
 from rtmanager.lifecycle.stop import StopService
 from rtmanager.telemetry import TelemetryExport
+from rtmanager.workers.docker_events import DockerEventsListener
+from rtmanager.workers.periodic import PeriodicWorker
+from rtmanager.workers.reconciler import Reconciler
+from rtmanager.workers.supervisor import Workers
+from rtmanager.workers.ttl_cleanup import TtlCleanup
 
 log = logging.getLogger(__name__)
 
@@ -132,13 +138,26 @@ class Application:
         start = StartService(**common)  # type: ignore[arg-type]
         stop = StopService(**common)  # type: ignore[arg-type]
         recreate = RecreateService(stop=stop, start=start, **common)  # type: ignore[arg-type]
+        cleanup = CleanupService(stop=stop, **common)  # type: ignore[arg-type]
+        self.reconciler = Reconciler(telemetry=telemetry, **common)  # type: ignore[arg-type]
         self.lifecycles = Lifecycles(
             queries=RuntimeQueries(self.units_of_work),
             start=start,
             stop=stop,
             restart=RestartService(recreate),
             patch=PatchService(recreate),
-            cleanup=CleanupService(stop=stop, **common),  # type: ignore[arg-type]
+            cleanup=cleanup,
+            reconciler=self.reconciler,
+        )
+        ttl_cleanup = TtlCleanup(self.units_of_work, cleanup, ttl=settings.container_ttl)
+        self.workers = Workers(
+            reconciler=self.reconciler,
+            events=DockerEventsListener(self.docker, self.reconciler),
+            periodic=[
+                PeriodicWorker("reconciler", self.reconciler.run_pass, settings.reconcile_interval),
+                PeriodicWorker("ttl-cleanup", ttl_cleanup.run_once, settings.cleanup_interval),
+            ],
+            stream_consumer=None,
         )
         self.health = HealthMonitor(
             {
@@ -195,11 +214,16 @@ class Application:
                 log.warning("waiting for PostgreSQL", extra={"problem": str(error)})
                 stop.wait(_SCHEMA_RETRY_SECONDS)
 
-    def start(self) -> None:
-        """Start serving: the server listens, health turns SERVING once checks pass."""
+    def start(self, stop: threading.Event) -> bool:
+        """Start serving and every worker; False when `stop` came first.
+
+        The server listens at once but health reports SERVING only after the
+        start-up reconcile pass and while the dependency checks pass.
+        """
         self.server.start()
         self.health.start()
-        self.health.set_ready()
+        if not self.workers.start(stop, on_ready=self.health.set_ready):
+            return False
         log.info(
             "rtmanager serving",
             extra={
@@ -209,6 +233,7 @@ class Application:
                 "instance_id": self.settings.instance_id,
             },
         )
+        return True
 
     def shutdown(self, grace: timedelta | None = None) -> None:
         """Drain and stop: NOT_SERVING, finish in-flight RPCs within the grace, close."""
@@ -218,7 +243,9 @@ class Application:
         grace = self.settings.shutdown_grace if grace is None else grace
         log.info("draining", extra={"grace_seconds": grace.total_seconds()})
         self.health.drain()
+        deadline = time.monotonic() + grace.total_seconds()
         self.server.stop(grace.total_seconds()).wait()
+        self.workers.stop(max(deadline - time.monotonic(), 1.0))
         held = self.lock.held_games
         if held:
             log.warning("operations still running after the grace period", extra={"games": held})

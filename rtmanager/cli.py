@@ -1,4 +1,4 @@
-"""The `rtmanager` command: serve, migrate."""
+"""The `rtmanager` command: serve, migrate, ctl."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import threading
 from collections.abc import Sequence
 from types import FrameType
 
+from rtmanager import ctl
 from rtmanager.config import ConfigError, Settings, load_settings
 from rtmanager.logs import configure_logging
 
@@ -27,6 +28,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
+    if args.command == "ctl":  # a client: needs no server settings
+        return ctl.run(args)
     try:
         settings = load_settings()
     except ConfigError as error:
@@ -45,6 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.add_parser("serve", help="run the gRPC server with every worker")
     commands.add_parser("migrate", help="apply pending database migrations")
+    ctl.add_ctl_parser(commands)
     return parser
 
 
@@ -97,8 +101,8 @@ def _serve(settings: Settings) -> int:
     if stop.is_set():
         app.close()
         return EXIT_OK
-    app.start()
-    stop.wait()
+    if app.start(stop):
+        stop.wait()
     app.shutdown()
     return EXIT_OK
 

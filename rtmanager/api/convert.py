@@ -14,6 +14,7 @@ from rtmanager.domain.errors import InvalidRequest
 from rtmanager.domain.operation import OperationEntry, OpKind, OpSource, Outcome
 from rtmanager.domain.runtime import RuntimeRecord, RuntimeStatus
 from rtmanager.lifecycle.common import StopReason
+from rtmanager.workers.reconciler import ActionKind, ReconcileReport
 
 E = TypeVar("E", bound=Enum)
 
@@ -190,4 +191,35 @@ def operation_from_pb(message: pb.OperationEntry) -> OperationEntry:
         container_id=message.container_id,
         error_code=message.error_code,
         error_message=message.error_message,
+    )
+
+
+RECONCILE_ACTION_TO_PB: Mapping[ActionKind, pb.ReconcileActionKind.ValueType] = {
+    ActionKind.ADOPT: pb.RECONCILE_ACTION_KIND_ADOPT,
+    ActionKind.DISPOSE: pb.RECONCILE_ACTION_KIND_DISPOSE,
+    ActionKind.MARK_STOPPED: pb.RECONCILE_ACTION_KIND_MARK_STOPPED,
+    ActionKind.MARK_RUNNING: pb.RECONCILE_ACTION_KIND_MARK_RUNNING,
+}
+
+
+def reconcile_report_to_pb(report: ReconcileReport) -> pb.ReconcileResponse:
+    """Return the proto form of a reconcile pass's report."""
+    return pb.ReconcileResponse(
+        dry_run=report.dry_run,
+        actions=[
+            pb.ReconcileAction(
+                kind=RECONCILE_ACTION_TO_PB[action.kind],
+                game_id=action.game_id,
+                container_id=action.container_id,
+                image_ref=action.image_ref,
+                applied=action.applied,
+                skipped_reason=action.skipped_reason,
+            )
+            for action in report.actions
+        ],
+        adopted=report.count(ActionKind.ADOPT),
+        disposed=report.count(ActionKind.DISPOSE),
+        marked_stopped=report.count(ActionKind.MARK_STOPPED),
+        marked_running=report.count(ActionKind.MARK_RUNNING),
+        skipped=report.skipped,
     )

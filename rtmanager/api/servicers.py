@@ -32,6 +32,7 @@ from rtmanager.lifecycle.restart import RestartRequest, RestartService
 from rtmanager.lifecycle.start import StartRequest, StartService
 from rtmanager.lifecycle.stop import StopRequest, StopService
 from rtmanager.ports import OperationFilter
+from rtmanager.workers.reconciler import Reconciler
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class Lifecycles:
     restart: RestartService
     patch: PatchService
     cleanup: CleanupService
+    reconciler: Reconciler
 
 
 class _Authenticated:
@@ -261,12 +263,5 @@ class RuntimeAdminServicer(_Authenticated, pb_grpc.RuntimeAdminServiceServicer):
     def Reconcile(  # noqa: N802
         self, request: pb.ReconcileRequest, context: grpc.ServicerContext, caller: Principal
     ) -> pb.ReconcileResponse:
-        context.abort_with_status(
-            rich_status(
-                code_pb2.UNIMPLEMENTED,
-                "unimplemented",
-                "Reconcile is not implemented by this version of rtmanager yet",
-                {},
-            )
-        )
-        raise AssertionError("unreachable")  # pragma: no cover
+        report = self._lifecycles.reconciler.run_pass(dry_run=request.dry_run)
+        return convert.reconcile_report_to_pb(report)

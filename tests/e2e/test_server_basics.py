@@ -213,15 +213,13 @@ def test_sigterm_drains_and_exits_cleanly(server: ServerProcess) -> None:
     assert '"message": "stopped"' in server.log()
 
 
-def test_reconcile_answers_unimplemented_until_the_reconciler_lands(
-    server: ServerProcess,
-) -> None:
+def test_watch_runtimes_answers_unimplemented(server: ServerProcess) -> None:
     with server.channel() as channel:
-        admin = pb_grpc.RuntimeAdminServiceStub(channel)
+        stub = pb_grpc.RuntimeServiceStub(channel)
         with pytest.raises(grpc.RpcError) as caught:
-            admin.Reconcile(pb.ReconcileRequest(dry_run=True), timeout=5)
+            list(stub.WatchRuntimes(pb.WatchRuntimesRequest(), timeout=5))
         assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
-        assert "Reconcile" in (caught.value.details() or "")
+        assert "WatchRuntimes" in (caught.value.details() or "")
 
 
 def test_buf_curl_starts_and_stops_a_runtime_through_reflection(server: ServerProcess) -> None:

@@ -1,0 +1,345 @@
+"""The reconciler: makes runtime records agree with Docker again.
+
+Rules (SPEC §4), over containers owned by this deployment only:
+
+- an owned container without a live record gets a record (`reconcile_adopt`),
+  running or stopped as Docker says;
+- a running record whose container is missing becomes removed
+  (`reconcile_dispose`);
+- a running record whose container exited becomes stopped (op_kind `stop`);
+- a stopped record whose game's container runs again becomes running
+  (`reconcile_adopt`).
+
+A pass first plans from one snapshot of Docker and the store, then applies
+each step under the game's lease after re-checking that game with fresh
+data; a busy game is skipped until the next pass. Every applied step is an
+operation with op_source `auto_reconcile`, recorded like any other.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from datetime import datetime
+from enum import StrEnum
+
+from rtmanager.domain.errors import ConcurrentModification, RuntimeManagerError
+from rtmanager.domain.ids import container_name, is_valid_game_id
+from rtmanager.domain.operation import OpKind, OpSource
+from rtmanager.domain.runtime import RuntimeRecord, RuntimeStatus
+from rtmanager.domain.timeutil import utc_now
+from rtmanager.lifecycle.common import LifecycleSettings, load_record
+from rtmanager.lifecycle.leasing import GameLock
+from rtmanager.lifecycle.recorder import Operation, OperationRecorder, OperationResult
+from rtmanager.ports import ContainerInfo, DockerEngine, StatusChange, UnitOfWork
+from rtmanager.telemetry import Telemetry
+
+log = logging.getLogger(__name__)
+
+
+class ActionKind(StrEnum):
+    """The reconciler's rules."""
+
+    ADOPT = "adopt"
+    DISPOSE = "dispose"
+    MARK_STOPPED = "mark_stopped"
+    MARK_RUNNING = "mark_running"
+
+
+@dataclass(frozen=True)
+class ReconcileAction:
+    """One planned (or applied, or skipped) step of a pass."""
+
+    kind: ActionKind
+    game_id: str
+    container_id: str = ""
+    image_ref: str = ""
+    container_running: bool = False
+    exit_code: int | None = None
+    applied: bool = False
+    skipped_reason: str = ""
+
+
+@dataclass(frozen=True)
+class ReconcileReport:
+    """What a pass planned and did."""
+
+    dry_run: bool
+    actions: tuple[ReconcileAction, ...]
+
+    def count(self, kind: ActionKind) -> int:
+        """How many steps of `kind` were applied (planned, in a dry run)."""
+        return sum(1 for a in self.actions if a.kind is kind and (a.applied or self.dry_run))
+
+    @property
+    def skipped(self) -> int:
+        """How many steps were not carried out although planned."""
+        return sum(1 for a in self.actions if a.skipped_reason)
+
+
+def plan_game(
+    game_id: str, record: RuntimeRecord | None, containers: Iterable[ContainerInfo]
+) -> ReconcileAction | None:
+    """The step that makes one game's record agree with its containers, if any."""
+    ours = list(containers)
+    if record is not None and record.status is RuntimeStatus.REMOVED:
+        # Removed is terminal; an owned container left behind is not adopted.
+        return None
+    current = next((c for c in ours if c.id and c.id == _cid(record)), None)
+    other = next(
+        (c for c in ours if c.running and c is not current),
+        next((c for c in ours if c.name == container_name(game_id) and c is not current), None),
+    )
+    if record is None:
+        chosen = other or current
+        return _action(ActionKind.ADOPT, game_id, chosen) if chosen is not None else None
+    if record.status is RuntimeStatus.RUNNING:
+        if current is not None:
+            if current.running:
+                return None
+            return _action(ActionKind.MARK_STOPPED, game_id, current)
+        if other is not None:
+            # The record lost track of its game's container: bind to it.
+            return _action(ActionKind.ADOPT, game_id, other)
+        return ReconcileAction(
+            ActionKind.DISPOSE, game_id, container_id=record.current_container_id
+        )
+    # Stopped: only a running container of the game changes anything.
+    running = current if current is not None and current.running else None
+    running = running or (other if other is not None and other.running else None)
+    if running is None:
+        return None
+    return _action(ActionKind.MARK_RUNNING, game_id, running)
+
+
+def _cid(record: RuntimeRecord | None) -> str:
+    return record.current_container_id if record is not None else ""
+
+
+def _action(kind: ActionKind, game_id: str, container: ContainerInfo) -> ReconcileAction:
+    return ReconcileAction(
+        kind,
+        game_id,
+        container_id=container.id,
+        image_ref=container.image_ref,
+        container_running=container.running,
+        exit_code=container.exit_code,
+    )
+
+
+class Reconciler:
+    """Plans and applies reconciliation passes; also handles observed engine exits."""
+
+    def __init__(
+        self,
+        *,
+        recorder: OperationRecorder,
+        lock: GameLock,
+        docker: DockerEngine,
+        settings: LifecycleSettings,
+        telemetry: Telemetry,
+        clock: Callable[[], datetime] = utc_now,
+    ) -> None:
+        self._recorder = recorder
+        self._lock = lock
+        self._docker = docker
+        self._settings = settings
+        self._telemetry = telemetry
+        self._clock = clock
+        self._pass_lock = threading.Lock()
+
+    def run_pass(self, *, dry_run: bool = False) -> ReconcileReport:
+        """Plan from a snapshot, then (unless `dry_run`) apply each step under its lease.
+
+        Raises `ServiceUnavailable` when Docker or the store cannot be read.
+        """
+        with self._pass_lock:
+            plan = self._plan()
+            if dry_run:
+                return ReconcileReport(True, tuple(plan))
+            done = tuple(self._apply(action) for action in plan)
+        for action in done:
+            self._telemetry.reconcile_action(str(action.kind), action.applied)
+        if done:
+            log.info(
+                "reconcile pass",
+                extra={
+                    "applied": sum(a.applied for a in done),
+                    "skipped": sum(bool(a.skipped_reason) for a in done),
+                },
+            )
+        return ReconcileReport(False, done)
+
+    def observe_exit(
+        self, game_id: str, container_id: str, *, event: str, exit_code: int | None
+    ) -> OperationResult | None:
+        """Mark a running record stopped after Docker reported its container died.
+
+        Does nothing unless the record is running on exactly that container.
+        Retries a busy lease briefly: the holder may be the operation that
+        stopped the engine on purpose, and will have recorded it by then.
+        """
+        deadline = time.monotonic() + 1.5
+        while True:
+            try:
+                with self._lock.hold(game_id):
+                    with self._recorder.unit_of_work() as uow:
+                        record = load_record(uow, game_id)
+                    if (
+                        record is None
+                        or record.status is not RuntimeStatus.RUNNING
+                        or record.current_container_id != container_id
+                    ):
+                        return None
+                    action = ReconcileAction(
+                        ActionKind.MARK_STOPPED,
+                        game_id,
+                        container_id=container_id,
+                        image_ref=record.current_image_ref,
+                        exit_code=exit_code,
+                    )
+                    code = "unknown" if exit_code is None else str(exit_code)
+                    return self._record(action, source_ref=f"docker-event:{event}:exit={code}")
+            except ConcurrentModification:
+                if time.monotonic() >= deadline:
+                    log.info(
+                        "engine exit left to the next reconcile pass: game busy",
+                        extra={"game_id": game_id, "container_id": container_id},
+                    )
+                    return None
+                time.sleep(0.1)
+
+    def _plan(self) -> list[ReconcileAction]:
+        containers: dict[str, list[ContainerInfo]] = {}
+        for info in self._docker.list_owned_containers():
+            if is_valid_game_id(info.game_id):
+                containers.setdefault(info.game_id, []).append(info)
+        with self._recorder.unit_of_work() as uow:
+            records = {
+                record.game_id: record
+                for status in (RuntimeStatus.RUNNING, RuntimeStatus.STOPPED)
+                for record in uow.records.list_by_status(status)
+            }
+            for game_id in containers.keys() - records.keys():
+                record = load_record(uow, game_id)
+                if record is not None:
+                    records[game_id] = record
+        plan = []
+        for game_id in sorted(containers.keys() | records.keys()):
+            action = plan_game(game_id, records.get(game_id), containers.get(game_id, ()))
+            if action is not None:
+                plan.append(action)
+        return plan
+
+    def _apply(self, planned: ReconcileAction) -> ReconcileAction:
+        game_id = planned.game_id
+        try:
+            with self._lock.hold(game_id):
+                with self._recorder.unit_of_work() as uow:
+                    record = load_record(uow, game_id)
+                fresh = [c for c in self._docker.list_owned_containers() if c.game_id == game_id]
+                action = plan_game(game_id, record, fresh)
+                if action is None:
+                    return replace(planned, skipped_reason="already consistent")
+                result = self._record(action, source_ref="reconcile")
+        except ConcurrentModification:
+            return replace(planned, skipped_reason="game busy")
+        except RuntimeManagerError as error:
+            return replace(planned, skipped_reason=error.message)
+        if not result.ok:
+            assert result.failure is not None
+            return replace(action, skipped_reason=result.failure.message)
+        return replace(action, applied=True)
+
+    def _record(self, action: ReconcileAction, *, source_ref: str) -> OperationResult:
+        kind = {
+            ActionKind.ADOPT: OpKind.RECONCILE_ADOPT,
+            ActionKind.MARK_RUNNING: OpKind.RECONCILE_ADOPT,
+            ActionKind.DISPOSE: OpKind.RECONCILE_DISPOSE,
+            ActionKind.MARK_STOPPED: OpKind.STOP,
+        }[action.kind]
+        if action.kind is ActionKind.MARK_STOPPED and source_ref == "reconcile":
+            code = "unknown" if action.exit_code is None else str(action.exit_code)
+            source_ref = f"reconcile:exit={code}"
+        operation = self._recorder.begin(
+            game_id=action.game_id,
+            op_kind=kind,
+            op_source=OpSource.AUTO_RECONCILE,
+            source_ref=source_ref,
+            image_ref=action.image_ref,
+        )
+        operation.container_id = action.container_id
+
+        def body(op: Operation) -> OperationResult:
+            return op.commit(lambda uow: self._change(uow, action))
+
+        return self._recorder.run(operation, body)
+
+    def _change(self, uow: UnitOfWork, action: ReconcileAction) -> RuntimeRecord:
+        now = self._clock()
+        record = uow.records.get_for_update(action.game_id)
+        if action.kind is ActionKind.DISPOSE:
+            return uow.records.update_status(
+                StatusChange(
+                    game_id=action.game_id,
+                    expected_from=RuntimeStatus.RUNNING,
+                    to=RuntimeStatus.REMOVED,
+                    now=now,
+                    expected_container_id=action.container_id,
+                    container_id="",
+                )
+            )
+        if action.kind is ActionKind.MARK_STOPPED:
+            return uow.records.update_status(
+                StatusChange(
+                    game_id=action.game_id,
+                    expected_from=RuntimeStatus.RUNNING,
+                    to=RuntimeStatus.STOPPED,
+                    now=now,
+                    expected_container_id=action.container_id,
+                )
+            )
+        return self._bind(uow, record, action, now)
+
+    def _bind(
+        self,
+        uow: UnitOfWork,
+        record: RuntimeRecord | None,
+        action: ReconcileAction,
+        now: datetime,
+    ) -> RuntimeRecord:
+        """Adopt: write a record bound to the container, in Docker's state."""
+        status = RuntimeStatus.RUNNING if action.container_running else RuntimeStatus.STOPPED
+        image_ref = action.image_ref or (record.current_image_ref if record else "")
+        if record is None:
+            adopted = RuntimeRecord(
+                game_id=action.game_id,
+                status=status,
+                engine_endpoint=self._settings.endpoint(action.game_id),
+                state_path=str(self._settings.state_dir(action.game_id)),
+                docker_network=self._settings.engine_network,
+                last_op_at=now,
+                created_at=now,
+                current_container_id=action.container_id,
+                current_image_ref=image_ref,
+                started_at=now,
+                stopped_at=None if action.container_running else now,
+            )
+        elif record.status is status:
+            adopted = replace(
+                record,
+                current_container_id=action.container_id,
+                current_image_ref=image_ref,
+                last_op_at=max(now, record.last_op_at),
+            )
+        else:
+            adopted = replace(
+                record.with_status(status, max(now, record.last_op_at)),
+                current_container_id=action.container_id,
+                current_image_ref=image_ref,
+            )
+        uow.records.upsert(adopted)
+        return adopted
