@@ -1,0 +1,828 @@
+"""In-memory fakes of the ports in `rtmanager.ports`, for fast unit tests.
+
+- `FakeStore` is the committed state of a database: runtime records and the
+  operation log. `FakeUnitOfWorkFactory` makes `FakeUnitOfWork`s over it with
+  real transactional semantics: writes are staged, visible inside their unit
+  of work, and reach the store only on `commit()`; leaving the block without
+  committing discards them.
+- `FakeLeases` is `GameLeases` on a dict, with games held by "another
+  holder" and an outage switch; it records every call.
+- `FakeDocker` is `DockerEngine` on a dict of containers, with per-image
+  engine behaviours (crash, unhealthy, never healthy, ...), pull policies,
+  failure injection per method, hooks run before a method, and a call log.
+
+Every fake raises what its port's contract says, so a lifecycle that works
+against the fakes fails against the real adapters only where the adapters
+break their contracts (which the integration tests check).
+"""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from types import TracebackType
+from typing import TYPE_CHECKING, Literal, NamedTuple, Self
+
+from rtmanager.domain import labels as galaxy_labels
+from rtmanager.domain.errors import (
+    ConcurrentModification,
+    Conflict,
+    ContainerStartFailed,
+    ImagePullFailed,
+    InternalError,
+    InvalidRequest,
+    NotFound,
+    RuntimeManagerError,
+    ServiceUnavailable,
+)
+from rtmanager.domain.ids import is_valid_game_id
+from rtmanager.domain.operation import OperationEntry
+from rtmanager.domain.runtime import (
+    InvalidRuntimeRecord,
+    RuntimeRecord,
+    RuntimeStatus,
+    transition,
+)
+from rtmanager.domain.timeutil import utc_now
+from rtmanager.ports import (
+    ContainerInfo,
+    ContainerSpec,
+    EventStream,
+    Lease,
+    OperationFilter,
+    OperationLog,
+    Page,
+    PullPolicy,
+    RuntimeRecordStore,
+    StatusChange,
+)
+
+if TYPE_CHECKING:
+    from rtmanager.ports import DockerEngine, GameLeases, UnitOfWork, UnitOfWorkFactory
+
+MAX_PAGE_SIZE = 1000
+
+
+def _check_page_size(page_size: int) -> None:
+    if isinstance(page_size, bool) or not 1 <= page_size <= MAX_PAGE_SIZE:
+        raise InvalidRequest(f"page_size {page_size!r} is invalid: expected 1..{MAX_PAGE_SIZE}")
+
+
+# --- database: records and the operation log ------------------------------------------
+
+
+class FakeStore:
+    """The committed state of the fake database.
+
+    Tests seed it with `put` and read it with `record` / `entries`; lifecycle
+    code reaches it only through units of work.
+    """
+
+    def __init__(self) -> None:
+        self.records: dict[str, RuntimeRecord] = {}
+        self.operations: list[OperationEntry] = []  # in id order
+        self._next_operation_id = 1
+        self._append_failures: list[Exception] = []
+        self.lock = threading.RLock()
+
+    def put(self, record: RuntimeRecord) -> RuntimeRecord:
+        """Store a (validated) record directly, as if committed long ago."""
+        record.validate()
+        with self.lock:
+            self.records[record.game_id] = record
+        return record
+
+    def record(self, game_id: str) -> RuntimeRecord:
+        """The committed record of a game (KeyError when there is none)."""
+        with self.lock:
+            return self.records[game_id]
+
+    def entries(self, game_id: str | None = None) -> list[OperationEntry]:
+        """Committed operation-log rows, oldest first, optionally of one game."""
+        with self.lock:
+            return [e for e in self.operations if game_id is None or e.game_id == game_id]
+
+    def fail_next_appends(self, count: int = 1, *, error: Exception | None = None) -> None:
+        """Make the next `count` `operations.append` calls raise `error`.
+
+        The default error is `ServiceUnavailable` (the database went away).
+        """
+        failure = error or ServiceUnavailable("fake database: append to the operation log failed")
+        self._append_failures.extend([failure] * count)
+
+    def _take_append_failure(self) -> Exception | None:
+        with self.lock:
+            return self._append_failures.pop(0) if self._append_failures else None
+
+    def _assign_operation_id(self) -> int:
+        # Like a database sequence: ids of rolled-back rows are never reused.
+        with self.lock:
+            assigned = self._next_operation_id
+            self._next_operation_id += 1
+            return assigned
+
+
+FailurePoint = Literal["enter", "commit"]
+
+
+@dataclass(frozen=True)
+class Commit:
+    """What one `commit()` of a unit of work wrote."""
+
+    records: tuple[RuntimeRecord, ...]
+    operations: tuple[OperationEntry, ...]
+
+
+class FakeRuntimeRecordStore:
+    """`RuntimeRecordStore` over one fake unit of work (sees its staged writes)."""
+
+    def __init__(self, uow: FakeUnitOfWork) -> None:
+        self._uow = uow
+
+    def _read(self, game_id: str) -> RuntimeRecord | None:
+        self._uow.require_active()
+        staged = self._uow.staged_records.get(game_id)
+        if staged is not None:
+            return staged
+        with self._uow.store.lock:
+            return self._uow.store.records.get(game_id)
+
+    def _all(self) -> builtins.list[RuntimeRecord]:
+        self._uow.require_active()
+        with self._uow.store.lock:
+            merged = dict(self._uow.store.records)
+        merged.update(self._uow.staged_records)
+        return [merged[game_id] for game_id in sorted(merged)]
+
+    def get(self, game_id: str) -> RuntimeRecord:
+        """Return the game's record; raise `NotFound` when there is none."""
+        record = self._read(game_id)
+        if record is None:
+            raise NotFound(f"no runtime record for game {game_id}", metadata={"game_id": game_id})
+        return record
+
+    def get_for_update(self, game_id: str) -> RuntimeRecord | None:
+        """Return the game's record, or None (single-threaded tests need no row lock)."""
+        return self._read(game_id)
+
+    def upsert(self, record: RuntimeRecord) -> None:
+        """Validate the record, then stage it (insert or overwrite)."""
+        self._uow.require_active()
+        record.validate()
+        self._uow.staged_records[record.game_id] = record
+
+    def update_status(self, change: StatusChange) -> RuntimeRecord:
+        """Apply a CAS status transition as `StatusChange`'s docstring says.
+
+        The result is validated like the table's CHECK constraints would:
+        a record that breaks a rule raises `InternalError` (as the Postgres
+        adapter reports a CHECK violation).
+        """
+        self._uow.require_active()
+        transition(change.expected_from, change.to)
+        current = self._read(change.game_id)
+        if current is None:
+            raise NotFound(
+                f"no runtime record for game {change.game_id}",
+                metadata={"game_id": change.game_id},
+            )
+        if current.status != change.expected_from or (
+            change.expected_container_id is not None
+            and current.current_container_id != change.expected_container_id
+        ):
+            raise ConcurrentModification(
+                f"runtime record of game {change.game_id} changed concurrently: expected "
+                f"{change.expected_from}/{change.expected_container_id!r}, found "
+                f"{current.status}/{current.current_container_id!r}",
+                metadata={"game_id": change.game_id},
+            )
+        updated = current.with_status(change.to, change.now, container_id=change.container_id)
+        try:
+            updated.validate()
+        except InvalidRuntimeRecord as error:
+            raise InternalError(f"CHECK constraint violated: {error}") from error
+        self._uow.staged_records[change.game_id] = updated
+        return updated
+
+    def list(
+        self, *, status: RuntimeStatus | None = None, page_size: int = 100, page_token: str = ""
+    ) -> Page[RuntimeRecord]:
+        """Records ordered by game id; the page token is the last game id of a page."""
+        _check_page_size(page_size)
+        if page_token and not is_valid_game_id(page_token):
+            raise InvalidRequest(f"page_token {page_token!r} is malformed")
+        matching = [
+            r
+            for r in self._all()
+            if (status is None or r.status == status) and r.game_id > page_token
+        ]
+        items = matching[:page_size]
+        more = len(matching) > page_size
+        return Page(items=items, next_page_token=items[-1].game_id if more else "")
+
+    def list_by_status(self, status: RuntimeStatus) -> builtins.list[RuntimeRecord]:
+        """Every record of one status, ordered by game id."""
+        return [r for r in self._all() if r.status == status]
+
+    def list_stopped_before(self, cutoff: datetime, limit: int) -> builtins.list[RuntimeRecord]:
+        """Up to `limit` stopped records with `last_op_at` before `cutoff`, oldest first."""
+        if isinstance(limit, bool) or limit < 1:
+            raise InvalidRequest(f"limit {limit!r} is invalid: expected at least 1")
+        stopped = [
+            r for r in self._all() if r.status is RuntimeStatus.STOPPED and r.last_op_at < cutoff
+        ]
+        stopped.sort(key=lambda r: (r.last_op_at, r.game_id))
+        return stopped[:limit]
+
+
+class FakeOperationLog:
+    """`OperationLog` over one fake unit of work (sees its staged rows)."""
+
+    def __init__(self, uow: FakeUnitOfWork) -> None:
+        self._uow = uow
+
+    def append(self, entry: OperationEntry) -> OperationEntry:
+        """Validate the entry, assign the next id and stage it."""
+        self._uow.require_active()
+        entry.validate()
+        failure = self._uow.store._take_append_failure()
+        if failure is not None:
+            raise failure
+        stored = replace(entry, id=self._uow.store._assign_operation_id())
+        self._uow.staged_operations.append(stored)
+        return stored
+
+    def list(
+        self, filters: OperationFilter, *, page_size: int = 100, page_token: str = ""
+    ) -> Page[OperationEntry]:
+        """Entries newest first; the page token is the last id of a page."""
+        self._uow.require_active()
+        _check_page_size(page_size)
+        if page_token and not page_token.isdigit():
+            raise InvalidRequest(f"page_token {page_token!r} is malformed")
+        before = int(page_token) if page_token else None
+        with self._uow.store.lock:
+            every = [*self._uow.store.operations, *self._uow.staged_operations]
+
+        def wanted(e: OperationEntry) -> bool:
+            f = filters
+            return (
+                (before is None or e.id < before)
+                and (f.game_id is None or e.game_id == f.game_id)
+                and (f.op_kind is None or e.op_kind == f.op_kind)
+                and (f.op_source is None or e.op_source == f.op_source)
+                and (f.outcome is None or e.outcome == f.outcome)
+                and (f.since is None or e.started_at >= f.since)
+                and (f.until is None or e.started_at < f.until)
+            )
+
+        matching = sorted((e for e in every if wanted(e)), key=lambda e: e.id, reverse=True)
+        items = matching[:page_size]
+        more = len(matching) > page_size
+        return Page(items=items, next_page_token=str(items[-1].id) if more else "")
+
+
+class FakeUnitOfWork:
+    """One fake transaction: staged writes, applied to the store on `commit()`."""
+
+    records: RuntimeRecordStore
+    operations: OperationLog
+
+    def __init__(
+        self,
+        store: FakeStore,
+        *,
+        timeout: timedelta | None = None,
+        fail_at: FailurePoint | None = None,
+    ) -> None:
+        self.store = store
+        self.timeout = timeout
+        self.fail_at = fail_at
+        self.staged_records: dict[str, RuntimeRecord] = {}
+        self.staged_operations: list[OperationEntry] = []
+        self.commits: list[Commit] = []
+        self.entered = False
+        self.active = False
+        self.rolled_back = False
+        self.records = FakeRuntimeRecordStore(self)
+        self.operations = FakeOperationLog(self)
+
+    def require_active(self) -> None:
+        """Refuse use outside the `with` block (a bug in the code under test)."""
+        if not self.active:
+            raise RuntimeError("fake unit of work used outside its `with` block")
+
+    def __enter__(self) -> Self:
+        if self.entered:
+            raise RuntimeError("fake unit of work entered twice")
+        self.entered = True
+        if self.fail_at == "enter":
+            raise ServiceUnavailable("fake database: cannot connect")
+        self.active = True
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.staged_records or self.staged_operations:
+            self.rolled_back = True
+        self.staged_records.clear()
+        self.staged_operations.clear()
+        self.active = False
+
+    def commit(self) -> None:
+        """Apply the staged writes to the store, atomically."""
+        self.require_active()
+        if self.fail_at == "commit":
+            raise ServiceUnavailable("fake database: commit failed")
+        with self.store.lock:
+            self.store.records.update(self.staged_records)
+            self.store.operations.extend(self.staged_operations)
+            self.store.operations.sort(key=lambda e: e.id)
+        self.commits.append(
+            Commit(tuple(self.staged_records.values()), tuple(self.staged_operations))
+        )
+        self.staged_records.clear()
+        self.staged_operations.clear()
+
+    @property
+    def committed(self) -> bool:
+        """Whether anything was committed by this unit of work."""
+        return bool(self.commits)
+
+
+class FakeUnitOfWorkFactory:
+    """`UnitOfWorkFactory` over a `FakeStore`, with scheduled failures.
+
+    `fail_next(count, at=..., after=...)` makes units of work fail with
+    `ServiceUnavailable` on enter or on commit; `down = True` makes every unit
+    fail on enter until set back to False.
+    """
+
+    def __init__(self, store: FakeStore | None = None) -> None:
+        self.store = store if store is not None else FakeStore()
+        self.units: list[FakeUnitOfWork] = []
+        self.down = False
+        self._plan: list[FailurePoint | None] = []
+
+    def __call__(self, *, timeout: timedelta | None = None) -> FakeUnitOfWork:
+        planned = self._plan.pop(0) if self._plan else None
+        fail_at: FailurePoint | None = "enter" if self.down else planned
+        unit = FakeUnitOfWork(self.store, timeout=timeout, fail_at=fail_at)
+        self.units.append(unit)
+        return unit
+
+    def fail_next(self, count: int = 1, *, at: FailurePoint = "enter", after: int = 0) -> None:
+        """Let `after` units of work succeed, then fail the next `count` at `at`."""
+        self._plan.extend([None] * after + [at] * count)
+
+    def commits(self) -> list[Commit]:
+        """Every commit of every unit of work made so far, in order."""
+        return [c for unit in self.units for c in unit.commits]
+
+
+# --- leases --------------------------------------------------------------------------
+
+
+LeaseMethod = Literal["acquire", "renew", "release"]
+
+
+class FakeLeases:
+    """`GameLeases` on a dict of game id -> token, recording every call.
+
+    `busy` holds games another holder has (acquire returns None); `failing`
+    holds the methods that raise `ServiceUnavailable` (see `go_down`).
+    Thread-safe: `GameLock`'s renewer thread calls `renew`.
+    """
+
+    def __init__(self) -> None:
+        self.tokens: dict[str, str] = {}
+        self.busy: set[str] = set()
+        self.failing: set[LeaseMethod] = set()
+        self.acquired: list[Lease] = []
+        self.renewed: list[Lease] = []
+        self.released: list[Lease] = []
+        self.refused: list[str] = []
+        self.ttls: list[timedelta] = []
+        self._counter = 0
+        self._lock = threading.Lock()
+
+    def go_down(self, *methods: LeaseMethod) -> None:
+        """Make `methods` (default: all) raise `ServiceUnavailable`."""
+        self.failing.update(methods or ("acquire", "renew", "release"))
+
+    def _maybe_fail(self, method: LeaseMethod) -> None:
+        if method in self.failing:
+            raise ServiceUnavailable(f"fake redis: {method} failed: connection refused")
+
+    def acquire(self, game_id: str, ttl: timedelta) -> Lease | None:
+        """Take the lease unless it is held (by us or by `busy`)."""
+        with self._lock:
+            self._maybe_fail("acquire")
+            self.ttls.append(ttl)
+            if game_id in self.busy or game_id in self.tokens:
+                self.refused.append(game_id)
+                return None
+            self._counter += 1
+            lease = Lease(game_id, f"token-{self._counter}")
+            self.tokens[game_id] = lease.token
+            self.acquired.append(lease)
+            return lease
+
+    def renew(self, lease: Lease, ttl: timedelta) -> bool:
+        """Extend the lease while it still holds our token."""
+        with self._lock:
+            self._maybe_fail("renew")
+            self.renewed.append(lease)
+            return self.tokens.get(lease.game_id) == lease.token
+
+    def release(self, lease: Lease) -> bool:
+        """Delete the lease while it still holds our token."""
+        with self._lock:
+            self._maybe_fail("release")
+            self.released.append(lease)
+            if self.tokens.get(lease.game_id) != lease.token:
+                return False
+            del self.tokens[lease.game_id]
+            return True
+
+    def expire(self, game_id: str) -> None:
+        """Let the game's lease expire, as its TTL would."""
+        with self._lock:
+            self.tokens.pop(game_id, None)
+
+    def acquires_of(self, game_id: str) -> int:
+        """How many times the game's lease was taken."""
+        with self._lock:
+            return sum(1 for lease in self.acquired if lease.game_id == game_id)
+
+    @property
+    def all_released(self) -> bool:
+        """Every lease taken was released, and none is held now."""
+        with self._lock:
+            return not self.tokens and {lease.token for lease in self.acquired} == {
+                lease.token for lease in self.released
+            }
+
+
+# --- docker --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EngineBehaviour:
+    """How an engine container of one image behaves after it is started.
+
+    - `exits_on_inspect`: from the Nth inspect after start on (1-based), it
+      is reported exited with `exit_code`; None means it keeps running.
+    - `health`: None for no health check, else the health it reports
+      (`starting`, `healthy`, `unhealthy`); with `healthy_after_inspects`,
+      it reports `starting` until that many inspects, then `healthy`.
+    - `refuses_start`: Docker refuses to start it (`ContainerStartFailed`).
+    - `logs`: what it prints.
+    """
+
+    exits_on_inspect: int | None = None
+    exit_code: int = 3
+    health: str | None = None
+    healthy_after_inspects: int | None = None
+    refuses_start: bool = False
+    logs: str = "engine listening on :8080"
+
+
+RUNS = EngineBehaviour()
+CRASHES = EngineBehaviour(
+    exits_on_inspect=1, exit_code=3, logs="loading state\npanic: corrupt state file"
+)
+UNHEALTHY = EngineBehaviour(health="unhealthy", logs="health check: 503")
+NEVER_HEALTHY = EngineBehaviour(health="starting", logs="still warming up")
+HEALTHY = EngineBehaviour(health="healthy")
+
+
+@dataclass
+class FakeContainer:
+    """One container of the fake Docker engine."""
+
+    id: str
+    name: str
+    image_ref: str
+    labels: dict[str, str]
+    spec: ContainerSpec | None = None
+    state: str = "created"
+    exit_code: int | None = None
+    behaviour: EngineBehaviour = RUNS
+    inspects_since_start: int = 0
+    logs: str = ""
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+    @property
+    def running(self) -> bool:
+        """Whether the container runs."""
+        return self.state == "running"
+
+
+class Call(NamedTuple):
+    """One call of a `FakeDocker` method: its name and arguments."""
+
+    method: str
+    args: tuple[object, ...]
+
+
+class FakeDocker:
+    """`DockerEngine` in memory for deployment `cluster`.
+
+    `images` are present locally; `pullable` can be pulled; `behaviours`
+    maps an image to how its engines behave (default `RUNS`). `fail(method)`
+    makes the next call(s) of a method raise; `before(method, fn)` runs `fn`
+    with the call's arguments before every call of the method (to simulate
+    something happening meanwhile). `calls` logs every call in order.
+    """
+
+    def __init__(
+        self,
+        *,
+        cluster: str = galaxy_labels.DEFAULT_CLUSTER,
+        images: Iterable[str] = (),
+        pullable: Iterable[str] = (),
+    ) -> None:
+        self.cluster = cluster
+        self.containers: dict[str, FakeContainer] = {}
+        self.images: set[str] = set(images)
+        self.pullable: set[str] = set(pullable)
+        self.pulled: list[str] = []
+        self.networks: dict[str, dict[str, str]] = {}
+        self.behaviours: dict[str, EngineBehaviour] = {}
+        self.calls: list[Call] = []
+        self._failures: dict[str, list[RuntimeManagerError]] = {}
+        self._hooks: dict[str, Callable[..., None]] = {}
+        self._counter = 0
+
+    # -- test controls ------------------------------------------------------------
+
+    def fail(
+        self, method: str, *, times: int = 1, error: RuntimeManagerError | None = None
+    ) -> None:
+        """Make the next `times` calls of `method` raise `error` (default: ServiceUnavailable)."""
+        if not hasattr(self, method):
+            raise AttributeError(f"FakeDocker has no method {method}")
+        failure = error or ServiceUnavailable(f"docker: {method}: daemon unreachable (injected)")
+        self._failures.setdefault(method, []).extend([failure] * times)
+
+    def before(self, method: str, hook: Callable[..., None] | None) -> None:
+        """Run `hook(*args)` before every call of `method` (None removes it)."""
+        if hook is None:
+            self._hooks.pop(method, None)
+        else:
+            self._hooks[method] = hook
+
+    def add_container(
+        self,
+        *,
+        name: str,
+        image_ref: str,
+        labels: dict[str, str] | None = None,
+        running: bool = True,
+        exit_code: int | None = None,
+        behaviour: EngineBehaviour = RUNS,
+    ) -> str:
+        """Put a container on the host directly (not through the port); return its id."""
+        container = FakeContainer(
+            id=self._new_id(name),
+            name=name,
+            image_ref=image_ref,
+            labels=dict(labels or {}),
+            state="running" if running else "exited",
+            exit_code=None if running else exit_code if exit_code is not None else 0,
+            behaviour=behaviour,
+            logs=behaviour.logs,
+            started_at=utc_now(),
+        )
+        self.containers[container.id] = container
+        return container.id
+
+    def add_engine(
+        self,
+        game_id: str,
+        image_ref: str,
+        *,
+        cluster: str | None = None,
+        running: bool = True,
+    ) -> str:
+        """Put an engine container labelled as deployment `cluster` (default: ours) made it."""
+        return self.add_container(
+            name=f"galaxy-game-{game_id}",
+            image_ref=image_ref,
+            labels=galaxy_labels.engine_labels(
+                cluster=cluster or self.cluster, game_id=game_id, image_ref=image_ref
+            ),
+            running=running,
+        )
+
+    def method_calls(self, *methods: str) -> list[Call]:
+        """The calls of `methods` (default: all but inspect and log reads), in order."""
+        quiet = {"inspect_container", "container_logs_tail"}
+        return [
+            c for c in self.calls if (c.method in methods if methods else c.method not in quiet)
+        ]
+
+    def call_names(self, *methods: str) -> list[str]:
+        """The names of `method_calls(*methods)`."""
+        return [c.method for c in self.method_calls(*methods)]
+
+    def mutating_calls(self) -> list[Call]:
+        """Calls that change the host (everything but ping, inspect, list and logs)."""
+        reads = {"ping", "inspect_container", "list_owned_containers", "container_logs_tail"}
+        return [c for c in self.calls if c.method not in reads]
+
+    def named(self, name: str) -> FakeContainer | None:
+        """The container of that name, if any."""
+        return next((c for c in self.containers.values() if c.name == name), None)
+
+    # -- the port -----------------------------------------------------------------
+
+    def _enter(self, method: str, *args: object) -> None:
+        self.calls.append(Call(method, args))
+        hook = self._hooks.get(method)
+        if hook is not None:
+            hook(*args)
+        pending = self._failures.get(method)
+        if pending:
+            raise pending.pop(0)
+
+    def _new_id(self, name: str) -> str:
+        self._counter += 1
+        return hashlib.sha256(f"{name}#{self._counter}".encode()).hexdigest()
+
+    def _find(self, id_or_name: str) -> FakeContainer | None:
+        found = self.containers.get(id_or_name)
+        return found if found is not None else self.named(id_or_name.lstrip("/"))
+
+    def ping(self) -> None:
+        """Answer unless a failure is injected."""
+        self._enter("ping")
+
+    def ensure_image(self, image_ref: str, policy: PullPolicy) -> None:
+        """Make the image present per `policy` (as the adapter documents it)."""
+        self._enter("ensure_image", image_ref, policy)
+        present = image_ref in self.images
+        if policy is PullPolicy.NEVER:
+            if not present:
+                raise ImagePullFailed(f"image {image_ref} is not present and the policy is never")
+            return
+        if policy is PullPolicy.IF_MISSING and present:
+            return
+        self.pulled.append(image_ref)
+        if image_ref not in self.pullable:
+            raise ImagePullFailed(f"pull of {image_ref} failed: manifest unknown")
+        self.images.add(image_ref)
+
+    def ensure_network(self, name: str, labels: dict[str, str]) -> None:
+        """Create the network unless it exists."""
+        self._enter("ensure_network", name, dict(labels))
+        self.networks.setdefault(name, dict(labels))
+
+    def create_container(self, spec: ContainerSpec) -> str:
+        """Create the container; `Conflict` on a taken name, `ImagePullFailed` without image."""
+        self._enter("create_container", spec)
+        if self.named(spec.name) is not None:
+            raise Conflict(f"the container name /{spec.name} is already in use")
+        if spec.image_ref not in self.images:
+            raise ImagePullFailed(f"no such image: {spec.image_ref}")
+        behaviour = self.behaviours.get(spec.image_ref, RUNS)
+        container = FakeContainer(
+            id=self._new_id(spec.name),
+            name=spec.name,
+            image_ref=spec.image_ref,
+            labels=dict(spec.labels),
+            spec=spec,
+            behaviour=behaviour,
+            logs=behaviour.logs,
+        )
+        self.containers[container.id] = container
+        return container.id
+
+    def start_container(self, container_id: str) -> None:
+        """Start it; `ContainerStartFailed` when it is missing or its image refuses."""
+        self._enter("start_container", container_id)
+        container = self.containers.get(container_id)
+        if container is None:
+            raise ContainerStartFailed(f"no such container: {container_id}")
+        if container.behaviour.refuses_start:
+            raise ContainerStartFailed(
+                f"docker could not start container {container_id}: "
+                "OCI runtime create failed: exec: /engine: not found"
+            )
+        container.state = "running"
+        container.exit_code = None
+        container.inspects_since_start = 0
+        container.started_at = utc_now()
+
+    def stop_container(self, container_id: str, timeout: timedelta) -> None:
+        """Stop it (exit code 0); a missing container is fine."""
+        self._enter("stop_container", container_id, timeout)
+        container = self.containers.get(container_id)
+        if container is not None and container.running:
+            container.state = "exited"
+            container.exit_code = 0
+            container.finished_at = utc_now()
+
+    def remove_container(self, container_id: str, *, force: bool = False) -> None:
+        """Remove it; `Conflict` when it runs without `force`; a missing one is fine."""
+        self._enter("remove_container", container_id, force)
+        container = self.containers.get(container_id)
+        if container is None:
+            return
+        if container.running and not force:
+            raise Conflict(f"cannot remove container {container_id}: it is running")
+        del self.containers[container_id]
+
+    def inspect_container(self, id_or_name: str) -> ContainerInfo | None:
+        """What Docker says about it (advancing its engine behaviour), or None."""
+        self._enter("inspect_container", id_or_name)
+        container = self._find(id_or_name)
+        if container is None:
+            return None
+        if container.running:
+            container.inspects_since_start += 1
+            exits_on = container.behaviour.exits_on_inspect
+            if exits_on is not None and container.inspects_since_start >= exits_on:
+                container.state = "exited"
+                container.exit_code = container.behaviour.exit_code
+                container.finished_at = utc_now()
+        return self._info(container)
+
+    def _info(self, container: FakeContainer) -> ContainerInfo:
+        behaviour = container.behaviour
+        health = behaviour.health
+        if behaviour.healthy_after_inspects is not None:
+            ready = container.inspects_since_start >= behaviour.healthy_after_inspects
+            health = "healthy" if ready else "starting"
+        return ContainerInfo(
+            id=container.id,
+            name=container.name,
+            state=container.state,
+            running=container.running,
+            owned=galaxy_labels.is_owned(container.labels, self.cluster),
+            labels=dict(container.labels),
+            image_ref=container.labels.get(galaxy_labels.IMAGE_REF, container.image_ref),
+            game_id=container.labels.get(galaxy_labels.GAME_ID, ""),
+            exit_code=container.exit_code,
+            health=health,
+            started_at=container.started_at,
+            finished_at=container.finished_at,
+        )
+
+    def list_owned_containers(self) -> list[ContainerInfo]:
+        """Every owned container, running or not."""
+        self._enter("list_owned_containers")
+        infos = [self._info(c) for c in self.containers.values()]
+        return [info for info in infos if info.owned]
+
+    def container_logs_tail(self, container_id: str, lines: int = 20) -> str:
+        """The last `lines` lines of its output (empty when it is gone)."""
+        self._enter("container_logs_tail", container_id, lines)
+        container = self.containers.get(container_id)
+        if container is None:
+            return ""
+        return "\n".join(container.logs.splitlines()[-lines:])
+
+    def follow_events(self, since: datetime | None = None) -> EventStream:
+        """Not modelled: lifecycle tests do not follow events."""
+        raise NotImplementedError("FakeDocker does not stream events")
+
+
+def _conforms_to_ports() -> None:
+    """Checked by mypy only: the fakes implement the ports."""
+    if TYPE_CHECKING:
+        factory: UnitOfWorkFactory = FakeUnitOfWorkFactory()
+        unit: UnitOfWork = FakeUnitOfWork(FakeStore())
+        leases: GameLeases = FakeLeases()
+        docker: DockerEngine = FakeDocker()
+        del factory, unit, leases, docker
+
+
+__all__ = [
+    "CRASHES",
+    "HEALTHY",
+    "NEVER_HEALTHY",
+    "RUNS",
+    "UNHEALTHY",
+    "Call",
+    "Commit",
+    "EngineBehaviour",
+    "FakeContainer",
+    "FakeDocker",
+    "FakeLeases",
+    "FakeOperationLog",
+    "FakeRuntimeRecordStore",
+    "FakeStore",
+    "FakeUnitOfWork",
+    "FakeUnitOfWorkFactory",
+]

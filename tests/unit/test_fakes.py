@@ -1,0 +1,366 @@
+"""The fakes keep the ports' contracts, so lifecycle tests built on them mean something."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import timedelta
+
+import pytest
+
+from rtmanager.domain import labels
+from rtmanager.domain.errors import (
+    ConcurrentModification,
+    Conflict,
+    ImagePullFailed,
+    InternalError,
+    InvalidRequest,
+    NotFound,
+    ServiceUnavailable,
+)
+from rtmanager.domain.operation import OperationEntry, OpKind, OpSource, Outcome
+from rtmanager.domain.runtime import (
+    InvalidRuntimeRecord,
+    InvalidTransition,
+    RuntimeRecord,
+    RuntimeStatus,
+)
+from rtmanager.domain.timeutil import utc_now
+from rtmanager.ports import ContainerSpec, OperationFilter, PullPolicy, StatusChange
+from tests.unit.fakes import CRASHES, FakeDocker, FakeLeases, FakeUnitOfWorkFactory
+
+NOW = utc_now()
+
+
+def running(game_id: str = "game-1", container_id: str = "c1") -> RuntimeRecord:
+    return RuntimeRecord(
+        game_id=game_id,
+        status=RuntimeStatus.RUNNING,
+        engine_endpoint=f"http://galaxy-game-{game_id}:8080",
+        state_path=f"/games/{game_id}",
+        docker_network="galaxy-engines",
+        last_op_at=NOW - timedelta(hours=1),
+        created_at=NOW - timedelta(hours=2),
+        current_container_id=container_id,
+        current_image_ref="galaxy/engine:1.0.0",
+        started_at=NOW - timedelta(hours=1),
+    )
+
+
+def entry(game_id: str = "game-1", **changes: object) -> OperationEntry:
+    base = OperationEntry(
+        game_id=game_id,
+        op_kind=OpKind.START,
+        op_source=OpSource.ADMIN_REST,
+        outcome=Outcome.SUCCESS,
+        started_at=NOW,
+        finished_at=NOW,
+    )
+    return replace(base, **changes)  # type: ignore[arg-type]
+
+
+def stop_change(**changes: object) -> StatusChange:
+    base = StatusChange(
+        game_id="game-1",
+        expected_from=RuntimeStatus.RUNNING,
+        to=RuntimeStatus.STOPPED,
+        now=NOW,
+        expected_container_id="c1",
+    )
+    return replace(base, **changes)  # type: ignore[arg-type]
+
+
+# --- units of work ------------------------------------------------------------------
+
+
+def test_writes_are_visible_inside_the_unit_of_work_and_reach_the_store_on_commit() -> None:
+    units = FakeUnitOfWorkFactory()
+    with units() as uow:
+        uow.records.upsert(running())
+        appended = uow.operations.append(entry())
+        assert uow.records.get("game-1") == running()
+        assert uow.operations.list(OperationFilter()).items == [appended]
+        assert units.store.records == {}
+        uow.commit()
+
+    assert units.store.record("game-1") == running()
+    assert units.store.entries() == [appended]
+
+
+def test_leaving_a_unit_of_work_without_commit_discards_its_writes() -> None:
+    units = FakeUnitOfWorkFactory()
+    with units() as uow:
+        uow.records.upsert(running())
+        uow.operations.append(entry())
+
+    assert units.store.records == {} and units.store.entries() == []
+
+
+def test_an_exception_in_the_block_discards_the_writes() -> None:
+    units = FakeUnitOfWorkFactory()
+    with pytest.raises(RuntimeError), units() as uow:
+        uow.records.upsert(running())
+        raise RuntimeError
+
+    assert units.store.records == {}
+
+
+def test_a_unit_of_work_cannot_be_used_outside_its_block() -> None:
+    units = FakeUnitOfWorkFactory()
+    with units() as uow:
+        pass
+
+    with pytest.raises(RuntimeError):
+        uow.records.get("game-1")
+
+
+def test_scheduled_failures_hit_enter_or_commit_of_the_chosen_units() -> None:
+    units = FakeUnitOfWorkFactory()
+    units.fail_next(1, at="commit", after=1)
+    with units():
+        pass
+    with pytest.raises(ServiceUnavailable), units() as uow:
+        uow.records.upsert(running())
+        uow.commit()
+    units.down = True
+    with pytest.raises(ServiceUnavailable), units():
+        pass
+
+    assert units.store.records == {}
+
+
+def test_operation_ids_increase_and_listing_is_newest_first_with_filters() -> None:
+    units = FakeUnitOfWorkFactory()
+    with units() as uow:
+        first = uow.operations.append(entry("game-1"))
+        second = uow.operations.append(entry("game-2", op_kind=OpKind.STOP))
+        later = NOW + timedelta(seconds=1)
+        third = uow.operations.append(entry("game-1", started_at=later, finished_at=later))
+        uow.commit()
+
+    with units() as uow:
+        assert [e.id for e in uow.operations.list(OperationFilter()).items] == [
+            third.id,
+            second.id,
+            first.id,
+        ]
+        assert uow.operations.list(OperationFilter(game_id="game-1")).items == [third, first]
+        assert uow.operations.list(OperationFilter(op_kind=OpKind.STOP)).items == [second]
+        assert uow.operations.list(OperationFilter(since=NOW + timedelta(seconds=1))).items == [
+            third
+        ]
+        assert (
+            third
+            not in uow.operations.list(OperationFilter(until=NOW + timedelta(seconds=1))).items
+        )
+        page = uow.operations.list(OperationFilter(), page_size=2)
+        assert page.items == [third, second]
+        rest = uow.operations.list(OperationFilter(), page_size=2, page_token=page.next_page_token)
+        assert (rest.items, rest.next_page_token) == ([first], "")
+        with pytest.raises(InvalidRequest):
+            uow.operations.list(OperationFilter(), page_token="garbage")
+
+
+def test_append_validates_the_entry_and_can_be_made_to_fail() -> None:
+    units = FakeUnitOfWorkFactory()
+    units.store.fail_next_appends()
+    with units() as uow:
+        with pytest.raises(ValueError):
+            uow.operations.append(entry(outcome=Outcome.FAILURE))
+        with pytest.raises(ServiceUnavailable):
+            uow.operations.append(entry())
+        uow.operations.append(entry())
+
+
+# --- records ------------------------------------------------------------------------
+
+
+def test_get_of_a_missing_record_is_not_found_and_get_for_update_is_none() -> None:
+    with FakeUnitOfWorkFactory()() as uow:
+        with pytest.raises(NotFound):
+            uow.records.get("game-1")
+        assert uow.records.get_for_update("game-1") is None
+
+
+def test_upsert_validates_the_record() -> None:
+    with FakeUnitOfWorkFactory()() as uow, pytest.raises(InvalidRuntimeRecord):
+        uow.records.upsert(replace(running(), started_at=None))
+
+
+def test_update_status_applies_the_cas_and_derives_timestamps() -> None:
+    units = FakeUnitOfWorkFactory()
+    units.store.put(running())
+    with units() as uow:
+        stopped = uow.records.update_status(stop_change())
+        uow.commit()
+
+    assert stopped == running().with_status(RuntimeStatus.STOPPED, NOW)
+    assert units.store.record("game-1") == stopped
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        stop_change(expected_container_id="other"),
+        stop_change(expected_container_id=""),
+        stop_change(expected_from=RuntimeStatus.STOPPED, to=RuntimeStatus.REMOVED),
+    ],
+)
+def test_update_status_with_a_failing_guard_is_concurrent_modification(
+    change: StatusChange,
+) -> None:
+    units = FakeUnitOfWorkFactory()
+    units.store.put(running())
+    with units() as uow, pytest.raises(ConcurrentModification):
+        uow.records.update_status(change)
+
+
+def test_update_status_without_container_guard_checks_only_the_status() -> None:
+    units = FakeUnitOfWorkFactory()
+    units.store.put(running())
+    with units() as uow:
+        record = uow.records.update_status(stop_change(expected_container_id=None))
+    assert record.status is RuntimeStatus.STOPPED
+
+
+def test_update_status_rejects_forbidden_transitions_and_missing_records() -> None:
+    units = FakeUnitOfWorkFactory()
+    with units() as uow:
+        with pytest.raises(InvalidTransition):
+            uow.records.update_status(
+                stop_change(expected_from=RuntimeStatus.REMOVED, to=RuntimeStatus.RUNNING)
+            )
+        with pytest.raises(NotFound):
+            uow.records.update_status(stop_change())
+
+
+def test_update_status_producing_a_broken_record_is_internal() -> None:
+    units = FakeUnitOfWorkFactory()
+    units.store.put(running())
+    with units() as uow, pytest.raises(InternalError):
+        uow.records.update_status(stop_change(now=NOW - timedelta(days=1)))
+
+
+def test_record_listings() -> None:
+    units = FakeUnitOfWorkFactory()
+    units.store.put(running("game-b", "cb"))
+    units.store.put(running("game-a", "ca").with_status(RuntimeStatus.STOPPED, NOW))
+    units.store.put(running("game-c", "cc"))
+    with units() as uow:
+        page = uow.records.list(page_size=2)
+        assert [r.game_id for r in page.items] == ["game-a", "game-b"]
+        rest = uow.records.list(page_size=2, page_token=page.next_page_token)
+        assert ([r.game_id for r in rest.items], rest.next_page_token) == (["game-c"], "")
+        assert [r.game_id for r in uow.records.list(status=RuntimeStatus.RUNNING).items] == [
+            "game-b",
+            "game-c",
+        ]
+        assert [r.game_id for r in uow.records.list_by_status(RuntimeStatus.STOPPED)] == ["game-a"]
+        assert [
+            r.game_id for r in uow.records.list_stopped_before(NOW + timedelta(seconds=1), 10)
+        ] == ["game-a"]
+        assert uow.records.list_stopped_before(NOW, 10) == []
+        with pytest.raises(InvalidRequest):
+            uow.records.list(page_size=0)
+
+
+# --- leases -------------------------------------------------------------------------
+
+
+def test_leases_are_exclusive_and_token_checked() -> None:
+    leases = FakeLeases()
+    lease = leases.acquire("game-1", timedelta(seconds=1))
+    assert lease is not None
+    assert leases.acquire("game-1", timedelta(seconds=1)) is None
+    leases.expire("game-1")
+    assert leases.renew(lease, timedelta(seconds=1)) is False
+    newer = leases.acquire("game-1", timedelta(seconds=1))
+    assert newer is not None
+    assert leases.release(lease) is False
+    assert leases.release(newer) is True
+    leases.busy.add("game-2")
+    assert leases.acquire("game-2", timedelta(seconds=1)) is None
+
+
+# --- docker -------------------------------------------------------------------------
+
+
+def spec(name: str = "galaxy-game-game-1", image_ref: str = "galaxy/engine:1.0.0") -> ContainerSpec:
+    return ContainerSpec(
+        name=name,
+        image_ref=image_ref,
+        network="galaxy-engines",
+        network_alias=name,
+        labels=labels.engine_labels(cluster="prod", game_id="game-1", image_ref=image_ref),
+        env={},
+        state_host_path="/games/game-1",
+        state_mount_path="/state",
+        memory_bytes=1,
+        nano_cpus=1,
+        pids_limit=1,
+    )
+
+
+def test_docker_creates_starts_stops_and_removes_containers() -> None:
+    docker = FakeDocker(cluster="prod", images={"galaxy/engine:1.0.0"})
+    container_id = docker.create_container(spec())
+    with pytest.raises(Conflict):
+        docker.create_container(spec())
+    docker.start_container(container_id)
+    info = docker.inspect_container("galaxy-game-game-1")
+    assert info is not None and info.running and info.owned and info.game_id == "game-1"
+    with pytest.raises(Conflict):
+        docker.remove_container(container_id)
+    docker.stop_container(container_id, timedelta(seconds=1))
+    docker.remove_container(container_id)
+    docker.remove_container(container_id)
+    docker.stop_container(container_id, timedelta(seconds=1))
+    assert docker.inspect_container(container_id) is None
+
+
+def test_docker_ownership_follows_the_cluster() -> None:
+    docker = FakeDocker(cluster="prod")
+    ours = docker.add_engine("game-1", "galaxy/engine:1.0.0")
+    staging = docker.add_engine("game-2", "galaxy/engine:1.0.0", cluster="staging")
+    assert [info.id for info in docker.list_owned_containers()] == [ours]
+    info = docker.inspect_container(staging)
+    assert info is not None and not info.owned
+
+
+@pytest.mark.parametrize(
+    ("policy", "image", "pulled", "ok"),
+    [
+        (PullPolicy.IF_MISSING, "present:1", [], True),
+        (PullPolicy.IF_MISSING, "pullable:1", ["pullable:1"], True),
+        (PullPolicy.IF_MISSING, "missing:1", ["missing:1"], False),
+        (PullPolicy.ALWAYS, "present:1", ["present:1"], False),
+        (PullPolicy.ALWAYS, "pullable:1", ["pullable:1"], True),
+        (PullPolicy.NEVER, "present:1", [], True),
+        (PullPolicy.NEVER, "pullable:1", [], False),
+    ],
+)
+def test_docker_pull_policies(policy: PullPolicy, image: str, pulled: list[str], ok: bool) -> None:
+    docker = FakeDocker(images={"present:1"}, pullable={"pullable:1"})
+    if ok:
+        docker.ensure_image(image, policy)
+    else:
+        with pytest.raises(ImagePullFailed):
+            docker.ensure_image(image, policy)
+    assert docker.pulled == pulled
+
+
+def test_docker_engine_behaviours_and_failure_injection() -> None:
+    docker = FakeDocker(cluster="prod", images={"galaxy/engine:1.0.0"})
+    docker.behaviours["galaxy/engine:1.0.0"] = CRASHES
+    container_id = docker.create_container(spec())
+    docker.start_container(container_id)
+    info = docker.inspect_container(container_id)
+    assert info is not None and not info.running and info.exit_code == 3
+    assert "panic" in docker.container_logs_tail(container_id, 1)
+    docker.fail("ping", times=2)
+    for _ in range(2):
+        with pytest.raises(ServiceUnavailable):
+            docker.ping()
+    docker.ping()
+    assert docker.call_names("ping") == ["ping"] * 3
+    with pytest.raises(NotImplementedError):
+        docker.follow_events()

@@ -1,0 +1,262 @@
+"""`GameLock`: hold a game's lease for an operation, renew it while it runs, always release it."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from datetime import timedelta
+
+import pytest
+
+from rtmanager.domain.errors import ConcurrentModification, ErrorCode, ServiceUnavailable
+from rtmanager.lifecycle.leasing import GameLock
+from rtmanager.ports import Lease
+from tests.unit.fakes import FakeLeases
+
+SHORT_TTL = timedelta(milliseconds=150)  # renewed every 50 ms
+LONG_TTL = timedelta(seconds=30)
+
+
+def wait_until(condition: Callable[[], bool], seconds: float = 2.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return condition()
+
+
+def renewals(leases: FakeLeases, lease: Lease) -> int:
+    return sum(1 for renewed in leases.renewed if renewed == lease)
+
+
+def test_hold_takes_the_lease_for_the_block_and_releases_it() -> None:
+    leases = FakeLeases()
+    lock = GameLock(leases, LONG_TTL)
+
+    with lock.hold("game-1") as lease:
+        assert lease.game_id == "game-1"
+        assert leases.tokens == {"game-1": lease.token}
+        assert lock.held_games == ["game-1"]
+
+    assert leases.released == [lease]
+    assert leases.tokens == {}
+    assert lock.held_games == []
+    assert leases.ttls == [LONG_TTL]
+
+
+def test_held_games_names_the_games_whose_leases_are_held() -> None:
+    lock = GameLock(FakeLeases(), LONG_TTL)
+
+    with lock.hold("game-2"), lock.hold("game-1"):
+        assert lock.held_games == ["game-1", "game-2"]
+
+
+def test_hold_of_a_busy_game_raises_concurrent_modification_and_releases_nothing() -> None:
+    leases = FakeLeases()
+    leases.busy.add("game-1")
+    lock = GameLock(leases, LONG_TTL)
+
+    with pytest.raises(ConcurrentModification) as raised, lock.hold("game-1"):
+        pytest.fail("the block must not run")
+
+    assert raised.value.code is ErrorCode.CONFLICT
+    assert raised.value.race is True
+    assert raised.value.metadata == {"game_id": "game-1"}
+    assert leases.released == []
+    assert lock.held_games == []
+
+
+def test_a_second_hold_of_the_same_game_is_refused_while_the_first_runs() -> None:
+    leases = FakeLeases()
+    lock = GameLock(leases, LONG_TTL)
+
+    with lock.hold("game-1"), pytest.raises(ConcurrentModification), lock.hold("game-1"):
+        pass
+
+    assert leases.all_released
+
+
+def test_hold_releases_the_lease_when_the_block_raises() -> None:
+    leases = FakeLeases()
+    lock = GameLock(leases, LONG_TTL)
+
+    with pytest.raises(KeyError), lock.hold("game-1"):
+        raise KeyError("boom")
+
+    assert leases.all_released
+    assert lock.held_games == []
+
+
+def test_hold_when_redis_is_down_raises_service_unavailable() -> None:
+    leases = FakeLeases()
+    leases.go_down()
+    lock = GameLock(leases, LONG_TTL)
+
+    with pytest.raises(ServiceUnavailable), lock.hold("game-1"):
+        pytest.fail("the block must not run")
+
+    assert lock.held_games == []
+
+
+def test_hold_renews_the_lease_periodically_while_the_block_runs() -> None:
+    leases = FakeLeases()
+    lock = GameLock(leases, SHORT_TTL)
+
+    with lock.hold("game-1") as lease:
+        assert wait_until(lambda: renewals(leases, lease) >= 3)
+
+    assert leases.all_released
+
+
+def test_renewal_extends_with_the_configured_ttl_and_the_lease_token() -> None:
+    leases = FakeLeases()
+    extended: list[tuple[Lease, timedelta]] = []
+    original = leases.renew
+
+    def spy(lease: Lease, ttl: timedelta) -> bool:
+        extended.append((lease, ttl))
+        return original(lease, ttl)
+
+    leases.renew = spy  # type: ignore[method-assign]
+    lock = GameLock(leases, SHORT_TTL)
+
+    with lock.hold("game-1") as lease:
+        assert wait_until(lambda: bool(extended))
+
+    assert extended[0] == (lease, SHORT_TTL)
+
+
+def test_every_held_game_is_renewed() -> None:
+    leases = FakeLeases()
+    lock = GameLock(leases, SHORT_TTL)
+
+    with lock.hold("game-1") as first, lock.hold("game-2") as second:
+        assert wait_until(lambda: renewals(leases, first) >= 2 and renewals(leases, second) >= 2)
+
+    assert leases.all_released
+
+
+def test_renewal_stops_once_the_lease_is_released() -> None:
+    leases = FakeLeases()
+    lock = GameLock(leases, SHORT_TTL)
+    with lock.hold("game-1") as lease:
+        assert wait_until(lambda: renewals(leases, lease) >= 1)
+    time.sleep(0.12)  # a renewal already under way may still finish
+    settled = renewals(leases, lease)
+
+    time.sleep(0.2)
+
+    assert renewals(leases, lease) == settled
+
+
+def test_renewal_resumes_for_a_later_hold() -> None:
+    leases = FakeLeases()
+    lock = GameLock(leases, SHORT_TTL)
+    with lock.hold("game-1"):
+        pass
+    time.sleep(0.12)  # the renewer finds nothing held and ends
+
+    with lock.hold("game-1") as lease:
+        assert wait_until(lambda: renewals(leases, lease) >= 2)
+
+
+def test_a_renewal_that_fails_does_not_break_the_operation(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    leases = FakeLeases()
+    leases.go_down("renew")
+    lock = GameLock(leases, SHORT_TTL)
+
+    with caplog.at_level(logging.WARNING), lock.hold("game-1"):
+        assert wait_until(
+            lambda: any(r.getMessage() == "could not renew game lease" for r in caplog.records)
+        )
+
+    assert leases.all_released
+
+
+def test_a_lease_lost_while_held_is_logged_as_an_error(caplog: pytest.LogCaptureFixture) -> None:
+    leases = FakeLeases()
+    lock = GameLock(leases, SHORT_TTL)
+
+    with caplog.at_level(logging.ERROR), lock.hold("game-1"):
+        leases.expire("game-1")
+        assert wait_until(
+            lambda: any(
+                r.getMessage() == "lost a game lease while its operation runs"
+                for r in caplog.records
+            )
+        )
+
+
+def test_a_release_that_fails_is_logged_not_raised(caplog: pytest.LogCaptureFixture) -> None:
+    leases = FakeLeases()
+    leases.go_down("release")
+    lock = GameLock(leases, LONG_TTL)
+
+    with caplog.at_level(logging.WARNING), lock.hold("game-1"):
+        pass
+
+    assert lock.held_games == []
+    assert any(r.getMessage() == "could not release game lease" for r in caplog.records)
+
+
+def test_releasing_a_lease_that_already_expired_is_logged_not_raised(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    leases = FakeLeases()
+    lock = GameLock(leases, LONG_TTL)
+
+    with caplog.at_level(logging.WARNING), lock.hold("game-1"):
+        leases.expire("game-1")
+
+    assert any(r.getMessage() == "game lease had expired before release" for r in caplog.records)
+
+
+def test_acquire_latency_is_observed_once_per_hold() -> None:
+    leases = FakeLeases()
+    observed: list[float] = []
+    lock = GameLock(leases, LONG_TTL, on_acquire_latency=observed.append)
+
+    with lock.hold("game-1"):
+        pass
+    leases.busy.add("game-2")
+    with pytest.raises(ConcurrentModification), lock.hold("game-2"):
+        pass
+
+    assert len(observed) == 2
+    assert all(seconds >= 0 for seconds in observed)
+
+
+class BlockingRenewLeases(FakeLeases):
+    """Renewing game `a` waits until told to go on (to order it against a release)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.renewing_a = threading.Event()
+        self.go_on = threading.Event()
+
+    def renew(self, lease: Lease, ttl: timedelta) -> bool:
+        if lease.game_id == "a" and not self.renewing_a.is_set():
+            self.renewing_a.set()
+            self.go_on.wait(2)
+        return super().renew(lease, ttl)
+
+
+def test_a_lease_released_during_a_renewal_round_is_not_renewed_nor_reported_lost(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    leases = BlockingRenewLeases()
+    lock = GameLock(leases, SHORT_TTL)
+
+    with caplog.at_level(logging.ERROR), lock.hold("a"):
+        with lock.hold("b") as b:
+            assert leases.renewing_a.wait(2)
+        leases.go_on.set()
+        time.sleep(0.03)
+
+    assert b not in leases.renewed
+    assert not [r for r in caplog.records if "lost a game lease" in r.getMessage()]
