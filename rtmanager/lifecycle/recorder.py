@@ -76,6 +76,8 @@ class Operation:
     started_at: datetime
     started_monotonic: float
     container_id: str = ""
+    # Extra context for the operation's log line (the stop reason, ...).
+    log_fields: dict[str, str] = field(default_factory=dict)
     _result: OperationResult | None = field(default=None, repr=False)
 
     def commit(
@@ -292,6 +294,7 @@ class OperationRecorder:
             "image_ref": operation.image_ref,
             "duration_ms": round(seconds * 1000, 1),
             "operation_id": result.operation_id,
+            **operation.log_fields,
         }
         if result.failure is None:
             log.info("operation succeeded", extra=fields)

@@ -58,6 +58,7 @@ class StopService:
         )
         if isinstance(operation, OperationResult):
             return operation
+        operation.log_fields["reason"] = str(request.reason)
         game_id = operation.game_id
 
         def body(op: Operation) -> OperationResult:
