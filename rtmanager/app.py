@@ -26,7 +26,7 @@ from rtmanager.api.server import SERVICE_NAMES, build_server
 from rtmanager.api.servicers import Lifecycles, RuntimeAdminServicer, RuntimeServicer
 from rtmanager.config import Settings
 from rtmanager.lifecycle.cleanup import CleanupService
-from rtmanager.lifecycle.common import LifecycleSettings
+from rtmanager.lifecycle.common import LifecycleDeps, LifecycleSettings
 from rtmanager.lifecycle.leasing import GameLock
 from rtmanager.lifecycle.patch import PatchService
 from rtmanager.lifecycle.queries import RuntimeQueries
@@ -129,17 +129,14 @@ class Application:
         )
         self.recorder = OperationRecorder(self.units_of_work, telemetry)
         lifecycle = lifecycle_settings(settings)
-        common = {
-            "recorder": self.recorder,
-            "lock": self.lock,
-            "docker": self.docker,
-            "settings": lifecycle,
-        }
-        start = StartService(**common)  # type: ignore[arg-type]
-        stop = StopService(**common)  # type: ignore[arg-type]
-        recreate = RecreateService(stop=stop, start=start, **common)  # type: ignore[arg-type]
-        cleanup = CleanupService(stop=stop, **common)  # type: ignore[arg-type]
-        self.reconciler = Reconciler(telemetry=telemetry, **common)  # type: ignore[arg-type]
+        deps = LifecycleDeps(
+            recorder=self.recorder, lock=self.lock, docker=self.docker, settings=lifecycle
+        )
+        start = StartService(deps)
+        stop = StopService(deps)
+        recreate = RecreateService(deps, stop=stop, start=start)
+        cleanup = CleanupService(deps, stop=stop)
+        self.reconciler = Reconciler(deps, telemetry=telemetry)
         self.lifecycles = Lifecycles(
             queries=RuntimeQueries(self.units_of_work),
             start=start,

@@ -11,24 +11,22 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
 from rtmanager.domain.errors import Conflict, RuntimeManagerError
 from rtmanager.domain.operation import OpKind, OpSource
 from rtmanager.domain.runtime import RuntimeStatus
-from rtmanager.domain.timeutil import utc_now
 from rtmanager.lifecycle.common import (
-    LifecycleSettings,
+    LifecycleDeps,
+    LifecycleService,
     new_correlation_id,
     op_time,
     owned_container,
 )
-from rtmanager.lifecycle.leasing import GameLock
-from rtmanager.lifecycle.recorder import Operation, OperationRecorder, OperationResult
+from rtmanager.lifecycle.recorder import Operation, OperationResult
 from rtmanager.lifecycle.stop import StopService
-from rtmanager.ports import DockerEngine, StatusChange
+from rtmanager.ports import StatusChange
 
 log = logging.getLogger(__name__)
 
@@ -45,25 +43,17 @@ class CleanupRequest:
     stale_before: datetime | None = None
 
 
-class CleanupService:
+class CleanupService(LifecycleService):
     """The cleanup lifecycle (SPEC §3 Cleanup)."""
 
     def __init__(
         self,
+        deps: LifecycleDeps,
         *,
-        recorder: OperationRecorder,
-        lock: GameLock,
-        docker: DockerEngine,
         stop: StopService,
-        settings: LifecycleSettings,
-        clock: Callable[[], datetime] = utc_now,
     ) -> None:
-        self._recorder = recorder
-        self._lock = lock
-        self._docker = docker
+        super().__init__(deps)
         self._stop = stop
-        self._settings = settings
-        self._clock = clock
 
     def handle(self, request: CleanupRequest) -> OperationResult:
         """Validate, take the game's lease and clean up; never raises."""

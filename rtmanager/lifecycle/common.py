@@ -13,6 +13,9 @@ from rtmanager.domain.errors import Conflict, InternalError, NotFound
 from rtmanager.domain.ids import engine_endpoint
 from rtmanager.domain.images import ImageRef, parse_image_ref, require_allowed
 from rtmanager.domain.runtime import RuntimeRecord, RuntimeStatus
+from rtmanager.domain.timeutil import utc_now
+from rtmanager.lifecycle.leasing import GameLock
+from rtmanager.lifecycle.recorder import OperationRecorder
 from rtmanager.ports import ContainerInfo, DockerEngine, PullPolicy, UnitOfWork
 
 
@@ -57,6 +60,28 @@ class LifecycleSettings:
         if path.parent != root:
             raise InternalError(f"state directory of {game_id!r} escapes {root}")
         return path
+
+
+@dataclass(frozen=True)
+class LifecycleDeps:
+    """The collaborators every lifecycle service (and the reconciler) needs."""
+
+    recorder: OperationRecorder
+    lock: GameLock
+    docker: DockerEngine
+    settings: LifecycleSettings
+    clock: Callable[[], datetime] = utc_now
+
+
+class LifecycleService:
+    """Base of the lifecycle services: unpacks their shared dependencies."""
+
+    def __init__(self, deps: LifecycleDeps) -> None:
+        self._recorder = deps.recorder
+        self._lock = deps.lock
+        self._docker = deps.docker
+        self._settings = deps.settings
+        self._clock = deps.clock
 
 
 def allowed_image(image_ref: str, settings: LifecycleSettings) -> ImageRef:

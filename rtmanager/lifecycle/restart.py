@@ -11,27 +11,24 @@ inner step's code.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
 
 from rtmanager.domain.errors import Conflict, RuntimeManagerError
 from rtmanager.domain.images import ImageRef, check_patch_target, parse_image_ref
 from rtmanager.domain.operation import OpKind, OpSource
 from rtmanager.domain.runtime import RuntimeRecord, RuntimeStatus
-from rtmanager.domain.timeutil import utc_now
 from rtmanager.lifecycle.common import (
-    LifecycleSettings,
+    LifecycleDeps,
+    LifecycleService,
     allowed_image,
     forget_container,
     new_correlation_id,
     owned_container,
 )
-from rtmanager.lifecycle.leasing import GameLock
-from rtmanager.lifecycle.recorder import Operation, OperationRecorder, OperationResult
+from rtmanager.lifecycle.recorder import Operation, OperationResult
 from rtmanager.lifecycle.start import StartService
 from rtmanager.lifecycle.stop import StopService
-from rtmanager.ports import DockerEngine, UnitOfWork
+from rtmanager.ports import UnitOfWork
 
 
 @dataclass(frozen=True)
@@ -43,27 +40,19 @@ class RestartRequest:
     source_ref: str = ""
 
 
-class RecreateService:
+class RecreateService(LifecycleService):
     """Stop, remove and start again under one lease: restart and patch."""
 
     def __init__(
         self,
+        deps: LifecycleDeps,
         *,
-        recorder: OperationRecorder,
-        lock: GameLock,
-        docker: DockerEngine,
         stop: StopService,
         start: StartService,
-        settings: LifecycleSettings,
-        clock: Callable[[], datetime] = utc_now,
     ) -> None:
-        self._recorder = recorder
-        self._lock = lock
-        self._docker = docker
+        super().__init__(deps)
         self._stop = stop
         self._start = start
-        self._settings = settings
-        self._clock = clock
 
     def recreate(
         self,

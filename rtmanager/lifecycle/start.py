@@ -11,7 +11,6 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 from rtmanager.deadlines import bounded
@@ -25,18 +24,16 @@ from rtmanager.domain.errors import (
 from rtmanager.domain.ids import container_name
 from rtmanager.domain.operation import OpKind, OpSource
 from rtmanager.domain.runtime import RuntimeRecord, RuntimeStatus
-from rtmanager.domain.timeutil import utc_now
 from rtmanager.lifecycle.common import (
-    LifecycleSettings,
+    LifecycleService,
     allowed_image,
     forget_container,
     load_record,
     op_time,
     owned_container,
 )
-from rtmanager.lifecycle.leasing import GameLock
-from rtmanager.lifecycle.recorder import Operation, OperationRecorder, OperationResult
-from rtmanager.ports import ContainerSpec, DockerEngine, UnitOfWork
+from rtmanager.lifecycle.recorder import Operation, OperationResult
+from rtmanager.ports import ContainerSpec, UnitOfWork
 
 log = logging.getLogger(__name__)
 
@@ -54,23 +51,8 @@ class StartRequest:
     source_ref: str = ""
 
 
-class StartService:
+class StartService(LifecycleService):
     """The start lifecycle (SPEC §3 Start)."""
-
-    def __init__(
-        self,
-        *,
-        recorder: OperationRecorder,
-        lock: GameLock,
-        docker: DockerEngine,
-        settings: LifecycleSettings,
-        clock: Callable[[], datetime] = utc_now,
-    ) -> None:
-        self._recorder = recorder
-        self._lock = lock
-        self._docker = docker
-        self._settings = settings
-        self._clock = clock
 
     def handle(self, request: StartRequest) -> OperationResult:
         """Validate, take the game's lease and start; never raises."""

@@ -6,18 +6,19 @@ inner stop of restart, patch and forced cleanup).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
 
 from rtmanager.domain.errors import Conflict
 from rtmanager.domain.operation import OpKind, OpSource
 from rtmanager.domain.runtime import RuntimeStatus
-from rtmanager.domain.timeutil import utc_now
-from rtmanager.lifecycle.common import LifecycleSettings, StopReason, op_time, owned_container
-from rtmanager.lifecycle.leasing import GameLock
-from rtmanager.lifecycle.recorder import Operation, OperationRecorder, OperationResult
-from rtmanager.ports import DockerEngine, StatusChange
+from rtmanager.lifecycle.common import (
+    LifecycleService,
+    StopReason,
+    op_time,
+    owned_container,
+)
+from rtmanager.lifecycle.recorder import Operation, OperationResult
+from rtmanager.ports import StatusChange
 
 
 @dataclass(frozen=True)
@@ -30,23 +31,8 @@ class StopRequest:
     source_ref: str = ""
 
 
-class StopService:
+class StopService(LifecycleService):
     """The stop lifecycle (SPEC §3 Stop)."""
-
-    def __init__(
-        self,
-        *,
-        recorder: OperationRecorder,
-        lock: GameLock,
-        docker: DockerEngine,
-        settings: LifecycleSettings,
-        clock: Callable[[], datetime] = utc_now,
-    ) -> None:
-        self._recorder = recorder
-        self._lock = lock
-        self._docker = docker
-        self._settings = settings
-        self._clock = clock
 
     def handle(self, request: StopRequest) -> OperationResult:
         """Validate, take the game's lease and stop; never raises."""

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import StrEnum
@@ -30,11 +30,9 @@ from rtmanager.domain.errors import ConcurrentModification, RuntimeManagerError
 from rtmanager.domain.ids import container_name, is_valid_game_id
 from rtmanager.domain.operation import OpKind, OpSource
 from rtmanager.domain.runtime import RuntimeRecord, RuntimeStatus
-from rtmanager.domain.timeutil import utc_now
-from rtmanager.lifecycle.common import LifecycleSettings, load_record
-from rtmanager.lifecycle.leasing import GameLock
-from rtmanager.lifecycle.recorder import Operation, OperationRecorder, OperationResult
-from rtmanager.ports import ContainerInfo, DockerEngine, StatusChange, UnitOfWork
+from rtmanager.lifecycle.common import LifecycleDeps, LifecycleService, load_record
+from rtmanager.lifecycle.recorder import Operation, OperationResult
+from rtmanager.ports import ContainerInfo, StatusChange, UnitOfWork
 from rtmanager.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
@@ -130,25 +128,12 @@ def _action(kind: ActionKind, game_id: str, container: ContainerInfo) -> Reconci
     )
 
 
-class Reconciler:
+class Reconciler(LifecycleService):
     """Plans and applies reconciliation passes; also handles observed engine exits."""
 
-    def __init__(
-        self,
-        *,
-        recorder: OperationRecorder,
-        lock: GameLock,
-        docker: DockerEngine,
-        settings: LifecycleSettings,
-        telemetry: Telemetry,
-        clock: Callable[[], datetime] = utc_now,
-    ) -> None:
-        self._recorder = recorder
-        self._lock = lock
-        self._docker = docker
-        self._settings = settings
+    def __init__(self, deps: LifecycleDeps, *, telemetry: Telemetry) -> None:
+        super().__init__(deps)
         self._telemetry = telemetry
-        self._clock = clock
         self._pass_lock = threading.Lock()
 
     def run_pass(self, *, dry_run: bool = False) -> ReconcileReport:

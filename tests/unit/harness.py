@@ -16,7 +16,7 @@ from rtmanager.domain.operation import OperationEntry, OpKind
 from rtmanager.domain.runtime import RuntimeRecord, RuntimeStatus
 from rtmanager.domain.timeutil import utc_now
 from rtmanager.lifecycle.cleanup import CleanupService
-from rtmanager.lifecycle.common import LifecycleSettings
+from rtmanager.lifecycle.common import LifecycleDeps, LifecycleSettings
 from rtmanager.lifecycle.leasing import GameLock
 from rtmanager.lifecycle.patch import PatchService
 from rtmanager.lifecycle.recorder import OperationRecorder, OperationResult
@@ -170,15 +170,10 @@ def make_harness(
     telemetry = Telemetry()
     lock = GameLock(leases, LEASE_TTL, on_acquire_latency=telemetry.lease_acquired)
     recorder = OperationRecorder(units_of_work, telemetry)
-    common: dict[str, Any] = {
-        "recorder": recorder,
-        "lock": lock,
-        "docker": docker,
-        "settings": settings,
-    }
-    start = StartService(**common)
-    stop = StopService(**common)
-    recreate = RecreateService(stop=stop, start=start, **common)
+    deps = LifecycleDeps(recorder=recorder, lock=lock, docker=docker, settings=settings)
+    start = StartService(deps)
+    stop = StopService(deps)
+    recreate = RecreateService(deps, stop=stop, start=start)
     return Harness(
         store=store,
         units_of_work=units_of_work,
@@ -192,7 +187,7 @@ def make_harness(
         recreate=recreate,
         restart=RestartService(recreate),
         patch=PatchService(recreate),
-        cleanup=CleanupService(stop=stop, **common),
+        cleanup=CleanupService(deps, stop=stop),
     )
 
 
