@@ -494,29 +494,22 @@ class Output:
 
     def records(self, page: Page[RuntimeRecord]) -> None:
         """A page of runtime records."""
-        if self.json:
-            self.emit_json(
-                {
-                    "runtimes": [to_json(record) for record in page.items],
-                    "next_page_token": page.next_page_token,
-                }
-            )
-            return
-        self.emit(records_table(page.items))
-        if page.next_page_token:
-            self.emit(f"next page: --page-token {page.next_page_token}")
+        self._page("runtimes", page, records_table(page.items))
 
     def operations(self, page: Page[OperationEntry]) -> None:
         """A page of operation-log entries."""
+        self._page("operations", page, operations_table(page.items))
+
+    def _page(self, key: str, page: Page[Any], table: str) -> None:
         if self.json:
             self.emit_json(
                 {
-                    "operations": [to_json(entry) for entry in page.items],
+                    key: [to_json(item) for item in page.items],
                     "next_page_token": page.next_page_token,
                 }
             )
             return
-        self.emit(operations_table(page.items))
+        self.emit(table)
         if page.next_page_token:
             self.emit(f"next page: --page-token {page.next_page_token}")
 
