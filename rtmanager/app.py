@@ -38,6 +38,7 @@ from rtmanager.telemetry import TelemetryExport
 from rtmanager.workers.docker_events import DockerEventsListener
 from rtmanager.workers.periodic import PeriodicWorker
 from rtmanager.workers.reconciler import Reconciler
+from rtmanager.workers.stream_consumer import StreamConsumer, StreamSettings
 from rtmanager.workers.supervisor import Workers
 from rtmanager.workers.ttl_cleanup import TtlCleanup
 
@@ -154,7 +155,9 @@ class Application:
                 PeriodicWorker("reconciler", self.reconciler.run_pass, settings.reconcile_interval),
                 PeriodicWorker("ttl-cleanup", ttl_cleanup.run_once, settings.cleanup_interval),
             ],
-            stream_consumer=None,
+            stream_consumer=StreamConsumer(
+                self.redis, start, stop, StreamSettings.from_settings(settings), telemetry
+            ),
         )
         self.health = HealthMonitor(
             {

@@ -152,6 +152,7 @@ class Settings(BaseModel):
     stream_group: str = "rtmanager"
     stream_max_deliveries: int = Field(default=5, ge=1, le=1000)
     stream_workers: int = Field(default=4, ge=1, le=256)
+    stream_claim_idle: PositiveDuration = timedelta(seconds=30)
 
     instance_id: str = Field(default_factory=default_instance_id)
     cluster: str = "default"

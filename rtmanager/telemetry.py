@@ -39,6 +39,12 @@ class Telemetry:
         self._stream_jobs = meter.create_counter(
             "rtmanager_stream_jobs", description="Stream jobs processed by stream and outcome"
         )
+        self._stream_lag = meter.create_gauge(
+            "rtmanager_stream_consumer_lag", description="Job entries not yet read by the group"
+        )
+        self._runtimes = meter.create_gauge(
+            "rtmanager_runtimes", description="Runtime records by status (as of the last reconcile)"
+        )
 
     def operation_finished(
         self, *, kind: str, source: str, outcome: str, error_code: str, seconds: float
@@ -60,6 +66,15 @@ class Telemetry:
     def reconcile_action(self, kind: str, applied: bool) -> None:
         """Count one reconciler action."""
         self._reconcile_actions.add(1, {"kind": kind, "applied": str(applied).lower()})
+
+    def stream_lag(self, stream: str, lag: int) -> None:
+        """Report a job stream's consumer-group lag."""
+        self._stream_lag.set(lag, {"stream": stream})
+
+    def runtimes(self, counts: dict[str, int]) -> None:
+        """Report how many runtime records are in each status."""
+        for status, count in counts.items():
+            self._runtimes.set(count, {"status": status})
 
     def stream_job(self, stream: str, outcome: str) -> None:
         """Count one processed stream job."""

@@ -212,6 +212,12 @@ class Reconciler(LifecycleService):
                 record = load_record(uow, game_id)
                 if record is not None:
                     records[game_id] = record
+        self._telemetry.runtimes(
+            {
+                status: sum(1 for r in records.values() if r.status is status)
+                for status in (RuntimeStatus.RUNNING, RuntimeStatus.STOPPED)
+            }
+        )
         plan = []
         for game_id in sorted(containers.keys() | records.keys()):
             action = plan_game(game_id, records.get(game_id), containers.get(game_id, ()))
