@@ -15,6 +15,7 @@ import grpc
 from opentelemetry.instrumentation.grpc import server_interceptor
 
 from rtmanager.adapters.docker.engine import DockerEngineAdapter
+from rtmanager.adapters.postgres.event_feed import PostgresRuntimeFeed
 from rtmanager.adapters.postgres.migrations import SchemaVersionError, check_schema_version
 from rtmanager.adapters.postgres.pool import create_pool
 from rtmanager.adapters.postgres.unit_of_work import PostgresUnitOfWorkFactory
@@ -34,6 +35,7 @@ from rtmanager.lifecycle.recorder import OperationRecorder
 from rtmanager.lifecycle.restart import RecreateService, RestartService
 from rtmanager.lifecycle.start import StartService
 from rtmanager.lifecycle.stop import StopService
+from rtmanager.lifecycle.watch import WatchService
 from rtmanager.telemetry import TelemetryExport
 from rtmanager.workers.docker_events import DockerEventsListener
 from rtmanager.workers.periodic import PeriodicWorker
@@ -118,6 +120,14 @@ class Application:
             timeout=_DEPENDENCY_TIMEOUT,
         )
         self.units_of_work = PostgresUnitOfWorkFactory(self.pool)
+        self.feed = PostgresRuntimeFeed(
+            dsn=settings.postgres_dsn,
+            schema=settings.postgres_schema,
+            pool=self.pool,
+            max_subscribers=settings.watch_max_subscribers,
+            queue_capacity=settings.watch_queue_size,
+            retention=settings.watch_retention,
+        )
         self.redis = create_redis(settings.redis_url, timeout=_DEPENDENCY_TIMEOUT)
         self.leases = RedisGameLeases(self.redis, prefix=settings.redis_prefix)
         self.docker = DockerEngineAdapter(
@@ -146,6 +156,7 @@ class Application:
             patch=PatchService(recreate),
             cleanup=cleanup,
             reconciler=self.reconciler,
+            watch=WatchService(self.feed, heartbeat=settings.watch_heartbeat),
         )
         ttl_cleanup = TtlCleanup(self.units_of_work, cleanup, ttl=settings.container_ttl)
         self.workers = Workers(
@@ -220,6 +231,7 @@ class Application:
         The server listens at once but health reports SERVING only after the
         start-up reconcile pass and while the dependency checks pass.
         """
+        self.feed.start()
         self.server.start()
         self.health.start()
         if not self.workers.start(stop, on_ready=self.health.set_ready):
@@ -244,6 +256,9 @@ class Application:
         log.info("draining", extra={"grace_seconds": grace.total_seconds()})
         self.health.drain()
         deadline = time.monotonic() + grace.total_seconds()
+        # Watches end at once (clients resume elsewhere with their cursor);
+        # they must not hold the server through the whole grace period.
+        self.feed.stop(5.0)
         self.server.stop(grace.total_seconds()).wait()
         self.workers.stop(max(deadline - time.monotonic(), 1.0))
         held = self.lock.held_games
@@ -255,6 +270,7 @@ class Application:
 
     def close(self) -> None:
         """Release every connection the application holds."""
+        self.feed.stop(5.0)
         self.pool.close()
         self.redis.close()
         self.docker.close()

@@ -130,6 +130,21 @@ class PermissionDeniedError(RuntimeManagerClientError):
     error_code = "permission_denied"
 
 
+class CursorExpiredError(RuntimeManagerClientError):
+    """A watch cursor older than retention: resync with a snapshot."""
+
+    error_code = "cursor_expired"
+
+
+class WatchEndedError(RuntimeManagerClientError):
+    """A watch was ended by the server (too slow, too many watchers, shutting down).
+
+    `metadata["cursor"]`, when present, is where to resume.
+    """
+
+    error_code = "too_slow"
+
+
 class UnimplementedError(RuntimeManagerClientError):
     """The server does not implement this call."""
 
@@ -151,8 +166,12 @@ _BY_REASON: dict[str, type[RuntimeManagerClientError]] = {
         UnauthenticatedError,
         PermissionDeniedError,
         UnimplementedError,
+        CursorExpiredError,
+        WatchEndedError,
     )
 }
+_BY_REASON["too_many_watchers"] = WatchEndedError
+_BY_REASON["unavailable"] = ServiceUnavailableError
 _BY_STATUS: dict[grpc.StatusCode, type[RuntimeManagerClientError]] = {
     grpc.StatusCode.UNAVAILABLE: ServiceUnavailableError,
     grpc.StatusCode.DEADLINE_EXCEEDED: ServiceUnavailableError,
@@ -378,3 +397,19 @@ class RuntimeManagerClient:
             self._admin.Reconcile, pb.ReconcileRequest(dry_run=dry_run), timeout
         )
         return reply
+
+    def watch_runtimes(
+        self, request: pb.WatchRuntimesRequest, *, timeout: float | None = None
+    ) -> Iterator[pb.WatchRuntimesResponse]:
+        """Stream runtime changes (no deadline unless `timeout`); failures raise typed errors.
+
+        Keep the last `cursor` seen (events, SnapshotComplete, bookmarks) and
+        pass it as `since` to resume after a disconnect without loss or
+        repetition. `CursorExpiredError` means resync with `initial_snapshot`.
+        """
+        try:
+            yield from self._runtime.WatchRuntimes(
+                request, timeout=timeout, metadata=self._metadata
+            )
+        except grpc.RpcError as error:
+            raise error_from_rpc(error) from None

@@ -22,6 +22,7 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from rtmanager.ports import PullPolicy
@@ -131,7 +132,7 @@ class Settings(BaseModel):
 
     grpc_addr: HostPort = "127.0.0.1:50051"
     grpc_max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024)
-    grpc_max_workers: int = Field(default=32, ge=1, le=1024)
+    grpc_max_workers: int = Field(default=64, ge=8, le=1024)
     reflection: bool = True
     shutdown_grace: PositiveDuration = timedelta(seconds=30)
 
@@ -194,9 +195,20 @@ class Settings(BaseModel):
         default_factory=lambda: "text" if sys.stderr.isatty() else "json"
     )
 
-    watch_max_subscribers: int = Field(default=256, ge=1, le=100_000)
+    watch_max_subscribers: int = Field(default=32, ge=1, le=1000)
+    watch_queue_size: int = Field(default=1000, ge=10, le=1_000_000)
     watch_heartbeat: PositiveDuration = timedelta(seconds=15)
     watch_retention: PositiveDuration = timedelta(days=7)
+
+    @model_validator(mode="after")
+    def _watchers_leave_threads_for_calls(self) -> Settings:
+        # Each watch holds one server thread for its whole life.
+        if self.watch_max_subscribers > self.grpc_max_workers - 8:
+            raise ValueError(
+                "RTMANAGER_WATCH_MAX_SUBSCRIBERS must be at most RTMANAGER_GRPC_MAX_WORKERS - 8 "
+                f"({self.grpc_max_workers - 8}), so watchers cannot starve other calls"
+            )
+        return self
 
     @field_validator("log_level", "log_format", "image_pull_policy", mode="before")
     @classmethod

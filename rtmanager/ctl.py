@@ -56,13 +56,11 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from rtmanager._proto.galaxy.rtmanager.v1 import rtmanager_pb2 as pb
-from rtmanager._proto.galaxy.rtmanager.v1 import rtmanager_pb2_grpc as pb_grpc
 from rtmanager.api import convert
 from rtmanager.client import (
     ClientCredentials,
     RuntimeManagerClient,
     RuntimeManagerClientError,
-    error_from_rpc,
 )
 from rtmanager.domain.errors import ErrorCode, RuntimeManagerError
 from rtmanager.domain.operation import OperationEntry, OpKind, OpSource, Outcome
@@ -225,29 +223,15 @@ def open_channel(connection: Connection) -> grpc.Channel:
 
 
 class CtlClient(RuntimeManagerClient):
-    """The typed client plus the one call it does not wrap yet: WatchRuntimes."""
+    """The typed client on a channel built from the command line's options."""
 
     def __init__(self, connection: Connection) -> None:
-        channel = open_channel(connection)
         super().__init__(
             connection.address,
             token=connection.token,
             timeout=connection.timeout,
-            channel=channel,
+            channel=open_channel(connection),
         )
-        self._watch = pb_grpc.RuntimeServiceStub(channel).WatchRuntimes
-        self._watch_metadata = (
-            (("authorization", f"Bearer {connection.token}"),) if connection.token else ()
-        )
-
-    def watch_runtimes(
-        self, request: pb.WatchRuntimesRequest
-    ) -> Iterator[pb.WatchRuntimesResponse]:
-        """Stream WatchRuntimes without a deadline; failures raise typed errors."""
-        try:
-            yield from self._watch(request, metadata=self._watch_metadata)
-        except grpc.RpcError as error:
-            raise error_from_rpc(error) from None
 
 
 Connect = Callable[[Connection], Session]

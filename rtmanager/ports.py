@@ -135,6 +135,31 @@ class OperationLog(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class RuntimeEvent:
+    """One committed record change, as the event feed delivers it."""
+
+    id: int
+    operation_id: int
+    op_kind: OpKind
+    op_source: OpSource
+    outcome: Outcome
+    record: RuntimeRecord
+    committed_at: datetime
+
+
+class RuntimeEventLog(Protocol):
+    """The outbox of record changes, written in the change's own transaction."""
+
+    def append(self, operation: OperationEntry, record: RuntimeRecord) -> int:
+        """Append the change `operation` made (the record after it); return the event id.
+
+        Event ids grow in commit order: an event committed later never has a
+        smaller id than one a reader has already seen.
+        """
+        ...
+
+
 class UnitOfWork(Protocol):
     """One database transaction over records and the operation log.
 
@@ -145,6 +170,7 @@ class UnitOfWork(Protocol):
 
     records: RuntimeRecordStore
     operations: OperationLog
+    events: RuntimeEventLog
 
     def __enter__(self) -> Self: ...
 
@@ -157,6 +183,69 @@ class UnitOfWork(Protocol):
 
     def commit(self) -> None:
         """Commit everything written in this unit of work."""
+        ...
+
+
+class CursorExpired(Exception):
+    """A watch cursor older than the feed's retention."""
+
+
+class Subscription(Protocol):
+    """One watcher's live view of the feed: events in id order, as they commit."""
+
+    @property
+    def position(self) -> int:
+        """The newest event id the feed had dispatched when this watcher subscribed."""
+        ...
+
+    def get(self, timeout: float) -> RuntimeEvent | int:
+        """The next event, or, after `timeout` seconds without one, a bookmark:
+        the id through which every dispatched event has been handed over.
+
+        Raises `SubscriberOverflow` when the watcher fell too far behind and
+        `FeedClosed` when the feed is shutting down or the watch was closed.
+        """
+        ...
+
+    def close(self) -> None:
+        """End this watch from any thread: a blocked `get` raises `FeedClosed` at once."""
+        ...
+
+
+class SubscriberOverflow(Exception):
+    """The watcher did not keep up; events were not queued for it."""
+
+
+class FeedClosed(Exception):
+    """The feed is shutting down."""
+
+
+class TooManyWatchers(Exception):
+    """The process already serves as many watchers as configured."""
+
+
+class RuntimeFeed(Protocol):
+    """The durable, ordered stream of committed runtime changes (WatchRuntimes)."""
+
+    def subscribe(self) -> Subscription:
+        """Register a watcher; raise `TooManyWatchers` at the configured bound."""
+        ...
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        """Forget a watcher."""
+        ...
+
+    def snapshot(self) -> tuple[builtins.list[RuntimeRecord], int]:
+        """Every record and the newest event id, read in one consistent snapshot."""
+        ...
+
+    def events_after(self, after_id: int, limit: int) -> builtins.list[RuntimeEvent]:
+        """Up to `limit` stored events with id > `after_id`, in id order."""
+        ...
+
+    def check_cursor(self, cursor: int) -> None:
+        """Raise `CursorExpired` when events after `cursor` were already pruned,
+        `InvalidRequest` when the cursor was never issued."""
         ...
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from enum import Enum
 from typing import TypeVar
@@ -13,7 +13,15 @@ from rtmanager._proto.galaxy.rtmanager.v1 import rtmanager_pb2 as pb
 from rtmanager.domain.errors import InvalidRequest
 from rtmanager.domain.operation import OperationEntry, OpKind, OpSource, Outcome
 from rtmanager.domain.runtime import RuntimeRecord, RuntimeStatus
+from rtmanager.domain.timeutil import utc_now
 from rtmanager.lifecycle.common import StopReason
+from rtmanager.lifecycle.watch import (
+    Bookmark,
+    SnapshotDone,
+    SnapshotRecord,
+    WatchItem,
+    format_cursor,
+)
 from rtmanager.workers.reconciler import ActionKind, ReconcileReport
 
 E = TypeVar("E", bound=Enum)
@@ -223,3 +231,44 @@ def reconcile_report_to_pb(report: ReconcileReport) -> pb.ReconcileResponse:
         marked_running=report.count(ActionKind.MARK_RUNNING),
         skipped=report.skipped,
     )
+
+
+def watch_item_to_pb(item: WatchItem) -> pb.WatchRuntimesResponse:
+    """Return the proto form of one item of a watch stream."""
+    if isinstance(item, SnapshotRecord):
+        return pb.WatchRuntimesResponse(snapshot=record_to_pb(item.record))
+    if isinstance(item, SnapshotDone):
+        return pb.WatchRuntimesResponse(
+            snapshot_complete=pb.SnapshotComplete(cursor=format_cursor(item.cursor))
+        )
+    if isinstance(item, Bookmark):
+        return pb.WatchRuntimesResponse(
+            bookmark=pb.Bookmark(
+                cursor=format_cursor(item.cursor), server_time=timestamp_to_pb(utc_now())
+            )
+        )
+    event = item.event
+    return pb.WatchRuntimesResponse(
+        event=pb.RuntimeEvent(
+            cursor=format_cursor(event.id),
+            op_kind=OP_KIND_TO_PB[event.op_kind],
+            op_source=OP_SOURCE_TO_PB[event.op_source],
+            outcome=OUTCOME_TO_PB[event.outcome],
+            runtime=record_to_pb(event.record),
+            operation_id=event.operation_id,
+            committed_at=timestamp_to_pb(event.committed_at),
+        )
+    )
+
+
+def statuses_from_pb(values: Iterable[int]) -> list[RuntimeStatus]:
+    """Status filters of a request; UNSPECIFIED or unknown values are invalid."""
+    statuses = []
+    for value in values:
+        status = enum_from_pb(STATUS_FROM_PB, value, "statuses")
+        if status is None:
+            raise InvalidRequest(
+                "statuses must not contain UNSPECIFIED", metadata={"field": "statuses"}
+            )
+        statuses.append(status)
+    return statuses

@@ -31,6 +31,7 @@ from rtmanager.lifecycle.recorder import OperationResult
 from rtmanager.lifecycle.restart import RestartRequest, RestartService
 from rtmanager.lifecycle.start import StartRequest, StartService
 from rtmanager.lifecycle.stop import StopRequest, StopService
+from rtmanager.lifecycle.watch import WatchEnded, WatchService, format_cursor, watch_request
 from rtmanager.ports import OperationFilter
 from rtmanager.workers.reconciler import Reconciler
 
@@ -54,6 +55,15 @@ class Lifecycles:
     patch: PatchService
     cleanup: CleanupService
     reconciler: Reconciler
+    watch: WatchService
+
+
+_WATCH_ENDINGS = {
+    "cursor_expired": code_pb2.OUT_OF_RANGE,
+    "too_slow": code_pb2.RESOURCE_EXHAUSTED,
+    "too_many_watchers": code_pb2.RESOURCE_EXHAUSTED,
+    "unavailable": code_pb2.UNAVAILABLE,
+}
 
 
 class _Authenticated:
@@ -205,19 +215,33 @@ class RuntimeServicer(_Authenticated, pb_grpc.RuntimeServiceServicer):
     ) -> Iterator[pb.WatchRuntimesResponse]:
         try:
             self._auth.authenticate(context, admin_only=False)
+            watch = watch_request(
+                list(request.game_ids),
+                convert.statuses_from_pb(request.statuses),
+                request.since,
+                request.initial_snapshot,
+            )
+            for item in self._lifecycles.watch.watch(
+                watch, context.is_active, context.add_callback
+            ):
+                yield convert.watch_item_to_pb(item)
         except AuthFailure as failure:
             context.abort_with_status(
                 rich_status(failure.code.value[0], failure.reason, failure.message, {})
             )
-        context.abort_with_status(
-            rich_status(
-                code_pb2.UNIMPLEMENTED,
-                "unimplemented",
-                "WatchRuntimes is not implemented by this version of rtmanager yet",
-                {},
+        except WatchEnded as ended:
+            metadata = {} if ended.cursor is None else {"cursor": format_cursor(ended.cursor)}
+            context.abort_with_status(
+                rich_status(_WATCH_ENDINGS[ended.kind], ended.kind, ended.message, metadata)
             )
-        )
-        yield from ()  # pragma: no cover
+        except RuntimeManagerError as error:
+            context.abort_with_status(to_rpc_status(error.to_failure()))
+        except Exception:
+            if _aborted(context):
+                raise
+            log.exception("unexpected error in WatchRuntimes")
+            internal = Failure(ErrorCode.INTERNAL, "internal error; see the server log")
+            context.abort_with_status(to_rpc_status(internal))
 
 
 class RuntimeAdminServicer(_Authenticated, pb_grpc.RuntimeAdminServiceServicer):

@@ -114,7 +114,8 @@ def forget_container(
     Used when an operation removed the old container and then failed to
     start a new one: the record must not point at a container that no
     longer exists. A running record becomes stopped (its engine is gone); a
-    record bound to another container, or none, is left as it is.
+    record bound to another container, or none, is left as it is (None is
+    returned then).
     """
     record = uow.records.get_for_update(game_id)
     if (
@@ -123,7 +124,7 @@ def forget_container(
         or not container_id
         or record.current_container_id != container_id
     ):
-        return record
+        return None
     when = max(now, record.last_op_at)
     if record.status is RuntimeStatus.RUNNING:
         record = record.with_status(RuntimeStatus.STOPPED, when)

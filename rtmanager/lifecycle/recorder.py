@@ -39,6 +39,7 @@ from rtmanager.telemetry import Telemetry
 
 log = logging.getLogger("rtmanager.operations")
 
+# Returns the record after the change, or None when nothing changed.
 RecordChange = Callable[[UnitOfWork], RuntimeRecord | None]
 CommitListener = Callable[[OperationEntry, RuntimeRecord | None], None]
 
@@ -89,15 +90,18 @@ class Operation:
         """Write the record change and the success row in one transaction.
 
         `change` runs inside the unit of work and returns the record after
-        the change; without it nothing but the audit row is written and
-        `record` is what the result reports. Raises `RuntimeManagerError`
-        when the transaction fails (nothing is committed then), so the body
-        can undo its Docker side effects before failing.
+        the change, which also goes to the event feed; without it nothing but
+        the audit row is written and `record` is what the result reports.
+        Raises `RuntimeManagerError` when the transaction fails (nothing is
+        committed then), so the body can undo its Docker side effects before
+        failing.
         """
         with self.recorder.units_of_work(timeout=self.recorder.db_timeout) as uow:
-            if change is not None:
-                record = change(uow)
+            changed = change(uow) if change is not None else None
+            record = changed or record
             entry = uow.operations.append(self._entry(Outcome.SUCCESS))
+            if changed is not None:
+                uow.events.append(entry, changed)
             uow.commit()
         self._result = OperationResult(
             self.game_id, self.op_kind, Outcome.SUCCESS, record=record, operation_id=entry.id
@@ -241,6 +245,8 @@ class OperationRecorder:
                 if change is not None:
                     record = change(uow)
                 entry = uow.operations.append(operation._entry(Outcome.FAILURE, failure))
+                if record is not None:
+                    uow.events.append(entry, record)
                 uow.commit()
         except Exception as error:
             # The database is what failed (or the change broke a rule): the

@@ -108,9 +108,44 @@ def test_ctl_reports_errors_with_their_exit_codes(server: ServerProcess) -> None
     assert malformed.returncode == 2
     assert malformed.stderr.startswith("rtmanager ctl: invalid_request: ")
 
-    watched = ctl(server, "watch")
-    assert watched.returncode == 1
-    assert watched.stderr.startswith("rtmanager ctl: unimplemented: ")
+    expired = ctl(server, "watch", "--since", "999999")
+    assert expired.returncode == 2
+    assert expired.stderr.startswith("rtmanager ctl: invalid_request: ")
+
+
+def test_ctl_watch_streams_the_snapshot_and_changes_as_json_lines(server: ServerProcess) -> None:
+    game = f"ctl-watch-{uuid.uuid4().hex[:6]}"
+    assert ctl(server, "start", game, f"{ENGINE_IMAGE}:1.0.0").returncode == 0
+    watcher = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "rtmanager.cli",
+            "ctl",
+            "--addr",
+            server.address,
+            "--json",
+            "watch",
+            "--snapshot",
+            "--game",
+            game,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert watcher.stdout is not None
+        snapshot = json.loads(watcher.stdout.readline())
+        assert snapshot["snapshot"]["game_id"] == game
+        assert "snapshot_complete" in json.loads(watcher.stdout.readline())
+        assert ctl(server, "stop", game).returncode == 0
+        line = json.loads(watcher.stdout.readline())
+        while "bookmark" in line:
+            line = json.loads(watcher.stdout.readline())
+        assert line["event"]["runtime"]["status"] == "RUNTIME_STATUS_STOPPED"
+    finally:
+        watcher.terminate()
+        watcher.wait(timeout=30)
 
 
 @pytest.fixture

@@ -128,6 +128,16 @@ REQUESTS: dict[str, tuple[str, st.SearchStrategy[Any]]] = {
         ),
     ),
     "Reconcile": ("admin", st.builds(pb.ReconcileRequest, dry_run=st.booleans())),
+    "WatchRuntimes": (
+        "runtime",
+        st.builds(
+            pb.WatchRuntimesRequest,
+            game_ids=st.lists(game_ids, max_size=3),
+            statuses=st.lists(enums, max_size=3),
+            since=page_tokens,
+            initial_snapshot=st.booleans(),
+        ),
+    ),
 }
 
 
@@ -154,6 +164,18 @@ def test_generated_requests_get_stable_errors_and_write_only_valid_rows(
             else pb_grpc.RuntimeAdminServiceStub(channel)
         )
         rpc = getattr(stub, method)
+        if method == "WatchRuntimes":
+            watch = rpc
+
+            def rpc(request: Any, timeout: float) -> Any:
+                # A valid watch waits for changes; its first message (or its
+                # error) is what counts. A quiet stream ends at the deadline.
+                try:
+                    return list(watch(request, timeout=0.3))
+                except grpc.RpcError as error:
+                    if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                        return None
+                    raise
 
         @settings(
             max_examples=60,

@@ -213,15 +213,6 @@ def test_sigterm_drains_and_exits_cleanly(server: ServerProcess) -> None:
     assert '"message": "stopped"' in server.log()
 
 
-def test_watch_runtimes_answers_unimplemented(server: ServerProcess) -> None:
-    with server.channel() as channel:
-        stub = pb_grpc.RuntimeServiceStub(channel)
-        with pytest.raises(grpc.RpcError) as caught:
-            list(stub.WatchRuntimes(pb.WatchRuntimesRequest(), timeout=5))
-        assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
-        assert "WatchRuntimes" in (caught.value.details() or "")
-
-
 def test_buf_curl_starts_and_stops_a_runtime_through_reflection(server: ServerProcess) -> None:
     base = f"http://{server.address}/galaxy.rtmanager.v1.RuntimeService"
     common = [str(BUF), "curl", "--protocol", "grpc", "--http2-prior-knowledge"]

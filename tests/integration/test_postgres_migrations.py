@@ -50,6 +50,11 @@ def unborn_schema() -> Iterator[str]:
         conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
 
 
+def next_file(name: str) -> str:
+    """The file name of a migration one version past the shipped ones."""
+    return f"{known_versions(MIGRATIONS)[-1] + 1:04d}_{name}.sql"
+
+
 @pytest.fixture
 def migrations_copy(tmp_path: Path) -> Path:
     """A private copy of the shipped migrations directory."""
@@ -72,7 +77,10 @@ def test_migrate_is_idempotent(pg_schema: str) -> None:
 def test_migrate_creates_a_missing_schema(unborn_schema: str) -> None:
     assert current_version(POSTGRES_DSN, unborn_schema) is None
     assert apply_migrations(POSTGRES_DSN, unborn_schema, MIGRATIONS) == known_versions(MIGRATIONS)
-    assert check_schema_version(POSTGRES_DSN, unborn_schema, MIGRATIONS) == 1
+    assert (
+        check_schema_version(POSTGRES_DSN, unborn_schema, MIGRATIONS)
+        == (known_versions(MIGRATIONS)[-1])
+    )
 
 
 def test_concurrent_migrations_apply_each_version_exactly_once(unborn_schema: str) -> None:
@@ -105,7 +113,7 @@ def test_concurrent_migrations_apply_each_version_exactly_once(unborn_schema: st
 
 
 def test_failed_upgrade_leaves_the_schema_untouched(pg_schema: str, migrations_copy: Path) -> None:
-    (migrations_copy / "0002_broken.sql").write_text("CREATE TABLE broken (;\n")
+    (migrations_copy / next_file("broken")).write_text("CREATE TABLE broken (;\n")
 
     with pytest.raises(InternalError):
         apply_migrations(POSTGRES_DSN, pg_schema, migrations_copy)
@@ -136,7 +144,7 @@ def test_check_passes_on_a_current_schema(pg_schema: str) -> None:
 def test_check_accepts_a_connection_and_leaves_it_idle(pg_schema: str) -> None:
     apply_migrations(POSTGRES_DSN, pg_schema, MIGRATIONS)
     with psycopg.connect(POSTGRES_DSN) as conn:
-        assert check_schema_version(conn, pg_schema, MIGRATIONS) == 1
+        assert check_schema_version(conn, pg_schema, MIGRATIONS) == known_versions(MIGRATIONS)[-1]
         assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
 
 
@@ -149,16 +157,18 @@ def test_check_refuses_a_schema_missing_the_newest_version(
     pg_schema: str, migrations_copy: Path
 ) -> None:
     apply_migrations(POSTGRES_DSN, pg_schema, MIGRATIONS)
-    (migrations_copy / "0002_extra.sql").write_text("CREATE TABLE extra (id int);\n")
+    shipped = known_versions(MIGRATIONS)[-1]
+    (migrations_copy / next_file("extra")).write_text("CREATE TABLE extra (id int);\n")
 
     with pytest.raises(
-        SchemaVersionError, match=r"version 1, .*needs version 2.*rtmanager migrate"
+        SchemaVersionError,
+        match=rf"version {shipped}, .*needs version {shipped + 1}.*rtmanager migrate",
     ):
         check_schema_version(POSTGRES_DSN, pg_schema, migrations_copy)
 
-    assert apply_migrations(POSTGRES_DSN, pg_schema, migrations_copy) == [2]
-    assert check_schema_version(POSTGRES_DSN, pg_schema, migrations_copy) == 2
-    assert applied_rows(pg_schema) == [(1, "init"), (2, "extra")]
+    assert apply_migrations(POSTGRES_DSN, pg_schema, migrations_copy) == [shipped + 1]
+    assert check_schema_version(POSTGRES_DSN, pg_schema, migrations_copy) == shipped + 1
+    assert applied_rows(pg_schema)[-1] == (shipped + 1, "extra")
 
 
 def test_check_refuses_a_schema_newer_than_known(pg_schema: str, tmp_path: Path) -> None:

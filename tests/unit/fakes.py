@@ -57,6 +57,7 @@ from rtmanager.ports import (
     OperationLog,
     Page,
     PullPolicy,
+    RuntimeEventLog,
     RuntimeRecordStore,
     StatusChange,
 )
@@ -85,6 +86,7 @@ class FakeStore:
     def __init__(self) -> None:
         self.records: dict[str, RuntimeRecord] = {}
         self.operations: list[OperationEntry] = []  # in id order
+        self.events: list[tuple[int, int, RuntimeRecord]] = []  # (id, operation id, record)
         self._next_operation_id = 1
         self._append_failures: list[Exception] = []
         self.lock = threading.RLock()
@@ -286,11 +288,27 @@ class FakeOperationLog:
         return Page(items=items, next_page_token=str(items[-1].id) if more else "")
 
 
+class FakeRuntimeEventLog:
+    """`RuntimeEventLog` over one fake unit of work (events staged until commit)."""
+
+    def __init__(self, uow: FakeUnitOfWork) -> None:
+        self._uow = uow
+
+    def append(self, operation: OperationEntry, record: RuntimeRecord) -> int:
+        """Stage the event with the next id."""
+        self._uow.require_active()
+        with self._uow.store.lock:
+            event_id = len(self._uow.store.events) + len(self._uow.staged_events) + 1
+        self._uow.staged_events.append((event_id, operation.id, record))
+        return event_id
+
+
 class FakeUnitOfWork:
     """One fake transaction: staged writes, applied to the store on `commit()`."""
 
     records: RuntimeRecordStore
     operations: OperationLog
+    events: RuntimeEventLog
 
     def __init__(
         self,
@@ -304,12 +322,14 @@ class FakeUnitOfWork:
         self.fail_at = fail_at
         self.staged_records: dict[str, RuntimeRecord] = {}
         self.staged_operations: list[OperationEntry] = []
+        self.staged_events: list[tuple[int, int, RuntimeRecord]] = []
         self.commits: list[Commit] = []
         self.entered = False
         self.active = False
         self.rolled_back = False
         self.records = FakeRuntimeRecordStore(self)
         self.operations = FakeOperationLog(self)
+        self.events = FakeRuntimeEventLog(self)
 
     def require_active(self) -> None:
         """Refuse use outside the `with` block (a bug in the code under test)."""
@@ -335,6 +355,7 @@ class FakeUnitOfWork:
             self.rolled_back = True
         self.staged_records.clear()
         self.staged_operations.clear()
+        self.staged_events.clear()
         self.active = False
 
     def commit(self) -> None:
@@ -346,11 +367,13 @@ class FakeUnitOfWork:
             self.store.records.update(self.staged_records)
             self.store.operations.extend(self.staged_operations)
             self.store.operations.sort(key=lambda e: e.id)
+            self.store.events.extend(self.staged_events)
         self.commits.append(
             Commit(tuple(self.staged_records.values()), tuple(self.staged_operations))
         )
         self.staged_records.clear()
         self.staged_operations.clear()
+        self.staged_events.clear()
 
     @property
     def committed(self) -> bool:

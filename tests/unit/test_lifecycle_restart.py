@@ -201,7 +201,11 @@ def test_restart_whose_inner_start_fails_reports_the_inner_code_and_clears_the_c
     assert outer.error_code == "container_start_failed"
     assert outer.source_ref == "admin-42"
     assert outer.container_id == before.current_container_id
-    assert result.record == record
+    # The inner start's failure row carried the unbinding, so the outer
+    # failure changed nothing and reports no record; the feed got one event.
+    assert result.record is None
+    inner_start = h.rows(GAME)[-2]
+    assert [(op_id, r) for _id, op_id, r in h.store.events][-1] == (inner_start.id, record)
     assert h.leases.all_released
 
 

@@ -21,11 +21,12 @@ from typing import TYPE_CHECKING, Self
 import psycopg
 from psycopg.pq import TransactionStatus
 
+from rtmanager.adapters.postgres.events import PostgresRuntimeEventLog
 from rtmanager.adapters.postgres.operations import PostgresOperationLog
 from rtmanager.adapters.postgres.pool import Connection, Pool, database_errors
 from rtmanager.adapters.postgres.records import PostgresRuntimeRecordStore
 from rtmanager.domain.errors import RuntimeManagerError
-from rtmanager.ports import OperationLog, RuntimeRecordStore, UnitOfWorkFactory
+from rtmanager.ports import OperationLog, RuntimeEventLog, RuntimeRecordStore, UnitOfWorkFactory
 
 
 def _timeout_ms(timeout: timedelta) -> int:
@@ -45,6 +46,7 @@ class PostgresUnitOfWork:
 
     records: RuntimeRecordStore
     operations: OperationLog
+    events: RuntimeEventLog
 
     def __init__(self, pool: Pool, *, timeout: timedelta | None = None) -> None:
         self._pool = pool
@@ -64,6 +66,7 @@ class PostgresUnitOfWork:
         self._conn = conn
         self.records = PostgresRuntimeRecordStore(conn)
         self.operations = PostgresOperationLog(conn)
+        self.events = PostgresRuntimeEventLog(conn)
         return self
 
     def _begin(self, conn: Connection) -> None:
@@ -106,7 +109,7 @@ class PostgresUnitOfWork:
         conn, self._conn = self._conn, None
         if conn is not None:
             # The connection goes back to the pool: the stores must not reach it.
-            del self.records, self.operations
+            del self.records, self.operations, self.events
             self._release(conn)
 
     def _release(self, conn: Connection) -> None:

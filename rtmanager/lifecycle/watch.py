@@ -1,0 +1,206 @@
+"""WatchRuntimes: every committed runtime change, in commit order, resumable by cursor.
+
+A watch subscribes to the feed first (so nothing committed from then on is
+missed), then optionally sends a snapshot of the records with the cursor it
+was taken at, replays stored events after the starting cursor, and finally
+follows the live feed, skipping what it already sent. Quiet periods produce
+bookmarks carrying the latest cursor. A cursor is the id of the last event
+covered, as a decimal string; it stays valid across restarts and replicas
+until retention prunes the events after it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+
+from rtmanager.domain.errors import InvalidRequest
+from rtmanager.domain.ids import parse_game_id
+from rtmanager.domain.runtime import RuntimeRecord, RuntimeStatus
+from rtmanager.ports import (
+    CursorExpired,
+    FeedClosed,
+    RuntimeEvent,
+    RuntimeFeed,
+    SubscriberOverflow,
+    TooManyWatchers,
+)
+
+_BACKFILL_BATCH = 500
+_MAX_CURSOR_DIGITS = 19
+_MAX_GAME_FILTERS = 1000
+
+
+@dataclass(frozen=True)
+class WatchRequest:
+    """What a watcher wants: empty filters mean everything."""
+
+    game_ids: frozenset[str] = frozenset()
+    statuses: frozenset[RuntimeStatus] = frozenset()
+    since: int | None = None
+    initial_snapshot: bool = False
+
+    def wants(self, record: RuntimeRecord) -> bool:
+        """Whether a record (after a change) passes the filters."""
+        return (not self.game_ids or record.game_id in self.game_ids) and (
+            not self.statuses or record.status in self.statuses
+        )
+
+
+@dataclass(frozen=True)
+class SnapshotRecord:
+    """One record of the initial snapshot."""
+
+    record: RuntimeRecord
+
+
+@dataclass(frozen=True)
+class SnapshotDone:
+    """The snapshot is complete; events follow from `cursor`."""
+
+    cursor: int
+
+
+@dataclass(frozen=True)
+class ChangeEvent:
+    """One committed change."""
+
+    event: RuntimeEvent
+
+
+@dataclass(frozen=True)
+class Bookmark:
+    """Everything through `cursor` has been sent (or filtered out)."""
+
+    cursor: int
+
+
+WatchItem = SnapshotRecord | SnapshotDone | ChangeEvent | Bookmark
+
+
+class WatchEnded(Exception):
+    """The watch cannot go on; `kind` says why, `cursor` is the last one covered."""
+
+    def __init__(self, kind: str, message: str, cursor: int | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.cursor = cursor
+
+
+def parse_cursor(text: str) -> int | None:
+    """A cursor from its text; empty means none. Raises `InvalidRequest` if malformed."""
+    if not text:
+        return None
+    if not text.isascii() or not text.isdigit() or len(text) > _MAX_CURSOR_DIGITS:
+        raise InvalidRequest(
+            "since must be a cursor from an event or bookmark", metadata={"field": "since"}
+        )
+    return int(text)
+
+
+def format_cursor(cursor: int) -> str:
+    """The text form of a cursor."""
+    return str(cursor)
+
+
+def watch_request(
+    game_ids: list[str], statuses: list[RuntimeStatus], since: str, initial_snapshot: bool
+) -> WatchRequest:
+    """Validate a watch request's fields."""
+    if len(game_ids) > _MAX_GAME_FILTERS:
+        raise InvalidRequest(
+            f"at most {_MAX_GAME_FILTERS} game ids", metadata={"field": "game_ids"}
+        )
+    for game_id in game_ids:
+        parse_game_id(game_id)
+    return WatchRequest(
+        game_ids=frozenset(game_ids),
+        statuses=frozenset(statuses),
+        since=parse_cursor(since),
+        initial_snapshot=initial_snapshot,
+    )
+
+
+class WatchService:
+    """Serves watches from a `RuntimeFeed`."""
+
+    def __init__(self, feed: RuntimeFeed, *, heartbeat: timedelta) -> None:
+        self._feed = feed
+        self._heartbeat = heartbeat.total_seconds()
+
+    def watch(
+        self,
+        request: WatchRequest,
+        is_active: Callable[[], bool],
+        on_cancel: Callable[[Callable[[], None]], object] | None = None,
+    ) -> Iterator[WatchItem]:
+        """Yield the watch's items until the caller goes away; raise `WatchEnded` to end it.
+
+        `on_cancel(callback)` registers a callback run when the caller goes
+        away (gRPC's `add_callback`), which frees this thread at once.
+        """
+        try:
+            subscription = self._feed.subscribe()
+        except TooManyWatchers as error:
+            raise WatchEnded("too_many_watchers", str(error)) from None
+        except FeedClosed as error:
+            raise WatchEnded("unavailable", str(error)) from None
+        if on_cancel is not None:
+            on_cancel(subscription.close)
+        try:
+            if request.initial_snapshot:
+                records, cursor = self._feed.snapshot()
+                for record in records:
+                    if request.wants(record):
+                        yield SnapshotRecord(record)
+                yield SnapshotDone(cursor)
+            elif request.since is not None:
+                try:
+                    self._feed.check_cursor(request.since)
+                except CursorExpired as error:
+                    raise WatchEnded("cursor_expired", str(error), request.since) from None
+                cursor = request.since
+            else:
+                cursor = subscription.position
+            # Stored events the live queue will not bring (those up to the
+            # position at which we subscribed).
+            while cursor < subscription.position:
+                events = self._feed.events_after(cursor, _BACKFILL_BATCH)
+                for event in events:
+                    cursor = event.id
+                    if request.wants(event.record):
+                        yield ChangeEvent(event)
+                if len(events) < _BACKFILL_BATCH:
+                    break
+            last_bookmark = time.monotonic()
+            while is_active():
+                try:
+                    item = subscription.get(self._heartbeat)
+                except SubscriberOverflow:
+                    raise WatchEnded(
+                        "too_slow",
+                        "the watcher fell too far behind; resume from the cursor",
+                        cursor,
+                    ) from None
+                except FeedClosed:
+                    if not is_active():
+                        return
+                    raise WatchEnded("unavailable", "the server is shutting down", cursor) from None
+                if isinstance(item, int):
+                    cursor = max(cursor, item)
+                    last_bookmark = time.monotonic()
+                    yield Bookmark(cursor)
+                    continue
+                if item.id <= cursor:
+                    continue
+                cursor = item.id
+                if request.wants(item.record):
+                    yield ChangeEvent(item)
+                elif time.monotonic() - last_bookmark >= self._heartbeat:
+                    last_bookmark = time.monotonic()
+                    yield Bookmark(cursor)
+        finally:
+            self._feed.unsubscribe(subscription)

@@ -1,0 +1,244 @@
+"""WatchRuntimes through real servers: snapshot, live events, resume, replicas, limits."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from rtmanager._proto.galaxy.rtmanager.v1 import rtmanager_pb2 as pb
+from rtmanager.client import (
+    CursorExpiredError,
+    RuntimeManagerClient,
+    RuntimeManagerClientError,
+    WatchEndedError,
+)
+from tests.conftest import POSTGRES_DSN
+from tests.e2e.conftest import ServerProcess, free_port, start_server
+
+pytestmark = pytest.mark.e2e
+
+STUB = "galaxy/engine-stub:1.0.0"
+END = object()
+
+
+class Watcher:
+    """Reads one WatchRuntimes stream on a thread into a queue."""
+
+    def __init__(self, address: str, request: pb.WatchRuntimesRequest) -> None:
+        self.client = RuntimeManagerClient(address)
+        self.items: queue.Queue[object] = queue.Queue()
+        self.error: RuntimeManagerClientError | None = None
+        self._stream = self.client.watch_runtimes(request)
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        try:
+            for item in self._stream:
+                self.items.put(item)
+        except RuntimeManagerClientError as error:
+            self.error = error
+        finally:
+            self.items.put(END)
+
+    def next(self, kind: str, within: float = 20) -> pb.WatchRuntimesResponse:
+        """The next message of `kind`, skipping bookmarks unless asked for."""
+        deadline = time.monotonic() + within
+        while True:
+            item = self.items.get(timeout=max(deadline - time.monotonic(), 0.01))
+            assert item is not END, f"stream ended: {self.error}"
+            assert isinstance(item, pb.WatchRuntimesResponse)
+            if item.WhichOneof("payload") == kind:
+                return item
+            assert item.WhichOneof("payload") == "bookmark", item
+
+    def events(self, count: int, within: float = 30) -> list[pb.RuntimeEvent]:
+        return [self.next("event", within).event for _ in range(count)]
+
+    def close(self) -> None:
+        self.client.close()
+
+
+@pytest.fixture
+def watchers() -> Iterator[list[Watcher]]:
+    opened: list[Watcher] = []
+    yield opened
+    for watcher in opened:
+        watcher.close()
+
+
+def test_snapshot_then_live_events_in_commit_order(
+    server: ServerProcess, watchers: list[Watcher]
+) -> None:
+    with RuntimeManagerClient(server.address) as client:
+        client.start_runtime("w-before", STUB)
+        watcher = Watcher(server.address, pb.WatchRuntimesRequest(initial_snapshot=True))
+        watchers.append(watcher)
+        snap = watcher.next("snapshot")
+        assert snap.snapshot.game_id == "w-before"
+        done = watcher.next("snapshot_complete").snapshot_complete
+        assert done.cursor
+
+        client.start_runtime("w-after", STUB)
+        client.stop_runtime("w-before")
+    start, stop = watcher.events(2)
+    assert (start.runtime.game_id, start.op_kind) == ("w-after", pb.OP_KIND_START)
+    assert start.runtime.status == pb.RUNTIME_STATUS_RUNNING
+    assert start.op_source == pb.OP_SOURCE_ADMIN
+    assert (stop.runtime.game_id, stop.runtime.status) == ("w-before", pb.RUNTIME_STATUS_STOPPED)
+    assert int(done.cursor) < int(start.cursor) < int(stop.cursor)
+
+
+def test_filters_by_game_and_status(server: ServerProcess, watchers: list[Watcher]) -> None:
+    watcher = Watcher(
+        server.address,
+        pb.WatchRuntimesRequest(game_ids=["w-kept"], statuses=[pb.RUNTIME_STATUS_STOPPED]),
+    )
+    watchers.append(watcher)
+    time.sleep(0.5)
+    with RuntimeManagerClient(server.address) as client:
+        client.start_runtime("w-other", STUB)
+        client.start_runtime("w-kept", STUB)
+        client.stop_runtime("w-other")
+        client.stop_runtime("w-kept")
+    (event,) = watcher.events(1)
+    assert (event.runtime.game_id, event.runtime.status) == ("w-kept", pb.RUNTIME_STATUS_STOPPED)
+
+
+def test_a_watcher_resumes_from_its_cursor_across_a_server_restart(
+    server: ServerProcess,
+    server_environment: dict[str, str],
+    watchers: list[Watcher],
+    tmp_path: Path,
+) -> None:
+    watcher = Watcher(server.address, pb.WatchRuntimesRequest())
+    watchers.append(watcher)
+    time.sleep(0.5)
+    with RuntimeManagerClient(server.address) as client:
+        client.start_runtime("w-resume", STUB)
+        client.stop_runtime("w-resume")
+    first, second = watcher.events(2)
+    watcher.close()
+    assert server.stop() == 0
+
+    again = start_server(server_environment, tmp_path / "again.log")
+    try:
+        resumed = Watcher(again.address, pb.WatchRuntimesRequest(since=first.cursor))
+        watchers.append(resumed)
+        (replayed,) = resumed.events(1)
+        assert replayed.cursor == second.cursor
+        assert replayed.runtime.status == pb.RUNTIME_STATUS_STOPPED
+        with RuntimeManagerClient(again.address) as client:
+            client.start_runtime("w-resume", STUB)
+        (live,) = resumed.events(1)
+        assert int(live.cursor) > int(second.cursor)
+        assert live.runtime.status == pb.RUNTIME_STATUS_RUNNING
+    finally:
+        again.stop()
+
+
+def test_a_change_through_one_replica_reaches_a_watcher_on_another(
+    server: ServerProcess,
+    server_environment: dict[str, str],
+    watchers: list[Watcher],
+    tmp_path: Path,
+) -> None:
+    env = dict(server_environment)
+    env["RTMANAGER_GRPC_ADDR"] = f"127.0.0.1:{free_port()}"
+    replica = start_server(env, tmp_path / "replica.log")
+    try:
+        watcher = Watcher(replica.address, pb.WatchRuntimesRequest())
+        watchers.append(watcher)
+        time.sleep(0.5)
+        with RuntimeManagerClient(server.address) as client:
+            client.start_runtime("w-replica", STUB)
+        (event,) = watcher.events(1)
+        assert event.runtime.game_id == "w-replica"
+    finally:
+        replica.stop()
+
+
+def test_a_cursor_older_than_retention_is_out_of_range(
+    server: ServerProcess, server_environment: dict[str, str]
+) -> None:
+    with RuntimeManagerClient(server.address) as client:
+        client.start_runtime("w-old", STUB)
+        client.stop_runtime("w-old")
+        schema = server_environment["RTMANAGER_POSTGRES_SCHEMA"]
+        with psycopg.connect(POSTGRES_DSN, autocommit=True) as conn:
+            first, newest = conn.execute(
+                f'SELECT min(id), max(id) FROM "{schema}".runtime_events'
+            ).fetchone()
+            conn.execute(
+                f'UPDATE "{schema}".runtime_event_retention SET pruned_through = %s', (newest,)
+            )
+        with pytest.raises(CursorExpiredError) as caught:
+            next(iter(client.watch_runtimes(pb.WatchRuntimesRequest(since=str(first)))))
+        assert caught.value.status.name == "OUT_OF_RANGE"
+        with pytest.raises(RuntimeManagerClientError) as bogus:
+            next(iter(client.watch_runtimes(pb.WatchRuntimesRequest(since=str(newest + 1000)))))
+        assert bogus.value.code == "invalid_request"
+
+
+def test_watchers_are_bounded_and_a_slow_one_is_ended_with_its_cursor(
+    server_environment: dict[str, str], tmp_path: Path
+) -> None:
+    env = dict(server_environment)
+    env["RTMANAGER_WATCH_MAX_SUBSCRIBERS"] = "1"
+    env["RTMANAGER_WATCH_QUEUE_SIZE"] = "10"
+    env["RTMANAGER_WATCH_HEARTBEAT"] = "300ms"
+    server = start_server(env, tmp_path / "server.log")
+    schema = env["RTMANAGER_POSTGRES_SCHEMA"]
+    try:
+        with RuntimeManagerClient(server.address) as client:
+            record = client.start_runtime("w-slow", STUB)
+            slow = client.watch_runtimes(pb.WatchRuntimesRequest(game_ids=["w-slow"]))
+            first = next(iter(slow))  # the first bookmark: the watch is registered
+            with (
+                RuntimeManagerClient(server.address) as other,
+                pytest.raises(WatchEndedError) as full,
+            ):
+                next(iter(other.watch_runtimes(pb.WatchRuntimesRequest())))
+            assert full.value.code == "too_many_watchers"
+            assert full.value.status.name == "RESOURCE_EXHAUSTED"
+
+            # Far more changes than the watcher's queue and the transport's
+            # buffers hold, while it reads nothing.
+            with psycopg.connect(POSTGRES_DSN, autocommit=True) as conn:
+                (operation_id,) = conn.execute(
+                    f'SELECT max(id) FROM "{schema}".operation_log'
+                ).fetchone()
+                conn.execute(
+                    f'INSERT INTO "{schema}".runtime_events (operation_id, game_id, status,'
+                    " current_container_id, current_image_ref, engine_endpoint, state_path,"
+                    " docker_network, started_at, last_op_at, created_at)"
+                    " SELECT %s, 'w-slow', 'running', %s, %s, %s, %s, %s, now(), now(), now()"
+                    " FROM generate_series(1, 3000)",
+                    (
+                        operation_id,
+                        record.current_container_id,
+                        record.current_image_ref,
+                        record.engine_endpoint,
+                        record.state_path,
+                        record.docker_network,
+                    ),
+                )
+            time.sleep(3)
+            received: list[pb.WatchRuntimesResponse] = [first]
+            with pytest.raises(WatchEndedError) as ended:
+                for message in slow:
+                    received.append(message)
+            assert ended.value.code == "too_slow"
+            assert ended.value.status.name == "RESOURCE_EXHAUSTED"
+            delivered = [m.event.cursor for m in received if m.WhichOneof("payload") == "event"]
+            assert delivered, "some events were delivered before the end"
+            assert ended.value.metadata["cursor"] == delivered[-1]
+            assert len(delivered) < 3000
+    finally:
+        server.stop()

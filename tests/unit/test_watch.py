@@ -1,0 +1,196 @@
+"""The watch use case over a fake feed: ordering, resume, filters, endings."""
+
+from __future__ import annotations
+
+import queue
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from rtmanager.domain.errors import InvalidRequest
+from rtmanager.domain.operation import OpKind, OpSource, Outcome
+from rtmanager.domain.runtime import RuntimeRecord, RuntimeStatus
+from rtmanager.lifecycle.watch import (
+    Bookmark,
+    ChangeEvent,
+    SnapshotDone,
+    SnapshotRecord,
+    WatchEnded,
+    WatchRequest,
+    WatchService,
+    parse_cursor,
+    watch_request,
+)
+from rtmanager.ports import (
+    CursorExpired,
+    FeedClosed,
+    RuntimeEvent,
+    SubscriberOverflow,
+    TooManyWatchers,
+)
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def record(game_id: str, status: RuntimeStatus = RuntimeStatus.RUNNING) -> RuntimeRecord:
+    return RuntimeRecord(
+        game_id=game_id,
+        status=status,
+        engine_endpoint=f"http://galaxy-game-{game_id}:8080",
+        state_path=f"/s/{game_id}",
+        docker_network="n",
+        last_op_at=NOW,
+        created_at=NOW,
+        current_container_id="c",
+        current_image_ref="galaxy/e:1.0.0",
+        started_at=NOW,
+        stopped_at=NOW if status is RuntimeStatus.STOPPED else None,
+    )
+
+
+def event(
+    event_id: int, game_id: str = "g", status: RuntimeStatus = RuntimeStatus.RUNNING
+) -> RuntimeEvent:
+    return RuntimeEvent(
+        id=event_id,
+        operation_id=event_id,
+        op_kind=OpKind.START,
+        op_source=OpSource.GM_REST,
+        outcome=Outcome.SUCCESS,
+        record=record(game_id, status),
+        committed_at=NOW,
+    )
+
+
+class FakeSubscription:
+    def __init__(self, position: int, live: list[RuntimeEvent | int | Exception]) -> None:
+        self.position = position
+        self._live: queue.Queue[RuntimeEvent | int | Exception] = queue.Queue()
+        for item in live:
+            self._live.put(item)
+        self.closed = False
+
+    def get(self, timeout: float) -> RuntimeEvent | int:
+        item = self._live.get_nowait() if not self._live.empty() else FeedClosed("done")
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FakeFeed:
+    def __init__(
+        self,
+        stored: list[RuntimeEvent],
+        subscription: FakeSubscription,
+        *,
+        records: list[RuntimeRecord] | None = None,
+        snapshot_cursor: int = 0,
+        expired_below: int = 0,
+        full: bool = False,
+    ) -> None:
+        self.stored = stored
+        self.subscription = subscription
+        self.records = records or []
+        self.snapshot_cursor = snapshot_cursor
+        self.expired_below = expired_below
+        self.full = full
+        self.unsubscribed = False
+
+    def subscribe(self) -> FakeSubscription:
+        if self.full:
+            raise TooManyWatchers("full")
+        return self.subscription
+
+    def unsubscribe(self, subscription: object) -> None:
+        self.unsubscribed = True
+
+    def snapshot(self) -> tuple[list[RuntimeRecord], int]:
+        return self.records, self.snapshot_cursor
+
+    def events_after(self, after_id: int, limit: int) -> list[RuntimeEvent]:
+        return [e for e in self.stored if e.id > after_id][:limit]
+
+    def check_cursor(self, cursor: int) -> None:
+        if cursor < self.expired_below:
+            raise CursorExpired("old")
+
+
+def run(feed: FakeFeed, request: WatchRequest) -> tuple[list[object], WatchEnded | None]:
+    service = WatchService(feed, heartbeat=timedelta(seconds=1))  # type: ignore[arg-type]
+    items: list[object] = []
+    try:
+        for item in service.watch(request, lambda: True):
+            items.append(item)
+    except WatchEnded as ended:
+        return items, ended
+    return items, None
+
+
+def ids(items: list[object]) -> list[int]:
+    return [i.event.id for i in items if isinstance(i, ChangeEvent)]
+
+
+def test_resume_replays_stored_events_then_live_ones_without_repeats() -> None:
+    stored = [event(i) for i in range(1, 6)]
+    live: list[RuntimeEvent | int | Exception] = [event(4), event(5), event(6), 6]
+    feed = FakeFeed(stored, FakeSubscription(position=5, live=live))
+    items, ended = run(feed, WatchRequest(since=2))
+    assert ids(items) == [3, 4, 5, 6]
+    assert items[-1] == Bookmark(6)
+    assert ended is not None and ended.kind == "unavailable" and ended.cursor == 6
+    assert feed.unsubscribed
+
+
+def test_snapshot_comes_first_with_its_cursor_then_later_events() -> None:
+    feed = FakeFeed(
+        [event(1), event(2)],
+        FakeSubscription(position=1, live=[event(2), event(3)]),
+        records=[record("a"), record("b", RuntimeStatus.STOPPED)],
+        snapshot_cursor=2,
+    )
+    items, _ = run(
+        feed, WatchRequest(initial_snapshot=True, statuses=frozenset({RuntimeStatus.RUNNING}))
+    )
+    assert items[0] == SnapshotRecord(record("a"))
+    assert items[1] == SnapshotDone(2)
+    assert ids(items) == [3]
+
+
+def test_filters_drop_other_games_but_the_cursor_still_advances() -> None:
+    feed = FakeFeed([], FakeSubscription(position=0, live=[event(1, "x"), event(2, "y"), 2]))
+    items, ended = run(feed, WatchRequest(game_ids=frozenset({"y"})))
+    assert ids(items) == [2]
+    assert ended is not None and ended.cursor == 2
+
+
+def test_a_slow_watcher_ends_with_its_last_cursor() -> None:
+    feed = FakeFeed([], FakeSubscription(position=0, live=[event(1), SubscriberOverflow("slow")]))
+    items, ended = run(feed, WatchRequest())
+    assert ids(items) == [1]
+    assert ended is not None and (ended.kind, ended.cursor) == ("too_slow", 1)
+
+
+def test_an_expired_cursor_and_a_full_server_end_the_watch() -> None:
+    feed = FakeFeed([], FakeSubscription(0, []), expired_below=10)
+    _, ended = run(feed, WatchRequest(since=3))
+    assert ended is not None and (ended.kind, ended.cursor) == ("cursor_expired", 3)
+    _, ended = run(FakeFeed([], FakeSubscription(0, []), full=True), WatchRequest())
+    assert ended is not None and ended.kind == "too_many_watchers"
+
+
+@pytest.mark.parametrize("text", ["abc", "-1", "1.5", "9" * 20, "١٢"])
+def test_malformed_cursors_are_invalid(text: str) -> None:
+    with pytest.raises(InvalidRequest):
+        parse_cursor(text)
+
+
+def test_watch_request_validates_game_ids() -> None:
+    assert parse_cursor("") is None
+    with pytest.raises(InvalidRequest):
+        watch_request(["../etc"], [], "", False)
+    assert watch_request(["g1"], [RuntimeStatus.STOPPED], "7", True) == WatchRequest(
+        frozenset({"g1"}), frozenset({RuntimeStatus.STOPPED}), 7, True
+    )
