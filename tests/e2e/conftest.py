@@ -8,9 +8,10 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 import pytest
@@ -19,6 +20,18 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tests.conftest import DOCKER_HOST, POSTGRES_DSN, REDIS_URL
 
 REPO = Path(__file__).resolve().parents[2]
+T = TypeVar("T")
+
+
+def eventually(probe: Callable[[], T], *, within: float, every: float = 0.05) -> T:
+    """Poll `probe` until it returns something truthy; fail after `within` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        value = probe()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"not within {within}s"
+        time.sleep(every)
 
 
 def free_port() -> int:

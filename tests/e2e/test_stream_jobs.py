@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import signal
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TypeVar
 
 import docker
 import pytest
@@ -17,22 +15,11 @@ from rtmanager.client import RuntimeManagerClient
 from rtmanager.domain.operation import OpSource
 from rtmanager.domain.runtime import RuntimeStatus
 from tests.conftest import REDIS_URL
-from tests.e2e.conftest import ServerProcess, start_server
+from tests.e2e.conftest import ServerProcess, eventually, start_server
 
 pytestmark = pytest.mark.e2e
 
 STUB = "galaxy/engine-stub:1.0.0"
-T = TypeVar("T")
-
-
-def eventually(probe: Callable[[], T], *, within: float, every: float = 0.05) -> T:
-    deadline = time.monotonic() + within
-    while True:
-        value = probe()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"not within {within}s"
-        time.sleep(every)
 
 
 @pytest.fixture

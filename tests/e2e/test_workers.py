@@ -6,9 +6,8 @@ import contextlib
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TypeVar
 
 import docker
 import psycopg
@@ -18,23 +17,11 @@ from rtmanager.client import RuntimeManagerClient
 from rtmanager.domain.operation import OpKind, OpSource, Outcome
 from rtmanager.domain.runtime import RuntimeStatus
 from tests.conftest import POSTGRES_DSN, TEST_LABEL
-from tests.e2e.conftest import ServerProcess, start_server
+from tests.e2e.conftest import ServerProcess, eventually, start_server
 
 pytestmark = pytest.mark.e2e
 
 STUB = "galaxy/engine-stub:1.0.0"
-T = TypeVar("T")
-
-
-def eventually(probe: Callable[[], T], *, within: float, every: float = 0.05) -> T:
-    """Poll `probe` until it returns something truthy; fail after `within` seconds."""
-    deadline = time.monotonic() + within
-    while True:
-        value = probe()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"not within {within}s"
-        time.sleep(every)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from psycopg import IsolationLevel
 from psycopg.rows import dict_row
 
 from rtmanager.adapters.postgres.pool import Connection, Pool, database_errors
-from rtmanager.adapters.postgres.records import record_from_row
+from rtmanager.adapters.postgres.records import record_from_row, record_params
 from rtmanager.domain.errors import InvalidRequest
 from rtmanager.domain.operation import OperationEntry, OpKind, OpSource, Outcome
 from rtmanager.domain.runtime import RuntimeRecord
@@ -65,21 +65,7 @@ class PostgresRuntimeEventLog:
 
     def append(self, operation: OperationEntry, record: RuntimeRecord) -> int:
         """Insert the event (ids in commit order) and notify listeners on commit."""
-        params: dict[str, Any] = {
-            "operation_id": operation.id,
-            "game_id": record.game_id,
-            "status": str(record.status),
-            "current_container_id": record.current_container_id or None,
-            "current_image_ref": record.current_image_ref or None,
-            "engine_endpoint": record.engine_endpoint,
-            "state_path": record.state_path,
-            "docker_network": record.docker_network,
-            "started_at": record.started_at,
-            "stopped_at": record.stopped_at,
-            "removed_at": record.removed_at,
-            "last_op_at": record.last_op_at,
-            "created_at": record.created_at,
-        }
+        params = {"operation_id": operation.id, **record_params(record)}
         with database_errors(f"append a runtime event of game {record.game_id}"):
             # Held until commit: the next writer gets its id only after this
             # transaction is visible, so readers following ids skip nothing.

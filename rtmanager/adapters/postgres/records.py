@@ -83,7 +83,8 @@ def record_from_row(row: dict[str, Any]) -> RuntimeRecord:
     )
 
 
-def _record_params(record: RuntimeRecord) -> dict[str, Any]:
+def record_params(record: RuntimeRecord) -> dict[str, Any]:
+    """The query parameters of a record's columns (empty text as NULL)."""
     return {
         "game_id": record.game_id,
         "status": str(record.status),
@@ -155,7 +156,7 @@ class PostgresRuntimeRecordStore:
         """
         record.validate()
         with database_errors(f"upsert runtime record {record.game_id}"):
-            self._conn.execute(_UPSERT, _record_params(record))
+            self._conn.execute(_UPSERT, record_params(record))
 
     def update_status(self, change: StatusChange) -> RuntimeRecord:
         """Apply a CAS status transition with one `UPDATE ... RETURNING`.
