@@ -1,8 +1,11 @@
 """The caller's deadline, visible to every layer of one request's thread.
 
 The gRPC layer opens a scope with the time the caller allows; lifecycle code
-and adapters bound their waits with `bounded(ceiling)`, so a request never
-waits on Docker, PostgreSQL or Redis longer than its caller will.
+bounds its database reads and its wait for a starting engine with
+`bounded(ceiling)` and checks `require_time_left` before each long Docker
+step, so an operation whose caller gave up stops early. A graceful stop is
+never cut short by a deadline: game data matters more than the caller's
+patience.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import timedelta
+
+from rtmanager.domain.errors import ServiceUnavailable
 
 _deadline: ContextVar[float | None] = ContextVar("rtmanager_deadline", default=None)
 _FLOOR = timedelta(milliseconds=10)
@@ -37,3 +42,19 @@ def bounded(ceiling: timedelta) -> timedelta:
         return ceiling
     left = timedelta(seconds=deadline - time.monotonic())
     return max(min(ceiling, left), _FLOOR)
+
+
+def cut_by_deadline(ceiling: timedelta) -> bool:
+    """Whether the current deadline leaves less than `ceiling`."""
+    return bounded(ceiling) < ceiling
+
+
+def require_time_left(step: str) -> None:
+    """Raise `ServiceUnavailable` when the caller's deadline has already passed.
+
+    Checked before each long step, so an operation whose caller gave up
+    stops early (releasing its lease) instead of running on unseen.
+    """
+    deadline = _deadline.get()
+    if deadline is not None and time.monotonic() >= deadline:
+        raise ServiceUnavailable(f"the caller's deadline passed before {step}")

@@ -13,13 +13,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from rtmanager.deadlines import bounded
+from rtmanager.deadlines import bounded, cut_by_deadline, require_time_left
 from rtmanager.domain import labels
 from rtmanager.domain.errors import (
     ConcurrentModification,
     Conflict,
     ContainerStartFailed,
     RuntimeManagerError,
+    ServiceUnavailable,
 )
 from rtmanager.domain.ids import container_name
 from rtmanager.domain.operation import OpKind, OpSource
@@ -150,6 +151,7 @@ class StartService(LifecycleService):
             raise Conflict(
                 f"a container named {name} that this rtmanager does not own is in the way"
             )
+        require_time_left("pulling the engine image")
         self._docker.ensure_image(image_ref, settings.image_pull_policy)
         state_dir = settings.state_dir(game_id)
         state_dir.mkdir(parents=True, exist_ok=True)
@@ -167,6 +169,7 @@ class StartService(LifecycleService):
             if owned_container(self._docker, existing.current_container_id) is not None:
                 self._docker.remove_container(existing.current_container_id, force=True)
             removed.append(existing.current_container_id)
+        require_time_left("creating the engine container")
         container_id = self._docker.create_container(self._spec(game_id, image_ref, state_dir))
         try:
             self._docker.start_container(container_id)
@@ -209,8 +212,9 @@ class StartService(LifecycleService):
         Without a health check it must keep running for the settle period,
         so an engine that dies at once is caught here, not later.
         """
+        # The caller's deadline may shorten the wait, never the settle period.
+        settle = min(self._settings.start_settle, self._settings.start_timeout).total_seconds()
         timeout = bounded(self._settings.start_timeout).total_seconds()
-        settle = min(self._settings.start_settle.total_seconds(), timeout)
         started = time.monotonic()
         deadline = started + timeout
         while True:
@@ -230,6 +234,10 @@ class StartService(LifecycleService):
             if info.health == "healthy" or (info.health is None and now - started >= settle):
                 return
             if now >= deadline:
+                if cut_by_deadline(self._settings.start_timeout):
+                    raise ServiceUnavailable(
+                        "the caller's deadline passed while the engine was starting"
+                    )
                 raise ContainerStartFailed(
                     f"the engine did not become {'healthy' if info.health else 'running'} "
                     f"within {timeout:g}s{self._log_tail(container_id)}"

@@ -14,10 +14,11 @@ from rtmanager.client import (
     NotFoundError,
     RuntimeManagerClient,
     SemverPatchOnlyError,
+    ServiceUnavailableError,
 )
 from rtmanager.domain.operation import OpKind, Outcome
 from rtmanager.domain.runtime import RuntimeStatus
-from tests.e2e.conftest import ServerProcess
+from tests.e2e.conftest import ServerProcess, eventually, start_server
 
 pytestmark = pytest.mark.e2e
 
@@ -227,3 +228,31 @@ def test_concurrent_restarts_serialize_and_leave_an_exact_audit_trail(
             if op.source_ref == row.source_ref and op.op_kind is not OpKind.RESTART
         ]
         assert sorted(inner) == sorted([OpKind.STOP, OpKind.START])
+
+
+def test_a_start_whose_caller_gives_up_stops_early_and_leaves_nothing_behind(
+    server_environment: dict[str, str],
+    docker_client: docker.DockerClient,
+    cluster: str,
+    tmp_path: Path,
+) -> None:
+    env = dict(server_environment)
+    env["RTMANAGER_START_SETTLE"] = "5s"  # longer than the caller waits
+    server = start_server(env, tmp_path / "server.log")
+    try:
+        with RuntimeManagerClient(server.address) as client:
+            with pytest.raises(ServiceUnavailableError):  # DEADLINE_EXCEEDED on the client
+                client.start_runtime("hasty", f"{STUB}:1.0.0", timeout=1.0)
+            row = eventually(
+                lambda: next(iter(client.iter_operations(game_id="hasty")), None), within=10
+            )
+            assert (row.op_kind, row.error_code) == (OpKind.START, "service_unavailable")
+            assert "deadline" in row.error_message
+            with pytest.raises(NotFoundError):
+                client.get_runtime("hasty")
+        ours = docker_client.containers.list(
+            all=True, filters={"label": f"com.galaxy.rtmanager.cluster={cluster}"}
+        )
+        assert ours == []
+    finally:
+        server.stop()
