@@ -15,6 +15,7 @@ import grpc
 from opentelemetry.instrumentation.grpc import server_interceptor
 
 from rtmanager.adapters.docker.engine import DockerEngineAdapter
+from rtmanager.adapters.docker.instrumented import InstrumentedDocker
 from rtmanager.adapters.postgres.event_feed import PostgresRuntimeFeed
 from rtmanager.adapters.postgres.migrations import SchemaVersionError, check_schema_version
 from rtmanager.adapters.postgres.pool import create_pool
@@ -127,14 +128,16 @@ class Application:
             max_subscribers=settings.watch_max_subscribers,
             queue_capacity=settings.watch_queue_size,
             retention=settings.watch_retention,
+            telemetry=telemetry,
         )
         self.redis = create_redis(settings.redis_url, timeout=_DEPENDENCY_TIMEOUT)
         self.leases = RedisGameLeases(self.redis, prefix=settings.redis_prefix)
-        self.docker = DockerEngineAdapter(
+        self._docker_adapter = DockerEngineAdapter(
             base_url=settings.docker_host,
             cluster=settings.cluster,
             timeout=settings.docker_timeout,
         )
+        self.docker = InstrumentedDocker(self._docker_adapter, telemetry)
         self.lock = GameLock(
             self.leases, settings.game_lease_ttl, on_acquire_latency=telemetry.lease_acquired
         )
@@ -273,5 +276,5 @@ class Application:
         self.feed.stop(5.0)
         self.pool.close()
         self.redis.close()
-        self.docker.close()
+        self._docker_adapter.close()
         self.export.shutdown()

@@ -42,6 +42,9 @@ class Telemetry:
         self._stream_lag = meter.create_gauge(
             "rtmanager_stream_consumer_lag", description="Job entries not yet read by the group"
         )
+        self._watchers = meter.create_gauge(
+            "rtmanager_watch_subscribers", description="WatchRuntimes subscribers"
+        )
         self._runtimes = meter.create_gauge(
             "rtmanager_runtimes", description="Runtime records by status (as of the last reconcile)"
         )
@@ -66,6 +69,10 @@ class Telemetry:
     def reconcile_action(self, kind: str, applied: bool) -> None:
         """Count one reconciler action."""
         self._reconcile_actions.add(1, {"kind": kind, "applied": str(applied).lower()})
+
+    def watchers(self, count: int) -> None:
+        """Report how many WatchRuntimes subscribers this process serves."""
+        self._watchers.set(count)
 
     def stream_lag(self, stream: str, lag: int) -> None:
         """Report a job stream's consumer-group lag."""

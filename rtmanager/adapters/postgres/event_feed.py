@@ -43,6 +43,7 @@ from rtmanager.ports import (
     SubscriberOverflow,
     TooManyWatchers,
 )
+from rtmanager.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +129,7 @@ class PostgresRuntimeFeed:
         poll_interval: timedelta = timedelta(seconds=1),
         retention: timedelta = timedelta(days=7),
         timeout: timedelta = timedelta(seconds=10),
+        telemetry: Telemetry | None = None,
     ) -> None:
         self._dsn = dsn
         self._schema = schema
@@ -137,6 +139,7 @@ class PostgresRuntimeFeed:
         self._poll = poll_interval.total_seconds()
         self._retention = retention
         self._timeout = timeout.total_seconds()
+        self._telemetry = telemetry or Telemetry()
         self._subscribers: set[_Subscription] = set()
         self._lock = threading.Lock()
         self._position = 0
@@ -159,6 +162,7 @@ class PostgresRuntimeFeed:
                 )
             subscription = _Subscription(self._position, self._capacity, self._lock)
             self._subscribers.add(subscription)
+            self._telemetry.watchers(len(self._subscribers))
             return subscription
 
     def unsubscribe(self, subscription: object) -> None:
