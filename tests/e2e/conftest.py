@@ -179,3 +179,19 @@ def server(server_environment: dict[str, str], tmp_path: Path) -> Iterator[Serve
         code = handle.stop()
         if code not in (0, -signal.SIGTERM):
             sys.stderr.write(handle.log()[-4000:])
+
+
+GM_TOKEN = "gm-token-0123456789abcdef"
+ADMIN_TOKEN = "admin-token-0123456789abcdef"
+
+
+@pytest.fixture
+def auth_server(server_environment: dict[str, str], tmp_path: Path) -> Iterator[ServerProcess]:
+    """A server that requires the Game Master or admin token."""
+    env = dict(server_environment)
+    env["RTMANAGER_AUTH_TOKENS"] = f"game_master={GM_TOKEN},admin={ADMIN_TOKEN}"
+    handle = start_server(env, tmp_path / "server.log")
+    try:
+        yield handle
+    finally:
+        handle.stop()

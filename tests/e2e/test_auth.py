@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +19,10 @@ from rtmanager.client import (
     UnauthenticatedError,
 )
 from rtmanager.domain.operation import OpSource
-from tests.e2e.conftest import ServerProcess, run_cli, start_server
+from tests.e2e.conftest import ADMIN_TOKEN, GM_TOKEN, ServerProcess, run_cli
 
 pytestmark = pytest.mark.e2e
 
-GM_TOKEN = "gm-token-0123456789abcdef"
-ADMIN_TOKEN = "admin-token-0123456789abcdef"
 
 # (service, method, request, admin only). Requests name a game that does not
 # exist or an image outside the allowlist, so an authorised call fails on its
@@ -48,17 +45,6 @@ RPCS: list[tuple[str, str, Any, bool]] = [
     ("admin", "Reconcile", pb.ReconcileRequest(dry_run=True), True),
 ]
 AUTH_REASONS = {"unauthenticated", "permission_denied"}
-
-
-@pytest.fixture
-def auth_server(server_environment: dict[str, str], tmp_path: Path) -> Iterator[ServerProcess]:
-    env = dict(server_environment)
-    env["RTMANAGER_AUTH_TOKENS"] = f"game_master={GM_TOKEN},admin={ADMIN_TOKEN}"
-    handle = start_server(env, tmp_path / "server.log")
-    try:
-        yield handle
-    finally:
-        handle.stop()
 
 
 def call(

@@ -6,19 +6,14 @@ import json
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import ENGINE_IMAGE
-from tests.e2e.conftest import REPO, ServerProcess, start_server
+from tests.e2e.conftest import ADMIN_TOKEN, GM_TOKEN, REPO, ServerProcess
 
 pytestmark = pytest.mark.e2e
-
-GM_TOKEN = "ctl-gm-token-0123456789"
-ADMIN_TOKEN = "ctl-admin-token-0123456789"
 
 
 def ctl(
@@ -146,17 +141,6 @@ def test_ctl_watch_streams_the_snapshot_and_changes_as_json_lines(server: Server
     finally:
         watcher.terminate()
         watcher.wait(timeout=30)
-
-
-@pytest.fixture
-def auth_server(server_environment: dict[str, str], tmp_path: Path) -> Iterator[ServerProcess]:
-    env = dict(server_environment)
-    env["RTMANAGER_AUTH_TOKENS"] = f"game_master={GM_TOKEN},admin={ADMIN_TOKEN}"
-    handle = start_server(env, tmp_path / "server.log")
-    try:
-        yield handle
-    finally:
-        handle.stop()
 
 
 def test_ctl_sends_its_token(auth_server: ServerProcess) -> None:
