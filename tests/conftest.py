@@ -16,6 +16,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -103,7 +104,7 @@ def docker_cleanup(docker_client: object, test_id: str) -> Iterator[str]:
 
     assert isinstance(docker_client, docker.DockerClient)
     yield test_id
-    selectors = [
+    selectors: list[dict[str, Any]] = [
         {"label": f"{TEST_LABEL}={test_id}"},
         {"label": f"com.galaxy.rtmanager.cluster=test-{test_id}"},
     ]
