@@ -40,7 +40,7 @@ from rtmanager.adapters.postgres.pool import create_pool
 from rtmanager.adapters.postgres.unit_of_work import PostgresUnitOfWorkFactory
 from rtmanager.domain.ids import engine_endpoint
 from rtmanager.domain.runtime import RuntimeRecord, RuntimeStatus
-from tests.conftest import DOCKER_HOST, POSTGRES_DSN, REDIS_URL, TEST_LABEL
+from tests.conftest import DOCKER_HOST, POSTGRES_DSN, REDIS_URL, TEST_LABEL, remove_labelled
 from tests.e2e.conftest import REPO, ServerProcess, free_port, run_cli, server_env, start_server
 
 CLUSTER_LABEL = "com.galaxy.rtmanager.cluster"
@@ -137,20 +137,9 @@ def _cleanup(iso: Isolation) -> None:
 
 
 def _remove_docker_objects(iso: Isolation) -> None:
-    selectors: list[dict[str, str | list[str] | bool]] = [
-        {"label": f"{TEST_LABEL}={iso.label}"},
-        {"label": f"{CLUSTER_LABEL}={iso.cluster}"},
-    ]
     client = docker.DockerClient(base_url=DOCKER_HOST, timeout=60)
     try:
-        for selector in selectors:
-            for container in client.containers.list(all=True, filters=selector):
-                with contextlib.suppress(docker.errors.NotFound):
-                    container.remove(force=True)
-        for selector in selectors:
-            for network in client.networks.list(filters=selector):
-                with contextlib.suppress(docker.errors.NotFound):
-                    network.remove()
+        remove_labelled(client, [f"{TEST_LABEL}={iso.label}", f"{CLUSTER_LABEL}={iso.cluster}"])
     finally:
         client.close()
 

@@ -104,10 +104,17 @@ def docker_cleanup(docker_client: object, test_id: str) -> Iterator[str]:
 
     assert isinstance(docker_client, docker.DockerClient)
     yield test_id
-    selectors: list[dict[str, Any]] = [
-        {"label": f"{TEST_LABEL}={test_id}"},
-        {"label": f"com.galaxy.rtmanager.cluster=test-{test_id}"},
-    ]
+    remove_labelled(
+        docker_client,
+        [f"{TEST_LABEL}={test_id}", f"com.galaxy.rtmanager.cluster=test-{test_id}"],
+    )
+
+
+def remove_labelled(docker_client: Any, labels: list[str]) -> None:
+    """Remove every container, then every network, carrying any of `labels` (key=value)."""
+    import docker
+
+    selectors: list[dict[str, Any]] = [{"label": label} for label in labels]
     for selector in selectors:
         for container in docker_client.containers.list(all=True, filters=selector):
             with contextlib.suppress(docker.errors.NotFound):
