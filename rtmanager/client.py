@@ -31,13 +31,6 @@ from rtmanager.domain.runtime import RuntimeRecord, RuntimeStatus
 from rtmanager.lifecycle.common import StopReason
 from rtmanager.ports import Page
 
-_STOP_REASON_TO_PB: dict[StopReason, pb.StopReason.ValueType] = {
-    StopReason.ADMIN_REQUEST: pb.STOP_REASON_ADMIN_REQUEST,
-    StopReason.LOBBY_REQUEST: pb.STOP_REASON_LOBBY_REQUEST,
-    StopReason.GAME_FINISHED: pb.STOP_REASON_GAME_FINISHED,
-    StopReason.ENGINE_EXITED: pb.STOP_REASON_ENGINE_EXITED,
-}
-
 
 class RuntimeManagerClientError(Exception):
     """A failed call. `code` is the stable error code when the server sent one."""
@@ -277,7 +270,7 @@ class RuntimeManagerClient:
     ) -> RuntimeRecord:
         """Stop the engine of a game gracefully."""
         request = pb.StopRuntimeRequest(
-            game_id=game_id, reason=_STOP_REASON_TO_PB[reason], source_ref=source_ref
+            game_id=game_id, reason=convert.STOP_REASON_TO_PB[reason], source_ref=source_ref
         )
         reply = self._call(self._runtime.StopRuntime, request, timeout)
         return convert.record_from_pb(reply.runtime)

@@ -51,12 +51,11 @@ OUTCOME_TO_PB: Mapping[Outcome, pb.Outcome.ValueType] = {
     Outcome.SUCCESS: pb.OUTCOME_SUCCESS,
     Outcome.FAILURE: pb.OUTCOME_FAILURE,
 }
-STOP_REASON_FROM_PB: Mapping[int, StopReason] = {
-    pb.STOP_REASON_UNSPECIFIED: StopReason.ADMIN_REQUEST,
-    pb.STOP_REASON_ADMIN_REQUEST: StopReason.ADMIN_REQUEST,
-    pb.STOP_REASON_LOBBY_REQUEST: StopReason.LOBBY_REQUEST,
-    pb.STOP_REASON_GAME_FINISHED: StopReason.GAME_FINISHED,
-    pb.STOP_REASON_ENGINE_EXITED: StopReason.ENGINE_EXITED,
+STOP_REASON_TO_PB: Mapping[StopReason, pb.StopReason.ValueType] = {
+    StopReason.ADMIN_REQUEST: pb.STOP_REASON_ADMIN_REQUEST,
+    StopReason.LOBBY_REQUEST: pb.STOP_REASON_LOBBY_REQUEST,
+    StopReason.GAME_FINISHED: pb.STOP_REASON_GAME_FINISHED,
+    StopReason.ENGINE_EXITED: pb.STOP_REASON_ENGINE_EXITED,
 }
 
 
@@ -68,6 +67,10 @@ STATUS_FROM_PB = _reverse(STATUS_TO_PB)
 OP_KIND_FROM_PB = _reverse(OP_KIND_TO_PB)
 OP_SOURCE_FROM_PB = _reverse(OP_SOURCE_TO_PB)
 OUTCOME_FROM_PB = _reverse(OUTCOME_TO_PB)
+# An unspecified reason is an admin request.
+STOP_REASON_FROM_PB = {pb.STOP_REASON_UNSPECIFIED: StopReason.ADMIN_REQUEST} | _reverse(
+    STOP_REASON_TO_PB
+)
 
 
 def enum_from_pb(mapping: Mapping[int, E], value: int, field: str) -> E | None:

@@ -85,28 +85,43 @@ def rpc(*, admin_only: bool = False) -> Callable[[Method[Any, Req, Resp]], Handl
     def decorate(method: Method[Any, Req, Resp]) -> Handler[Any, Req, Resp]:
         @functools.wraps(method)
         def handler(self: _Authenticated, request: Req, context: grpc.ServicerContext) -> Resp:
-            game_id = _game_id_of(request)
             try:
                 caller = self._auth.authenticate(context, admin_only=admin_only)
                 with deadline_scope(context.time_remaining()):
                     return method(self, request, context, caller)
-            except AuthFailure as failure:
-                context.abort_with_status(
-                    rich_status(failure.code.value[0], failure.reason, failure.message, {})
-                )
-            except RuntimeManagerError as error:
-                context.abort_with_status(to_rpc_status(error.to_failure(), game_id=game_id))
-            except Exception:
-                if _aborted(context):
-                    raise
-                log.exception("unexpected error in %s", method.__name__)
-                internal = Failure(ErrorCode.INTERNAL, "internal error; see the server log")
-                context.abort_with_status(to_rpc_status(internal, game_id=game_id))
+            except Exception as error:
+                _abort_for(context, error, method.__name__, _game_id_of(request))
             raise AssertionError("abort_with_status returned")  # pragma: no cover
 
         return handler
 
     return decorate
+
+
+def _abort_for(
+    context: grpc.ServicerContext, error: Exception, rpc_name: str, game_id: str = ""
+) -> None:
+    """End the RPC with the status for `error`: the one failure-to-status path.
+
+    Auth failures and watch endings carry their own codes; expected failures
+    (`RuntimeManagerError`) their stable code; anything else is a bug, logged
+    with its traceback and reported as `internal` without leaking details. An
+    abort already in progress is let through.
+    """
+    if isinstance(error, AuthFailure):
+        status = rich_status(error.code.value[0], error.reason, error.message, {})
+    elif isinstance(error, WatchEnded):
+        metadata = {} if error.cursor is None else {"cursor": format_cursor(error.cursor)}
+        status = rich_status(_WATCH_ENDINGS[error.kind], error.kind, error.message, metadata)
+    elif isinstance(error, RuntimeManagerError):
+        status = to_rpc_status(error.to_failure(), game_id=game_id)
+    elif _aborted(context):
+        raise error
+    else:
+        log.exception("unexpected error in %s", rpc_name)
+        internal = Failure(ErrorCode.INTERNAL, "internal error; see the server log")
+        status = to_rpc_status(internal, game_id=game_id)
+    context.abort_with_status(status)
 
 
 def _game_id_of(request: Any) -> str:
@@ -225,23 +240,8 @@ class RuntimeServicer(_Authenticated, pb_grpc.RuntimeServiceServicer):
                 watch, context.is_active, context.add_callback
             ):
                 yield convert.watch_item_to_pb(item)
-        except AuthFailure as failure:
-            context.abort_with_status(
-                rich_status(failure.code.value[0], failure.reason, failure.message, {})
-            )
-        except WatchEnded as ended:
-            metadata = {} if ended.cursor is None else {"cursor": format_cursor(ended.cursor)}
-            context.abort_with_status(
-                rich_status(_WATCH_ENDINGS[ended.kind], ended.kind, ended.message, metadata)
-            )
-        except RuntimeManagerError as error:
-            context.abort_with_status(to_rpc_status(error.to_failure()))
-        except Exception:
-            if _aborted(context):
-                raise
-            log.exception("unexpected error in WatchRuntimes")
-            internal = Failure(ErrorCode.INTERNAL, "internal error; see the server log")
-            context.abort_with_status(to_rpc_status(internal))
+        except Exception as error:
+            _abort_for(context, error, "WatchRuntimes")
 
 
 class RuntimeAdminServicer(_Authenticated, pb_grpc.RuntimeAdminServiceServicer):

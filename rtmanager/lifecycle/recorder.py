@@ -79,7 +79,6 @@ class Operation:
     container_id: str = ""
     # Extra context for the operation's log line (the stop reason, ...).
     log_fields: dict[str, str] = field(default_factory=dict)
-    _result: OperationResult | None = field(default=None, repr=False)
 
     def commit(
         self,
@@ -103,11 +102,10 @@ class Operation:
             if changed is not None:
                 uow.events.append(entry, changed)
             uow.commit()
-        self._result = OperationResult(
+        self.recorder.committed(entry, record)
+        return OperationResult(
             self.game_id, self.op_kind, Outcome.SUCCESS, record=record, operation_id=entry.id
         )
-        self.recorder.committed(entry, record)
-        return self._result
 
     def _entry(self, outcome: Outcome, failure: Failure | None = None) -> OperationEntry:
         finished = max(self.recorder.clock(), self.started_at)
