@@ -26,9 +26,8 @@ from rtmanager._proto.galaxy.rtmanager.v1 import rtmanager_pb2_grpc as pb_grpc
 from rtmanager.api import convert
 from rtmanager.api.errors import ERROR_DOMAIN, error_info_of
 from rtmanager.domain.errors import ErrorCode
-from rtmanager.domain.operation import OperationEntry, OpKind, OpSource, Outcome
+from rtmanager.domain.operation import OperationEntry, OpKind, OpSource, Outcome, StopReason
 from rtmanager.domain.runtime import RuntimeRecord, RuntimeStatus
-from rtmanager.lifecycle.common import StopReason
 from rtmanager.ports import Page
 
 

@@ -63,9 +63,8 @@ from rtmanager.client import (
     RuntimeManagerClientError,
 )
 from rtmanager.domain.errors import ErrorCode, RuntimeManagerError
-from rtmanager.domain.operation import OperationEntry, OpKind, OpSource, Outcome
+from rtmanager.domain.operation import OperationEntry, OpKind, OpSource, Outcome, StopReason
 from rtmanager.domain.runtime import RuntimeRecord, RuntimeStatus
-from rtmanager.lifecycle.common import StopReason
 from rtmanager.ports import Page
 
 PROG = "rtmanager ctl"

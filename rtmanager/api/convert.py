@@ -11,10 +11,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from rtmanager._proto.galaxy.rtmanager.v1 import rtmanager_pb2 as pb
 from rtmanager.domain.errors import InvalidRequest
-from rtmanager.domain.operation import OperationEntry, OpKind, OpSource, Outcome
+from rtmanager.domain.operation import OperationEntry, OpKind, OpSource, Outcome, StopReason
 from rtmanager.domain.runtime import RuntimeRecord, RuntimeStatus
 from rtmanager.domain.timeutil import utc_now
-from rtmanager.lifecycle.common import StopReason
 from rtmanager.lifecycle.watch import (
     Bookmark,
     SnapshotDone,

@@ -27,6 +27,15 @@ class OpKind(StrEnum):
     RECONCILE_DISPOSE = "reconcile_dispose"
 
 
+class StopReason(StrEnum):
+    """Why a runtime is being stopped."""
+
+    ADMIN_REQUEST = "admin_request"
+    LOBBY_REQUEST = "lobby_request"
+    GAME_FINISHED = "game_finished"
+    ENGINE_EXITED = "engine_exited"
+
+
 class OpSource(StrEnum):
     """Where an operation entered the service."""
 

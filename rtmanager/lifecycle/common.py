@@ -1,4 +1,4 @@
-"""What the lifecycle services share: settings, stop reasons, small helpers."""
+"""What the lifecycle services share: settings, dependencies, small helpers."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from enum import StrEnum
 from pathlib import Path
 
 from rtmanager.domain.errors import Conflict, InternalError, NotFound
@@ -17,15 +16,6 @@ from rtmanager.domain.timeutil import utc_now
 from rtmanager.lifecycle.leasing import GameLock
 from rtmanager.lifecycle.recorder import OperationRecorder
 from rtmanager.ports import ContainerInfo, DockerEngine, PullPolicy, UnitOfWork
-
-
-class StopReason(StrEnum):
-    """Why a runtime is being stopped."""
-
-    ADMIN_REQUEST = "admin_request"
-    LOBBY_REQUEST = "lobby_request"
-    GAME_FINISHED = "game_finished"
-    ENGINE_EXITED = "engine_exited"
 
 
 @dataclass(frozen=True)

@@ -9,14 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from rtmanager.domain.errors import Conflict
-from rtmanager.domain.operation import OpKind, OpSource
+from rtmanager.domain.operation import OpKind, OpSource, StopReason
 from rtmanager.domain.runtime import RuntimeStatus
-from rtmanager.lifecycle.common import (
-    LifecycleService,
-    StopReason,
-    op_time,
-    owned_container,
-)
+from rtmanager.lifecycle.common import LifecycleService, op_time, owned_container
 from rtmanager.lifecycle.recorder import Operation, OperationResult
 from rtmanager.ports import StatusChange
 

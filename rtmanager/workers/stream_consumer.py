@@ -56,9 +56,8 @@ from redis.typing import StreamIdT
 
 from rtmanager.config import Settings
 from rtmanager.domain.errors import ErrorCode, Failure
-from rtmanager.domain.operation import OpKind, OpSource, Outcome
+from rtmanager.domain.operation import OpKind, OpSource, Outcome, StopReason
 from rtmanager.domain.runtime import RuntimeRecord
-from rtmanager.lifecycle.common import StopReason
 from rtmanager.lifecycle.recorder import OperationResult
 from rtmanager.lifecycle.start import StartRequest
 from rtmanager.lifecycle.stop import StopRequest

@@ -25,10 +25,9 @@ import redis
 
 from rtmanager.adapters.redis.client import create_redis
 from rtmanager.domain.errors import ErrorCode, Failure
-from rtmanager.domain.operation import OpKind, OpSource, Outcome
+from rtmanager.domain.operation import OpKind, OpSource, Outcome, StopReason
 from rtmanager.domain.runtime import RuntimeRecord, RuntimeStatus
 from rtmanager.domain.timeutil import utc_now
-from rtmanager.lifecycle.common import StopReason
 from rtmanager.lifecycle.recorder import OperationResult
 from rtmanager.lifecycle.start import StartRequest
 from rtmanager.lifecycle.stop import StopRequest

@@ -35,9 +35,8 @@ from rtmanager.client import (
     UnauthenticatedError,
     UnimplementedError,
 )
-from rtmanager.domain.operation import OperationEntry, OpKind, OpSource, Outcome
+from rtmanager.domain.operation import OperationEntry, OpKind, OpSource, Outcome, StopReason
 from rtmanager.domain.runtime import RuntimeRecord, RuntimeStatus
-from rtmanager.lifecycle.common import StopReason
 from rtmanager.ports import Page
 
 T0 = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)

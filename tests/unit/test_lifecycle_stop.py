@@ -8,9 +8,8 @@ import pytest
 
 from rtmanager.domain import labels
 from rtmanager.domain.errors import ErrorCode
-from rtmanager.domain.operation import OpKind, OpSource, Outcome
+from rtmanager.domain.operation import OpKind, OpSource, Outcome, StopReason
 from rtmanager.domain.runtime import RuntimeStatus
-from rtmanager.lifecycle.common import StopReason
 from rtmanager.lifecycle.recorder import OperationResult
 from rtmanager.lifecycle.stop import StopRequest
 from tests.unit.harness import IMAGE, STOP_TIMEOUT, Harness, failure_code

@@ -15,9 +15,8 @@ from hypothesis import strategies as st
 
 from rtmanager.config import load_settings
 from rtmanager.domain.errors import ErrorCode, Failure
-from rtmanager.domain.operation import OpKind, Outcome
+from rtmanager.domain.operation import OpKind, Outcome, StopReason
 from rtmanager.domain.runtime import RuntimeRecord, RuntimeStatus
-from rtmanager.lifecycle.common import StopReason
 from rtmanager.lifecycle.recorder import OperationResult
 from rtmanager.workers.stream_consumer import (
     GameQueues,
