@@ -21,12 +21,14 @@ from rtmanager.adapters.postgres.migrations import SchemaVersionError, check_sch
 from rtmanager.adapters.postgres.pool import create_pool
 from rtmanager.adapters.postgres.unit_of_work import PostgresUnitOfWorkFactory
 from rtmanager.adapters.redis.client import create_redis
+from rtmanager.adapters.redis.job_streams import JobStreamsConfig, RedisJobStreams
 from rtmanager.adapters.redis.leases import RedisGameLeases
 from rtmanager.api.auth import Authenticator, is_loopback_address, parse_auth_tokens
 from rtmanager.api.health import HealthMonitor
 from rtmanager.api.server import SERVICE_NAMES, build_server
 from rtmanager.api.servicers import Lifecycles, RuntimeAdminServicer, RuntimeServicer
-from rtmanager.config import Settings
+from rtmanager.backoff import Backoff
+from rtmanager.config import REDIS_COMMAND_TIMEOUT, Settings
 from rtmanager.lifecycle.cleanup import CleanupService
 from rtmanager.lifecycle.common import LifecycleDeps, LifecycleSettings
 from rtmanager.lifecycle.leasing import GameLock
@@ -41,7 +43,7 @@ from rtmanager.telemetry import TelemetryExport
 from rtmanager.workers.docker_events import DockerEventsListener
 from rtmanager.workers.periodic import PeriodicWorker
 from rtmanager.workers.reconciler import Reconciler
-from rtmanager.workers.stream_consumer import StreamConsumer, StreamSettings
+from rtmanager.workers.stream_consumer import ConsumerSettings, StreamConsumer
 from rtmanager.workers.supervisor import Workers
 from rtmanager.workers.ttl_cleanup import TtlCleanup
 
@@ -74,6 +76,40 @@ def lifecycle_settings(settings: Settings) -> LifecycleSettings:
         engine_read_only=settings.engine_read_only,
         remove_state_on_cleanup=settings.remove_state_on_cleanup,
         container_labels=dict(settings.container_labels),
+    )
+
+
+def job_streams_config(settings: Settings) -> JobStreamsConfig:
+    """The names and limits of Lobby's job streams."""
+    return JobStreamsConfig(
+        start_stream=settings.start_jobs_stream,
+        stop_stream=settings.stop_jobs_stream,
+        results_stream=settings.job_results_stream,
+        dead_letter_stream=settings.dead_letter_stream,
+        group=settings.stream_group,
+        consumer=settings.instance_id,
+        prefix=settings.redis_prefix,
+        results_maxlen=settings.stream_results_maxlen,
+        dead_letter_maxlen=settings.stream_dead_letter_maxlen,
+        presence_ttl=settings.stream_presence_ttl,
+        answered_ttl=settings.stream_answered_ttl,
+    )
+
+
+def consumer_settings(settings: Settings) -> ConsumerSettings:
+    """How the stream consumer reads, retries and takes over."""
+    return ConsumerSettings(
+        consumer=settings.instance_id,
+        workers=settings.stream_workers,
+        batch=settings.stream_batch,
+        block=settings.stream_block,
+        max_buffered=settings.stream_max_buffered,
+        max_deliveries=settings.stream_max_deliveries,
+        claim_idle=settings.stream_claim_idle,
+        retry=Backoff(settings.stream_retry_base, settings.stream_retry_max),
+        retry_for=settings.stream_retry_window,
+        presence_ttl=settings.stream_presence_ttl,
+        consumer_expiry=settings.stream_consumer_expiry,
     )
 
 
@@ -130,7 +166,7 @@ class Application:
             retention=settings.watch_retention,
             telemetry=telemetry,
         )
-        self.redis = create_redis(settings.redis_url, timeout=_DEPENDENCY_TIMEOUT)
+        self.redis = create_redis(settings.redis_url, timeout=REDIS_COMMAND_TIMEOUT)
         self.leases = RedisGameLeases(self.redis, prefix=settings.redis_prefix)
         self._docker_adapter = DockerEngineAdapter(
             base_url=settings.docker_host,
@@ -161,6 +197,13 @@ class Application:
             reconciler=self.reconciler,
             watch=WatchService(self.feed, heartbeat=settings.watch_heartbeat),
         )
+        self.stream_consumer = StreamConsumer(
+            RedisJobStreams(self.redis, job_streams_config(settings)),
+            start,
+            stop,
+            consumer_settings(settings),
+            telemetry,
+        )
         ttl_cleanup = TtlCleanup(self.units_of_work, cleanup, ttl=settings.container_ttl)
         self.workers = Workers(
             reconciler=self.reconciler,
@@ -169,9 +212,7 @@ class Application:
                 PeriodicWorker("reconciler", self.reconciler.run_pass, settings.reconcile_interval),
                 PeriodicWorker("ttl-cleanup", ttl_cleanup.run_once, settings.cleanup_interval),
             ],
-            stream_consumer=StreamConsumer(
-                self.redis, start, stop, StreamSettings.from_settings(settings), telemetry
-            ),
+            stream_consumer=self.stream_consumer,
         )
         self.health = HealthMonitor(
             {
@@ -234,6 +275,7 @@ class Application:
         The server listens at once but health reports SERVING only after the
         start-up reconcile pass and while the dependency checks pass.
         """
+        self.stream_consumer.register(stop)
         self.feed.start()
         self.server.start()
         self.health.start()

@@ -75,6 +75,7 @@ def _serve(settings: Settings) -> int:
     from rtmanager.api.auth import AuthConfigError
     from rtmanager.api.server import BindError
     from rtmanager.app import Application, StartupError
+    from rtmanager.workers.stream_consumer import ConsumerNameTaken
 
     stop = threading.Event()
 
@@ -101,7 +102,13 @@ def _serve(settings: Settings) -> int:
     if stop.is_set():
         app.close()
         return EXIT_OK
-    if app.start(stop):
+    try:
+        started = app.start(stop)
+    except ConsumerNameTaken as error:
+        print(f"rtmanager serve: {error}", file=sys.stderr)
+        app.close()
+        return EXIT_USAGE
+    if started:
         stop.wait()
     app.shutdown()
     return EXIT_OK

@@ -28,6 +28,8 @@ from pydantic import (
 from rtmanager.ports import PullPolicy
 
 ENV_PREFIX = "RTMANAGER_"
+# Every Redis command's reply is awaited this long (blocking reads included).
+REDIS_COMMAND_TIMEOUT = timedelta(seconds=5)
 REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
@@ -121,8 +123,12 @@ AbsolutePath = Annotated[Path, AfterValidator(_absolute_path)]
 
 
 def default_instance_id() -> str:
-    """This replica's default name: hostname and process id."""
-    return f"{socket.gethostname()}-{os.getpid()}"
+    """This replica's default name: the host name, stable across restarts.
+
+    It names the replica's stream consumer, so a restarted process takes
+    back its own pending jobs; two replicas on one host need their own.
+    """
+    return socket.gethostname()
 
 
 class Settings(BaseModel):
@@ -154,6 +160,23 @@ class Settings(BaseModel):
     stream_max_deliveries: int = Field(default=5, ge=1, le=1000)
     stream_workers: int = Field(default=4, ge=1, le=256)
     stream_claim_idle: PositiveDuration = timedelta(seconds=30)
+    stream_block: PositiveDuration = timedelta(seconds=1)
+    stream_batch: int = Field(default=64, ge=1, le=10_000)
+    stream_max_buffered: int = Field(default=256, ge=1, le=100_000)
+    stream_retry_base: PositiveDuration = timedelta(milliseconds=200)
+    stream_retry_max: PositiveDuration = timedelta(seconds=5)
+    stream_retry_for: PositiveDuration = timedelta(minutes=10)
+    stream_results_maxlen: int = Field(default=100_000, ge=1)
+    stream_dead_letter_maxlen: int = Field(default=100_000, ge=1)
+    stream_presence_ttl: PositiveDuration = timedelta(seconds=10)
+    stream_consumer_expiry: PositiveDuration = timedelta(hours=1)
+    stream_answered_ttl: PositiveDuration = timedelta(hours=24)
+
+    @property
+    def stream_retry_window(self) -> timedelta:
+        """How long a transiently failing Lobby job is retried: `RTMANAGER_STREAM_RETRY_FOR`,
+        but never less than a dead holder's lease plus the wait before its job is taken over."""
+        return max(self.stream_retry_for, self.game_lease_ttl + self.stream_claim_idle)
 
     instance_id: str = Field(default_factory=default_instance_id)
     cluster: str = "default"
@@ -208,6 +231,23 @@ class Settings(BaseModel):
                 "RTMANAGER_WATCH_MAX_SUBSCRIBERS must be at most RTMANAGER_GRPC_MAX_WORKERS - 8 "
                 f"({self.grpc_max_workers - 8}), so watchers cannot starve other calls"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _stream_timings_fit(self) -> Settings:
+        problems = []
+        if self.stream_block > REDIS_COMMAND_TIMEOUT - timedelta(seconds=1):
+            problems.append(
+                "RTMANAGER_STREAM_BLOCK must be at most "
+                f"{(REDIS_COMMAND_TIMEOUT - timedelta(seconds=1)).total_seconds():g}s, "
+                "below the Redis command timeout, or idle reads would time out"
+            )
+        if self.stream_retry_max < self.stream_retry_base:
+            problems.append(
+                "RTMANAGER_STREAM_RETRY_MAX must not be below RTMANAGER_STREAM_RETRY_BASE"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     @field_validator("log_level", "log_format", "image_pull_policy", mode="before")
@@ -278,7 +318,10 @@ def load_settings(environ: dict[str, str] | None = None, **overrides: Any) -> Se
 def _describe(error: ValidationError, values: dict[str, Any]) -> str:
     lines = []
     for problem in error.errors():
-        field = str(problem["loc"][0]) if problem["loc"] else "?"
+        if not problem["loc"]:  # a rule over several settings names them itself
+            lines.append(str(problem["msg"]).removeprefix("Value error, "))
+            continue
+        field = str(problem["loc"][0])
         variable = f"{ENV_PREFIX}{field.upper()}"
         shown = values.get(field, problem.get("input"))
         if "token" in field:

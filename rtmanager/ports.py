@@ -11,13 +11,14 @@ unreachable or times out; other errors are listed per method.
 from __future__ import annotations
 
 import builtins
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
 from types import TracebackType
 from typing import Generic, Protocol, Self, TypeVar
 
+from rtmanager.domain.jobs import JobKind, JobMark, LobbyJob
 from rtmanager.domain.operation import OperationEntry, OpKind, OpSource, Outcome
 from rtmanager.domain.runtime import RuntimeRecord, RuntimeStatus
 
@@ -160,6 +161,25 @@ class RuntimeEventLog(Protocol):
         ...
 
 
+class JobMarkStore(Protocol):
+    """Each game's Lobby job watermark: the newest Lobby job applied to it (SPEC §4).
+
+    Read and written under the game's lease; written in the same unit of
+    work as the record change and audit row the job caused.
+    """
+
+    def get(self, game_id: str) -> JobMark | None:
+        """The game's watermark, or None before its first Lobby job."""
+        ...
+
+    def advance(self, mark: JobMark) -> None:
+        """Make `mark` the game's watermark unless the stored one is as new or newer.
+
+        Never moves a watermark back: an older mark is ignored.
+        """
+        ...
+
+
 class UnitOfWork(Protocol):
     """One database transaction over records and the operation log.
 
@@ -171,6 +191,7 @@ class UnitOfWork(Protocol):
     records: RuntimeRecordStore
     operations: OperationLog
     events: RuntimeEventLog
+    job_marks: JobMarkStore
 
     def __enter__(self) -> Self: ...
 
@@ -395,4 +416,112 @@ class DockerEngine(Protocol):
 
     def follow_events(self, since: datetime | None = None) -> EventStream:
         """Stream events of owned containers from `since` (or now) on."""
+        ...
+
+
+@dataclass(frozen=True)
+class JobEntry:
+    """One entry of a Lobby job stream, delivered to this consumer.
+
+    `fields` is empty when the entry was deleted or trimmed from its stream
+    while still pending. `deliveries` counts how often Redis has handed the
+    entry to a consumer, this delivery included.
+    """
+
+    job: LobbyJob
+    fields: Mapping[bytes, bytes]
+    deliveries: int
+
+    @property
+    def stream(self) -> str:
+        """The job stream the entry belongs to."""
+        return self.job.stream
+
+    @property
+    def entry_id(self) -> str:
+        """The entry's id in its stream."""
+        return self.job.entry_id
+
+
+class AnswerOutcome(StrEnum):
+    """What became of an answer handed to `JobStreams.answer`."""
+
+    # Published and the entry acknowledged, in one atomic step.
+    ANSWERED = "answered"
+    # The job had been answered before: acknowledged, nothing published.
+    ALREADY_ANSWERED = "already_answered"
+    # The entry is no longer pending for this consumer (another consumer
+    # took it over, or it was acknowledged): nothing was done; whoever
+    # holds it now answers it.
+    NOT_OURS = "not_ours"
+
+
+class JobStreams(Protocol):
+    """Lobby's job streams as one consumer of the consumer group sees them (SPEC §4).
+
+    The consumer is named (`RTMANAGER_INSTANCE_ID`); its *presence* (a key
+    with a TTL, renewed by `keep_name`) tells other consumers it is alive.
+    Entries pending on a consumer without presence are *abandoned* and may
+    be claimed by another consumer once idle long enough; entries of a live
+    consumer are never taken from it. Every job gets exactly one answer (a
+    result or a dead letter): `answer` publishes it and acknowledges the
+    entry atomically, only while the entry is pending for this consumer,
+    and never a second time for the same job.
+
+    Every method raises `ServiceUnavailable` when Redis is unreachable or
+    times out. A missing stream or consumer group is recreated by the
+    adapter, never reported.
+    """
+
+    def ensure_groups(self) -> None:
+        """Create the consumer group on both job streams unless it exists."""
+        ...
+
+    def claim_name(self) -> bool:
+        """Take this consumer's presence; False while another live process holds the name."""
+        ...
+
+    def keep_name(self) -> bool:
+        """Renew this consumer's presence; False when it was lost (call `claim_name`)."""
+        ...
+
+    def release_name(self) -> None:
+        """Give up this consumer's presence (on shutdown), if still ours."""
+        ...
+
+    def redeliver_own(self, kind: JobKind, after: str, count: int) -> builtins.list[JobEntry]:
+        """Up to `count` entries of the `kind` stream pending on this consumer, ids > `after`.
+
+        Used on start-up to take back what this consumer held when it last
+        ran; each counts as a delivery again (a crash on an entry counts).
+        """
+        ...
+
+    def read_new(self, count: int, block: timedelta) -> builtins.list[JobEntry]:
+        """Up to `count` new entries of both streams, waiting up to `block` when none.
+
+        Each returned entry is pending on this consumer (its first delivery).
+        """
+        ...
+
+    def claim_abandoned(self, min_idle: timedelta, count: int) -> builtins.list[JobEntry]:
+        """Take up to `count` entries idle for `min_idle` on consumers without presence."""
+        ...
+
+    def answer(
+        self, entry: JobEntry, fields: Mapping[str, str], *, dead_letter: bool = False
+    ) -> AnswerOutcome:
+        """Publish `fields` to the results (or dead-letter) stream and acknowledge `entry`.
+
+        Atomic: either both happen or neither (see `AnswerOutcome`). The
+        target stream is trimmed to its configured length.
+        """
+        ...
+
+    def remove_idle_consumers(self, min_idle: timedelta) -> builtins.list[str]:
+        """Delete group consumers idle for `min_idle`, without presence or pending entries."""
+        ...
+
+    def lag(self) -> dict[str, int]:
+        """Entries of each job stream the group has not read yet."""
         ...

@@ -89,8 +89,12 @@ start_redis() {
     rm -f "$REDIS_PIDFILE"
   fi
   log "starting Redis"
+  # Lobby's job streams and their pending entries must survive a restart:
+  # an append-only file, fsynced every second.
+  mkdir -p /var/lib/rtmanager-redis
   redis-server --daemonize yes --bind 127.0.0.1 --port "$REDIS_PORT" --save '' \
-    --appendonly no --pidfile "$REDIS_PIDFILE" --logfile /var/log/rtmanager-redis.log
+    --dir /var/lib/rtmanager-redis --appendonly yes --appendfsync everysec \
+    --pidfile "$REDIS_PIDFILE" --logfile /var/log/rtmanager-redis.log
   wait_for 30 Redis sh -c "redis-cli -h 127.0.0.1 -p $REDIS_PORT ping | grep -q PONG"
 }
 

@@ -43,6 +43,13 @@ class Failure:
     race: bool = False
     metadata: Mapping[str, str] = field(default_factory=dict)
 
+    @property
+    def transient(self) -> bool:
+        """Whether retrying may succeed: a dependency outage or a lost race."""
+        return self.code is ErrorCode.SERVICE_UNAVAILABLE or (
+            self.code is ErrorCode.CONFLICT and self.race
+        )
+
 
 class RuntimeManagerError(Exception):
     """Base of every expected failure raised by ports and domain helpers."""

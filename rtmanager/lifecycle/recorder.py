@@ -12,6 +12,14 @@ for success. The recorder turns either into an `OperationResult`:
 
 Either way it observes the duration, counts the outcome and writes one
 structured log line.
+
+An operation that applies a Lobby job (`Operation.job`) also keeps the
+game's job watermark (SPEC §4): the body calls `check_job` under the game's
+lease, which ends the operation with no audit row when the job is already
+settled (`JobSettled`: the job itself was applied before, or a newer one
+was); every final outcome advances the watermark in the same transaction as
+its audit row. A transient failure (a busy lease, an outage) leaves the
+watermark alone, so the job can be retried.
 """
 
 from __future__ import annotations
@@ -28,9 +36,11 @@ from rtmanager.domain.errors import (
     Failure,
     InternalError,
     InvalidRequest,
+    NotFound,
     RuntimeManagerError,
 )
 from rtmanager.domain.ids import parse_game_id, parse_source_ref
+from rtmanager.domain.jobs import JobMark, LobbyJob
 from rtmanager.domain.operation import OperationEntry, OpKind, OpSource, Outcome
 from rtmanager.domain.runtime import RuntimeRecord
 from rtmanager.domain.timeutil import utc_now
@@ -57,11 +67,30 @@ class OperationResult:
     record: RuntimeRecord | None = None
     failure: Failure | None = None
     operation_id: int = 0
+    # The newer Lobby job that settled this operation's job; nothing was done.
+    superseded_by: LobbyJob | None = None
+    # The job was applied before (its stored outcome is repeated here).
+    replayed: bool = False
+    # The failure could not be written to the database (it is lost).
+    unrecorded: bool = False
 
     @property
     def ok(self) -> bool:
         """True when the operation succeeded."""
         return self.outcome is Outcome.SUCCESS
+
+
+class JobSettled(Exception):
+    """The operation's Lobby job must not be applied: `mark` settled it already.
+
+    Raised by `OperationRecorder.check_job` under the game's lease; `record`
+    is the game's record at that moment (None when it has none).
+    """
+
+    def __init__(self, mark: JobMark, record: RuntimeRecord | None) -> None:
+        super().__init__(f"Lobby job settled by {mark.job}")
+        self.mark = mark
+        self.record = record
 
 
 @dataclass
@@ -77,6 +106,8 @@ class Operation:
     started_at: datetime
     started_monotonic: float
     container_id: str = ""
+    # The Lobby job this operation applies, if it came from the job streams.
+    job: LobbyJob | None = None
     # Extra context for the operation's log line (the stop reason, ...).
     log_fields: dict[str, str] = field(default_factory=dict)
 
@@ -101,10 +132,25 @@ class Operation:
             entry = uow.operations.append(self._entry(Outcome.SUCCESS))
             if changed is not None:
                 uow.events.append(entry, changed)
+            if self.job is not None:
+                uow.job_marks.advance(self._mark(entry))
             uow.commit()
         self.recorder.committed(entry, record)
         return OperationResult(
             self.game_id, self.op_kind, Outcome.SUCCESS, record=record, operation_id=entry.id
+        )
+
+    def _mark(self, entry: OperationEntry) -> JobMark:
+        """The watermark of this operation's job, ending as `entry` says."""
+        assert self.job is not None
+        return JobMark(
+            game_id=self.game_id,
+            job=self.job,
+            outcome=entry.outcome,
+            applied_at=entry.finished_at or entry.started_at,
+            error_code=ErrorCode(entry.error_code) if entry.error_code else None,
+            error_message=entry.error_message,
+            operation_id=entry.id,
         )
 
     def _entry(self, outcome: Outcome, failure: Failure | None = None) -> OperationEntry:
@@ -157,6 +203,7 @@ class OperationRecorder:
         op_source: OpSource,
         source_ref: str = "",
         image_ref: str = "",
+        job: LobbyJob | None = None,
     ) -> Operation:
         """Start timing an operation."""
         return Operation(
@@ -168,6 +215,7 @@ class OperationRecorder:
             image_ref=image_ref,
             started_at=self.clock(),
             started_monotonic=time.monotonic(),
+            job=job,
         )
 
     def admit(
@@ -178,6 +226,7 @@ class OperationRecorder:
         op_source: OpSource,
         source_ref: str = "",
         image_ref: str = "",
+        job: LobbyJob | None = None,
     ) -> Operation | OperationResult:
         """Begin an operation, or reject a request whose game id or source_ref cannot be stored.
 
@@ -199,6 +248,7 @@ class OperationRecorder:
             op_source=op_source,
             source_ref=source_ref,
             image_ref=image_ref,
+            job=job,
         )
 
     def reject(
@@ -223,6 +273,8 @@ class OperationRecorder:
         """Run `body`; record its failure, if any, with `on_failure` applied in the same commit."""
         try:
             result = body(operation)
+        except JobSettled as settled:
+            return self._settled(operation, settled)
         except RuntimeManagerError as error:
             result = self.fail(operation, error.to_failure(), change=on_failure)
         except Exception as error:
@@ -231,6 +283,54 @@ class OperationRecorder:
             result = self.fail(operation, failure, change=on_failure)
         self._finished(operation, result)
         return result
+
+    def check_job(self, operation: Operation) -> None:
+        """Raise `JobSettled` when the operation's Lobby job must not be applied.
+
+        Call it while holding the game's lease, before acting: the job is
+        settled when the game's watermark is that job (applied before, its
+        answer lost in a crash) or a newer one (Lobby's later word wins).
+        """
+        if operation.job is None:
+            return
+        with self.unit_of_work() as uow:
+            mark = uow.job_marks.get(operation.game_id)
+            if mark is None or not mark.settles(operation.job):
+                return
+            try:
+                record: RuntimeRecord | None = uow.records.get(operation.game_id)
+            except NotFound:
+                record = None
+        raise JobSettled(mark, record)
+
+    def _settled(self, operation: Operation, settled: JobSettled) -> OperationResult:
+        """The result of a job found settled: nothing was done, nothing is audited."""
+        mark = settled.mark
+        fields = {
+            "game_id": operation.game_id,
+            "op_kind": str(operation.op_kind),
+            "source_ref": operation.source_ref,
+            "settled_by": str(mark.job),
+        }
+        if mark.job == operation.job:
+            log.info("Lobby job was applied before; repeating its outcome", extra=fields)
+            return OperationResult(
+                operation.game_id,
+                operation.op_kind,
+                mark.outcome,
+                record=settled.record,
+                failure=mark.failure,
+                operation_id=mark.operation_id,
+                replayed=True,
+            )
+        log.info("Lobby job superseded by a newer job of its game", extra=fields)
+        return OperationResult(
+            operation.game_id,
+            operation.op_kind,
+            Outcome.SUCCESS,
+            record=settled.record,
+            superseded_by=mark.job,
+        )
 
     def fail(
         self, operation: Operation, failure: Failure, *, change: RecordChange | None = None
@@ -245,6 +345,8 @@ class OperationRecorder:
                 entry = uow.operations.append(operation._entry(Outcome.FAILURE, failure))
                 if record is not None:
                     uow.events.append(entry, record)
+                if operation.job is not None and not failure.transient:
+                    uow.job_marks.advance(operation._mark(entry))
                 uow.commit()
         except Exception as error:
             # The database is what failed (or the change broke a rule): the
@@ -268,6 +370,7 @@ class OperationRecorder:
             record=record,
             failure=failure,
             operation_id=entry.id if entry else 0,
+            unrecorded=entry is None,
         )
 
     def committed(self, entry: OperationEntry, record: RuntimeRecord | None) -> None:

@@ -23,6 +23,7 @@ from rtmanager.domain.errors import (
     ServiceUnavailable,
 )
 from rtmanager.domain.ids import container_name
+from rtmanager.domain.jobs import LobbyJob
 from rtmanager.domain.operation import OpKind, OpSource
 from rtmanager.domain.runtime import RuntimeRecord, RuntimeStatus
 from rtmanager.lifecycle.common import (
@@ -50,6 +51,8 @@ class StartRequest:
     image_ref: str
     op_source: OpSource
     source_ref: str = ""
+    # The Lobby job asking for it; its game's job watermark then applies.
+    job: LobbyJob | None = None
 
 
 class StartService(LifecycleService):
@@ -63,6 +66,7 @@ class StartService(LifecycleService):
             op_source=request.op_source,
             source_ref=request.source_ref,
             image_ref=request.image_ref,
+            job=request.job,
         )
         if isinstance(operation, OperationResult):
             return operation
@@ -89,11 +93,17 @@ class StartService(LifecycleService):
         removed: list[str] = []
 
         def body(op: Operation) -> OperationResult:
-            image_ref = image()
             if not lease:
-                return self._start(op, image_ref, removed)
+                return self._start(op, image(), removed)
+            if op.job is None:
+                image_ref = image()  # a bad image is refused before any Redis call
+                with self._lock.hold(op.game_id):
+                    return self._start(op, image_ref, removed)
+            # A Lobby job is judged against its game's watermark first, under
+            # the lease: an older job is superseded whatever it asks for.
             with self._lock.hold(op.game_id):
-                return self._start(op, image_ref, removed)
+                self._recorder.check_job(op)
+                return self._start(op, image(), removed)
 
         def forget_removed_container(uow: UnitOfWork) -> RuntimeRecord | None:
             if not removed:

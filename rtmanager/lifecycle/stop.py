@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from rtmanager.domain.errors import Conflict
+from rtmanager.domain.jobs import LobbyJob
 from rtmanager.domain.operation import OpKind, OpSource, StopReason
 from rtmanager.domain.runtime import RuntimeStatus
 from rtmanager.lifecycle.common import LifecycleService, op_time, owned_container
@@ -24,6 +25,8 @@ class StopRequest:
     op_source: OpSource
     reason: StopReason = StopReason.ADMIN_REQUEST
     source_ref: str = ""
+    # The Lobby job asking for it; its game's job watermark then applies.
+    job: LobbyJob | None = None
 
 
 class StopService(LifecycleService):
@@ -36,6 +39,7 @@ class StopService(LifecycleService):
             op_kind=OpKind.STOP,
             op_source=request.op_source,
             source_ref=request.source_ref,
+            job=request.job,
         )
         if isinstance(operation, OperationResult):
             return operation
@@ -44,6 +48,7 @@ class StopService(LifecycleService):
 
         def body(op: Operation) -> OperationResult:
             with self._lock.hold(game_id):
+                self._recorder.check_job(op)
                 return self._stop(op)
 
         return self._recorder.run(operation, body)

@@ -40,6 +40,7 @@ from rtmanager.domain.errors import (
     ServiceUnavailable,
 )
 from rtmanager.domain.ids import is_valid_game_id
+from rtmanager.domain.jobs import JobMark
 from rtmanager.domain.operation import OperationEntry
 from rtmanager.domain.runtime import (
     InvalidRuntimeRecord,
@@ -52,6 +53,7 @@ from rtmanager.ports import (
     ContainerInfo,
     ContainerSpec,
     EventStream,
+    JobMarkStore,
     Lease,
     OperationFilter,
     OperationLog,
@@ -87,6 +89,7 @@ class FakeStore:
         self.records: dict[str, RuntimeRecord] = {}
         self.operations: list[OperationEntry] = []  # in id order
         self.events: list[tuple[int, int, RuntimeRecord]] = []  # (id, operation id, record)
+        self.job_marks: dict[str, JobMark] = {}
         self._next_operation_id = 1
         self._append_failures: list[Exception] = []
         self.lock = threading.RLock()
@@ -303,12 +306,35 @@ class FakeRuntimeEventLog:
         return event_id
 
 
+class FakeJobMarkStore:
+    """`JobMarkStore` over one fake unit of work (marks staged until commit)."""
+
+    def __init__(self, uow: FakeUnitOfWork) -> None:
+        self._uow = uow
+
+    def get(self, game_id: str) -> JobMark | None:
+        """The staged or committed watermark of the game."""
+        self._uow.require_active()
+        staged = self._uow.staged_marks.get(game_id)
+        if staged is not None:
+            return staged
+        with self._uow.store.lock:
+            return self._uow.store.job_marks.get(game_id)
+
+    def advance(self, mark: JobMark) -> None:
+        """Stage `mark` unless the current watermark is as new or newer."""
+        current = self.get(mark.game_id)
+        if current is None or current.job.position < mark.job.position:
+            self._uow.staged_marks[mark.game_id] = mark
+
+
 class FakeUnitOfWork:
     """One fake transaction: staged writes, applied to the store on `commit()`."""
 
     records: RuntimeRecordStore
     operations: OperationLog
     events: RuntimeEventLog
+    job_marks: JobMarkStore
 
     def __init__(
         self,
@@ -323,6 +349,7 @@ class FakeUnitOfWork:
         self.staged_records: dict[str, RuntimeRecord] = {}
         self.staged_operations: list[OperationEntry] = []
         self.staged_events: list[tuple[int, int, RuntimeRecord]] = []
+        self.staged_marks: dict[str, JobMark] = {}
         self.commits: list[Commit] = []
         self.entered = False
         self.active = False
@@ -330,6 +357,7 @@ class FakeUnitOfWork:
         self.records = FakeRuntimeRecordStore(self)
         self.operations = FakeOperationLog(self)
         self.events = FakeRuntimeEventLog(self)
+        self.job_marks = FakeJobMarkStore(self)
 
     def require_active(self) -> None:
         """Refuse use outside the `with` block (a bug in the code under test)."""
@@ -356,6 +384,7 @@ class FakeUnitOfWork:
         self.staged_records.clear()
         self.staged_operations.clear()
         self.staged_events.clear()
+        self.staged_marks.clear()
         self.active = False
 
     def commit(self) -> None:
@@ -368,12 +397,14 @@ class FakeUnitOfWork:
             self.store.operations.extend(self.staged_operations)
             self.store.operations.sort(key=lambda e: e.id)
             self.store.events.extend(self.staged_events)
+            self.store.job_marks.update(self.staged_marks)
         self.commits.append(
             Commit(tuple(self.staged_records.values()), tuple(self.staged_operations))
         )
         self.staged_records.clear()
         self.staged_operations.clear()
         self.staged_events.clear()
+        self.staged_marks.clear()
 
     @property
     def committed(self) -> bool:

@@ -78,8 +78,39 @@ def test_sensible_defaults_are_positive_and_bounded() -> None:
     assert settings.engine_pids > 0
 
 
-def test_instance_id_defaults_to_hostname_and_pid() -> None:
-    assert load_settings({}).instance_id == f"{socket.gethostname()}-{os.getpid()}"
+def test_instance_id_defaults_to_the_host_name_so_a_restart_keeps_its_stream_consumer() -> None:
+    assert load_settings({}).instance_id == socket.gethostname()
+
+
+def test_stream_retry_window_outlasts_a_dead_holders_lease_and_the_claim_idle() -> None:
+    short = load_settings(
+        {
+            "RTMANAGER_GAME_LEASE_TTL": "60s",
+            "RTMANAGER_STREAM_CLAIM_IDLE": "30s",
+            "RTMANAGER_STREAM_RETRY_FOR": "80s",
+        }
+    )
+    assert short.stream_retry_window == timedelta(seconds=90)
+    assert load_settings({}).stream_retry_window == timedelta(minutes=10)
+
+
+def test_stream_block_must_stay_below_the_redis_command_timeout() -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_settings({"RTMANAGER_STREAM_BLOCK": "5s"})
+    assert (
+        str(raised.value)
+        .splitlines()[1]
+        .strip()
+        .startswith("RTMANAGER_STREAM_BLOCK must be at most 4s")
+    )
+
+
+def test_stream_settings_have_production_defaults() -> None:
+    settings = load_settings({})
+    assert settings.stream_retry_for == timedelta(minutes=10)
+    assert settings.stream_block == timedelta(seconds=1)
+    assert settings.stream_results_maxlen == 100_000
+    assert settings.stream_dead_letter_maxlen == 100_000
 
 
 def test_log_format_defaults_to_json_off_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -22,11 +22,18 @@ import psycopg
 from psycopg.pq import TransactionStatus
 
 from rtmanager.adapters.postgres.events import PostgresRuntimeEventLog
+from rtmanager.adapters.postgres.job_marks import PostgresJobMarkStore
 from rtmanager.adapters.postgres.operations import PostgresOperationLog
 from rtmanager.adapters.postgres.pool import Connection, Pool, database_errors
 from rtmanager.adapters.postgres.records import PostgresRuntimeRecordStore
 from rtmanager.domain.errors import RuntimeManagerError
-from rtmanager.ports import OperationLog, RuntimeEventLog, RuntimeRecordStore, UnitOfWorkFactory
+from rtmanager.ports import (
+    JobMarkStore,
+    OperationLog,
+    RuntimeEventLog,
+    RuntimeRecordStore,
+    UnitOfWorkFactory,
+)
 
 
 def _timeout_ms(timeout: timedelta) -> int:
@@ -47,6 +54,7 @@ class PostgresUnitOfWork:
     records: RuntimeRecordStore
     operations: OperationLog
     events: RuntimeEventLog
+    job_marks: JobMarkStore
 
     def __init__(self, pool: Pool, *, timeout: timedelta | None = None) -> None:
         self._pool = pool
@@ -67,6 +75,7 @@ class PostgresUnitOfWork:
         self.records = PostgresRuntimeRecordStore(conn)
         self.operations = PostgresOperationLog(conn)
         self.events = PostgresRuntimeEventLog(conn)
+        self.job_marks = PostgresJobMarkStore(conn)
         return self
 
     def _begin(self, conn: Connection) -> None:

@@ -8,6 +8,17 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+# What "Redis is unreachable or timing out" looks like to redis-py:
+# ConnectionError covers refused/reset connections, BusyLoadingError (a
+# restarting server loading its dataset) and authentication failures;
+# ReadOnlyError is a replica answering during a failover.
+UNAVAILABLE_ERRORS: tuple[type[Exception], ...] = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.ReadOnlyError,
+    TimeoutError,
+)
+
 # Idle pooled connections are pinged before reuse after this many seconds, so
 # a Redis restart costs one quick reconnect rather than a failed command.
 HEALTH_CHECK_INTERVAL_SECONDS = 30

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import redis
 
+from rtmanager.adapters.redis.client import UNAVAILABLE_ERRORS
 from rtmanager.domain.errors import ServiceUnavailable
 from rtmanager.ports import Lease
 
@@ -37,17 +38,6 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
-
-# What "Redis is unreachable or timing out" looks like to redis-py:
-# ConnectionError covers refused/reset connections, BusyLoadingError (a
-# restarting server loading its dataset) and authentication failures;
-# ReadOnlyError is a replica answering during a failover.
-_UNAVAILABLE: tuple[type[Exception], ...] = (
-    redis.exceptions.ConnectionError,
-    redis.exceptions.TimeoutError,
-    redis.exceptions.ReadOnlyError,
-    TimeoutError,
-)
 
 _ONE_MICROSECOND = timedelta(microseconds=1)
 
@@ -110,7 +100,7 @@ class RedisGameLeases:
     def _unavailable_as_error(self, action: str, game_id: str) -> Iterator[None]:
         try:
             yield
-        except _UNAVAILABLE as error:
+        except UNAVAILABLE_ERRORS as error:
             raise ServiceUnavailable(
                 f"redis unavailable: cannot {action} the lease of game {game_id}: "
                 f"{type(error).__name__}: {error}",
