@@ -75,6 +75,9 @@ def server_env(
     env.update(
         {
             "RTMANAGER_GRPC_ADDR": f"127.0.0.1:{port}",
+            # One replica, one name: a restarted server (same port) takes
+            # back its own pending jobs; another replica gets its own.
+            "RTMANAGER_INSTANCE_ID": f"rtm-{port}",
             "RTMANAGER_POSTGRES_DSN": POSTGRES_DSN,
             "RTMANAGER_POSTGRES_SCHEMA": pg_schema,
             "RTMANAGER_POSTGRES_POOL_SIZE": "4",
@@ -131,6 +134,16 @@ def wait_serving(address: str, process: subprocess.Popen[bytes], timeout: float 
                 pass
             time.sleep(0.2)
     raise TimeoutError(f"server at {address} did not report SERVING in {timeout}s")
+
+
+def replica_env(env: dict[str, str]) -> dict[str, str]:
+    """The environment of another replica of the same deployment: its own port and name."""
+    port = free_port()
+    return {
+        **env,
+        "RTMANAGER_GRPC_ADDR": f"127.0.0.1:{port}",
+        "RTMANAGER_INSTANCE_ID": f"rtm-{port}",
+    }
 
 
 def start_server(env: dict[str, str], log_path: Path) -> ServerProcess:
