@@ -455,9 +455,24 @@ def write_through_outage(db: Database, game_id: str) -> None:
             time.sleep(0.1)
 
 
-@pytest.mark.parametrize("mode", ["fast", "immediate"])
-def test_watchers_resume_after_a_postgres_restart_missing_and_repeating_nothing(
-    private_db: tuple[PrivatePostgres, Database], watchers: list[Watcher], mode: str
+def pause_for_a_while(server: PrivatePostgres) -> None:
+    server.pause()
+    try:
+        time.sleep(3)  # writes and the listener's reads hang meanwhile
+    finally:
+        server.resume()
+
+
+FAULTS: dict[str, Callable[[PrivatePostgres], None]] = {
+    "restart": lambda server: server.restart("fast"),
+    "crash": lambda server: server.restart("immediate"),
+    "pause": pause_for_a_while,
+}
+
+
+@pytest.mark.parametrize("fault", sorted(FAULTS))
+def test_connected_watchers_miss_and_repeat_nothing_across_a_postgres_fault(
+    private_db: tuple[PrivatePostgres, Database], watchers: list[Watcher], fault: str
 ) -> None:
     server, db = private_db
     first = write(db)
@@ -479,9 +494,9 @@ def test_watchers_resume_after_a_postgres_restart_missing_and_repeating_nothing(
         try:
             before = len(db.stored_ids())
             eventually(lambda: len(db.stored_ids()) > before + 10, what="writes")
-            server.restart(mode)  # type: ignore[arg-type]
+            FAULTS[fault](server)
             after = len(db.stored_ids())
-            eventually(lambda: len(db.stored_ids()) > after + 10, what="writes after restart")
+            eventually(lambda: len(db.stored_ids()) > after + 10, what="writes after the fault")
         finally:
             stop_writing.set()
             writer.join(90)
