@@ -42,7 +42,9 @@ class Telemetry:
         self._stream_lag = meter.create_gauge(
             "rtmanager_stream_consumer_lag", description="Job entries not yet read by the group"
         )
-        self._watchers = meter.create_gauge(
+        # Counted up and down where watchers come and go, so it is exact
+        # whatever the export interval (a gauge set on subscribe only never fell).
+        self._watchers = meter.create_up_down_counter(
             "rtmanager_watch_subscribers", description="WatchRuntimes subscribers"
         )
         self._runtimes = meter.create_gauge(
@@ -70,9 +72,13 @@ class Telemetry:
         """Count one reconciler action."""
         self._reconcile_actions.add(1, {"kind": kind, "applied": str(applied).lower()})
 
-    def watchers(self, count: int) -> None:
-        """Report how many WatchRuntimes subscribers this process serves."""
-        self._watchers.set(count)
+    def watch_subscribed(self) -> None:
+        """Count one more WatchRuntimes subscriber of this process."""
+        self._watchers.add(1)
+
+    def watch_unsubscribed(self) -> None:
+        """Count one WatchRuntimes subscriber fewer (once per `watch_subscribed`)."""
+        self._watchers.add(-1)
 
     def stream_lag(self, stream: str, lag: int) -> None:
         """Report a job stream's consumer-group lag."""

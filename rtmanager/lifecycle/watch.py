@@ -12,7 +12,7 @@ until retention prunes the events after it.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -158,23 +158,9 @@ class WatchService:
                         yield SnapshotRecord(record)
                 yield SnapshotDone(cursor)
             elif request.since is not None:
-                try:
-                    self._feed.check_cursor(request.since)
-                except CursorExpired as error:
-                    raise WatchEnded("cursor_expired", str(error), request.since) from None
-                cursor = request.since
+                cursor = yield from self._replay(request, request.since, subscription.position)
             else:
                 cursor = subscription.position
-            # Stored events the live queue will not bring (those up to the
-            # position at which we subscribed).
-            while cursor < subscription.position:
-                events = self._feed.events_after(cursor, _BACKFILL_BATCH)
-                for event in events:
-                    cursor = event.id
-                    if request.wants(event.record):
-                        yield ChangeEvent(event)
-                if len(events) < _BACKFILL_BATCH:
-                    break
             last_bookmark = time.monotonic()
             while is_active():
                 try:
@@ -204,3 +190,28 @@ class WatchService:
                     yield Bookmark(cursor)
         finally:
             self._feed.unsubscribe(subscription)
+
+    def _replay(
+        self, request: WatchRequest, cursor: int, through: int
+    ) -> Generator[WatchItem, None, int]:
+        """Stored events after `cursor`, at least through `through` (where the live
+        queue takes over); return the cursor reached.
+
+        The cursor is checked after each page is read, before any of it is
+        sent: retention only moves forward and prunes atomically, so if it has
+        not passed `cursor` at the check it had not when the page was read, and
+        the page is whole. Checked before the read instead, a prune in between
+        would make the page skip events silently.
+        """
+        while True:
+            events = self._feed.events_after(cursor, _BACKFILL_BATCH)
+            try:
+                self._feed.check_cursor(cursor)
+            except CursorExpired as error:
+                raise WatchEnded("cursor_expired", str(error), cursor) from None
+            for event in events:
+                cursor = event.id
+                if request.wants(event.record):
+                    yield ChangeEvent(event)
+            if len(events) < _BACKFILL_BATCH or cursor >= through:
+                return cursor

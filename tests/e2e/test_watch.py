@@ -143,6 +143,59 @@ def test_a_watcher_resumes_from_its_cursor_across_a_server_restart(
         again.stop()
 
 
+def test_a_watcher_resuming_with_its_last_cursor_gets_exactly_what_it_missed(
+    server: ServerProcess,
+    server_environment: dict[str, str],
+    watchers: list[Watcher],
+    tmp_path: Path,
+) -> None:
+    """Changes made while its server is down (through another replica) come once, in order."""
+    watcher = Watcher(server.address, pb.WatchRuntimesRequest(initial_snapshot=True))
+    watchers.append(watcher)
+    watcher.next("snapshot_complete")  # subscribed: nothing committed from now is missed
+    with RuntimeManagerClient(server.address) as client:
+        client.start_runtime("w-gap-a", STUB)
+    (seen,) = watcher.events(1)
+    last_cursor = seen.cursor
+    watcher.close()
+    assert server.stop() == 0
+
+    env = dict(server_environment)
+    env["RTMANAGER_GRPC_ADDR"] = f"127.0.0.1:{free_port()}"
+    replica = start_server(env, tmp_path / "replica.log")
+    try:
+        with RuntimeManagerClient(replica.address) as client:
+            client.stop_runtime("w-gap-a")
+            client.start_runtime("w-gap-b", STUB)
+            client.start_runtime("w-gap-a", STUB)
+    finally:
+        replica.stop()
+
+    again = start_server(server_environment, tmp_path / "again.log")
+    try:
+        resumed = Watcher(again.address, pb.WatchRuntimesRequest(since=last_cursor))
+        watchers.append(resumed)
+        missed = resumed.events(3)
+        assert [(e.runtime.game_id, e.runtime.status) for e in missed] == [
+            ("w-gap-a", pb.RUNTIME_STATUS_STOPPED),
+            ("w-gap-b", pb.RUNTIME_STATUS_RUNNING),
+            ("w-gap-a", pb.RUNTIME_STATUS_RUNNING),
+        ]
+        cursors = [int(last_cursor)] + [int(e.cursor) for e in missed]
+        assert cursors == sorted(set(cursors)), "in order, none repeated"
+        with RuntimeManagerClient(again.address) as client:
+            client.stop_runtime("w-gap-b")
+        # The next event is the new change: nothing replayed twice in between.
+        (live,) = resumed.events(1)
+        assert (live.runtime.game_id, live.runtime.status) == (
+            "w-gap-b",
+            pb.RUNTIME_STATUS_STOPPED,
+        )
+        assert int(live.cursor) > cursors[-1]
+    finally:
+        again.stop()
+
+
 def test_a_change_through_one_replica_reaches_a_watcher_on_another(
     server: ServerProcess,
     server_environment: dict[str, str],

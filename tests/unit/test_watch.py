@@ -6,6 +6,8 @@ import queue
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from rtmanager.domain.errors import InvalidRequest
 from rtmanager.domain.operation import OpKind, OpSource, Outcome
@@ -28,6 +30,7 @@ from rtmanager.ports import (
     SubscriberOverflow,
     TooManyWatchers,
 )
+from rtmanager.telemetry import Telemetry
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -194,3 +197,64 @@ def test_watch_request_validates_game_ids() -> None:
     assert watch_request(["g1"], [RuntimeStatus.STOPPED], "7", True) == WatchRequest(
         frozenset({"g1"}), frozenset({RuntimeStatus.STOPPED}), 7, True
     )
+
+
+class PruningFeed(FakeFeed):
+    """Retention prunes through `through` just before the `at`-th page is read."""
+
+    def __init__(self, stored: list[RuntimeEvent], *, at: int, through: int, position: int) -> None:
+        super().__init__(stored, FakeSubscription(position, []))
+        self._reads = 0
+        self._at = at
+        self._through = through
+
+    def events_after(self, after_id: int, limit: int) -> list[RuntimeEvent]:
+        self._reads += 1
+        if self._reads == self._at:
+            self.stored = [e for e in self.stored if e.id > self._through]
+            self.expired_below = self._through
+        return super().events_after(after_id, limit)
+
+
+def test_a_prune_before_the_first_replay_page_ends_the_watch_instead_of_skipping() -> None:
+    feed = PruningFeed([event(i) for i in range(1, 6)], at=1, through=4, position=5)
+    items, ended = run(feed, WatchRequest(since=2))
+    assert ids(items) == []
+    assert ended is not None and (ended.kind, ended.cursor) == ("cursor_expired", 2)
+
+
+def test_a_prune_between_replay_pages_ends_the_watch_at_the_last_whole_page() -> None:
+    feed = PruningFeed([event(i) for i in range(1, 1201)], at=2, through=700, position=1200)
+    items, ended = run(feed, WatchRequest(since=0))
+    assert ids(items) == list(range(1, 501))
+    assert ended is not None and (ended.kind, ended.cursor) == ("cursor_expired", 500)
+
+
+def test_replay_runs_through_every_page_up_to_the_subscription_position() -> None:
+    stored = [event(i) for i in range(1, 1201)]
+    feed = FakeFeed(stored, FakeSubscription(position=1200, live=[event(1200), event(1201)]))
+    items, _ = run(feed, WatchRequest(since=100))
+    assert ids(items) == list(range(101, 1202))
+
+
+def test_the_subscriber_gauge_goes_down_when_watchers_leave() -> None:
+    reader = InMemoryMetricReader()
+    telemetry = Telemetry(MeterProvider(metric_readers=[reader]).get_meter("test"))
+
+    def subscribers() -> int:
+        data = reader.get_metrics_data()
+        assert data is not None
+        for resource in data.resource_metrics:
+            for scope in resource.scope_metrics:
+                for metric in scope.metrics:
+                    if metric.name == "rtmanager_watch_subscribers":
+                        return sum(int(getattr(p, "value", 0)) for p in metric.data.data_points)
+        raise AssertionError("no rtmanager_watch_subscribers metric")
+
+    telemetry.watch_subscribed()
+    telemetry.watch_subscribed()
+    assert subscribers() == 2
+    telemetry.watch_unsubscribed()
+    assert subscribers() == 1
+    telemetry.watch_unsubscribed()
+    assert subscribers() == 0

@@ -9,8 +9,24 @@ overflowed and gets nothing more: the watch ends with its last delivered
 cursor instead of skipping silently. Changes made through any replica reach
 every replica's watchers, because they all read the same table.
 
+What makes it exact (the writer's protocol is in `events.py`):
+
+- the start position is `committed_position`: no event at or below it can
+  still commit, so nothing committed after start-up is below the position;
+- each read of "the events after the position" is a READ COMMITTED
+  statement, which sees a gap-free prefix of the committed events, and the
+  position only moves to an event so read;
+- after each read the feed checks that retention has not passed its
+  position (retention may be run by another replica): if it has, events may
+  be missing from the read, so every current watcher is ended as if it
+  overflowed (it resumes from its cursor and is told the cursor expired)
+  rather than skipping them;
+- a lost connection (PostgreSQL restarted, say) is re-opened with backoff
+  and the feed reads on from its position: watchers stay subscribed and
+  miss nothing.
+
 Retention runs on the same thread: events older than `retention` are pruned
-once a minute.
+once a minute, never past the position this feed has dispatched.
 """
 
 from __future__ import annotations
@@ -28,9 +44,10 @@ from psycopg import sql
 from rtmanager.adapters.postgres.events import (
     channel_name,
     check_cursor,
+    committed_position,
     events_after,
-    newest_event_id,
     prune_events,
+    pruned_through,
     read_snapshot,
 )
 from rtmanager.adapters.postgres.pool import Pool, session_setup
@@ -73,10 +90,15 @@ class _Subscription:
         if self.overflowed or self.closed:
             return
         if self._queue.qsize() >= self._capacity:
-            self.overflowed = True
-            self._wake()
+            self.overflow()
             return
         self._queue.put_nowait(event)
+
+    def overflow(self) -> None:
+        """Give this watcher nothing more: once its queue is drained, `get` raises
+        `SubscriberOverflow` (caller holds the feed's lock)."""
+        self.overflowed = True
+        self._wake()
 
     def close(self) -> None:
         """End the watch: wake its reader, which then raises `FeedClosed`."""
@@ -162,13 +184,17 @@ class PostgresRuntimeFeed:
                 )
             subscription = _Subscription(self._position, self._capacity, self._lock)
             self._subscribers.add(subscription)
-            self._telemetry.watchers(len(self._subscribers))
+            self._telemetry.watch_subscribed()
             return subscription
 
     def unsubscribe(self, subscription: object) -> None:
-        """Forget a watcher."""
+        """Forget a watcher (a second call for the same one does nothing)."""
+        if not isinstance(subscription, _Subscription):
+            return
         with self._lock:
-            self._subscribers.discard(subscription)
+            if subscription in self._subscribers:
+                self._subscribers.discard(subscription)
+                self._telemetry.watch_unsubscribed()
 
     @property
     def subscribers(self) -> int:
@@ -219,7 +245,7 @@ class PostgresRuntimeFeed:
                         sql.SQL("LISTEN {}").format(sql.Identifier(channel_name(self._schema)))
                     )
                     if not self._ready.is_set():
-                        self._position = newest_event_id(conn)
+                        self._position = committed_position(conn, self._timeout)
                         self._ready.set()
                     delay = 0.5
                     while not self._stop.is_set():
@@ -244,7 +270,13 @@ class PostgresRuntimeFeed:
     def _dispatch(self, conn: psycopg.Connection[tuple[object, ...]]) -> None:
         while True:
             events = events_after(conn, self._position, _BATCH)
+            # Read after the page: if retention has not passed the position
+            # now, it had not when the page was read, so the page is whole.
+            edge = pruned_through(conn)
             with self._lock:
+                if edge > self._position:
+                    self._lost_to_retention(edge)
+                    continue
                 for event in events:
                     for subscription in self._subscribers:
                         subscription.offer(event)
@@ -254,7 +286,24 @@ class PostgresRuntimeFeed:
             if len(events) < _BATCH:
                 return
 
+    def _lost_to_retention(self, edge: int) -> None:
+        """Retention (of another replica) deleted events this feed had not read yet.
+
+        The current watchers may have missed some: end each of them at its
+        last delivered cursor (which then reads as expired) instead of
+        skipping; new watchers start at the edge. Caller holds the lock.
+        """
+        log.warning(
+            "event retention passed the feed's position; ending its watchers",
+            extra={"position": self._position, "pruned_through": edge},
+        )
+        for subscription in self._subscribers:
+            subscription.overflow()
+        self._position = edge
+
     def _prune(self, conn: psycopg.Connection[tuple[object, ...]]) -> None:
-        pruned = prune_events(conn, utc_now() - self._retention)
+        # Never past what this feed has dispatched: its own retention cannot
+        # take an event away from its watchers.
+        pruned = prune_events(conn, utc_now() - self._retention, self._position)
         if pruned:
             log.info("pruned runtime events", extra={"count": pruned})

@@ -1,9 +1,23 @@
 """The runtime event outbox in PostgreSQL (`runtime_events`, migration 0002).
 
-`PostgresRuntimeEventLog.append` runs inside a unit of work: it takes a
-transaction-scoped advisory lock, inserts the event and calls pg_notify, so
-ids are assigned in commit order and listeners hear of the event when (and
-only when) it commits. The read helpers serve the event feed.
+The writer's protocol: `PostgresRuntimeEventLog.append` runs as the last
+step of a unit of work. It takes the schema's transaction-scoped advisory
+lock (exclusive), inserts the event (its id drawn from the sequence now) and
+calls pg_notify; the lock is released only when the transaction ends, and
+PostgreSQL makes a commit visible before it releases the committer's locks.
+Hence:
+
+- ids are in commit order: the next writer draws its id only after this
+  transaction is visible (or rolled back, leaving a gap no one will fill);
+- at most one event is drawn but not yet committed at any time, and it has
+  the highest id drawn so far;
+- a READ COMMITTED statement sees a gap-free prefix of the committed
+  events: if it sees event n it sees every committed event below n.
+
+Retention deletes a prefix of ids and raises `pruned_through` in the same
+statement, and `pruned_through` never decreases. So a page of events after
+`c` read *before* `pruned_through <= c` is observed is whole: nothing after
+`c` had been pruned when the page was read.
 """
 
 from __future__ import annotations
@@ -24,6 +38,12 @@ from rtmanager.ports import CursorExpired, RuntimeEvent
 
 _LOCK: LiteralString = (
     "SELECT pg_advisory_xact_lock(hashtextextended('rtmanager.events:' || current_schema(), 0))"
+)
+# Readers take the same lock shared: it waits for the writer holding it to
+# commit, and no writer draws an id while it is held.
+_LOCK_SHARED: LiteralString = (
+    "SELECT pg_advisory_xact_lock_shared("
+    "hashtextextended('rtmanager.events:' || current_schema(), 0))"
 )
 _INSERT: LiteralString = (
     "INSERT INTO runtime_events (operation_id, game_id, status, current_container_id,"
@@ -98,7 +118,11 @@ def events_after(conn: Connection, after_id: int, limit: int) -> list[RuntimeEve
 
 
 def newest_event_id(conn: Connection) -> int:
-    """The highest event id ever issued (0 before the first event)."""
+    """The highest event id ever drawn (0 before the first event).
+
+    It may belong to an event not committed yet, or rolled back; it bounds
+    every cursor the feed can have issued, which is what `check_cursor` needs.
+    """
     with database_errors("read the newest runtime event id"):
         row = conn.execute(
             "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM runtime_events_id_seq"
@@ -106,15 +130,51 @@ def newest_event_id(conn: Connection) -> int:
     return int(row[0]) if row else 0
 
 
-def check_cursor(conn: Connection, cursor: int) -> None:
-    """Raise `CursorExpired` below retention, `InvalidRequest` past the newest id."""
-    with database_errors("check a watch cursor"):
+def pruned_through(conn: Connection) -> int:
+    """The id through which retention has deleted every event (0 before any pruning)."""
+    with database_errors("read the event retention"):
         row = conn.execute("SELECT pruned_through FROM runtime_event_retention").fetchone()
-    pruned_through = int(row[0]) if row else 0
-    if cursor < pruned_through:
+    return int(row[0]) if row else 0
+
+
+def committed_position(conn: Connection, lock_timeout: float) -> int:
+    """A start position for the feed: every event at or below it is committed (or
+    will never be), and every event committed later has a higher id.
+
+    The sequence's `last_value` is not that: it can be the id of an event
+    drawn under the writer's lock and not yet committed, which a feed starting
+    there would never dispatch. Taking the writers' lock shared waits for that
+    writer to commit or roll back and keeps any other from drawing an id; the
+    next statement (a new READ COMMITTED snapshot, taken after the lock was
+    granted) then sees every event that will ever have an id this low. Ids
+    drawn later come after the lock is released, so they are higher. The
+    connection must be idle and READ COMMITTED; `lock_timeout` (seconds)
+    bounds the wait for a stuck writer.
+    """
+    with database_errors("read the event feed's start position"), conn.transaction():
+        conn.execute(
+            "SELECT set_config('lock_timeout', %s, true)",
+            (f"{max(1, round(lock_timeout * 1000))}ms",),
+        )
+        conn.execute(_LOCK_SHARED)
+        row = conn.execute(
+            "SELECT greatest(coalesce(max(id), 0),"
+            " (SELECT pruned_through FROM runtime_event_retention)) FROM runtime_events"
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def check_cursor(conn: Connection, cursor: int) -> None:
+    """Raise `CursorExpired` below retention, `InvalidRequest` past the newest id.
+
+    The edge: a cursor equal to `pruned_through` is still good (the events
+    after it are all kept); one below it is expired.
+    """
+    through = pruned_through(conn)
+    if cursor < through:
         raise CursorExpired(
             f"cursor {cursor} is older than the event retention (events up to "
-            f"{pruned_through} were pruned); resync with a snapshot"
+            f"{through} were pruned); resync with a snapshot"
         )
     if cursor > newest_event_id(conn):
         raise InvalidRequest(f"cursor {cursor} was never issued", metadata={"field": "since"})
@@ -139,18 +199,30 @@ def read_snapshot(pool: Pool, timeout: float) -> tuple[list[RuntimeRecord], int]
     return [record_from_row(row) for row in rows], newest
 
 
-def prune_events(conn: Connection, cutoff: datetime) -> int:
-    """Delete events committed before `cutoff`; remember how far; return how many."""
+def prune_events(conn: Connection, cutoff: datetime, through_at_most: int) -> int:
+    """Delete the events committed before `cutoff`, never past id `through_at_most`;
+    raise `pruned_through` to the last id deleted; return how many were deleted.
+
+    One statement, so one transaction: the deletion and the new
+    `pruned_through` become visible together, and a cursor inside the deleted
+    range can never pass `check_cursor`. What is deleted is a prefix of ids
+    (up to the newest event older than `cutoff`), so a clock stepping back
+    cannot leave an old event behind below the edge. `greatest` keeps the
+    edge from moving back when two replicas prune at once.
+    """
     with database_errors("prune runtime events"):
         row = conn.execute(
-            "WITH gone AS (DELETE FROM runtime_events WHERE committed_at < %s RETURNING id) "
-            "SELECT count(*), coalesce(max(id), 0) FROM gone",
-            (cutoff,),
+            "WITH edge AS ("
+            "  SELECT max(id) AS id FROM runtime_events"
+            "  WHERE committed_at < %(cutoff)s AND id <= %(limit)s),"
+            " gone AS ("
+            "  DELETE FROM runtime_events WHERE id <= (SELECT id FROM edge) RETURNING id),"
+            # Run to completion though nothing reads it (a data-modifying CTE).
+            " moved AS ("
+            "  UPDATE runtime_event_retention"
+            "  SET pruned_through = greatest(pruned_through, (SELECT max(id) FROM gone))"
+            "  WHERE EXISTS (SELECT 1 FROM gone))"
+            " SELECT count(*) FROM gone",
+            {"cutoff": cutoff, "limit": through_at_most},
         ).fetchone()
-        count, through = (int(row[0]), int(row[1])) if row else (0, 0)
-        if through:
-            conn.execute(
-                "UPDATE runtime_event_retention SET pruned_through = greatest(pruned_through, %s)",
-                (through,),
-            )
-    return count
+    return int(row[0]) if row else 0
