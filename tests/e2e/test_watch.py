@@ -19,7 +19,7 @@ from rtmanager.client import (
     WatchEndedError,
 )
 from tests.conftest import POSTGRES_DSN
-from tests.e2e.conftest import ServerProcess, free_port, start_server
+from tests.e2e.conftest import ServerProcess, replica_env, start_server
 
 pytestmark = pytest.mark.e2e
 
@@ -160,8 +160,7 @@ def test_a_watcher_resuming_with_its_last_cursor_gets_exactly_what_it_missed(
     watcher.close()
     assert server.stop() == 0
 
-    env = dict(server_environment)
-    env["RTMANAGER_GRPC_ADDR"] = f"127.0.0.1:{free_port()}"
+    env = replica_env(server_environment)
     replica = start_server(env, tmp_path / "replica.log")
     try:
         with RuntimeManagerClient(replica.address) as client:
@@ -202,8 +201,7 @@ def test_a_change_through_one_replica_reaches_a_watcher_on_another(
     watchers: list[Watcher],
     tmp_path: Path,
 ) -> None:
-    env = dict(server_environment)
-    env["RTMANAGER_GRPC_ADDR"] = f"127.0.0.1:{free_port()}"
+    env = replica_env(server_environment)
     replica = start_server(env, tmp_path / "replica.log")
     try:
         watcher = Watcher(replica.address, pb.WatchRuntimesRequest())

@@ -51,6 +51,7 @@ from rtmanager.adapters.postgres.events import (
     read_snapshot,
 )
 from rtmanager.adapters.postgres.pool import Pool, session_setup
+from rtmanager.backoff import Backoff
 from rtmanager.domain.errors import RuntimeManagerError
 from rtmanager.domain.runtime import RuntimeRecord
 from rtmanager.domain.timeutil import utc_now
@@ -63,6 +64,8 @@ from rtmanager.ports import (
 from rtmanager.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
+
+_RECONNECT = Backoff(timedelta(milliseconds=500), timedelta(seconds=10))
 
 _BATCH = 500
 _PRUNE_EVERY = 60.0
@@ -235,7 +238,7 @@ class PostgresRuntimeFeed:
         return not self._thread.is_alive()
 
     def _run(self) -> None:
-        delay = 0.5
+        failures = 0
         next_prune = 0.0
         while not self._stop.is_set():
             try:
@@ -247,7 +250,7 @@ class PostgresRuntimeFeed:
                     if not self._ready.is_set():
                         self._position = committed_position(conn, self._timeout)
                         self._ready.set()
-                    delay = 0.5
+                    failures = 0
                     while not self._stop.is_set():
                         self._dispatch(conn)
                         if time.monotonic() >= next_prune:
@@ -257,15 +260,16 @@ class PostgresRuntimeFeed:
                         for _ in conn.notifies(timeout=self._poll, stop_after=1):
                             pass
             except (psycopg.Error, RuntimeManagerError) as error:
+                failures += 1
                 log.warning(
                     "event feed lost PostgreSQL; reconnecting",
-                    extra={"problem": str(error), "retry_in_seconds": delay},
+                    extra={"problem": str(error), "failures": failures},
                 )
             except Exception:
+                failures += 1
                 log.exception("event feed failed; reconnecting")
-            if self._stop.wait(delay):
+            if self._stop.wait(_RECONNECT.delay(failures)):
                 return
-            delay = min(delay * 2, 10.0)
 
     def _dispatch(self, conn: psycopg.Connection[tuple[object, ...]]) -> None:
         while True:
