@@ -209,14 +209,21 @@ def test_two_replicas_apply_interleaved_jobs_so_every_game_ends_as_lobbys_last_j
             order.append((game_id, plans[game_id][cursors[game_id]]))
             cursors[game_id] += 1
         job_ids: list[tuple[str, str]] = []
+        last_ms: dict[str, int] = {}
         for game_id, kind in order:
+            # Ids of the two streams are comparable to the millisecond: like
+            # any real producer, publish a game's next job in a later one.
+            while time.time() * 1000 < last_ms.get(game_id, 0) + 2:
+                time.sleep(0.001)
             if kind == "start":
                 stream = env["RTMANAGER_START_JOBS_STREAM"]
                 fields = {"game_id": game_id, "image_ref": STUB}
             else:
                 stream = env["RTMANAGER_STOP_JOBS_STREAM"]
                 fields = {"game_id": game_id}
-            job_ids.append((stream, streams.xadd(stream, fields)))
+            entry_id = streams.xadd(stream, fields)
+            last_ms[game_id] = int(entry_id.split("-")[0])
+            job_ids.append((stream, entry_id))
         eventually(lambda: set(answers(streams, env)) >= set(job_ids), within=180, every=0.2)
         time.sleep(1.0)  # a second answer to any job would show up here
         counted = answers(streams, env)
@@ -226,7 +233,16 @@ def test_two_replicas_apply_interleaved_jobs_so_every_game_ends_as_lobbys_last_j
             for game_id, plan in plans.items():
                 want = RuntimeStatus.RUNNING if plan[-1] == "start" else RuntimeStatus.STOPPED
                 record = client.get_runtime(game_id)
-                assert record.status is want, (game_id, plan)
+                history = [
+                    (row.op_kind, row.op_source, row.outcome, row.error_code, row.source_ref)
+                    for row in client.iter_operations(game_id=game_id)
+                ]
+                said = [
+                    (r["kind"], r["job_id"], r["outcome"], r["superseded_by"])
+                    for r in results(streams, env)
+                    if r["game_id"] == game_id
+                ]
+                assert record.status is want, (game_id, plan, history, said)
                 if want is RuntimeStatus.RUNNING:
                     container = docker_client.containers.get(record.current_container_id)
                     assert container.status == "running"
