@@ -494,11 +494,13 @@ class JobStreams(Protocol):
 
         Used on start-up to take back what this consumer held when it last
         ran; each counts as a delivery again (a crash on an entry counts).
+        Entries deleted from the stream meanwhile are dead-lettered instead
+        of returned; an empty list means nothing more is pending.
         """
         ...
 
     def read_new(self, count: int, block: timedelta) -> builtins.list[JobEntry]:
-        """Up to `count` new entries of both streams, waiting up to `block` when none.
+        """Up to `count` new entries of each stream, waiting up to `block` when none.
 
         Each returned entry is pending on this consumer (its first delivery).
         """

@@ -39,7 +39,7 @@ def parse_entry_id(value: bytes | str) -> tuple[int, int]:
     """A stream entry id (`ms-seq`) as a comparable pair; `ValueError` if malformed."""
     text = value.decode("ascii", errors="replace") if isinstance(value, bytes) else value
     ms, sep, seq = text.partition("-")
-    if not sep or not ms.isdigit() or not seq.isdigit():
+    if not sep or not (ms + seq).isascii() or not ms.isdigit() or not seq.isdigit():
         raise ValueError(f"not a stream entry id: {text!r}")
     pair = int(ms), int(seq)
     if max(pair) > _MAX_PART:

@@ -335,13 +335,23 @@ class OperationRecorder:
     def fail(
         self, operation: Operation, failure: Failure, *, change: RecordChange | None = None
     ) -> OperationResult:
-        """Write the failure row (and `change`, if any) in one transaction; never raises."""
+        """Write the failure row (and `change`, if any) in one transaction; never raises.
+
+        A Lobby job's transient failure that changed nothing writes no row:
+        the job is retried (for minutes, if its game stays busy) and may end
+        superseded, which leaves no trace in the operation log.
+        """
         record: RuntimeRecord | None = None
         entry: OperationEntry | None = None
+        quiet = operation.job is not None and failure.transient
         try:
             with self.units_of_work(timeout=self.db_timeout) as uow:
                 if change is not None:
                     record = change(uow)
+                if quiet and record is None:
+                    return OperationResult(
+                        operation.game_id, operation.op_kind, Outcome.FAILURE, failure=failure
+                    )
                 entry = uow.operations.append(operation._entry(Outcome.FAILURE, failure))
                 if record is not None:
                     uow.events.append(entry, record)

@@ -341,14 +341,17 @@ class StreamConsumer:
         if unread:
             kind = unread[0]
             entries = self._streams.redeliver_own(kind, self._own_after.get(kind, ""), room)
-            self._own_after[kind] = entries[-1].entry_id if len(entries) >= room else _ALL_READ
+            # A short page is not the end (entries deleted from the stream are
+            # dead-lettered, not returned): only an empty one is.
+            self._own_after[kind] = entries[-1].entry_id if entries else _ALL_READ
             if entries:
                 log.info(
                     "took back this consumer's pending jobs",
                     extra={"count": len(entries), "kind": str(kind)},
                 )
         else:
-            entries = self._streams.read_new(room, self._settings.block)
+            # COUNT applies to each stream: ask for half the room from each.
+            entries = self._streams.read_new(max(1, room // 2), self._settings.block)
         if not self._draining.is_set():
             self._hold(entries)
         # Entries read while draining stay pending on this consumer: not lost.

@@ -10,6 +10,11 @@
 - `FakeDocker` is `DockerEngine` on a dict of containers, with per-image
   engine behaviours (crash, unhealthy, never healthy, ...), pull policies,
   failure injection per method, hooks run before a method, and a call log.
+- `FakeRedisStreams` is a Redis holding Lobby's job streams: one consumer
+  group with its pending-entries list, the results and dead-letter streams,
+  answered markers and consumers' presence with a TTL. `FakeJobStreams` is
+  `JobStreams` for one named consumer over it; several share one state, as
+  replicas share one Redis.
 
 Every fake raises what its port's contract says, so a lifecycle that works
 against the fakes fails against the real adapters only where the adapters
@@ -20,8 +25,10 @@ from __future__ import annotations
 
 import builtins
 import hashlib
+import itertools
 import threading
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from types import TracebackType
@@ -40,7 +47,7 @@ from rtmanager.domain.errors import (
     ServiceUnavailable,
 )
 from rtmanager.domain.ids import is_valid_game_id
-from rtmanager.domain.jobs import JobMark
+from rtmanager.domain.jobs import JobKind, JobMark, LobbyJob, parse_entry_id
 from rtmanager.domain.operation import OperationEntry
 from rtmanager.domain.runtime import (
     InvalidRuntimeRecord,
@@ -50,9 +57,11 @@ from rtmanager.domain.runtime import (
 )
 from rtmanager.domain.timeutil import utc_now
 from rtmanager.ports import (
+    AnswerOutcome,
     ContainerInfo,
     ContainerSpec,
     EventStream,
+    JobEntry,
     JobMarkStore,
     Lease,
     OperationFilter,
@@ -65,7 +74,13 @@ from rtmanager.ports import (
 )
 
 if TYPE_CHECKING:
-    from rtmanager.ports import DockerEngine, GameLeases, UnitOfWork, UnitOfWorkFactory
+    from rtmanager.ports import (
+        DockerEngine,
+        GameLeases,
+        JobStreams,
+        UnitOfWork,
+        UnitOfWorkFactory,
+    )
 
 MAX_PAGE_SIZE = 1000
 
@@ -140,6 +155,7 @@ class Commit:
 
     records: tuple[RuntimeRecord, ...]
     operations: tuple[OperationEntry, ...]
+    job_marks: tuple[JobMark, ...] = ()
 
 
 class FakeRuntimeRecordStore:
@@ -399,7 +415,11 @@ class FakeUnitOfWork:
             self.store.events.extend(self.staged_events)
             self.store.job_marks.update(self.staged_marks)
         self.commits.append(
-            Commit(tuple(self.staged_records.values()), tuple(self.staged_operations))
+            Commit(
+                tuple(self.staged_records.values()),
+                tuple(self.staged_operations),
+                tuple(self.staged_marks.values()),
+            )
         )
         self.staged_records.clear()
         self.staged_operations.clear()
@@ -596,7 +616,9 @@ class FakeDocker:
     maps an image to how its engines behave (default `RUNS`). `fail(method)`
     makes the next call(s) of a method raise; `before(method, fn)` runs `fn`
     with the call's arguments before every call of the method (to simulate
-    something happening meanwhile). `calls` logs every call in order.
+    something happening meanwhile). `calls` logs every call in order. Calls
+    for different games may come from several threads (the stream
+    consumer's workers); one game's calls are serialised by its lease.
     """
 
     def __init__(
@@ -617,6 +639,7 @@ class FakeDocker:
         self._failures: dict[str, list[RuntimeManagerError]] = {}
         self._hooks: dict[str, Callable[..., None]] = {}
         self._counter = 0
+        self._id_lock = threading.Lock()
 
     # -- test controls ------------------------------------------------------------
 
@@ -697,7 +720,9 @@ class FakeDocker:
 
     def named(self, name: str) -> FakeContainer | None:
         """The container of that name, if any."""
-        return next((c for c in self.containers.values() if c.name == name), None)
+        # A snapshot: the stream consumer's workers create containers of
+        # other games meanwhile.
+        return next((c for c in list(self.containers.values()) if c.name == name), None)
 
     # -- the port -----------------------------------------------------------------
 
@@ -711,8 +736,10 @@ class FakeDocker:
             raise pending.pop(0)
 
     def _new_id(self, name: str) -> str:
-        self._counter += 1
-        return hashlib.sha256(f"{name}#{self._counter}".encode()).hexdigest()
+        with self._id_lock:
+            self._counter += 1
+            counter = self._counter
+        return hashlib.sha256(f"{name}#{counter}".encode()).hexdigest()
 
     def _find(self, id_or_name: str) -> FakeContainer | None:
         found = self.containers.get(id_or_name)
@@ -836,7 +863,7 @@ class FakeDocker:
     def list_owned_containers(self) -> list[ContainerInfo]:
         """Every owned container, running or not."""
         self._enter("list_owned_containers")
-        infos = [self._info(c) for c in self.containers.values()]
+        infos = [self._info(c) for c in list(self.containers.values())]
         return [info for info in infos if info.owned]
 
     def container_logs_tail(self, container_id: str, lines: int = 20) -> str:
@@ -852,6 +879,531 @@ class FakeDocker:
         raise NotImplementedError("FakeDocker does not stream events")
 
 
+# --- redis: Lobby's job streams ------------------------------------------------------
+
+START_JOBS = "runtime:start_jobs"
+STOP_JOBS = "runtime:stop_jobs"
+JOB_RESULTS = "runtime:job_results"
+DEAD_LETTER = "runtime:dead_letter"
+DELETED_REASON = "the entry was deleted from its stream before it was answered"
+
+_FIRST_MS = 1_700_000_000_000
+_tokens = itertools.count(1)
+
+
+@dataclass
+class FakePending:
+    """One entry of the group's pending-entries list.
+
+    `consumer` holds it, Redis has handed it out `deliveries` times, the
+    last time at `delivered_at` (the fake's clock); its idle time runs from
+    then.
+    """
+
+    consumer: str
+    deliveries: int
+    delivered_at: float
+
+
+@dataclass(frozen=True)
+class AnswerAttempt:
+    """One call of `JobStreams.answer`: by which consumer, for which job, with what end."""
+
+    consumer: str
+    job: LobbyJob
+    outcome: AnswerOutcome
+    dead_letter: bool
+
+
+class FakeRedisStreams:
+    """The shared state of a fake Redis holding Lobby's job streams.
+
+    One consumer group reads both job streams; its pending-entries list
+    says which consumer holds each entry, how often it was delivered and
+    since when it is idle. The results and dead-letter streams, the
+    answered markers and each consumer's presence (a token with a TTL) live
+    here too. `consumer(name)` gives the `FakeJobStreams` view of one named
+    consumer; views of different names are replicas, two views of one name
+    are a process and its successor (each has its own presence token).
+
+    Idle times and presence TTLs follow `clock` (seconds, like
+    `time.monotonic`); `read_new` blocks in real time. Entry ids are
+    assigned from one counter across both streams, so the order of the
+    `add_job` calls is Lobby's order; an explicit id must exceed the
+    stream's last one, as with `XADD`. Results and dead letters are kept
+    (trimmed exactly to their lengths) for tests to read. `down = True`
+    makes every view raise `ServiceUnavailable`. Thread-safe.
+    """
+
+    def __init__(
+        self,
+        *,
+        start_stream: str = START_JOBS,
+        stop_stream: str = STOP_JOBS,
+        results_stream: str = JOB_RESULTS,
+        dead_letter_stream: str = DEAD_LETTER,
+        clock: Callable[[], float] = time.monotonic,
+        results_maxlen: int = 100_000,
+        dead_letter_maxlen: int = 100_000,
+    ) -> None:
+        self.streams = {JobKind.START: start_stream, JobKind.STOP: stop_stream}
+        self.kinds = {start_stream: JobKind.START, stop_stream: JobKind.STOP}
+        self.results_stream = results_stream
+        self.dead_letter_stream = dead_letter_stream
+        self.clock = clock
+        self.results_maxlen = results_maxlen
+        self.dead_letter_maxlen = dead_letter_maxlen
+        self.down = False
+        # stream -> entry id -> fields, in id order (XDEL removes the entry).
+        self.entries: dict[str, dict[str, dict[bytes, bytes]]] = {
+            start_stream: {},
+            stop_stream: {},
+        }
+        self.pending: dict[tuple[str, str], FakePending] = {}
+        # How often each entry was delivered, kept after it is acknowledged.
+        self.delivery_counts: dict[tuple[str, str], int] = {}
+        self.last_delivered: dict[str, tuple[int, int]] = {
+            start_stream: (0, 0),
+            stop_stream: (0, 0),
+        }
+        self.group_consumers: dict[str, float] = {}  # name -> last interaction
+        self.presence: dict[str, tuple[str, float]] = {}  # name -> (token, expires at)
+        self.answered: set[tuple[str, str]] = set()
+        self.attempts: list[AnswerAttempt] = []
+        self.groups_ensured = 0
+        self._results: list[dict[str, str]] = []
+        self._dead_letters: list[dict[str, str]] = []
+        self._last_added: dict[str, tuple[int, int]] = {
+            start_stream: (0, 0),
+            stop_stream: (0, 0),
+        }
+        self._next_ms = _FIRST_MS
+        self.lock = threading.Condition(threading.RLock())
+
+    def consumer(self, name: str, *, presence_ttl: timedelta | None = None) -> FakeJobStreams:
+        """A new view of consumer `name` (a new process under that name)."""
+        return FakeJobStreams(name, self, presence_ttl=presence_ttl or timedelta(seconds=10))
+
+    # -- what Lobby does -------------------------------------------------------------
+
+    def add_job(
+        self,
+        kind: JobKind,
+        fields: Mapping[str, str | bytes] | Mapping[bytes, bytes],
+        *,
+        entry_id: str | None = None,
+    ) -> LobbyJob:
+        """Append a job to the `kind` stream (`XADD`); return it with its entry id."""
+        stream = self.streams[kind]
+        raw = {_raw(key): _raw(value) for key, value in fields.items()}
+        with self.lock:
+            if entry_id is None:
+                entry_id = f"{self._next_ms}-0"
+            position = parse_entry_id(entry_id)
+            if position <= self._last_added[stream]:
+                raise ValueError(f"entry id {entry_id} is not above the last one of {stream}")
+            self._last_added[stream] = position
+            self._next_ms = max(self._next_ms, position[0]) + 1
+            self.entries[stream][entry_id] = raw
+            self.lock.notify_all()
+        return LobbyJob(kind=kind, stream=stream, entry_id=entry_id)
+
+    def add_start(
+        self, game_id: str, image_ref: str, *, entry_id: str | None = None, **extra: str
+    ) -> LobbyJob:
+        """Append a start job of `game_id` for `image_ref`."""
+        return self.add_job(
+            JobKind.START, {"game_id": game_id, "image_ref": image_ref, **extra}, entry_id=entry_id
+        )
+
+    def add_stop(
+        self, game_id: str, reason: str | None = None, *, entry_id: str | None = None
+    ) -> LobbyJob:
+        """Append a stop job of `game_id` (with `reason`, when given)."""
+        fields = {"game_id": game_id} if reason is None else {"game_id": game_id, "reason": reason}
+        return self.add_job(JobKind.STOP, fields, entry_id=entry_id)
+
+    def delete_entry(self, job: LobbyJob) -> None:
+        """Delete a job's entry from its stream (`XDEL`); its pending entry remains."""
+        with self.lock:
+            self.entries[job.stream].pop(job.entry_id, None)
+
+    # -- what happens to Redis -------------------------------------------------------
+
+    def redeliver(self, job: LobbyJob, to: str, *, deliveries: int | None = None) -> None:
+        """Make `job` pending on consumer `to` again, idle from now.
+
+        As if its acknowledgement were lost, or `to` had taken it before
+        dying. `deliveries` sets the delivery count (default: unchanged).
+        """
+        key = (job.stream, job.entry_id)
+        with self.lock:
+            count = deliveries if deliveries is not None else self.delivery_counts.get(key, 1)
+            self.pending[key] = FakePending(to, count, self.clock())
+            self.delivery_counts[key] = count
+            self.group_consumers.setdefault(to, self.clock())
+
+    def expire_presence(self, name: str) -> None:
+        """Let consumer `name`'s presence expire, as its TTL would."""
+        with self.lock:
+            self.presence.pop(name, None)
+
+    # -- reading back ----------------------------------------------------------------
+
+    def results(self) -> list[dict[str, str]]:
+        """The results stream's entries, oldest first."""
+        with self.lock:
+            return [dict(fields) for fields in self._results]
+
+    def dead_letters(self) -> list[dict[str, str]]:
+        """The dead-letter stream's entries, oldest first."""
+        with self.lock:
+            return [dict(fields) for fields in self._dead_letters]
+
+    def answers_of(self, job: LobbyJob) -> list[dict[str, str]]:
+        """Every answer (result or dead letter) published for `job`."""
+        return [
+            fields
+            for fields in [*self.results(), *self.dead_letters()]
+            if (fields.get("stream"), fields.get("job_id")) == (job.stream, job.entry_id)
+        ]
+
+    def answer_of(self, job: LobbyJob) -> dict[str, str]:
+        """The one answer of `job` (AssertionError unless there is exactly one)."""
+        answers = self.answers_of(job)
+        assert len(answers) == 1, f"{job}: {answers}"
+        return answers[0]
+
+    def answer_count(self) -> int:
+        """How many answers were published, results and dead letters together."""
+        with self.lock:
+            return len(self._results) + len(self._dead_letters)
+
+    def owner_of(self, job: LobbyJob) -> str | None:
+        """The consumer `job` is pending on, or None when it is not pending."""
+        with self.lock:
+            held = self.pending.get((job.stream, job.entry_id))
+            return held.consumer if held is not None else None
+
+    def pending_on(self, name: str) -> list[LobbyJob]:
+        """The jobs pending on consumer `name`, in Lobby's order."""
+        with self.lock:
+            jobs = [
+                LobbyJob(self.kinds[stream], stream, entry_id)
+                for (stream, entry_id), held in self.pending.items()
+                if held.consumer == name
+            ]
+        return sorted(jobs, key=lambda job: job.position)
+
+    def deliveries_of(self, job: LobbyJob) -> int:
+        """How often `job` has been delivered (0 before its first delivery)."""
+        with self.lock:
+            return self.delivery_counts.get((job.stream, job.entry_id), 0)
+
+    def attempts_of(self, job: LobbyJob) -> list[AnswerAttempt]:
+        """Every `answer` call made for `job`, in order."""
+        with self.lock:
+            return [attempt for attempt in self.attempts if attempt.job == job]
+
+    def present(self, name: str) -> bool:
+        """Whether consumer `name` has a live presence."""
+        with self.lock:
+            return self._present(name, self.clock())
+
+    # -- the port's steps, under the lock (called by the views) -------------------------
+
+    def _present(self, name: str, now: float) -> bool:
+        held = self.presence.get(name)
+        if held is not None and held[1] <= now:
+            del self.presence[name]
+            held = None
+        return held is not None
+
+    def _take_new(self, consumer: str, count: int) -> list[JobEntry]:
+        now = self.clock()
+        fresh = sorted(
+            (
+                (LobbyJob(self.kinds[stream], stream, entry_id), fields)
+                for stream, items in self.entries.items()
+                for entry_id, fields in items.items()
+                if parse_entry_id(entry_id) > self.last_delivered[stream]
+            ),
+            key=lambda item: item[0].position,
+        )[:count]
+        entries: list[JobEntry] = []
+        for job, fields in fresh:
+            key = (job.stream, job.entry_id)
+            self.pending[key] = FakePending(consumer, 1, now)
+            self.delivery_counts[key] = 1
+            self.last_delivered[job.stream] = max(
+                self.last_delivered[job.stream], parse_entry_id(job.entry_id)
+            )
+            entries.append(JobEntry(job=job, fields=dict(fields), deliveries=1))
+        return entries
+
+    def _claim(self, consumer: str, stream: str, entry_ids: list[str]) -> list[JobEntry]:
+        """Hand pending entries to `consumer`, each one more delivery.
+
+        An entry deleted from its stream cannot be applied: it is
+        dead-lettered and acknowledged in the same step (like the adapter's
+        claim script), so it still gets exactly one answer.
+        """
+        now = self.clock()
+        kind = self.kinds[stream]
+        entries: list[JobEntry] = []
+        for entry_id in entry_ids:
+            key = (stream, entry_id)
+            held = self.pending[key]
+            fields = self.entries[stream].get(entry_id)
+            if fields is None:
+                if key not in self.answered:
+                    self._publish(
+                        dead_letter=True,
+                        fields={
+                            "stream": stream,
+                            "job_id": entry_id,
+                            "reason": DELETED_REASON,
+                            "deliveries": str(held.deliveries),
+                            "fields": "{}",
+                        },
+                    )
+                    self.answered.add(key)
+                del self.pending[key]
+                continue
+            held.consumer = consumer
+            held.deliveries += 1
+            held.delivered_at = now
+            self.delivery_counts[key] = held.deliveries
+            entries.append(
+                JobEntry(LobbyJob(kind, stream, entry_id), dict(fields), held.deliveries)
+            )
+        return sorted(entries, key=lambda entry: entry.job.position)
+
+    def _pending_ids(self, stream: str, consumer: str) -> list[str]:
+        ids = [
+            entry_id
+            for (held_stream, entry_id), held in self.pending.items()
+            if held_stream == stream and held.consumer == consumer
+        ]
+        return sorted(ids, key=parse_entry_id)
+
+    def _publish(self, *, dead_letter: bool, fields: Mapping[str, str]) -> None:
+        target, maxlen = (
+            (self._dead_letters, self.dead_letter_maxlen)
+            if dead_letter
+            else (self._results, self.results_maxlen)
+        )
+        target.append(dict(fields))
+        del target[: max(len(target) - maxlen, 0)]
+
+
+class FakeJobStreams:
+    """`JobStreams` for consumer `consumer` over a `FakeRedisStreams` (its own by default).
+
+    Keeps the port's contract as the Redis adapter does: `read_new` hands
+    out first deliveries in Lobby's order across both streams;
+    `redeliver_own` and `claim_abandoned` count a delivery and dead-letter
+    (and acknowledge) entries deleted from their stream; only entries of
+    consumers without presence, idle for `min_idle`, are claimed; `answer`
+    publishes and acknowledges while the entry is pending on this consumer,
+    acknowledges without publishing a job answered before, and does nothing
+    otherwise. `down = True` makes this view (this process's connection)
+    raise `ServiceUnavailable`; `calls` names every call made.
+    """
+
+    def __init__(
+        self,
+        consumer: str = "rtmanager-1",
+        redis: FakeRedisStreams | None = None,
+        *,
+        presence_ttl: timedelta = timedelta(seconds=10),
+    ) -> None:
+        self.consumer = consumer
+        self.redis = redis if redis is not None else FakeRedisStreams()
+        self.presence_ttl = presence_ttl
+        self.token = f"{consumer}#{next(_tokens)}"
+        self.down = False
+        self.calls: list[str] = []
+
+    # -- test helpers (the shared state's) --------------------------------------------
+
+    def add_job(
+        self,
+        kind: JobKind,
+        fields: Mapping[str, str | bytes] | Mapping[bytes, bytes],
+        *,
+        entry_id: str | None = None,
+    ) -> LobbyJob:
+        """Append a job to the `kind` stream; see `FakeRedisStreams.add_job`."""
+        return self.redis.add_job(kind, fields, entry_id=entry_id)
+
+    def results(self) -> list[dict[str, str]]:
+        """The results stream's entries, oldest first."""
+        return self.redis.results()
+
+    def dead_letters(self) -> list[dict[str, str]]:
+        """The dead-letter stream's entries, oldest first."""
+        return self.redis.dead_letters()
+
+    def _enter(self, method: str) -> None:
+        self.calls.append(method)
+        self._require_up(method)
+
+    def _require_up(self, method: str) -> None:
+        if self.down or self.redis.down:
+            raise ServiceUnavailable(
+                f"fake redis: {method}: connection refused", metadata={"dependency": "redis"}
+            )
+
+    # -- the port ---------------------------------------------------------------------
+
+    def ensure_groups(self) -> None:
+        """The group always exists in the fake; count the call."""
+        self._enter("ensure_groups")
+        with self.redis.lock:
+            self.redis.groups_ensured += 1
+
+    def claim_name(self) -> bool:
+        """Take the presence unless another live token holds it (ours counts as taken)."""
+        self._enter("claim_name")
+        redis = self.redis
+        with redis.lock:
+            now = redis.clock()
+            if redis._present(self.consumer, now):
+                return redis.presence[self.consumer][0] == self.token
+            redis.presence[self.consumer] = (self.token, now + self.presence_ttl.total_seconds())
+            return True
+
+    def keep_name(self) -> bool:
+        """Renew the presence while it is live and ours."""
+        self._enter("keep_name")
+        redis = self.redis
+        with redis.lock:
+            now = redis.clock()
+            if not redis._present(self.consumer, now):
+                return False
+            if redis.presence[self.consumer][0] != self.token:
+                return False
+            redis.presence[self.consumer] = (self.token, now + self.presence_ttl.total_seconds())
+            return True
+
+    def release_name(self) -> None:
+        """Drop the presence if it is still ours."""
+        self._enter("release_name")
+        redis = self.redis
+        with redis.lock:
+            held = redis.presence.get(self.consumer)
+            if held is not None and held[0] == self.token:
+                del redis.presence[self.consumer]
+
+    def redeliver_own(self, kind: JobKind, after: str, count: int) -> builtins.list[JobEntry]:
+        """Up to `count` entries of the `kind` stream pending on us with ids > `after`."""
+        self._enter("redeliver_own")
+        redis = self.redis
+        stream = redis.streams[kind]
+        floor = parse_entry_id(after) if after else (-1, -1)
+        with redis.lock:
+            redis.group_consumers[self.consumer] = redis.clock()
+            ids = [
+                i for i in redis._pending_ids(stream, self.consumer) if parse_entry_id(i) > floor
+            ]
+            return redis._claim(self.consumer, stream, ids[:count])
+
+    def read_new(self, count: int, block: timedelta) -> builtins.list[JobEntry]:
+        """Up to `count` first deliveries in Lobby's order, blocking up to `block` for one."""
+        self._enter("read_new")
+        redis = self.redis
+        deadline = time.monotonic() + block.total_seconds()
+        with redis.lock:
+            while True:
+                redis.group_consumers[self.consumer] = redis.clock()
+                entries = redis._take_new(self.consumer, count)
+                left = deadline - time.monotonic()
+                if entries or left <= 0:
+                    return entries
+                redis.lock.wait(left)
+                self._require_up("read_new")  # the connection broke while blocked
+
+    def claim_abandoned(self, min_idle: timedelta, count: int) -> builtins.list[JobEntry]:
+        """Take up to `count` entries idle for `min_idle` on consumers without presence."""
+        self._enter("claim_abandoned")
+        redis = self.redis
+        taken: list[JobEntry] = []
+        with redis.lock:
+            now = redis.clock()
+            redis.group_consumers[self.consumer] = now
+            for stream in redis.streams.values():
+                owners = sorted({h.consumer for (s, _), h in redis.pending.items() if s == stream})
+                for owner in owners:
+                    if owner == self.consumer or len(taken) >= count:
+                        continue
+                    if redis._present(owner, now):
+                        continue
+                    idle = [
+                        entry_id
+                        for entry_id in redis._pending_ids(stream, owner)
+                        if now - redis.pending[(stream, entry_id)].delivered_at
+                        >= min_idle.total_seconds()
+                    ]
+                    taken += redis._claim(self.consumer, stream, idle[: count - len(taken)])
+        return taken
+
+    def answer(
+        self, entry: JobEntry, fields: Mapping[str, str], *, dead_letter: bool = False
+    ) -> AnswerOutcome:
+        """Publish and acknowledge atomically while the entry is ours (see `AnswerOutcome`)."""
+        self._enter("answer")
+        redis = self.redis
+        key = (entry.stream, entry.entry_id)
+        with redis.lock:
+            held = redis.pending.get(key)
+            if key in redis.answered:
+                redis.pending.pop(key, None)
+                outcome = AnswerOutcome.ALREADY_ANSWERED
+            elif held is not None and held.consumer == self.consumer:
+                redis._publish(dead_letter=dead_letter, fields=fields)
+                redis.answered.add(key)
+                del redis.pending[key]
+                outcome = AnswerOutcome.ANSWERED
+            else:
+                outcome = AnswerOutcome.NOT_OURS
+            redis.attempts.append(AnswerAttempt(self.consumer, entry.job, outcome, dead_letter))
+        return outcome
+
+    def remove_idle_consumers(self, min_idle: timedelta) -> builtins.list[str]:
+        """Delete consumers idle for `min_idle`, without presence or pending entries."""
+        self._enter("remove_idle_consumers")
+        redis = self.redis
+        with redis.lock:
+            now = redis.clock()
+            busy = {held.consumer for held in redis.pending.values()}
+            removed = sorted(
+                name
+                for name, seen in redis.group_consumers.items()
+                if name != self.consumer
+                and name not in busy
+                and not redis._present(name, now)
+                and now - seen >= min_idle.total_seconds()
+            )
+            for name in removed:
+                del redis.group_consumers[name]
+        return removed
+
+    def lag(self) -> dict[str, int]:
+        """Entries of each job stream not yet delivered to the group."""
+        self._enter("lag")
+        redis = self.redis
+        with redis.lock:
+            return {
+                stream: sum(1 for i in items if parse_entry_id(i) > redis.last_delivered[stream])
+                for stream, items in redis.entries.items()
+            }
+
+
+def _raw(value: str | bytes) -> bytes:
+    return value if isinstance(value, bytes) else value.encode()
+
+
 def _conforms_to_ports() -> None:
     """Checked by mypy only: the fakes implement the ports."""
     if TYPE_CHECKING:
@@ -859,22 +1411,32 @@ def _conforms_to_ports() -> None:
         unit: UnitOfWork = FakeUnitOfWork(FakeStore())
         leases: GameLeases = FakeLeases()
         docker: DockerEngine = FakeDocker()
-        del factory, unit, leases, docker
+        streams: JobStreams = FakeJobStreams()
+        del factory, unit, leases, docker, streams
 
 
 __all__ = [
     "CRASHES",
+    "DEAD_LETTER",
+    "DELETED_REASON",
     "HEALTHY",
+    "JOB_RESULTS",
     "NEVER_HEALTHY",
     "RUNS",
+    "START_JOBS",
+    "STOP_JOBS",
     "UNHEALTHY",
+    "AnswerAttempt",
     "Call",
     "Commit",
     "EngineBehaviour",
     "FakeContainer",
     "FakeDocker",
+    "FakeJobStreams",
     "FakeLeases",
     "FakeOperationLog",
+    "FakePending",
+    "FakeRedisStreams",
     "FakeRuntimeRecordStore",
     "FakeStore",
     "FakeUnitOfWork",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import replace
 from datetime import timedelta
 
@@ -17,6 +18,7 @@ from rtmanager.domain.errors import (
     NotFound,
     ServiceUnavailable,
 )
+from rtmanager.domain.jobs import JobKind
 from rtmanager.domain.operation import OperationEntry, OpKind, OpSource, Outcome
 from rtmanager.domain.runtime import (
     InvalidRuntimeRecord,
@@ -25,8 +27,15 @@ from rtmanager.domain.runtime import (
     RuntimeStatus,
 )
 from rtmanager.domain.timeutil import utc_now
-from rtmanager.ports import ContainerSpec, OperationFilter, PullPolicy, StatusChange
-from tests.unit.fakes import CRASHES, FakeDocker, FakeLeases, FakeUnitOfWorkFactory
+from rtmanager.ports import AnswerOutcome, ContainerSpec, OperationFilter, PullPolicy, StatusChange
+from tests.unit.fakes import (
+    CRASHES,
+    DELETED_REASON,
+    FakeDocker,
+    FakeLeases,
+    FakeRedisStreams,
+    FakeUnitOfWorkFactory,
+)
 
 NOW = utc_now()
 
@@ -364,3 +373,200 @@ def test_docker_engine_behaviours_and_failure_injection() -> None:
     assert docker.call_names("ping") == ["ping"] * 3
     with pytest.raises(NotImplementedError):
         docker.follow_events()
+
+
+# --- job streams ----------------------------------------------------------------------
+
+
+class ManualClock:
+    """A clock that moves only when told to."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+NO_WAIT = timedelta(0)
+
+
+def test_new_entries_are_first_deliveries_in_lobbys_order_across_both_streams() -> None:
+    redis = FakeRedisStreams()
+    stop = redis.add_stop("g1")
+    start = redis.add_start("g1", "galaxy/engine:1.0.0")
+    tie = redis.add_stop("g2", entry_id="1800000000000-0")
+    tied = redis.add_start("g2", "galaxy/engine:1.0.0", entry_id="1800000000000-0")
+    streams = redis.consumer("c1")
+
+    first = streams.read_new(3, NO_WAIT)
+    rest = streams.read_new(10, NO_WAIT)
+
+    assert [e.job for e in first] == [stop, start, tied]
+    assert [e.job for e in rest] == [tie]
+    assert all(e.deliveries == 1 for e in first + rest)
+    assert first[1].fields == {b"game_id": b"g1", b"image_ref": b"galaxy/engine:1.0.0"}
+    assert redis.pending_on("c1") == [stop, start, tied, tie]
+    assert streams.read_new(10, NO_WAIT) == []
+    assert redis.consumer("c2").read_new(10, NO_WAIT) == []
+
+
+def test_entry_ids_must_grow_per_stream() -> None:
+    redis = FakeRedisStreams()
+    redis.add_stop("g1", entry_id="5-0")
+
+    with pytest.raises(ValueError, match="not above"):
+        redis.add_stop("g1", entry_id="5-0")
+    assert redis.add_start("g1", "x", entry_id="5-0").entry_id == "5-0"
+
+
+def test_an_answer_is_published_and_acknowledged_once_and_only_by_the_holder() -> None:
+    redis = FakeRedisStreams()
+    job = redis.add_start("g1", "galaxy/engine:1.0.0")
+    holder, other = redis.consumer("c1"), redis.consumer("c2")
+    (entry,) = holder.read_new(10, NO_WAIT)
+
+    assert other.answer(entry, {"job_id": job.entry_id}) is AnswerOutcome.NOT_OURS
+    assert redis.results() == []
+    fields = {"stream": job.stream, "job_id": job.entry_id}
+    assert holder.answer(entry, fields) is AnswerOutcome.ANSWERED
+    assert redis.results() == [fields] and redis.owner_of(job) is None
+    redis.redeliver(job, to="c1")  # the acknowledgement lost
+    assert holder.answer(entry, fields) is AnswerOutcome.ALREADY_ANSWERED
+    assert other.answer(entry, fields) is AnswerOutcome.ALREADY_ANSWERED
+    assert redis.answer_of(job) == fields and redis.owner_of(job) is None
+
+
+def test_dead_letters_go_to_their_own_stream_and_streams_are_trimmed() -> None:
+    redis = FakeRedisStreams(results_maxlen=2)
+    streams = redis.consumer("c1")
+    jobs = [redis.add_stop(f"g{n}") for n in range(4)]
+    entries = streams.read_new(10, NO_WAIT)
+    for entry in entries[:3]:
+        streams.answer(entry, {"stream": entry.stream, "job_id": entry.entry_id})
+    streams.answer(entries[3], {"job_id": entries[3].entry_id}, dead_letter=True)
+
+    assert [r["job_id"] for r in redis.results()] == [jobs[1].entry_id, jobs[2].entry_id]
+    assert redis.dead_letters() == [{"job_id": jobs[3].entry_id}]
+
+
+def test_only_idle_entries_of_consumers_without_presence_are_claimed() -> None:
+    clock = ManualClock()
+    redis = FakeRedisStreams(clock=clock)
+    job = redis.add_start("g1", "galaxy/engine:1.0.0")
+    owner = redis.consumer("c1", presence_ttl=timedelta(hours=1))
+    taker = redis.consumer("c2")
+    assert owner.claim_name()
+    owner.read_new(10, NO_WAIT)
+    clock.advance(60)
+
+    assert taker.claim_abandoned(timedelta(seconds=30), 10) == []  # c1 is alive
+    redis.expire_presence("c1")
+    assert taker.claim_abandoned(timedelta(seconds=61), 10) == []  # not idle long enough
+    (entry,) = taker.claim_abandoned(timedelta(seconds=30), 10)
+
+    assert (entry.job, entry.deliveries) == (job, 2)
+    assert redis.owner_of(job) == "c2"
+    assert owner.claim_abandoned(timedelta(seconds=30), 10) == []  # c2 took it just now
+    assert redis.consumer("c3").claim_abandoned(timedelta(0), 10)[0].deliveries == 3
+
+
+def test_an_entry_deleted_while_pending_is_dead_lettered_when_claimed() -> None:
+    redis = FakeRedisStreams()
+    job = redis.add_start("g1", "galaxy/engine:1.0.0")
+    redis.consumer("c1").read_new(10, NO_WAIT)
+    redis.delete_entry(job)
+
+    assert redis.consumer("c2").claim_abandoned(NO_WAIT, 10) == []
+
+    assert redis.answer_of(job)["reason"] == DELETED_REASON
+    assert redis.owner_of(job) is None
+
+
+def test_own_pending_entries_are_taken_back_after_an_id_each_counting_a_delivery() -> None:
+    redis = FakeRedisStreams()
+    jobs = [redis.add_stop(f"g{n}") for n in range(3)]
+    redis.add_start("g9", "galaxy/engine:1.0.0")
+    redis.consumer("c1").read_new(10, NO_WAIT)
+    again = redis.consumer("c1")
+
+    first = again.redeliver_own(JobKind.STOP, "", 2)
+    rest = again.redeliver_own(JobKind.STOP, first[-1].entry_id, 2)
+
+    assert [e.job for e in first + rest] == jobs
+    assert [e.deliveries for e in first + rest] == [2, 2, 2]
+    assert again.redeliver_own(JobKind.STOP, jobs[-1].entry_id, 2) == []
+    assert redis.consumer("c2").redeliver_own(JobKind.STOP, "", 10) == []
+
+
+def test_a_name_is_held_by_one_live_process_until_its_presence_expires() -> None:
+    clock = ManualClock()
+    redis = FakeRedisStreams(clock=clock)
+    first = redis.consumer("c1", presence_ttl=timedelta(seconds=10))
+    second = redis.consumer("c1", presence_ttl=timedelta(seconds=10))
+
+    assert first.claim_name() and first.claim_name()
+    assert not second.claim_name() and not second.keep_name()
+    clock.advance(9)
+    assert first.keep_name()
+    clock.advance(9)
+    assert not second.claim_name()
+    clock.advance(2)
+    assert second.claim_name()
+    assert not first.keep_name()
+    first.release_name()  # not its own any more: nothing happens
+    assert redis.present("c1")
+    second.release_name()
+    assert not redis.present("c1")
+
+
+def test_idle_consumers_without_presence_or_pending_entries_are_removed() -> None:
+    clock = ManualClock()
+    redis = FakeRedisStreams(clock=clock)
+    redis.add_stop("g1")
+    for name in ("busy", "idle", "alive"):
+        redis.consumer(name).read_new(10, NO_WAIT)
+    assert redis.consumer("alive", presence_ttl=timedelta(hours=1)).claim_name()
+    me = redis.consumer("me")
+    clock.advance(100)
+
+    assert me.remove_idle_consumers(timedelta(seconds=200)) == []
+    assert me.remove_idle_consumers(timedelta(seconds=50)) == ["idle"]
+    assert set(redis.group_consumers) == {"busy", "alive"}
+
+
+def test_lag_counts_entries_not_yet_read() -> None:
+    redis = FakeRedisStreams()
+    for n in range(3):
+        redis.add_stop(f"g{n}")
+    redis.add_start("g1", "x")
+    streams = redis.consumer("c1")
+    streams.read_new(2, NO_WAIT)
+
+    assert streams.lag() == {"runtime:start_jobs": 1, "runtime:stop_jobs": 1}
+
+
+def test_job_streams_down_raise_service_unavailable() -> None:
+    redis = FakeRedisStreams()
+    streams = redis.consumer("c1")
+    streams.down = True
+    with pytest.raises(ServiceUnavailable):
+        streams.read_new(1, NO_WAIT)
+    streams.down = False
+    redis.down = True
+    with pytest.raises(ServiceUnavailable):
+        streams.claim_name()
+    assert streams.calls == ["read_new", "claim_name"]
+
+
+def test_read_new_waits_for_an_entry_up_to_its_block() -> None:
+    redis = FakeRedisStreams()
+    streams = redis.consumer("c1")
+
+    assert streams.read_new(1, timedelta(milliseconds=5)) == []
+    threading.Timer(0.01, lambda: redis.add_stop("g1")).start()
+    (entry,) = streams.read_new(1, timedelta(seconds=5))
+    assert entry.deliveries == 1

@@ -1,506 +1,890 @@
-"""The stream consumer's pure parts: job fields, results, backoff and entry-id ordering.
+"""The stream consumer applies Lobby's jobs as SPEC §4 promises, across replicas and outages.
 
-The consumer itself (threads, Redis) is exercised against a real Redis in
-`tests/integration/test_stream_consumer.py`.
+Real `StreamConsumer` threads and the real start/stop services run over
+the fakes: one `FakeRedisStreams` shared by every consumer (each with its
+own `FakeJobStreams` view, as replicas have their own connection), one fake
+database, leases and Docker (`tests.unit.harness`). Each replica has its own
+services and game lock, as separate processes would. Tests wait on
+conditions with a bounded poll, never on fixed sleeps; retry timing is
+made quick (milliseconds) or jumped over with `JumpClock`.
 """
 
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime, timedelta
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from datetime import timedelta
+from typing import Any, TypeVar
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
-from rtmanager.config import load_settings
-from rtmanager.domain.errors import ErrorCode, Failure
-from rtmanager.domain.operation import OpKind, Outcome, StopReason
-from rtmanager.domain.runtime import RuntimeRecord, RuntimeStatus
-from rtmanager.lifecycle.recorder import OperationResult
-from rtmanager.workers.stream_consumer import (
-    GameQueues,
-    Job,
-    JobKind,
-    MalformedJob,
-    OrderedMerge,
-    StartJob,
-    StopJob,
-    StreamRead,
-    StreamSettings,
-    dead_letter_fields,
-    is_transient,
-    parse_entry_id,
-    parse_job,
-    record_json,
-    result_fields,
-    retry_delay,
-)
+from rtmanager.backoff import Backoff
+from rtmanager.domain.errors import ErrorCode
+from rtmanager.domain.jobs import JobKind, LobbyJob
+from rtmanager.domain.operation import OperationEntry, OpKind, OpSource, Outcome, StopReason
+from rtmanager.domain.runtime import RuntimeStatus
+from rtmanager.lifecycle.common import LifecycleDeps
+from rtmanager.lifecycle.leasing import GameLock
+from rtmanager.lifecycle.recorder import OperationRecorder
+from rtmanager.lifecycle.start import StartRequest, StartService
+from rtmanager.lifecycle.stop import StopRequest, StopService
+from rtmanager.ports import AnswerOutcome, ContainerSpec, GameLeases, Lease
+from rtmanager.telemetry import Telemetry
+from rtmanager.workers.stream_consumer import ConsumerNameTaken, ConsumerSettings, StreamConsumer
+from tests.unit.fakes import DELETED_REASON, FakeJobStreams, FakeRedisStreams
+from tests.unit.harness import IMAGE, LEASE_TTL, Harness
 
-START, STOP = "start_jobs", "stop_jobs"
-NOW = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
+T = TypeVar("T")
+
+GAME = "game-1"
 
+# Quick, but with the production structure: backoff retries, takeovers
+# after an idle time, presence renewed well within its TTL.
+FAST: dict[str, Any] = {
+    "workers": 2,
+    "batch": 8,
+    "block": timedelta(milliseconds=20),
+    "claim_idle": timedelta(milliseconds=60),
+    "retry": Backoff(timedelta(milliseconds=2), timedelta(milliseconds=10)),
+    "presence_ttl": timedelta(seconds=3),
+}
 
-def job(stream: str, entry_id: str, game_id: str = "g1") -> Job:
-    kind = JobKind.START if stream == START else JobKind.STOP
-    return Job.of(kind, stream, entry_id, {b"game_id": game_id.encode()})
 
+def eventually(what: str, condition: Callable[[], T], timeout: float = 10.0) -> T:
+    """Poll `condition` until it is truthy; fail saying `what` did not happen in time."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.002)
 
-def ids(jobs: list[Job]) -> list[str]:
-    return [f"{j.stream}:{j.entry_id}" for j in jobs]
 
+class JumpClock:
+    """`time.monotonic`, plus an offset a test moves forward to skip a long wait."""
 
-def read(jobs: list[Job], *, caught_up: bool) -> StreamRead:
-    return StreamRead(jobs, jobs[-1].entry if jobs else None, caught_up=caught_up)
+    def __init__(self) -> None:
+        self.offset = 0.0
 
+    def __call__(self) -> float:
+        return time.monotonic() + self.offset
 
-# --- entry ids ---------------------------------------------------------------------------
+    def advance(self, by: timedelta) -> None:
+        self.offset += by.total_seconds()
 
 
-def test_entry_ids_compare_as_integer_pairs() -> None:
-    assert parse_entry_id(b"1700000000000-3") == (1700000000000, 3)
-    assert parse_entry_id("9-10") > parse_entry_id("9-9")
-    assert parse_entry_id("10-0") > parse_entry_id("9-99")
+class TickingClock:
+    """A clock that moves `step` seconds forward each time it is read."""
 
+    def __init__(self, step: float) -> None:
+        self.now = 0.0
+        self.step = step
 
-@pytest.mark.parametrize("bad", ["", "12", "a-1", "1-", "-1", "1-2-3"])
-def test_malformed_entry_ids_are_rejected(bad: str) -> None:
-    with pytest.raises(ValueError, match="not a stream entry id"):
-        parse_entry_id(bad)
-
-
-def test_equal_ids_on_both_streams_order_the_start_first() -> None:
-    assert job(START, "5-0").order < job(STOP, "5-0").order < job(START, "5-1").order
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
 
-
-# --- job fields --------------------------------------------------------------------------
-
-
-def test_start_job_fields_parse() -> None:
-    fields = {b"game_id": b"g1", b"image_ref": b"galaxy/engine:1.0.0", b"extra": b"\xff"}
-
-    assert parse_job(JobKind.START, fields) == StartJob("g1", "galaxy/engine:1.0.0")
-
-
-def test_stop_job_reason_defaults_to_lobby_request() -> None:
-    assert parse_job(JobKind.STOP, {b"game_id": b"g1"}) == StopJob("g1", StopReason.LOBBY_REQUEST)
-    assert parse_job(JobKind.STOP, {b"game_id": b"g1", b"reason": b""}) == StopJob(
-        "g1", StopReason.LOBBY_REQUEST
-    )
-
-
-@pytest.mark.parametrize("reason", list(StopReason))
-def test_every_stop_reason_is_accepted(reason: StopReason) -> None:
-    fields = {b"game_id": b"g1", b"reason": reason.value.encode()}
-
-    assert parse_job(JobKind.STOP, fields) == StopJob("g1", reason)
-
-
-def test_game_id_is_passed_on_unvalidated_for_the_lifecycle_to_judge() -> None:
-    # A bad game id is an invalid_request result of the lifecycle, not a dead letter.
-    assert parse_job(JobKind.STOP, {b"game_id": b"../Bad Id"}) == StopJob(
-        "../Bad Id", StopReason.LOBBY_REQUEST
-    )
-
-
-@pytest.mark.parametrize(
-    ("kind", "fields", "problem"),
-    [
-        (JobKind.START, {b"image_ref": b"galaxy/e:1"}, "missing game_id"),
-        (JobKind.START, {b"game_id": b"", b"image_ref": b"galaxy/e:1"}, "empty game_id"),
-        (JobKind.START, {b"game_id": b"g1"}, "missing image_ref"),
-        (JobKind.START, {b"game_id": b"g1", b"image_ref": b""}, "empty image_ref"),
-        (JobKind.START, {b"game_id": b"g\xff", b"image_ref": b"x"}, "game_id .* not valid UTF-8"),
-        (JobKind.START, {b"game_id": b"g1", b"image_ref": b"\xc3("}, "image_ref .* UTF-8"),
-        (JobKind.STOP, {b"reason": b"lobby_request"}, "missing game_id"),
-        (JobKind.STOP, {b"game_id": b"g1", b"reason": b"because"}, "unknown reason 'because'"),
-        (JobKind.STOP, {b"game_id": b"g1", b"reason": b"\xfe"}, "reason .* not valid UTF-8"),
-        (JobKind.STOP, {}, "no longer exists in the stream"),
-    ],
-)
-def test_malformed_jobs_say_what_is_wrong(
-    kind: JobKind, fields: dict[bytes, bytes], problem: str
-) -> None:
-    with pytest.raises(MalformedJob, match=problem):
-        parse_job(kind, fields)
-
-
-def test_a_huge_bad_value_is_quoted_shortened() -> None:
-    with pytest.raises(MalformedJob) as caught:
-        parse_job(JobKind.STOP, {b"game_id": b"g1", b"reason": b"x" * 10_000})
-
-    assert len(str(caught.value)) < 200
-
-
-# --- outcomes ----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("failure", "transient"),
-    [
-        (None, False),
-        (Failure(ErrorCode.SERVICE_UNAVAILABLE, "docker down"), True),
-        (Failure(ErrorCode.CONFLICT, "lease busy", race=True), True),
-        (Failure(ErrorCode.CONFLICT, "runtime removed"), False),
-        (Failure(ErrorCode.INVALID_REQUEST, "bad game id"), False),
-        (Failure(ErrorCode.NOT_FOUND, "no record"), False),
-        (Failure(ErrorCode.IMAGE_NOT_ALLOWED, "no"), False),
-        (Failure(ErrorCode.CONTAINER_START_FAILED, "exited"), False),
-        (Failure(ErrorCode.INTERNAL, "bug"), False),
-    ],
-)
-def test_only_outages_and_lost_races_are_transient(
-    failure: Failure | None, transient: bool
-) -> None:
-    assert is_transient(failure) is transient
-
-
-def running_record() -> RuntimeRecord:
-    return RuntimeRecord(
-        game_id="g1",
-        status=RuntimeStatus.RUNNING,
-        engine_endpoint="http://galaxy-game-g1:8080",
-        state_path="/var/lib/galaxy/games/g1",
-        docker_network="galaxy-engines",
-        last_op_at=NOW,
-        created_at=NOW - timedelta(hours=1),
-        current_container_id="c0ffee",
-        current_image_ref="galaxy/engine:1.0.0",
-        started_at=NOW,
-    )
-
-
-def test_record_json_carries_every_field_with_iso_timestamps() -> None:
-    assert json.loads(record_json(running_record())) == {
-        "game_id": "g1",
-        "status": "running",
-        "current_container_id": "c0ffee",
-        "current_image_ref": "galaxy/engine:1.0.0",
-        "engine_endpoint": "http://galaxy-game-g1:8080",
-        "state_path": "/var/lib/galaxy/games/g1",
-        "docker_network": "galaxy-engines",
-        "started_at": "2024-05-01T12:00:00+00:00",
-        "stopped_at": None,
-        "removed_at": None,
-        "last_op_at": "2024-05-01T12:00:00+00:00",
-        "created_at": "2024-05-01T11:00:00+00:00",
-    }
-    assert record_json(None) == ""
-
-
-def test_result_fields_of_success_and_failure() -> None:
-    success = OperationResult("g1", OpKind.START, Outcome.SUCCESS, record=running_record())
-    failure = OperationResult(
-        "g1", OpKind.STOP, Outcome.FAILURE, failure=Failure(ErrorCode.NOT_FOUND, "no record")
-    )
-
-    ok = result_fields(job_id="1-0", stream=START, game_id="g1", result=success)
-    bad = result_fields(job_id="2-0", stream=STOP, game_id="g1", result=failure)
-
-    assert ok == {
-        "job_id": "1-0",
-        "stream": START,
-        "game_id": "g1",
-        "outcome": "success",
-        "error_code": "",
-        "error_message": "",
-        "record": record_json(running_record()),
-    }
-    assert bad == {
-        "job_id": "2-0",
-        "stream": STOP,
-        "game_id": "g1",
-        "outcome": "failure",
-        "error_code": "not_found",
-        "error_message": "no record",
-        "record": "",
-    }
-
-
-def test_dead_letter_fields_keep_undecodable_values_readable() -> None:
-    fields = dead_letter_fields(
-        stream=START,
-        job_id="1-0",
-        reason="malformed job: game_id is not valid UTF-8",
-        deliveries=1,
-        fields={b"game_id": b"g\xff", b"image_ref": b"galaxy/e:1"},
-    )
-
-    assert fields["deliveries"] == "1"
-    assert json.loads(fields["fields"]) == {"game_id": "g\\xff", "image_ref": "galaxy/e:1"}
-
-
-def test_retry_delay_doubles_up_to_the_cap_with_equal_jitter() -> None:
-    base, cap = timedelta(milliseconds=200), timedelta(seconds=5)
-
-    def fixed(value: float) -> list[float]:
-        return [retry_delay(n, base, cap, jitter=lambda: value) for n in range(1, 8)]
-
-    assert fixed(1.0) == pytest.approx([0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0])
-    assert fixed(0.0) == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.6, 2.5, 2.5])
-    assert retry_delay(10_000, base, cap) <= 5.0
-
-
-# --- settings ----------------------------------------------------------------------------
-
-
-def test_stream_settings_come_from_the_service_settings() -> None:
-    service = load_settings(
-        {
-            "RTMANAGER_START_JOBS_STREAM": "a:start",
-            "RTMANAGER_STOP_JOBS_STREAM": "a:stop",
-            "RTMANAGER_JOB_RESULTS_STREAM": "a:results",
-            "RTMANAGER_DEAD_LETTER_STREAM": "a:dead",
-            "RTMANAGER_STREAM_GROUP": "grp",
-            "RTMANAGER_STREAM_MAX_DELIVERIES": "7",
-            "RTMANAGER_STREAM_WORKERS": "3",
-            "RTMANAGER_INSTANCE_ID": "replica-1",
-            "RTMANAGER_REDIS_PREFIX": "ignored:",
-        }
-    )
-
-    stream = StreamSettings.from_settings(service)
-
-    assert (stream.start_stream, stream.stop_stream) == ("a:start", "a:stop")
-    assert (stream.results_stream, stream.dead_letter_stream) == ("a:results", "a:dead")
-    assert (stream.group, stream.consumer) == ("grp", "replica-1")
-    assert (stream.max_deliveries, stream.workers) == (7, 3)
-    assert stream.block == timedelta(seconds=1)
-    assert stream.claim_idle == timedelta(seconds=30)
-
-
-@pytest.mark.parametrize(
-    ("change", "problem"),
-    [
-        ({"stop_stream": "s"}, "must differ"),
-        ({"group": " "}, "group must not be empty"),
-        ({"workers": 0}, "workers must be at least 1"),
-        ({"max_deliveries": 0}, "max_deliveries must be at least 1"),
-        ({"block": timedelta(0)}, "block must be at least 1ms"),
-        ({"claim_idle": timedelta(0)}, "claim_idle must be positive"),
-        ({"retry_max": timedelta(milliseconds=1)}, "retry_max must not be below"),
-    ],
-)
-def test_stream_settings_reject_nonsense(change: dict[str, object], problem: str) -> None:
-    values: dict[str, object] = {
-        "start_stream": "s",
-        "stop_stream": "t",
-        "results_stream": "r",
-        "dead_letter_stream": "d",
-        "group": "g",
-        "consumer": "c",
-    }
-    values.update(change)
-    with pytest.raises(ValueError, match=problem):
-        StreamSettings(**values)  # type: ignore[arg-type]
-
-
-# --- ordering across the two streams ----------------------------------------------------
-
-
-def test_nothing_is_released_until_both_streams_were_read() -> None:
-    merge = OrderedMerge([START, STOP])
-
-    released = merge.add_read({START: read([job(START, "1-0")], caught_up=True)})
-
-    assert released == []
-    assert merge.held() == 1
-
-
-def test_caught_up_streams_release_everything_in_entry_id_order() -> None:
-    merge = OrderedMerge([START, STOP])
-    starts = [job(START, "1-0"), job(START, "3-0"), job(START, "5-0")]
-    stops = [job(STOP, "2-0"), job(STOP, "5-0")]
-
-    released = merge.add_read(
-        {START: read(starts, caught_up=True), STOP: read(stops, caught_up=True)}
-    )
-
-    assert ids(released) == [
-        "start_jobs:1-0",
-        "stop_jobs:2-0",
-        "start_jobs:3-0",
-        "start_jobs:5-0",
-        "stop_jobs:5-0",
+
+class GatedLeases:
+    """`GameLeases` whose `acquire` of one game waits until the test opens the gate.
+
+    Holds a replica back just before it takes the game's lease, so another
+    replica's job of that game runs first.
+    """
+
+    def __init__(self, leases: GameLeases, game_id: str) -> None:
+        self._leases = leases
+        self._game_id = game_id
+        self.waiting = threading.Event()
+        self.opened = threading.Event()
+
+    def acquire(self, game_id: str, ttl: timedelta) -> Lease | None:
+        if game_id == self._game_id:
+            self.waiting.set()
+            self.opened.wait(10)
+        return self._leases.acquire(game_id, ttl)
+
+    def renew(self, lease: Lease, ttl: timedelta) -> bool:
+        return self._leases.renew(lease, ttl)
+
+    def release(self, lease: Lease) -> bool:
+        return self._leases.release(lease)
+
+
+class JitteredLeases:
+    """`GameLeases` that waits up to a few milliseconds before each acquire.
+
+    Replicas then reach a game's lease in varying order, as real ones do.
+    """
+
+    def __init__(self, leases: GameLeases, seed: int) -> None:
+        self._leases = leases
+        self._random = random.Random(seed)
+        self._lock = threading.Lock()
+
+    def acquire(self, game_id: str, ttl: timedelta) -> Lease | None:
+        with self._lock:
+            pause = self._random.random() * 0.003
+        time.sleep(pause)
+        return self._leases.acquire(game_id, ttl)
+
+    def renew(self, lease: Lease, ttl: timedelta) -> bool:
+        return self._leases.renew(lease, ttl)
+
+    def release(self, lease: Lease) -> bool:
+        return self._leases.release(lease)
+
+
+class Blocker:
+    """A Docker hook that holds the first matching call until `release()`."""
+
+    def __init__(self, container_name: str | None = None) -> None:
+        self.name = container_name
+        self.entered = threading.Event()
+        self.released = threading.Event()
+
+    def __call__(self, spec: ContainerSpec) -> None:
+        if self.entered.is_set() or (self.name is not None and spec.name != self.name):
+            return
+        self.entered.set()
+        self.released.wait(10)
+
+    def release(self) -> None:
+        self.released.set()
+
+
+@dataclass
+class Replica:
+    """One rtmanager process: its view of Redis, its services, its consumer."""
+
+    name: str
+    streams: FakeJobStreams
+    start: StartService
+    stop: StopService
+    consumer: StreamConsumer
+
+
+class Cluster:
+    """Builds replicas over shared fakes and stops them all when the test ends."""
+
+    def __init__(self, h: Harness, redis: FakeRedisStreams) -> None:
+        self.h = h
+        self.redis = redis
+        self.replicas: list[Replica] = []
+        self._cleanups: list[Callable[[], None]] = []
+
+    def services(self, leases: GameLeases | None = None) -> tuple[StartService, StopService]:
+        """Start and stop services of one process, over the shared database, leases and Docker."""
+        h = self.h
+        lock = GameLock(leases or h.leases, LEASE_TTL)
+        recorder = OperationRecorder(h.units_of_work, Telemetry())
+        deps = LifecycleDeps(recorder=recorder, lock=lock, docker=h.docker, settings=h.settings)
+        return StartService(deps), StopService(deps)
+
+    def consumer(
+        self,
+        name: str = "rtm-1",
+        *,
+        leases: GameLeases | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        **settings: Any,
+    ) -> Replica:
+        """A replica's consumer, built but not registered or started."""
+        values = {**FAST, **settings}
+        streams = self.redis.consumer(name, presence_ttl=values["presence_ttl"])
+        start, stop = self.services(leases)
+        consumer = StreamConsumer(
+            streams,
+            start,
+            stop,
+            ConsumerSettings(consumer=name, **values),
+            Telemetry(),
+            clock=clock,
+        )
+        replica = Replica(name, streams, start, stop, consumer)
+        self.replicas.append(replica)
+        return replica
+
+    def replica(self, name: str = "rtm-1", **options: Any) -> Replica:
+        """A replica's consumer, registered and running."""
+        replica = self.consumer(name, **options)
+        replica.consumer.register()
+        replica.consumer.start()
+        return replica
+
+    def on_teardown(self, cleanup: Callable[[], None]) -> None:
+        """Run `cleanup` before the consumers are stopped (open gates, release hooks)."""
+        self._cleanups.append(cleanup)
+
+    def close(self) -> None:
+        for cleanup in self._cleanups:
+            cleanup()
+        for replica in self.replicas:
+            replica.consumer.stop(2.0)
+
+
+@pytest.fixture
+def redis() -> FakeRedisStreams:
+    return FakeRedisStreams()
+
+
+@pytest.fixture
+def cluster(h: Harness, redis: FakeRedisStreams) -> Iterator[Cluster]:
+    running = Cluster(h, redis)
+    yield running
+    running.close()
+
+
+def op_kind(job: LobbyJob) -> OpKind:
+    return OpKind.START if job.kind is JobKind.START else OpKind.STOP
+
+
+def rows_of(h: Harness, game_id: str, job: LobbyJob) -> list[OperationEntry]:
+    """The audit rows a job wrote (its op kind, source_ref = its entry id)."""
+    return [
+        row
+        for row in h.rows(game_id)
+        if row.source_ref == job.entry_id and row.op_kind is op_kind(job)
     ]
 
 
-def test_a_full_batch_holds_back_later_entries_of_the_other_stream() -> None:
-    # Lobby wrote start 1, 3, 5 and stop 2, 4, 6 (one game); the read sees
-    # two starts (a full batch) and every stop.
-    merge = OrderedMerge([START, STOP])
-
-    first = merge.add_read(
-        {
-            START: read([job(START, "1-0"), job(START, "3-0")], caught_up=False),
-            STOP: read([job(STOP, "2-0"), job(STOP, "4-0"), job(STOP, "6-0")], caught_up=True),
-        }
-    )
-    assert ids(first) == ["start_jobs:1-0", "stop_jobs:2-0", "start_jobs:3-0"]
-    assert merge.held(STOP) == 2
-
-    second = merge.add_read(
-        {START: read([job(START, "5-0")], caught_up=True), STOP: read([], caught_up=True)}
-    )
-    assert ids(second) == ["stop_jobs:4-0", "start_jobs:5-0", "stop_jobs:6-0"]
-    assert merge.held() == 0
+def success_rows(h: Harness, game_id: str, job: LobbyJob) -> list[OperationEntry]:
+    return [row for row in rows_of(h, game_id, job) if row.outcome is Outcome.SUCCESS]
 
 
-def test_a_stream_left_out_of_a_read_is_not_taken_as_caught_up() -> None:
-    merge = OrderedMerge([START, STOP])
-    merge.add_read(
-        {
-            START: read([job(START, "1-0")], caught_up=True),
-            STOP: read([job(STOP, "2-0"), job(STOP, "3-0")], caught_up=False),
-        }
-    )
-
-    # Only the start stream is read now; the stop stream may have grown
-    # since it was last read, so the new start must wait for it.
-    released = merge.add_read({START: read([job(START, "9-0")], caught_up=True)})
-    assert released == []
-
-    released = merge.add_read({STOP: read([], caught_up=True)})
-    assert ids(released) == ["start_jobs:9-0"]
+def answered(redis: FakeRedisStreams, *jobs: LobbyJob) -> bool:
+    return all(redis.answers_of(job) for job in jobs)
 
 
-def test_the_stream_furthest_behind_is_always_read() -> None:
-    merge = OrderedMerge([START, STOP])
-    merge.add_read(
-        {
-            START: read([job(START, "1-0"), job(START, "2-0")], caught_up=False),
-            STOP: read([job(STOP, "7-0"), job(STOP, "8-0")], caught_up=False),
-        }
-    )
-    assert merge.held(STOP) == 2
-
-    # With a batch of 2, the stop stream has a full batch held back and is
-    # ahead: only the start stream is read until it passes the stops.
-    assert merge.streams_to_read(2) == [START]
-    assert merge.streams_to_read(3) == [START, STOP]
+def engines(h: Harness, game_id: str) -> list[str]:
+    """States of the game's engine containers."""
+    return [c.state for c in h.docker.containers.values() if c.name == f"galaxy-game-{game_id}"]
 
 
-def test_a_stream_behind_is_read_even_with_a_batch_of_reclaimed_entries_held() -> None:
-    merge = OrderedMerge([START, STOP])
-    merge.add_read(
-        {
-            START: read([job(START, "1-0"), job(START, "2-0")], caught_up=False),
-            STOP: read([job(STOP, "3-0")], caught_up=True),
-        }
-    )
-    merge.add_claimed([job(START, "10-0"), job(START, "11-0")])
-    assert merge.held(START) == 2
-
-    # Skipping the start stream now would hold its reclaimed entries forever.
-    assert START in merge.streams_to_read(2)
+# --- one consumer, one game ----------------------------------------------------------
 
 
-def test_reclaimed_entries_run_at_once_unless_unread_entries_may_precede_them() -> None:
-    merge = OrderedMerge([START, STOP])
-    merge.add_read(
-        {
-            START: read([job(START, "5-0")], caught_up=True),
-            STOP: read([job(STOP, "4-0")], caught_up=True),
-        }
-    )
-
-    released = merge.add_claimed([job(STOP, "3-0"), job(START, "2-0"), job(START, "7-0")])
-
-    assert ids(released) == ["start_jobs:2-0", "stop_jobs:3-0"]
-    assert ids(
-        merge.add_read({START: read([], caught_up=True), STOP: read([], caught_up=True)})
-    ) == ["start_jobs:7-0"]
-
-
-appends = st.lists(st.sampled_from([START, STOP]), min_size=1, max_size=8)
-
-
-@settings(max_examples=200, deadline=None)
-@given(
-    script=st.lists(st.one_of(appends, st.just("read")), max_size=40),
-    batch=st.integers(min_value=1, max_value=4),
-)
-def test_releases_follow_entry_id_order_whatever_the_batches(
-    script: list[list[str] | str], batch: int
+def test_a_start_and_the_stop_after_it_read_together_are_both_applied_in_order(
+    h: Harness, redis: FakeRedisStreams, cluster: Cluster
 ) -> None:
-    """Simulate Lobby appending while the consumer reads with COUNT `batch`."""
-    merge = OrderedMerge([START, STOP])
-    unread: dict[str, list[Job]] = {START: [], STOP: []}
-    clock = 0
-    released: list[Job] = []
-    written = 0
+    start = redis.add_start(GAME, IMAGE)
+    stop = redis.add_stop(GAME)
 
-    def read_call() -> None:
-        reads = {}
-        for stream in merge.streams_to_read(batch):
-            got, unread[stream] = unread[stream][:batch], unread[stream][batch:]
-            reads[stream] = read(got, caught_up=len(got) < batch)
-        released.extend(merge.add_read(reads))
+    cluster.replica()
+    eventually("both answers", lambda: answered(redis, start, stop))
 
-    for step in script:
-        if step == "read":
-            read_call()
-            continue
-        for stream in step:
-            clock += 1
-            written += 1
-            unread[stream].append(job(stream, f"{clock}-0", game_id="g"))
-        assert merge.held() <= 4 * batch
-    while unread[START] or unread[STOP] or merge.held():
-        read_call()
-
-    assert len(released) == written
-    assert [j.order for j in released] == sorted(j.order for j in released)
+    started, stopped = redis.answer_of(start), redis.answer_of(stop)
+    assert (started["outcome"], stopped["outcome"]) == ("success", "success")
+    assert (started["kind"], stopped["kind"]) == ("start", "stop")
+    assert started["game_id"] == stopped["game_id"] == GAME
+    assert json.loads(started["record"])["status"] == "running"
+    assert json.loads(stopped["record"])["status"] == "stopped"
+    assert [(row.source_ref, row.op_kind, row.op_source) for row in h.rows(GAME)] == [
+        (start.entry_id, OpKind.START, OpSource.LOBBY_STREAM),
+        (stop.entry_id, OpKind.STOP, OpSource.LOBBY_STREAM),
+    ]
+    assert [started["operation_id"], stopped["operation_id"]] == [
+        str(row.id) for row in h.rows(GAME)
+    ]
+    assert h.record(GAME).status is RuntimeStatus.STOPPED
+    assert engines(h, GAME) == ["exited"]
+    assert redis.pending_on("rtm-1") == []
+    mark = h.store.job_marks[GAME]
+    assert mark.job == stop and mark.outcome is Outcome.SUCCESS
 
 
-# --- one game at a time ------------------------------------------------------------------
+def test_a_stop_reason_given_by_lobby_is_applied(
+    h: Harness, redis: FakeRedisStreams, cluster: Cluster
+) -> None:
+    h.seed_running(GAME)
+    stop = redis.add_stop(GAME, reason=str(StopReason.GAME_FINISHED))
+
+    cluster.replica()
+    eventually("the answer", lambda: answered(redis, stop))
+
+    assert redis.answer_of(stop)["outcome"] == "success"
+    assert h.record(GAME).status is RuntimeStatus.STOPPED
 
 
-def test_a_game_runs_one_job_at_a_time_in_entry_id_order() -> None:
-    games = GameQueues()
-    first, second, third = job(START, "1-0"), job(STOP, "2-0"), job(START, "3-0")
+def test_a_job_the_lifecycle_refuses_is_answered_failure_with_its_code(
+    h: Harness, redis: FakeRedisStreams, cluster: Cluster
+) -> None:
+    bad_game = redis.add_start("../Bad Id", IMAGE)
+    foreign_image = redis.add_start(GAME, "evil/engine:1.0.0")
 
-    assert games.add(first) is first
-    assert games.add(third) is None
-    assert games.add(second) is None
-    assert games.finish(first) is second
-    assert games.finish(second) is third
-    assert games.finish(third) is None
-    assert len(games) == 0
+    cluster.replica()
+    eventually("both answers", lambda: answered(redis, bad_game, foreign_image))
 
-
-def test_different_games_run_side_by_side() -> None:
-    games = GameQueues()
-    a, b = job(START, "1-0", game_id="a"), job(START, "2-0", game_id="b")
-
-    assert games.add(a) is a
-    assert games.add(b) is b
-    assert len(games) == 2
+    assert redis.answer_of(bad_game)["error_code"] == "invalid_request"
+    refused = redis.answer_of(foreign_image)
+    assert (refused["outcome"], refused["error_code"]) == ("failure", "image_not_allowed")
+    assert redis.dead_letters() == []
+    assert engines(h, GAME) == []
+    # A final failure is Lobby's job done: it settles the game's older jobs.
+    assert h.store.job_marks[GAME].job == foreign_image
 
 
-def test_a_reclaimed_older_job_does_not_preempt_the_running_one() -> None:
-    games = GameQueues()
-    running, waiting, reclaimed = job(START, "5-0"), job(STOP, "6-0"), job(STOP, "1-0")
-    games.add(running)
-    games.add(waiting)
-
-    assert games.add(reclaimed) is None
-    assert games.finish(running) is reclaimed
-    assert games.finish(reclaimed) is waiting
+# --- Lobby's last word wins, across replicas --------------------------------------------
 
 
-def test_jobs_without_a_game_id_do_not_block_each_other() -> None:
-    games = GameQueues()
-    one = Job.of(JobKind.START, START, "1-0", {b"image_ref": b"x"})
-    two = Job.of(JobKind.START, START, "2-0", {b"game_id": b""})
+def test_a_stop_taken_before_its_older_start_leaves_the_game_stopped(
+    h: Harness, redis: FakeRedisStreams, cluster: Cluster
+) -> None:
+    h.seed_stopped(GAME)
+    gate = GatedLeases(h.leases, GAME)
+    cluster.on_teardown(gate.opened.set)
+    start = redis.add_start(GAME, IMAGE)
+    # Replica a holds one job at most, so the stop goes to replica b.
+    cluster.replica("rtm-a", leases=gate, max_buffered=1)
+    eventually("replica a about to take the lease", gate.waiting.is_set)
+    stop = redis.add_stop(GAME)
 
-    assert games.add(one) is one
-    assert games.add(two) is two
+    cluster.replica("rtm-b")
+    eventually("the stop's answer", lambda: answered(redis, stop))
+    gate.opened.set()
+    eventually("the start's answer", lambda: answered(redis, start))
+
+    assert redis.answer_of(stop)["outcome"] == "success"
+    superseded = redis.answer_of(start)
+    assert superseded["outcome"] == "superseded"
+    assert (superseded["superseded_by"], superseded["superseded_by_stream"]) == (
+        stop.entry_id,
+        stop.stream,
+    )
+    assert (superseded["error_code"], superseded["operation_id"]) == ("", "")
+    assert json.loads(superseded["record"])["status"] == "stopped"
+    assert rows_of(h, GAME, start) == []
+    assert h.record(GAME).status is RuntimeStatus.STOPPED
+    assert h.docker.call_names("create_container", "start_container") == []
+    assert h.store.job_marks[GAME].job == stop
 
 
-def test_finishing_a_job_that_is_not_running_is_a_bug() -> None:
-    games = GameQueues()
-    games.add(job(START, "1-0"))
+def test_a_start_and_a_stop_with_the_same_entry_id_count_the_start_first(
+    h: Harness, redis: FakeRedisStreams, cluster: Cluster
+) -> None:
+    stop = redis.add_stop(GAME, entry_id="1800000000000-0")
+    start = redis.add_start(GAME, IMAGE, entry_id="1800000000000-0")
 
-    with pytest.raises(ValueError, match="not running"):
-        games.finish(job(STOP, "2-0"))
+    cluster.replica()
+    eventually("both answers", lambda: answered(redis, start, stop))
+
+    assert [row.op_kind for row in h.rows(GAME)] == [OpKind.START, OpKind.STOP]
+    assert h.record(GAME).status is RuntimeStatus.STOPPED
+
+
+def test_two_replicas_taking_interleaved_jobs_of_many_games_end_each_game_as_its_last_job_says(
+    h: Harness, redis: FakeRedisStreams, cluster: Cluster
+) -> None:
+    rng = random.Random(20261201)
+    games = [f"game-{n}" for n in range(16)]
+    for game in games:
+        h.seed_stopped(game)
+    plan = [(game, rng.choice(list(JobKind))) for game in games for _ in range(rng.randint(1, 5))]
+    rng.shuffle(plan)
+    jobs: list[tuple[str, LobbyJob]] = []
+
+    def add(steps: list[tuple[str, JobKind]]) -> None:
+        for game, kind in steps:
+            job = redis.add_start(game, IMAGE) if kind is JobKind.START else redis.add_stop(game)
+            jobs.append((game, job))
+
+    add(plan[: len(plan) // 2])
+    for name, seed in (("rtm-a", 1), ("rtm-b", 2)):
+        cluster.replica(name, leases=JitteredLeases(h.leases, seed), workers=3, batch=3)
+    add(plan[len(plan) // 2 :])
+    eventually("every answer", lambda: answered(redis, *(job for _, job in jobs)), timeout=15)
+
+    assert redis.answer_count() == len(jobs)
+    assert redis.dead_letters() == []
+    for game in games:
+        own = sorted((job for g, job in jobs if g == game), key=lambda job: job.position)
+        last = own[-1]
+        record = h.record(game)
+        if last.kind is JobKind.START:
+            assert record.status is RuntimeStatus.RUNNING, game
+            assert engines(h, game) == ["running"], game
+        else:
+            assert record.status is RuntimeStatus.STOPPED, game
+            assert "running" not in engines(h, game), game
+        applied = []
+        for job in own:
+            answer = redis.answer_of(job)
+            if answer["outcome"] == "superseded":
+                newer = next(j for j in own if j.entry_id == answer["superseded_by"])
+                assert (
+                    newer.position > job.position and newer.stream == answer["superseded_by_stream"]
+                ), (game, job, answer)
+                assert success_rows(h, game, job) == [], (game, job)
+            else:
+                assert answer["outcome"] == "success", (game, job, answer)
+                (row,) = success_rows(h, game, job)
+                assert answer["operation_id"] == str(row.id)
+                applied.append((row.id, job.position))
+        # What was applied, was applied in Lobby's order.
+        assert [position for _, position in sorted(applied)] == sorted(
+            position for _, position in applied
+        ), game
+        assert h.store.job_marks[game].job == last
+    assert h.leases.all_released
+
+
+# --- transient is not poison -------------------------------------------------------------
+
+
+def test_a_job_whose_lease_is_held_elsewhere_is_retried_without_a_delivery_until_it_frees(
+    h: Harness, redis: FakeRedisStreams, cluster: Cluster
+) -> None:
+    h.leases.busy.add(GAME)
+    job = redis.add_start(GAME, IMAGE)
+
+    cluster.replica()
+    eventually("three tries", lambda: h.leases.refused.count(GAME) >= 3)
+    assert redis.answers_of(job) == []
+    assert redis.owner_of(job) == "rtm-1"
+    assert redis.deliveries_of(job) == 1
+    h.leases.busy.discard(GAME)
+    eventually("the answer", lambda: answered(redis, job))
+
+    assert redis.answer_of(job)["outcome"] == "success"
+    assert redis.deliveries_of(job) == 1
+    assert redis.dead_letters() == []
+    assert h.record(GAME).status is RuntimeStatus.RUNNING
+    assert len(success_rows(h, GAME, job)) == 1
+
+
+def test_a_job_still_blocked_after_retry_for_is_answered_failure_with_the_transient_code(
+    h: Harness, redis: FakeRedisStreams, cluster: Cluster
+) -> None:
+    clock = JumpClock()
+    retry_for = timedelta(minutes=10)
+    h.leases.busy.add(GAME)
+    job = redis.add_start(GAME, IMAGE)
+
+    cluster.replica(clock=clock, retry_for=retry_for)
+    eventually("two tries", lambda: h.leases.refused.count(GAME) >= 2)
+    assert redis.answers_of(job) == []
+    clock.advance(retry_for + timedelta(seconds=1))
+    eventually("the answer", lambda: answered(redis, job))
+
+    answer = redis.answer_of(job)
+    assert (answer["outcome"], answer["error_code"]) == ("failure", "conflict")
+    assert answer["error_message"].startswith("gave up after retrying for")
+    assert redis.dead_letters() == []
+    assert redis.deliveries_of(job) == 1
+    # Not Lobby's job done: the watermark stays, so the game's next job applies.
+    assert GAME not in h.store.job_marks
+    h.leases.busy.discard(GAME)
+    retried = redis.add_start(GAME, IMAGE)
+    eventually("the next job's answer", lambda: answered(redis, retried))
+    assert redis.answer_of(retried)["outcome"] == "success"
+
+
+def test_jobs_wait_out_a_database_outage_and_are_applied_once_it_is_back(
+    h: Harness, redis: FakeRedisStreams, cluster: Cluster
+) -> None:
+    h.units_of_work.down = True
+    job = redis.add_start(GAME, IMAGE)
+
+    cluster.replica()
+    eventually("three tries", lambda: len(h.units_of_work.units) >= 3)
+    assert redis.answers_of(job) == []
+    assert redis.owner_of(job) == "rtm-1"
+    h.units_of_work.down = False
+    eventually("the answer", lambda: answered(redis, job))
+
+    assert redis.answer_of(job)["outcome"] == "success"
+    assert redis.deliveries_of(job) == 1
+    assert engines(h, GAME) == ["running"]
+    assert len(success_rows(h, GAME, job)) == 1
+
+
+def test_a_start_whose_commit_fails_is_retried_and_leaves_one_engine(
+    h: Harness, redis: FakeRedisStreams, cluster: Cluster
+) -> None:
+    h.store.fail_next_appends(1)
+    job = redis.add_start(GAME, IMAGE)
+
+    cluster.replica()
+    eventually("the answer", lambda: answered(redis, job))
+
+    assert redis.answer_of(job)["outcome"] == "success"
+    assert h.docker.call_names("create_container") == ["create_container"] * 2
+    assert engines(h, GAME) == ["running"]
+    assert len(success_rows(h, GAME, job)) == 1
+
+
+def test_an_answer_that_cannot_be_published_is_retried_without_applying_the_job_again(
+    h: Harness, redis: FakeRedisStreams, cluster: Cluster
+) -> None:
+    job = redis.add_start(GAME, IMAGE)
+    replica = cluster.consumer()
+
+    def lose_redis(container_id: str) -> None:
+        replica.streams.down = True
+
+    h.docker.before("start_container", lose_redis)
+    replica.consumer.register()
+    replica.consumer.start()
+    eventually("two failed answers", lambda: replica.streams.calls.count("answer") >= 2)
+    h.docker.before("start_container", None)
+    replica.streams.down = False
+    eventually("the answer", lambda: answered(redis, job))
+
+    assert redis.answer_of(job)["outcome"] == "success"
+    assert h.docker.call_names("create_container") == ["create_container"]
+    assert len(rows_of(h, GAME, job)) == 1
+
+
+def test_a_consumer_started_while_redis_is_down_serves_once_it_is_back(
+    h: Harness, redis: FakeRedisStreams, cluster: Cluster
+) -> None:
+    redis.down = True
+    replica = cluster.replica()  # registering is left to the reader
+    job = redis.add_start(GAME, IMAGE)
+    eventually("a failed read", lambda: replica.streams.calls.count("claim_name") >= 2)
+    redis.down = False
+    eventually("the answer", lambda: answered(redis, job))
+
+    assert redis.answer_of(job)["outcome"] == "success"
+    assert redis.present("rtm-1")
+
+
+# --- one answer per job, whatever was seen before ----------------------------------------
+
+
+def test_a_job_applied_before_a_crash_is_answered_with_its_stored_outcome_and_not_applied_again(
+    h: Harness, redis: FakeRedisStreams, cluster: Cluster
+) -> None:
+    job = redis.add_start(GAME, IMAGE)
+    # The previous process under this name took the job, applied it, and
+    # was killed before answering it.
+    assert len(redis.consumer("rtm-1").read_new(8, timedelta(0))) == 1
+    start, _ = cluster.services()
+    first = start.handle(
+        StartRequest(GAME, IMAGE, OpSource.LOBBY_STREAM, source_ref=job.entry_id, job=job)
+    )
+    assert first.ok and first.record is not None
+
+    cluster.replica("rtm-1")
+    eventually("the answer", lambda: answered(redis, job))
+
+    answer = redis.answer_of(job)
+    assert (answer["outcome"], answer["operation_id"]) == ("success", str(first.operation_id))
+    record = json.loads(answer["record"])
+    assert record["current_container_id"] == first.record.current_container_id
+    assert h.docker.call_names("create_container") == ["create_container"]
+    assert len(h.rows(GAME)) == 1
+    assert redis.deliveries_of(job) == 2
+
+
+def test_a_failed_job_seen_again_repeats_its_failure_without_a_second_row(
+    h: Harness, redis: FakeRedisStreams, cluster: Cluster
+) -> None:
+    job = redis.add_stop(GAME)
+    assert len(redis.consumer("rtm-1").read_new(8, timedelta(0))) == 1
+    _, stop = cluster.services()
+    first = stop.handle(
+        StopRequest(
+            GAME,
+            OpSource.LOBBY_STREAM,
+            reason=StopReason.LOBBY_REQUEST,
+            source_ref=job.entry_id,
+            job=job,
+        )
+    )
+    assert first.failure is not None and first.failure.code is ErrorCode.NOT_FOUND
+
+    cluster.replica("rtm-1")
+    eventually("the answer", lambda: answered(redis, job))
+
+    answer = redis.answer_of(job)
+    assert (answer["outcome"], answer["error_code"]) == ("failure", "not_found")
+    assert answer["error_message"] == first.failure.message
+    assert answer["operation_id"] == str(first.operation_id)
+    assert len(h.rows(GAME)) == 1
+
+
+def test_an_answered_job_delivered_again_is_acknowledged_without_a_second_answer(
+    h: Harness, redis: FakeRedisStreams, cluster: Cluster
+) -> None:
+    job = redis.add_start(GAME, IMAGE)
+    first = cluster.replica("rtm-1")
+    eventually("the answer", lambda: answered(redis, job))
+    assert first.consumer.stop(2.0)
+    redis.redeliver(job, to="rtm-1", deliveries=1)  # its acknowledgement was lost
+
+    cluster.replica("rtm-1")
+    eventually("the job acknowledged again", lambda: redis.owner_of(job) is None)
+
+    assert [(a.consumer, a.outcome) for a in redis.attempts_of(job)] == [
+        ("rtm-1", AnswerOutcome.ANSWERED),
+        ("rtm-1", AnswerOutcome.ALREADY_ANSWERED),
+    ]
+    assert len(redis.answers_of(job)) == 1
+    assert h.docker.call_names("create_container") == ["create_container"]
+    assert len(h.rows(GAME)) == 1
+
+
+def test_a_consumer_whose_presence_expired_loses_its_job_to_another_and_its_answer_is_not_ours(
+    h: Harness, redis: FakeRedisStreams, cluster: Cluster
+) -> None:
+    blocker = Blocker()
+    h.docker.before("create_container", blocker)
+    cluster.on_teardown(blocker.release)
+    job = redis.add_start(GAME, IMAGE)
+    a = cluster.replica("rtm-a")
+    eventually("replica a creating the engine", blocker.entered.is_set)
+    # Replica a is cut off from Redis and cannot renew its presence; it expires.
+    a.streams.down = True
+    redis.expire_presence("rtm-a")
+
+    gate = GatedLeases(h.leases, GAME)
+    cluster.on_teardown(gate.opened.set)
+    cluster.replica("rtm-b", leases=gate)
+    eventually("replica b running the job it took over", gate.waiting.is_set)
+    assert redis.owner_of(job) == "rtm-b"
+    assert redis.deliveries_of(job) == 2
+    a.streams.down = False
+    blocker.release()
+    eventually("replica a's answer", lambda: redis.attempts_of(job))
+    assert [(x.consumer, x.outcome) for x in redis.attempts_of(job)] == [
+        ("rtm-a", AnswerOutcome.NOT_OURS)
+    ]
+    assert redis.answers_of(job) == []
+    gate.opened.set()
+    eventually("replica b's answer", lambda: answered(redis, job))
+
+    assert [(x.consumer, x.outcome) for x in redis.attempts_of(job)] == [
+        ("rtm-a", AnswerOutcome.NOT_OURS),
+        ("rtm-b", AnswerOutcome.ANSWERED),
+    ]
+    answer = redis.answer_of(job)
+    (row,) = success_rows(h, GAME, job)
+    assert (answer["outcome"], answer["operation_id"]) == ("success", str(row.id))
+    assert engines(h, GAME) == ["running"]
+    assert h.docker.call_names("create_container") == ["create_container"]
+
+
+def test_entries_of_a_live_consumer_are_never_taken_over(
+    h: Harness, redis: FakeRedisStreams, cluster: Cluster
+) -> None:
+    h.leases.busy.add(GAME)
+    job = redis.add_start(GAME, IMAGE)
+    cluster.replica("rtm-a")
+    eventually("replica a holding the job", lambda: redis.owner_of(job) == "rtm-a")
+    b = cluster.replica("rtm-b")
+
+    # Long past the claim idle time of b, which keeps looking for abandoned entries.
+    eventually("b looking three times", lambda: b.streams.calls.count("claim_abandoned") >= 3)
+    eventually("many tries of a", lambda: h.leases.refused.count(GAME) >= 5)
+    assert redis.owner_of(job) == "rtm-a"
+    assert redis.deliveries_of(job) == 1
+    h.leases.busy.discard(GAME)
+    eventually("the answer", lambda: answered(redis, job))
+    assert [x.consumer for x in redis.attempts_of(job)] == ["rtm-a"]
+
+
+# --- dead letters ------------------------------------------------------------------------
+
+
+def test_malformed_jobs_go_to_the_dead_letters_at_once_with_one_answer(
+    h: Harness, redis: FakeRedisStreams, cluster: Cluster
+) -> None:
+    no_image = redis.add_job(JobKind.START, {"game_id": GAME})
+    bad_reason = redis.add_stop(GAME, reason="because")
+    not_utf8 = redis.add_job(JobKind.START, {b"game_id": b"g\xff", b"image_ref": IMAGE.encode()})
+    good = redis.add_start(GAME, IMAGE)
+
+    cluster.replica()
+    eventually("every answer", lambda: answered(redis, no_image, bad_reason, not_utf8, good))
+
+    assert len(redis.dead_letters()) == 3
+    letters = [redis.answer_of(job) for job in (no_image, bad_reason, not_utf8)]
+    assert [letter["deliveries"] for letter in letters] == ["1", "1", "1"]
+    assert letters[0]["reason"] == "malformed job: missing image_ref"
+    assert letters[1]["reason"].startswith("malformed job: unknown reason 'because'")
+    assert "not valid UTF-8" in letters[2]["reason"]
+    assert json.loads(redis.answer_of(not_utf8)["fields"]) == {
+        "game_id": "g\\xff",
+        "image_ref": IMAGE,
+    }
+    assert [r["job_id"] for r in redis.results()] == [good.entry_id]
+    assert [row.source_ref for row in h.rows()] == [good.entry_id]
+    assert h.leases.acquires_of(GAME) == 1
+
+
+@pytest.mark.parametrize(("earlier", "dead"), [(2, False), (3, True)])
+def test_a_job_delivered_more_than_max_deliveries_goes_to_the_dead_letters(
+    h: Harness, redis: FakeRedisStreams, cluster: Cluster, earlier: int, dead: bool
+) -> None:
+    job = redis.add_start(GAME, IMAGE)
+    # Consumers that took it died on it, `earlier` times.
+    redis.consumer("ghost").read_new(8, timedelta(0))
+    redis.redeliver(job, to="ghost", deliveries=earlier)
+
+    cluster.replica(max_deliveries=3)
+    eventually("the answer", lambda: answered(redis, job))
+
+    assert redis.deliveries_of(job) == earlier + 1
+    if dead:
+        (letter,) = redis.dead_letters()
+        assert letter["reason"].startswith("delivered 4 times, more than the limit of 3")
+        assert letter["deliveries"] == "4"
+        assert json.loads(letter["fields"]) == {"game_id": GAME, "image_ref": IMAGE}
+        assert redis.results() == [] and h.rows() == [] and engines(h, GAME) == []
+    else:
+        assert redis.answer_of(job)["outcome"] == "success"
+        assert redis.dead_letters() == []
+
+
+def test_a_job_deleted_from_its_stream_while_its_consumer_was_gone_is_dead_lettered_once(
+    h: Harness, redis: FakeRedisStreams, cluster: Cluster
+) -> None:
+    job = redis.add_start(GAME, IMAGE)
+    redis.consumer("ghost").read_new(8, timedelta(0))
+    redis.delete_entry(job)
+
+    cluster.replica()
+    eventually("the answer", lambda: answered(redis, job))
+
+    assert redis.answer_of(job)["reason"] == DELETED_REASON
+    assert redis.results() == [] and h.rows() == []
+    assert redis.owner_of(job) is None
+
+
+def test_a_restart_takes_back_every_own_pending_job_even_when_some_were_deleted(
+    h: Harness, redis: FakeRedisStreams, cluster: Cluster
+) -> None:
+    jobs = [redis.add_start(f"game-{n}", IMAGE) for n in range(3)]
+    assert len(redis.consumer("rtm-1").read_new(8, timedelta(0))) == 3
+    redis.delete_entry(jobs[0])  # while the process was down
+
+    cluster.replica("rtm-1", batch=2)
+    eventually("every answer", lambda: answered(redis, *jobs), timeout=2)
+
+    assert redis.answer_of(jobs[0])["reason"] == DELETED_REASON
+    assert [redis.answer_of(job)["outcome"] for job in jobs[1:]] == ["success", "success"]
+    assert redis.pending_on("rtm-1") == []
+
+
+def test_a_restart_takes_back_more_own_pending_jobs_than_one_batch(
+    h: Harness, redis: FakeRedisStreams, cluster: Cluster
+) -> None:
+    jobs = [redis.add_start(f"game-{n}", IMAGE) for n in range(5)]
+    jobs.append(redis.add_stop("game-0"))
+    assert len(redis.consumer("rtm-1").read_new(8, timedelta(0))) == 6
+
+    cluster.replica("rtm-1", batch=2)
+    eventually("every answer", lambda: answered(redis, *jobs))
+
+    assert all(redis.deliveries_of(job) == 2 for job in jobs)
+    assert h.record("game-0").status is RuntimeStatus.STOPPED
+
+
+# --- draining, names, housekeeping -------------------------------------------------------
+
+
+def test_draining_lets_the_running_job_finish_and_leaves_unstarted_jobs_pending(
+    h: Harness, redis: FakeRedisStreams, cluster: Cluster
+) -> None:
+    blocker = Blocker("galaxy-game-game-1")
+    h.docker.before("create_container", blocker)
+    cluster.on_teardown(blocker.release)
+    running = redis.add_start("game-1", IMAGE)
+    queued = redis.add_start("game-2", IMAGE)
+    behind = redis.add_stop("game-1")
+    replica = cluster.replica(workers=1)
+    eventually("the first job running", blocker.entered.is_set)
+    eventually("every job read", lambda: len(redis.pending_on("rtm-1")) == 3)
+
+    replica.consumer.begin_drain()
+    blocker.release()
+    eventually("the running job's answer", lambda: answered(redis, running))
+    assert replica.consumer.stop(2.0)
+
+    assert redis.answer_of(running)["outcome"] == "success"
+    assert redis.answers_of(queued) == [] and redis.answers_of(behind) == []
+    assert redis.pending_on("rtm-1") == [queued, behind]
+    assert engines(h, "game-2") == []
+    assert not redis.present("rtm-1")
+
+    # The same name started again takes them back and applies them.
+    cluster.replica("rtm-1")
+    eventually("the other answers", lambda: answered(redis, queued, behind))
+    assert redis.answer_count() == 3
+    assert h.record("game-1").status is RuntimeStatus.STOPPED
+    assert h.record("game-2").status is RuntimeStatus.RUNNING
+    assert redis.deliveries_of(queued) == redis.deliveries_of(behind) == 2
+
+
+def test_register_refuses_a_name_another_live_process_holds(
+    redis: FakeRedisStreams, cluster: Cluster
+) -> None:
+    live = redis.consumer("rtm-1", presence_ttl=timedelta(minutes=1))
+    assert live.claim_name()
+    replica = cluster.consumer(
+        "rtm-1", clock=TickingClock(step=1.0), presence_ttl=timedelta(milliseconds=100)
+    )
+
+    with pytest.raises(ConsumerNameTaken, match="RTMANAGER_INSTANCE_ID"):
+        replica.consumer.register()
+
+    assert redis.presence["rtm-1"][0] == live.token
+    assert replica.streams.calls.count("claim_name") >= 2
+
+
+def test_register_waits_out_the_presence_of_a_predecessor_that_was_killed(
+    redis: FakeRedisStreams, cluster: Cluster
+) -> None:
+    ttl = timedelta(milliseconds=300)
+    killed = redis.consumer("rtm-1", presence_ttl=ttl)
+    assert killed.claim_name()
+    started = time.monotonic()
+    replica = cluster.consumer("rtm-1", presence_ttl=ttl)
+
+    replica.consumer.register()
+
+    assert time.monotonic() - started >= 0.25
+    assert redis.presence["rtm-1"][0] == replica.streams.token
+
+
+def test_a_running_consumer_keeps_its_presence_and_gives_it_up_on_stop(
+    redis: FakeRedisStreams, cluster: Cluster
+) -> None:
+    replica = cluster.replica(presence_ttl=timedelta(milliseconds=300))
+    eventually("two renewals", lambda: replica.streams.calls.count("keep_name") >= 2)
+    assert redis.presence["rtm-1"][0] == replica.streams.token
+
+    assert replica.consumer.stop(2.0)
+    assert "rtm-1" not in redis.presence
+
+
+def test_consumers_long_gone_are_removed_from_the_group_once_nothing_is_pending_on_them(
+    redis: FakeRedisStreams, cluster: Cluster
+) -> None:
+    job = redis.add_stop("game-9")
+    redis.consumer("gone").read_new(8, timedelta(0))  # took the job and died
+    redis.consumer("idle").read_new(8, timedelta(0))  # found nothing and died
+
+    cluster.replica(consumer_expiry=timedelta(milliseconds=1))
+    eventually("the idle consumer removed", lambda: "idle" not in redis.group_consumers)
+    # Removing the other one first would have dropped the job it held.
+    eventually("the answer", lambda: answered(redis, job))
+    eventually("the other one removed", lambda: "gone" not in redis.group_consumers)
+
+    assert redis.answer_of(job)["error_code"] == "not_found"
+    assert "rtm-1" in redis.group_consumers
+
+
+def test_the_consumer_settings_refuse_nonsense() -> None:
+    with pytest.raises(ValueError, match="workers must be at least 1"):
+        ConsumerSettings(consumer="c", workers=0)
+    with pytest.raises(ValueError, match="claim_idle must be positive"):
+        ConsumerSettings(consumer="c", claim_idle=timedelta(0))
+    assert replace(ConsumerSettings(consumer="c"), batch=3).batch == 3

@@ -234,10 +234,18 @@ class RedisJobStreams:
         stream = self._streams[kind]
         me = self._config.consumer
         with self._unavailable("re-read this consumer's pending jobs"):
-            rows = self._pending(stream, me, start=f"({after}" if after else "-", count=count)
-            if not rows:
-                return []
-            return self._claim_rows(stream, rows, owner=me, min_idle_ms=0, require_absent=False)
+            while True:
+                rows = self._pending(stream, me, start=f"({after}" if after else "-", count=count)
+                if not rows:
+                    return []
+                entries = self._claim_rows(
+                    stream, rows, owner=me, min_idle_ms=0, require_absent=False
+                )
+                if entries:
+                    return entries
+                # Every entry of the page had been deleted (and is now
+                # dead-lettered): go on past it.
+                after = _text(rows[-1]["message_id"]) or ""
 
     def read_new(self, count: int, block: timedelta) -> list[JobEntry]:
         """New entries of both job streams (first deliveries), waiting up to `block`."""
