@@ -96,18 +96,45 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     )
 
 
+def check_exposure(
+    address: str, *, has_tokens: bool, tls: bool, allow_cleartext_tokens: bool
+) -> None:
+    """Refuse to listen where callers or their tokens would be exposed.
+
+    On a loopback address anything goes. Elsewhere tokens are required
+    (without them every caller is admin), and they must travel over TLS
+    unless `RTMANAGER_ALLOW_CLEARTEXT_TOKENS` says the network is trusted
+    (TLS ends at a proxy or a service mesh sidecar in front of the server).
+    Raises `StartupError` saying what to change.
+    """
+    if is_loopback_address(address):
+        return
+    if not has_tokens:
+        raise StartupError(
+            f"refusing to listen on {address} without authentication: "
+            "set RTMANAGER_AUTH_TOKENS or bind to a loopback address"
+        )
+    if not tls and not allow_cleartext_tokens:
+        raise StartupError(
+            f"refusing to accept bearer tokens in cleartext on {address}: set "
+            "RTMANAGER_TLS_CERT and RTMANAGER_TLS_KEY, bind to a loopback address, or set "
+            "RTMANAGER_ALLOW_CLEARTEXT_TOKENS=true if the network to this server is trusted"
+        )
+
+
 class Application:
     """The whole service of one process, built from settings."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         tokens = parse_auth_tokens(settings.auth_tokens)
-        if not tokens and not is_loopback_address(settings.grpc_addr):
-            raise StartupError(
-                f"refusing to listen on {settings.grpc_addr} without authentication: "
-                "set RTMANAGER_AUTH_TOKENS or bind to a loopback address"
-            )
         credentials = server_credentials(settings)
+        check_exposure(
+            settings.grpc_addr,
+            has_tokens=bool(tokens),
+            tls=credentials is not None,
+            allow_cleartext_tokens=settings.allow_cleartext_tokens,
+        )
         self.export = TelemetryExport(
             metrics_addr=settings.metrics_addr,
             otlp_endpoint=settings.otlp_endpoint,
@@ -197,6 +224,12 @@ class Application:
             ],
             credentials=credentials,
         )
+        if tokens and credentials is None and not is_loopback_address(settings.grpc_addr):
+            log.warning(
+                "bearer tokens accepted in cleartext (RTMANAGER_ALLOW_CLEARTEXT_TOKENS=true): "
+                "the network to this server must be trusted",
+                extra={"address": settings.grpc_addr},
+            )
         if not tokens:
             log.warning(
                 "no RTMANAGER_AUTH_TOKENS: every caller is trusted as admin; "
