@@ -24,6 +24,7 @@ from rtmanager.adapters.redis.client import create_redis
 from rtmanager.adapters.redis.leases import RedisGameLeases
 from rtmanager.api.auth import Authenticator, is_loopback_address, parse_auth_tokens
 from rtmanager.api.health import HealthMonitor
+from rtmanager.api.limits import CallLimiter
 from rtmanager.api.server import SERVICE_NAMES, build_server
 from rtmanager.api.servicers import Lifecycles, RuntimeAdminServicer, RuntimeServicer
 from rtmanager.config import Settings
@@ -209,10 +210,11 @@ class Application:
             services=SERVICE_NAMES,
         )
         auth = Authenticator(tokens)
+        self.calls = CallLimiter(settings.max_concurrent_rpcs)
         self.server, self.port = build_server(
             address=settings.grpc_addr,
-            runtime=RuntimeServicer(self.lifecycles, auth),
-            admin=RuntimeAdminServicer(self.lifecycles, auth),
+            runtime=RuntimeServicer(self.lifecycles, auth, self.calls),
+            admin=RuntimeAdminServicer(self.lifecycles, auth, self.calls),
             health_servicer=self.health.servicer,
             max_workers=settings.grpc_max_workers,
             max_message_bytes=settings.grpc_max_message_bytes,
