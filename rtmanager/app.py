@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
 
 import grpc
@@ -50,6 +51,11 @@ log = logging.getLogger(__name__)
 
 _DEPENDENCY_TIMEOUT = timedelta(seconds=5)
 _SCHEMA_RETRY_SECONDS = 2.0
+# While waiting for PostgreSQL at start-up, each probe waits this long for a
+# connection (not the full dependency timeout), so a SIGTERM meanwhile is
+# acted on at once.
+_SCHEMA_PROBE_SECONDS = 1.0
+_FEED_STOP_SECONDS = 5.0
 
 
 class StartupError(RuntimeError):
@@ -238,78 +244,150 @@ class Application:
                 "listening on loopback only",
                 extra={"address": settings.grpc_addr},
             )
-        self._stopped = threading.Event()
+        self._lock = threading.Lock()
+        self._draining = threading.Event()
+        self._startup: threading.Thread | None = None
+        self._drained: bool | None = None
+        self.startup_failed = threading.Event()
+        """Set when start-up ended with `startup_error` (the process should exit)."""
+        self.startup_error: Exception | None = None
 
-    def _check_postgres(self) -> None:
-        with self.pool.connection(timeout=_DEPENDENCY_TIMEOUT.total_seconds()) as conn:
+    def _check_postgres(self, timeout: float = _DEPENDENCY_TIMEOUT.total_seconds()) -> None:
+        with self.pool.connection(timeout=timeout) as conn:
             check_schema_version(conn, self.settings.postgres_schema, self.settings.migrations_dir)
 
     def _check_redis(self) -> None:
         self.redis.ping()
 
-    def wait_for_schema(self, stop: threading.Event) -> None:
-        """Block until the database answers with the schema this build knows.
+    def begin_start_up(self) -> None:
+        """Start serving on a thread of its own; returns at once.
+
+        That thread waits for PostgreSQL and the schema, starts the event
+        feed, the server and the health checks, runs the start-up reconcile
+        and starts the workers; health reports SERVING only after that.
+        Every step gives way to `shutdown()`. A schema of another version
+        (or a bug) ends start-up with `startup_error` and `startup_failed`
+        set. Start-up runs off the main thread so that the main thread is
+        always free to act on signals.
+        """
+        self._startup = threading.Thread(target=self._start_up, name="startup", daemon=True)
+        self._startup.start()
+
+    def _start_up(self) -> None:
+        try:
+            if not self._wait_for_schema():
+                return
+            with self._lock:
+                if self._draining.is_set():
+                    return
+                self.feed.start()
+                self.server.start()
+                self.health.start()
+            if not self.workers.start(on_ready=self.health.set_ready):
+                return
+            log.info(
+                "rtmanager serving",
+                extra={
+                    "address": self.settings.grpc_addr,
+                    "port": self.port,
+                    "cluster": self.settings.cluster,
+                    "instance_id": self.settings.instance_id,
+                },
+            )
+        except SchemaVersionError as error:
+            self.startup_error = error
+            self.startup_failed.set()
+        except Exception as error:
+            log.exception("start-up failed")
+            self.startup_error = error
+            self.startup_failed.set()
+
+    def _wait_for_schema(self) -> bool:
+        """Wait until the database answers with the schema this build knows.
 
         An unreachable database is waited for (dependencies may start in any
         order); a schema of another version raises `SchemaVersionError`.
+        Returns False when shutdown began first. Each probe is short, so a
+        shutdown never waits long for it.
         """
-        while not stop.is_set():
+        while not self._draining.is_set():
             try:
-                self._check_postgres()
-                return
+                self._check_postgres(timeout=_SCHEMA_PROBE_SECONDS)
+                return True
             except SchemaVersionError:
                 raise
             except Exception as error:
                 log.warning("waiting for PostgreSQL", extra={"problem": str(error)})
-                stop.wait(_SCHEMA_RETRY_SECONDS)
+                self._draining.wait(_SCHEMA_RETRY_SECONDS)
+        return False
 
-    def start(self, stop: threading.Event) -> bool:
-        """Start serving and every worker; False when `stop` came first.
+    def shutdown(self, grace: timedelta | None = None) -> bool:
+        """Drain in the order of SPEC §5 under one deadline; True when everything ended in time.
 
-        The server listens at once but health reports SERVING only after the
-        start-up reconcile pass and while the dependency checks pass.
+        NOT_SERVING; the workers take no new work; the server stops
+        accepting; watches end (clients resume elsewhere with their cursor);
+        in-flight calls, jobs, periodic runs and the start-up work finish
+        within `grace` (default RTMANAGER_SHUTDOWN_GRACE), all of them
+        within the same deadline. Each operation releases its own lease as it
+        ends. The pools are closed last, and only when nothing that may use
+        them still runs: when the grace ran out first, they are left for the
+        process exit to drop, and the leases of the operations still running
+        expire on their own (Docker may still complete a call they sent, so
+        releasing them early could let another replica act on the game at
+        the same time). A second call returns at once: True only when the
+        first one has finished cleanly.
         """
-        self.feed.start()
-        self.server.start()
-        self.health.start()
-        if not self.workers.start(stop, on_ready=self.health.set_ready):
-            return False
-        log.info(
-            "rtmanager serving",
-            extra={
-                "address": self.settings.grpc_addr,
-                "port": self.port,
-                "cluster": self.settings.cluster,
-                "instance_id": self.settings.instance_id,
-            },
-        )
-        return True
-
-    def shutdown(self, grace: timedelta | None = None) -> None:
-        """Drain and stop: NOT_SERVING, finish in-flight RPCs within the grace, close."""
-        if self._stopped.is_set():
-            return
-        self._stopped.set()
+        with self._lock:
+            if self._draining.is_set():
+                return bool(self._drained)
+            self._draining.set()
         grace = self.settings.shutdown_grace if grace is None else grace
+        deadline = time.monotonic() + grace.total_seconds()
         log.info("draining", extra={"grace_seconds": grace.total_seconds()})
         self.health.drain()
-        deadline = time.monotonic() + grace.total_seconds()
-        # Watches end at once (clients resume elsewhere with their cursor);
-        # they must not hold the server through the whole grace period.
-        self.feed.stop(5.0)
-        self.server.stop(grace.total_seconds()).wait()
-        self.workers.stop(max(deadline - time.monotonic(), 1.0))
+        self.workers.begin_drain()
+        # Stop accepting; grpc cancels what still runs at the deadline.
+        server_stopped = self.server.stop(_left(deadline))
+        self.feed.stop(min(_FEED_STOP_SECONDS, _left(deadline)))
+        # In this order, each within what is left of the one deadline.
+        waits: dict[str, Callable[[], bool]] = {
+            "calls": lambda: self.calls.wait_idle(_left(deadline)),
+            "start-up": lambda: self._join_startup(_left(deadline)),
+            "workers": lambda: self.workers.stop(_left(deadline)),
+            "server": lambda: server_stopped.wait(_left(deadline)),
+            "health checks": lambda: self.health.stop(_left(deadline)),
+        }
+        unfinished = [name for name, wait in waits.items() if not wait()]
         held = self.lock.held_games
         if held:
-            log.warning("operations still running after the grace period", extra={"games": held})
-        self.health.stop()
+            unfinished.append("operations")
+        if unfinished:
+            log.error(
+                "work still running when the shutdown grace ended; pools left open",
+                extra={"unfinished": unfinished, "games": held},
+            )
+            self.export.shutdown()
+            self._drained = False
+            return False
         self.close()
         log.info("stopped")
+        self._drained = True
+        return True
+
+    def _join_startup(self, timeout: float) -> bool:
+        if self._startup is None:
+            return True
+        self._startup.join(timeout)
+        return not self._startup.is_alive()
 
     def close(self) -> None:
-        """Release every connection the application holds."""
-        self.feed.stop(5.0)
+        """Release every connection the application holds (nothing may still use them)."""
+        self.feed.stop(_FEED_STOP_SECONDS)
         self.pool.close()
         self.redis.close()
         self._docker_adapter.close()
         self.export.shutdown()
+
+
+def _left(deadline: float) -> float:
+    return max(deadline - time.monotonic(), 0.0)

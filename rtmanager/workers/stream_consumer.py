@@ -630,6 +630,13 @@ class StreamConsumer:
             },
         )
 
+    def begin_drain(self) -> None:
+        """Stop reading and starting jobs; returns at once (running jobs go on)."""
+        self._stopping.set()
+        self._wake.set()
+        with self._room:
+            self._room.notify_all()
+
     def stop(self, timeout: float) -> bool:
         """Stop reading at once; let running jobs finish within `timeout` seconds.
 
