@@ -191,3 +191,45 @@ def test_sigterm_during_the_start_up_reconcile_ends_promptly(
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_work_outlasting_the_grace_ends_the_process_at_the_deadline_with_code_1(
+    server_environment: dict[str, str], tmp_path: Path
+) -> None:
+    env = dict(server_environment)
+    env["RTMANAGER_START_SETTLE"] = "20s"  # far longer than the grace
+    env["RTMANAGER_SHUTDOWN_GRACE"] = "1s"
+    server = start_server(env, tmp_path / "server.log")
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            with RuntimeManagerClient(server.address, timeout=60) as client:
+                client.start_runtime("late", "galaxy/engine-stub:1.0.0")
+        except BaseException as error:  # the call is cut off; recorded below
+            errors.append(error)
+
+    caller = threading.Thread(target=start)
+    caller.start()
+    try:
+        eventually(lambda: _leased(server), within=20)
+        took = sigterm_and_time_exit(server.process, timeout=30)
+        log = server.log()
+        # Not held until the start's 20 s settle: gone at the deadline.
+        assert took < 10, f"exit took {took:.2f}s\n{log[-4000:]}"
+        assert server.process.returncode == 1, log[-4000:]
+        assert "work still running when the shutdown grace ended" in log
+        caller.join(timeout=30)
+        assert len(errors) == 1  # the client learns the call did not finish
+    finally:
+        server.stop(5)
+        caller.join(timeout=30)
+
+
+def _leased(server: ServerProcess) -> bool:
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        prefix = server.env["RTMANAGER_REDIS_PREFIX"]
+        return bool(client.exists(f"{prefix}lease:game:late"))
+    finally:
+        client.close()
