@@ -10,6 +10,7 @@ import sys
 import threading
 from collections.abc import Sequence
 from types import FrameType
+from typing import NoReturn
 
 from rtmanager import ctl
 from rtmanager.config import ConfigError, Settings, load_settings
@@ -123,13 +124,22 @@ def _serve(settings: Settings) -> int:
     if app.startup_error is not None:
         print(f"rtmanager serve: {app.startup_error}", file=sys.stderr)
     if not clean:
-        # Threads still run work that may use the pools; their non-daemon
-        # server threads would hold the interpreter's exit. Leave now, as
-        # the orchestrator's SIGKILL would.
-        logging.shutdown()
-        sys.stderr.flush()
-        os._exit(EXIT_FAILURE)
-    return EXIT_OK if app.startup_error is None else EXIT_FAILURE
+        # Threads still run work that may use the pools, and grpc's
+        # non-daemon server threads would hold the interpreter's exit:
+        # leave now, as the orchestrator's SIGKILL would.
+        _exit_now(EXIT_FAILURE)
+    # Everything is closed. The interpreter's own teardown (joining idle
+    # server threads, finalizing grpc and OpenTelemetry modules) does
+    # nothing more but can take a second on a loaded machine.
+    _exit_now(EXIT_OK if app.startup_error is None else EXIT_FAILURE)
+
+
+def _exit_now(code: int) -> NoReturn:
+    """End the process at once, after flushing logs and standard streams."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover
