@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
 
 import grpc
@@ -25,6 +26,7 @@ from rtmanager.adapters.redis.job_streams import JobStreamsConfig, RedisJobStrea
 from rtmanager.adapters.redis.leases import RedisGameLeases
 from rtmanager.api.auth import Authenticator, is_loopback_address, parse_auth_tokens
 from rtmanager.api.health import HealthMonitor
+from rtmanager.api.limits import CallLimiter
 from rtmanager.api.server import SERVICE_NAMES, build_server
 from rtmanager.api.servicers import Lifecycles, RuntimeAdminServicer, RuntimeServicer
 from rtmanager.backoff import Backoff
@@ -43,7 +45,7 @@ from rtmanager.telemetry import TelemetryExport
 from rtmanager.workers.docker_events import DockerEventsListener
 from rtmanager.workers.periodic import PeriodicWorker
 from rtmanager.workers.reconciler import Reconciler
-from rtmanager.workers.stream_consumer import ConsumerSettings, StreamConsumer
+from rtmanager.workers.stream_consumer import ConsumerNameTaken, ConsumerSettings, StreamConsumer
 from rtmanager.workers.supervisor import Workers
 from rtmanager.workers.ttl_cleanup import TtlCleanup
 
@@ -51,6 +53,11 @@ log = logging.getLogger(__name__)
 
 _DEPENDENCY_TIMEOUT = timedelta(seconds=5)
 _SCHEMA_RETRY_SECONDS = 2.0
+# While waiting for PostgreSQL at start-up, each probe waits this long for a
+# connection (not the full dependency timeout), so a SIGTERM meanwhile is
+# acted on at once.
+_SCHEMA_PROBE_SECONDS = 1.0
+_FEED_STOP_SECONDS = 5.0
 
 
 class StartupError(RuntimeError):
@@ -132,18 +139,45 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     )
 
 
+def check_exposure(
+    address: str, *, has_tokens: bool, tls: bool, allow_cleartext_tokens: bool
+) -> None:
+    """Refuse to listen where callers or their tokens would be exposed.
+
+    On a loopback address anything goes. Elsewhere tokens are required
+    (without them every caller is admin), and they must travel over TLS
+    unless `RTMANAGER_ALLOW_CLEARTEXT_TOKENS` says the network is trusted
+    (TLS ends at a proxy or a service mesh sidecar in front of the server).
+    Raises `StartupError` saying what to change.
+    """
+    if is_loopback_address(address):
+        return
+    if not has_tokens:
+        raise StartupError(
+            f"refusing to listen on {address} without authentication: "
+            "set RTMANAGER_AUTH_TOKENS or bind to a loopback address"
+        )
+    if not tls and not allow_cleartext_tokens:
+        raise StartupError(
+            f"refusing to accept bearer tokens in cleartext on {address}: set "
+            "RTMANAGER_TLS_CERT and RTMANAGER_TLS_KEY, bind to a loopback address, or set "
+            "RTMANAGER_ALLOW_CLEARTEXT_TOKENS=true if the network to this server is trusted"
+        )
+
+
 class Application:
     """The whole service of one process, built from settings."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         tokens = parse_auth_tokens(settings.auth_tokens)
-        if not tokens and not is_loopback_address(settings.grpc_addr):
-            raise StartupError(
-                f"refusing to listen on {settings.grpc_addr} without authentication: "
-                "set RTMANAGER_AUTH_TOKENS or bind to a loopback address"
-            )
         credentials = server_credentials(settings)
+        check_exposure(
+            settings.grpc_addr,
+            has_tokens=bool(tokens),
+            tls=credentials is not None,
+            allow_cleartext_tokens=settings.allow_cleartext_tokens,
+        )
         self.export = TelemetryExport(
             metrics_addr=settings.metrics_addr,
             otlp_endpoint=settings.otlp_endpoint,
@@ -223,10 +257,11 @@ class Application:
             services=SERVICE_NAMES,
         )
         auth = Authenticator(tokens)
+        self.calls = CallLimiter(settings.max_concurrent_rpcs)
         self.server, self.port = build_server(
             address=settings.grpc_addr,
-            runtime=RuntimeServicer(self.lifecycles, auth),
-            admin=RuntimeAdminServicer(self.lifecycles, auth),
+            runtime=RuntimeServicer(self.lifecycles, auth, self.calls),
+            admin=RuntimeAdminServicer(self.lifecycles, auth, self.calls),
             health_servicer=self.health.servicer,
             max_workers=settings.grpc_max_workers,
             max_message_bytes=settings.grpc_max_message_bytes,
@@ -238,85 +273,163 @@ class Application:
             ],
             credentials=credentials,
         )
+        if tokens and credentials is None and not is_loopback_address(settings.grpc_addr):
+            log.warning(
+                "bearer tokens accepted in cleartext (RTMANAGER_ALLOW_CLEARTEXT_TOKENS=true): "
+                "the network to this server must be trusted",
+                extra={"address": settings.grpc_addr},
+            )
         if not tokens:
             log.warning(
                 "no RTMANAGER_AUTH_TOKENS: every caller is trusted as admin; "
                 "listening on loopback only",
                 extra={"address": settings.grpc_addr},
             )
-        self._stopped = threading.Event()
+        self._lock = threading.Lock()
+        self._draining = threading.Event()
+        self._startup: threading.Thread | None = None
+        self._drained: bool | None = None
+        self.startup_failed = threading.Event()
+        """Set when start-up ended with `startup_error` (the process should exit)."""
+        self.startup_error: Exception | None = None
 
-    def _check_postgres(self) -> None:
-        with self.pool.connection(timeout=_DEPENDENCY_TIMEOUT.total_seconds()) as conn:
+    def _check_postgres(self, timeout: float = _DEPENDENCY_TIMEOUT.total_seconds()) -> None:
+        with self.pool.connection(timeout=timeout) as conn:
             check_schema_version(conn, self.settings.postgres_schema, self.settings.migrations_dir)
 
     def _check_redis(self) -> None:
         self.redis.ping()
 
-    def wait_for_schema(self, stop: threading.Event) -> None:
-        """Block until the database answers with the schema this build knows.
+    def begin_start_up(self) -> None:
+        """Start serving on a thread of its own; returns at once.
+
+        That thread waits for PostgreSQL and the schema, starts the event
+        feed, the server and the health checks, runs the start-up reconcile
+        and starts the workers; health reports SERVING only after that.
+        Every step gives way to `shutdown()`. A schema of another version
+        (or a bug) ends start-up with `startup_error` and `startup_failed`
+        set. Start-up runs off the main thread so that the main thread is
+        always free to act on signals.
+        """
+        self._startup = threading.Thread(target=self._start_up, name="startup", daemon=True)
+        self._startup.start()
+
+    def _start_up(self) -> None:
+        try:
+            if not self._wait_for_schema():
+                return
+            self.stream_consumer.register(self._draining)
+            with self._lock:
+                if self._draining.is_set():
+                    return
+                self.feed.start()
+                self.server.start()
+                self.health.start()
+            if not self.workers.start(on_ready=self.health.set_ready):
+                return
+            log.info(
+                "rtmanager serving",
+                extra={
+                    "address": self.settings.grpc_addr,
+                    "port": self.port,
+                    "cluster": self.settings.cluster,
+                    "instance_id": self.settings.instance_id,
+                },
+            )
+        except (SchemaVersionError, ConsumerNameTaken) as error:
+            self.startup_error = error
+            self.startup_failed.set()
+        except Exception as error:
+            log.exception("start-up failed")
+            self.startup_error = error
+            self.startup_failed.set()
+
+    def _wait_for_schema(self) -> bool:
+        """Wait until the database answers with the schema this build knows.
 
         An unreachable database is waited for (dependencies may start in any
         order); a schema of another version raises `SchemaVersionError`.
+        Returns False when shutdown began first. Each probe is short, so a
+        shutdown never waits long for it.
         """
-        while not stop.is_set():
+        while not self._draining.is_set():
             try:
-                self._check_postgres()
-                return
+                self._check_postgres(timeout=_SCHEMA_PROBE_SECONDS)
+                return True
             except SchemaVersionError:
                 raise
             except Exception as error:
                 log.warning("waiting for PostgreSQL", extra={"problem": str(error)})
-                stop.wait(_SCHEMA_RETRY_SECONDS)
+                self._draining.wait(_SCHEMA_RETRY_SECONDS)
+        return False
 
-    def start(self, stop: threading.Event) -> bool:
-        """Start serving and every worker; False when `stop` came first.
+    def shutdown(self, grace: timedelta | None = None) -> bool:
+        """Drain in the order of SPEC §5 under one deadline; True when everything ended in time.
 
-        The server listens at once but health reports SERVING only after the
-        start-up reconcile pass and while the dependency checks pass.
+        NOT_SERVING; the workers take no new work; the server stops
+        accepting; watches end (clients resume elsewhere with their cursor);
+        in-flight calls, jobs, periodic runs and the start-up work finish
+        within `grace` (default RTMANAGER_SHUTDOWN_GRACE), all of them
+        within the same deadline. Each operation releases its own lease as it
+        ends. The pools are closed last, and only when nothing that may use
+        them still runs: when the grace ran out first, they are left for the
+        process exit to drop, and the leases of the operations still running
+        expire on their own (Docker may still complete a call they sent, so
+        releasing them early could let another replica act on the game at
+        the same time). A second call returns at once: True only when the
+        first one has finished cleanly.
         """
-        self.stream_consumer.register(stop)
-        self.feed.start()
-        self.server.start()
-        self.health.start()
-        if not self.workers.start(stop, on_ready=self.health.set_ready):
-            return False
-        log.info(
-            "rtmanager serving",
-            extra={
-                "address": self.settings.grpc_addr,
-                "port": self.port,
-                "cluster": self.settings.cluster,
-                "instance_id": self.settings.instance_id,
-            },
-        )
-        return True
-
-    def shutdown(self, grace: timedelta | None = None) -> None:
-        """Drain and stop: NOT_SERVING, finish in-flight RPCs within the grace, close."""
-        if self._stopped.is_set():
-            return
-        self._stopped.set()
+        with self._lock:
+            if self._draining.is_set():
+                return bool(self._drained)
+            self._draining.set()
         grace = self.settings.shutdown_grace if grace is None else grace
+        deadline = time.monotonic() + grace.total_seconds()
         log.info("draining", extra={"grace_seconds": grace.total_seconds()})
         self.health.drain()
-        deadline = time.monotonic() + grace.total_seconds()
-        # Watches end at once (clients resume elsewhere with their cursor);
-        # they must not hold the server through the whole grace period.
-        self.feed.stop(5.0)
-        self.server.stop(grace.total_seconds()).wait()
-        self.workers.stop(max(deadline - time.monotonic(), 1.0))
+        self.workers.begin_drain()
+        # Stop accepting; grpc cancels what still runs at the deadline.
+        server_stopped = self.server.stop(_left(deadline))
+        self.feed.stop(min(_FEED_STOP_SECONDS, _left(deadline)))
+        # In this order, each within what is left of the one deadline.
+        waits: dict[str, Callable[[], bool]] = {
+            "calls": lambda: self.calls.wait_idle(_left(deadline)),
+            "start-up": lambda: self._join_startup(_left(deadline)),
+            "workers": lambda: self.workers.stop(_left(deadline)),
+            "server": lambda: server_stopped.wait(_left(deadline)),
+            "health checks": lambda: self.health.stop(_left(deadline)),
+        }
+        unfinished = [name for name, wait in waits.items() if not wait()]
         held = self.lock.held_games
         if held:
-            log.warning("operations still running after the grace period", extra={"games": held})
-        self.health.stop()
+            unfinished.append("operations")
+        if unfinished:
+            log.error(
+                "work still running when the shutdown grace ended; pools left open",
+                extra={"unfinished": unfinished, "games": held},
+            )
+            self.export.shutdown()
+            self._drained = False
+            return False
         self.close()
         log.info("stopped")
+        self._drained = True
+        return True
+
+    def _join_startup(self, timeout: float) -> bool:
+        if self._startup is None:
+            return True
+        self._startup.join(timeout)
+        return not self._startup.is_alive()
 
     def close(self) -> None:
-        """Release every connection the application holds."""
-        self.feed.stop(5.0)
+        """Release every connection the application holds (nothing may still use them)."""
+        self.feed.stop(_FEED_STOP_SECONDS)
         self.pool.close()
         self.redis.close()
         self._docker_adapter.close()
         self.export.shutdown()
+
+
+def _left(deadline: float) -> float:
+    return max(deadline - time.monotonic(), 0.0)

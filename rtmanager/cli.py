@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
 from collections.abc import Sequence
 from types import FrameType
+from typing import NoReturn
 
 from rtmanager import ctl
 from rtmanager.config import ConfigError, Settings, load_settings
@@ -19,6 +21,11 @@ log = logging.getLogger("rtmanager")
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+
+_SHUTDOWN_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+# The longest the main thread waits without returning to the interpreter,
+# should a signal ever reach another thread: it is acted on within this.
+_SIGNAL_POLL_SECONDS = 0.2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -71,47 +78,68 @@ def _migrate(settings: Settings) -> int:
 
 
 def _serve(settings: Settings) -> int:
-    from rtmanager.adapters.postgres.migrations import SchemaVersionError
+    """Run the server until SIGTERM or SIGINT, then drain (SPEC §5 Shutdown).
+
+    Python runs signal handlers only in the main thread, between bytecodes.
+    So the main thread does nothing that blocks: start-up runs on a thread of
+    its own, and the main thread waits in short timed waits. The signals are
+    also blocked in every other thread (threads inherit the mask of the
+    thread that creates them, and all of them descend from threads created
+    while it was blocked here), so the kernel hands them to the main thread,
+    interrupting its wait at once.
+    """
     from rtmanager.api.auth import AuthConfigError
     from rtmanager.api.server import BindError
     from rtmanager.app import Application, StartupError
-    from rtmanager.workers.stream_consumer import ConsumerNameTaken
 
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
-        log.info("received %s", signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if stop.is_set():
+            log.info("received %s again; already draining", name)
+            return
+        log.info("received %s", name)
         stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SHUTDOWN_SIGNALS)
     try:
-        app = Application(settings)
-    except (StartupError, AuthConfigError) as error:
-        print(f"rtmanager serve: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    except BindError as error:
-        print(f"rtmanager serve: {error}", file=sys.stderr)
-        return EXIT_FAILURE
-    try:
-        app.wait_for_schema(stop)
-    except SchemaVersionError as error:
-        print(f"rtmanager serve: {error}", file=sys.stderr)
-        app.close()
-        return EXIT_FAILURE
-    if stop.is_set():
-        app.close()
-        return EXIT_OK
-    try:
-        started = app.start(stop)
-    except ConsumerNameTaken as error:
-        print(f"rtmanager serve: {error}", file=sys.stderr)
-        app.close()
-        return EXIT_USAGE
-    if started:
-        stop.wait()
-    app.shutdown()
-    return EXIT_OK
+        try:
+            app = Application(settings)
+        except (StartupError, AuthConfigError) as error:
+            print(f"rtmanager serve: {error}", file=sys.stderr)
+            return EXIT_USAGE
+        except BindError as error:
+            print(f"rtmanager serve: {error}", file=sys.stderr)
+            return EXIT_FAILURE
+        app.begin_start_up()
+    finally:
+        # A signal that came meanwhile is pending and is delivered here.
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
+    while not stop.wait(_SIGNAL_POLL_SECONDS) and not app.startup_failed.is_set():
+        pass
+    clean = app.shutdown()
+    if app.startup_error is not None:
+        print(f"rtmanager serve: {app.startup_error}", file=sys.stderr)
+    if not clean:
+        # Threads still run work that may use the pools, and grpc's
+        # non-daemon server threads would hold the interpreter's exit:
+        # leave now, as the orchestrator's SIGKILL would.
+        _exit_now(EXIT_FAILURE)
+    # Everything is closed. The interpreter's own teardown (joining idle
+    # server threads, finalizing grpc and OpenTelemetry modules) does
+    # nothing more but can take a second on a loaded machine.
+    _exit_now(EXIT_OK if app.startup_error is None else EXIT_FAILURE)
+
+
+def _exit_now(code: int) -> NoReturn:
+    """End the process at once, after flushing logs and standard streams."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover

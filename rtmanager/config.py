@@ -38,6 +38,14 @@ _SIZE = re.compile(r"^(\d+)([kmg]?)b?$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9_.-]{0,61}[a-z0-9])?$")
 _SQL_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+# Server threads kept free of lifecycle calls and watches, for health checks
+# and reflection.
+RPC_THREAD_HEADROOM = 4
+# Default concurrent lifecycle/read calls per pooled PostgreSQL connection: a
+# call holds a connection only for its short transactions (loads, the
+# commit), not while it waits on Docker or Redis, so several calls share one
+# connection with waits far below the pool timeout.
+CALLS_PER_CONNECTION = 8
 
 
 class ConfigError(ValueError):
@@ -139,6 +147,8 @@ class Settings(BaseModel):
     grpc_addr: HostPort = "127.0.0.1:50051"
     grpc_max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024)
     grpc_max_workers: int = Field(default=64, ge=8, le=1024)
+    # None: derived from the pool size (see `max_concurrent_rpcs`).
+    grpc_max_concurrent_rpcs: int | None = Field(default=None, ge=1, le=1024)
     reflection: bool = True
     shutdown_grace: PositiveDuration = timedelta(seconds=30)
 
@@ -160,7 +170,7 @@ class Settings(BaseModel):
     stream_max_deliveries: int = Field(default=5, ge=1, le=1000)
     stream_workers: int = Field(default=4, ge=1, le=256)
     stream_claim_idle: PositiveDuration = timedelta(seconds=30)
-    stream_block: PositiveDuration = timedelta(seconds=1)
+    stream_block: PositiveDuration = timedelta(milliseconds=500)
     stream_batch: int = Field(default=64, ge=1, le=10_000)
     stream_max_buffered: int = Field(default=256, ge=1, le=100_000)
     stream_retry_base: PositiveDuration = timedelta(milliseconds=200)
@@ -207,6 +217,9 @@ class Settings(BaseModel):
     reconcile_interval: PositiveDuration = timedelta(seconds=60)
 
     auth_tokens: str = Field(default="", repr=False)
+    # Tokens over plaintext on a non-loopback address are refused unless
+    # the operator says the network is trusted (e.g. TLS ends at a sidecar).
+    allow_cleartext_tokens: bool = False
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
@@ -249,6 +262,35 @@ class Settings(BaseModel):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    @model_validator(mode="after")
+    def _concurrent_calls_have_threads(self) -> Settings:
+        # A call admitted beyond the free server threads would queue unseen
+        # in the executor instead of being answered RESOURCE_EXHAUSTED.
+        room = self._rpc_threads
+        if self.grpc_max_concurrent_rpcs is not None and self.grpc_max_concurrent_rpcs > room:
+            raise ValueError(
+                "RTMANAGER_GRPC_MAX_CONCURRENT_RPCS must be at most RTMANAGER_GRPC_MAX_WORKERS - "
+                f"RTMANAGER_WATCH_MAX_SUBSCRIBERS - {RPC_THREAD_HEADROOM} ({room}), so every "
+                "admitted call has a server thread"
+            )
+        return self
+
+    @property
+    def _rpc_threads(self) -> int:
+        return self.grpc_max_workers - self.watch_max_subscribers - RPC_THREAD_HEADROOM
+
+    @property
+    def max_concurrent_rpcs(self) -> int:
+        """How many unary RPCs may run at once; calls beyond it get RESOURCE_EXHAUSTED.
+
+        `RTMANAGER_GRPC_MAX_CONCURRENT_RPCS` when set; otherwise
+        `CALLS_PER_CONNECTION` per pooled PostgreSQL connection, at most the
+        server threads left by watches and `RPC_THREAD_HEADROOM`.
+        """
+        if self.grpc_max_concurrent_rpcs is not None:
+            return self.grpc_max_concurrent_rpcs
+        return min(CALLS_PER_CONNECTION * self.postgres_pool_size, self._rpc_threads)
 
     @field_validator("log_level", "log_format", "image_pull_policy", mode="before")
     @classmethod
@@ -318,14 +360,16 @@ def load_settings(environ: dict[str, str] | None = None, **overrides: Any) -> Se
 def _describe(error: ValidationError, values: dict[str, Any]) -> str:
     lines = []
     for problem in error.errors():
-        if not problem["loc"]:  # a rule over several settings names them itself
-            lines.append(str(problem["msg"]).removeprefix("Value error, "))
+        message = str(problem["msg"]).removeprefix("Value error, ")
+        if not problem["loc"]:
+            # A rule across several settings: its message names them.
+            lines.append(message)
             continue
         field = str(problem["loc"][0])
         variable = f"{ENV_PREFIX}{field.upper()}"
         shown = values.get(field, problem.get("input"))
-        if "token" in field:
+        known = Settings.model_fields.get(field)
+        if known is not None and not known.repr:  # secrets: tokens, the DSN's password
             shown = "<redacted>"
-        message = str(problem["msg"]).removeprefix("Value error, ")
         lines.append(f"{variable}={shown!r}: {message}")
     return "invalid configuration:\n  " + "\n  ".join(lines)

@@ -18,6 +18,10 @@ from grpc_status import rpc_status
 from rtmanager.domain.errors import ErrorCode, Failure
 
 ERROR_DOMAIN = "rtmanager.galaxy"
+# ErrorInfo reason of a call refused because the server runs its limit of
+# concurrent calls (RESOURCE_EXHAUSTED); not an operation outcome, so not
+# one of the stable error codes of the operation log.
+OVERLOADED_REASON = "too_many_requests"
 
 _STATUS: Mapping[ErrorCode, int] = {
     ErrorCode.INVALID_REQUEST: code_pb2.INVALID_ARGUMENT,
@@ -45,6 +49,13 @@ def to_rpc_status(failure: Failure, *, game_id: str = "") -> grpc.Status:
     if game_id:
         metadata.setdefault("game_id", game_id)
     return rich_status(status_code_for(failure), str(failure.code), failure.message, metadata)
+
+
+def overloaded_status(message: str, limit: int) -> grpc.Status:
+    """RESOURCE_EXHAUSTED for a call refused by the concurrent-call bound."""
+    return rich_status(
+        code_pb2.RESOURCE_EXHAUSTED, OVERLOADED_REASON, message, {"limit": str(limit)}
+    )
 
 
 def rich_status(code: int, reason: str, message: str, metadata: Mapping[str, str]) -> grpc.Status:

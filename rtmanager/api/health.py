@@ -84,11 +84,16 @@ class HealthMonitor:
         self._stop.set()
         self.servicer.enter_graceful_shutdown()
 
-    def stop(self) -> None:
-        """Stop the checker thread."""
+    def stop(self, timeout: float) -> bool:
+        """Stop the checker thread; return whether it ended within `timeout` seconds.
+
+        A check in progress is waited for: it borrows pooled connections.
+        """
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        if self._thread is None:
+            return True
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -20,7 +20,8 @@ from rtmanager._proto.galaxy.rtmanager.v1 import rtmanager_pb2 as pb
 from rtmanager._proto.galaxy.rtmanager.v1 import rtmanager_pb2_grpc as pb_grpc
 from rtmanager.api import convert
 from rtmanager.api.auth import Authenticator, AuthFailure, Principal
-from rtmanager.api.errors import rich_status, to_rpc_status
+from rtmanager.api.errors import overloaded_status, rich_status, to_rpc_status
+from rtmanager.api.limits import CallLimiter, Overloaded
 from rtmanager.deadlines import deadline_scope
 from rtmanager.domain.errors import ErrorCode, Failure, RuntimeManagerError
 from rtmanager.domain.runtime import RuntimeRecord
@@ -69,13 +70,15 @@ _WATCH_ENDINGS = {
 class _Authenticated:
     """Servicers that know who is calling."""
 
-    def __init__(self, lifecycles: Lifecycles, auth: Authenticator) -> None:
+    def __init__(self, lifecycles: Lifecycles, auth: Authenticator, limiter: CallLimiter) -> None:
         self._lifecycles = lifecycles
         self._auth = auth
+        self._limiter = limiter
 
 
 def rpc(*, admin_only: bool = False) -> Callable[[Method[Any, Req, Resp]], Handler[Any, Req, Resp]]:
-    """Authenticate, bound waits by the caller's deadline, map every failure.
+    """Authenticate, admit within the concurrent-call bound, bound waits by the
+    caller's deadline, map every failure.
 
     Expected failures (`RuntimeManagerError`) become their stable code; any
     other exception is a bug, logged with its traceback and reported as
@@ -87,7 +90,7 @@ def rpc(*, admin_only: bool = False) -> Callable[[Method[Any, Req, Resp]], Handl
         def handler(self: _Authenticated, request: Req, context: grpc.ServicerContext) -> Resp:
             try:
                 caller = self._auth.authenticate(context, admin_only=admin_only)
-                with deadline_scope(context.time_remaining()):
+                with self._limiter.admit(), deadline_scope(context.time_remaining()):
                     return method(self, request, context, caller)
             except Exception as error:
                 _abort_for(context, error, method.__name__, _game_id_of(request))
@@ -103,13 +106,15 @@ def _abort_for(
 ) -> None:
     """End the RPC with the status for `error`: the one failure-to-status path.
 
-    Auth failures and watch endings carry their own codes; expected failures
+    Auth failures, overload and watch endings carry their own codes; expected failures
     (`RuntimeManagerError`) their stable code; anything else is a bug, logged
     with its traceback and reported as `internal` without leaking details. An
     abort already in progress is let through.
     """
     if isinstance(error, AuthFailure):
         status = rich_status(error.code.value[0], error.reason, error.message, {})
+    elif isinstance(error, Overloaded):
+        status = overloaded_status(error.message, error.limit)
     elif isinstance(error, WatchEnded):
         metadata = {} if error.cursor is None else {"cursor": format_cursor(error.cursor)}
         status = rich_status(_WATCH_ENDINGS[error.kind], error.kind, error.message, metadata)

@@ -1,4 +1,4 @@
-"""A thread that runs one job every interval until stopped."""
+"""A thread that runs one job every interval until drained."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ log = logging.getLogger(__name__)
 class PeriodicWorker:
     """Runs `job` every `interval` (first run after one interval) on its own thread.
 
-    A failing run is logged and does not stop the worker.
+    A failing run is logged and does not stop the worker. `begin_drain()`
+    starts no new run (a run in progress goes on); `stop(timeout)` waits for
+    that run.
     """
 
     def __init__(self, name: str, job: Callable[[], object], interval: timedelta) -> None:
@@ -28,9 +30,13 @@ class PeriodicWorker:
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
         self._thread.start()
 
+    def begin_drain(self) -> None:
+        """Start no new run; returns at once."""
+        self._stop.set()
+
     def stop(self, timeout: float) -> bool:
         """Stop after the current run; return whether the thread ended within `timeout`."""
-        self._stop.set()
+        self.begin_drain()
         if self._thread is None:
             return True
         self._thread.join(timeout)

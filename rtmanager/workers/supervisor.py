@@ -2,23 +2,32 @@
 
 Start order: the Docker events listener first (so no exit is missed), then a
 reconcile pass that must succeed before the service reports SERVING, then
-the stream consumer and the periodic reconciler and TTL cleanup. Stop order
-is the reverse; the stream consumer finishes its in-flight jobs (unfinished
-ones stay pending in Redis for another consumer), and no lease is left
-behind because every operation releases its own.
+the stream consumer and the periodic reconciler and TTL cleanup.
+
+Stopping has two phases, so that the whole process drains under one shared
+deadline (SPEC §5 Shutdown):
+
+1. `begin_drain()` returns at once: the start-up pass is not retried, and
+   the stream consumer and the periodic workers take no new work (the
+   consumer stops reading; jobs it has not started stay pending in Redis
+   for another consumer, never acknowledged unanswered).
+2. `stop(timeout)` waits, until one deadline `timeout` seconds away, for the
+   work they already run: the consumer's in-flight jobs and the periodic
+   runs, then stops the Docker events listener (it may still be recording
+   an exit the drained work caused). No lease is left behind by a worker
+   that ended: every operation releases its own.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Protocol
 
-from rtmanager.workers.docker_events import DockerEventsListener
-from rtmanager.workers.periodic import PeriodicWorker
-from rtmanager.workers.reconciler import Reconciler
+from rtmanager.workers.reconciler import ReconcileReport
 
 log = logging.getLogger(__name__)
 
@@ -26,11 +35,36 @@ _STARTUP_RETRY = timedelta(seconds=2)
 
 
 class StoppableWorker(Protocol):
-    """A worker with its own threads."""
+    """A worker with its own threads (the Docker events listener)."""
 
-    def start(self) -> None: ...
+    def start(self) -> None:
+        """Start the worker's threads; returns at once."""
+        ...
 
-    def stop(self, timeout: float) -> bool: ...
+    def stop(self, timeout: float) -> bool:
+        """Stop; return whether every thread ended within `timeout` seconds."""
+        ...
+
+
+class DrainableWorker(StoppableWorker, Protocol):
+    """A worker that takes work in: it can stop taking more before it stops.
+
+    `begin_drain()` returns at once and is idempotent; after it no new work
+    is started. `stop(timeout)` implies `begin_drain()` and waits for the
+    work in flight until `timeout`.
+    """
+
+    def begin_drain(self) -> None:
+        """Take no new work from now on; return at once."""
+        ...
+
+
+class StartupReconciler(Protocol):
+    """The reconcile pass that must succeed before the service is ready."""
+
+    def run_pass(self) -> ReconcileReport:
+        """Run one reconcile pass; raises when a dependency fails."""
+        ...
 
 
 class Workers:
@@ -39,25 +73,35 @@ class Workers:
     def __init__(
         self,
         *,
-        reconciler: Reconciler,
-        events: DockerEventsListener,
-        periodic: list[PeriodicWorker],
-        stream_consumer: StoppableWorker | None,
+        reconciler: StartupReconciler,
+        events: StoppableWorker,
+        periodic: Sequence[DrainableWorker],
+        stream_consumer: DrainableWorker | None,
+        startup_retry: timedelta = _STARTUP_RETRY,
     ) -> None:
         self._reconciler = reconciler
         self._events = events
-        self._periodic = periodic
+        self._periodic = list(periodic)
         self._stream_consumer = stream_consumer
-        self._started: list[StoppableWorker] = []
+        self._startup_retry = startup_retry.total_seconds()
+        self._lock = threading.Lock()
+        self._draining = threading.Event()
+        self._events_started = False
+        self._drainable: list[DrainableWorker] = []
 
-    def start(self, stop: threading.Event, on_ready: Callable[[], None]) -> bool:
+    def start(self, on_ready: Callable[[], None]) -> bool:
         """Start everything; call `on_ready` after the start-up reconcile pass.
 
-        Returns False when `stop` was set before start-up completed.
+        Blocks until that pass succeeded (it is retried while a dependency
+        fails). Returns False when draining began first; then nothing more
+        is started.
         """
-        self._events.start()
-        self._started.append(self._events)
-        while not stop.is_set():
+        with self._lock:
+            if self._draining.is_set():
+                return False
+            self._events.start()
+            self._events_started = True
+        while not self._draining.is_set():
             try:
                 report = self._reconciler.run_pass()
                 log.info(
@@ -69,24 +113,50 @@ class Workers:
                 log.warning(
                     "start-up reconcile pass failed; retrying", extra={"problem": str(error)}
                 )
-                stop.wait(_STARTUP_RETRY.total_seconds())
-        if stop.is_set():
+                self._draining.wait(self._startup_retry)
+        if self._draining.is_set():
             return False
         on_ready()
-        later: list[StoppableWorker] = list(self._periodic)
-        if self._stream_consumer is not None:
-            later.insert(0, self._stream_consumer)
-        for worker in later:
-            worker.start()
-            self._started.append(worker)
+        with self._lock:
+            if self._draining.is_set():
+                return False
+            later: list[DrainableWorker] = list(self._periodic)
+            if self._stream_consumer is not None:
+                later.insert(0, self._stream_consumer)
+            for worker in later:
+                worker.start()
+                self._drainable.append(worker)
         return True
 
+    def begin_drain(self) -> None:
+        """Take no new work: no start-up retry, no new jobs or periodic runs. Returns at once."""
+        with self._lock:
+            self._draining.set()
+            drainable = list(self._drainable)
+        for worker in drainable:
+            worker.begin_drain()
+
     def stop(self, timeout: float) -> bool:
-        """Stop every started worker, newest first; return whether all ended in time."""
+        """Drain, then wait for in-flight work until one deadline; True when all ended in time.
+
+        The draining workers share the deadline (each waits only for what is
+        left of it); the events listener is stopped last.
+        """
+        deadline = time.monotonic() + max(timeout, 0.0)
+        self.begin_drain()
+        with self._lock:
+            drainable = list(reversed(self._drainable))
+            self._drainable.clear()
+            events_started, self._events_started = self._events_started, False
         clean = True
-        for worker in reversed(self._started):
-            clean = worker.stop(timeout) and clean
-        self._started.clear()
+        for worker in drainable:
+            clean = worker.stop(_left(deadline)) and clean
+        if events_started:
+            clean = self._events.stop(_left(deadline)) and clean
         if not clean:
             log.warning("some workers did not stop within the grace period")
         return clean
+
+
+def _left(deadline: float) -> float:
+    return max(deadline - time.monotonic(), 0.0)

@@ -108,7 +108,7 @@ def test_stream_block_must_stay_below_the_redis_command_timeout() -> None:
 def test_stream_settings_have_production_defaults() -> None:
     settings = load_settings({})
     assert settings.stream_retry_for == timedelta(minutes=10)
-    assert settings.stream_block == timedelta(seconds=1)
+    assert settings.stream_block == timedelta(milliseconds=500)
     assert settings.stream_results_maxlen == 100_000
     assert settings.stream_dead_letter_maxlen == 100_000
 
@@ -349,3 +349,46 @@ def test_given_environ_is_the_only_source(monkeypatch: pytest.MonkeyPatch) -> No
 
 def test_huge_duration_is_a_config_error() -> None:
     assert "RTMANAGER_CONTAINER_TTL" in config_error({"RTMANAGER_CONTAINER_TTL": "99999999999d"})
+
+
+# --- shutdown, overload and exposure ---------------------------------------------------
+
+
+def test_concurrent_rpcs_default_to_calls_per_pooled_connection_within_free_threads() -> None:
+    assert load_settings({"RTMANAGER_POSTGRES_POOL_SIZE": "2"}).max_concurrent_rpcs == 16
+    # 64 threads - 32 watchers - 4 kept for health and reflection.
+    assert load_settings({}).max_concurrent_rpcs == 28
+    roomy = load_settings({"RTMANAGER_GRPC_MAX_WORKERS": "200"})
+    assert roomy.max_concurrent_rpcs == 80  # 8 per connection of the default pool of 10
+
+
+def test_concurrent_rpcs_can_be_set() -> None:
+    settings = load_settings({"RTMANAGER_GRPC_MAX_CONCURRENT_RPCS": "5"})
+    assert settings.max_concurrent_rpcs == 5
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "many"])
+def test_bad_concurrent_rpcs_name_the_variable(value: str) -> None:
+    message = config_error({"RTMANAGER_GRPC_MAX_CONCURRENT_RPCS": value})
+    assert f"RTMANAGER_GRPC_MAX_CONCURRENT_RPCS={value!r}" in message
+
+
+def test_concurrent_rpcs_beyond_the_free_server_threads_are_refused() -> None:
+    message = config_error({"RTMANAGER_GRPC_MAX_CONCURRENT_RPCS": "29"})
+    assert "RTMANAGER_GRPC_MAX_CONCURRENT_RPCS must be at most" in message
+    assert "(28)" in message
+    assert "RTMANAGER_?" not in message  # a rule across settings is reported as such
+
+
+def test_cleartext_tokens_are_not_allowed_by_default() -> None:
+    assert load_settings({}).allow_cleartext_tokens is False
+    opted_in = load_settings({"RTMANAGER_ALLOW_CLEARTEXT_TOKENS": "true"})
+    assert opted_in.allow_cleartext_tokens is True
+
+
+def test_secrets_are_redacted_in_config_errors_but_other_values_are_shown() -> None:
+    message = config_error(
+        {"RTMANAGER_POSTGRES_DSN": "  ", "RTMANAGER_ALLOW_CLEARTEXT_TOKENS": "perhaps"}
+    )
+    assert "RTMANAGER_POSTGRES_DSN='<redacted>'" in message
+    assert "RTMANAGER_ALLOW_CLEARTEXT_TOKENS='perhaps'" in message

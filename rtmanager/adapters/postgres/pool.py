@@ -5,6 +5,13 @@ and writes timestamps at UTC (`TimeZone`) and runs with autocommit off, so a
 unit of work is one transaction. The pool opens without waiting: building it
 never blocks or fails when the database is down; borrowing a connection then
 fails with `ServiceUnavailable` after the pool timeout.
+
+Every connection the service opens (pooled or dedicated, such as the event
+feed's LISTEN connection) takes its libpq parameters from `connect_kwargs`:
+TCP keepalives and `tcp_user_timeout` make a half-open connection (the
+server's host gone, a network partition) fail within seconds instead of
+hanging until the kernel gives up after many minutes; `statement_timeout`
+cannot help there, since it runs on the server that is gone.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -33,6 +41,15 @@ Connection = psycopg.Connection[TupleRow]
 Pool = ConnectionPool[Connection]
 """The pool `create_pool` returns."""
 
+# Idle connections are probed after 10 s, then every 3 s; 3 unanswered
+# probes close them (about 19 s after the peer vanished). Data sent and
+# not acknowledged for 20 s closes a busy connection. PostgreSQL itself
+# never goes quiet that long on a healthy connection.
+KEEPALIVES_IDLE_SECONDS = 10
+KEEPALIVES_INTERVAL_SECONDS = 3
+KEEPALIVES_COUNT = 3
+TCP_USER_TIMEOUT_MS = 20_000
+
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 
@@ -51,6 +68,25 @@ def session_setup(conn: psycopg.Connection[TupleRow], schema: str) -> None:
     conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
     conn.execute("SET TimeZone TO 'UTC'")
     conn.commit()
+
+
+def connect_kwargs(*, connect_timeout: float, application_name: str) -> dict[str, Any]:
+    """The libpq parameters of every connection the service opens.
+
+    `connect_timeout` bounds each connection attempt (libpq wants whole
+    seconds: at least 1, since 0 would mean "forever"). The keepalive and
+    `tcp_user_timeout` parameters apply to TCP connections; libpq ignores
+    them on Unix-domain sockets, where a dead server is seen at once.
+    """
+    return {
+        "connect_timeout": max(1, round(connect_timeout)),
+        "application_name": application_name[:63],
+        "keepalives": 1,
+        "keepalives_idle": KEEPALIVES_IDLE_SECONDS,
+        "keepalives_interval": KEEPALIVES_INTERVAL_SECONDS,
+        "keepalives_count": KEEPALIVES_COUNT,
+        "tcp_user_timeout": TCP_USER_TIMEOUT_MS,
+    }
 
 
 def create_pool(
@@ -85,9 +121,7 @@ def create_pool(
         dsn,
         kwargs={
             "autocommit": False,
-            # libpq wants whole seconds; at least 1, or 0 would mean "forever".
-            "connect_timeout": max(1, round(seconds)),
-            "application_name": name[:63],
+            **connect_kwargs(connect_timeout=seconds, application_name=name),
         },
         min_size=min_size,
         max_size=max_size,
