@@ -389,3 +389,33 @@ def test_a_second_live_process_with_the_same_instance_id_refuses_to_start(
     with pytest.raises(RuntimeError) as failed:
         start_server(twin, tmp_path / "twin.log")
     assert "another live rtmanager process consumes the job streams" in str(failed.value)
+
+
+def test_sigterm_finishes_the_job_in_flight_and_leaves_unstarted_jobs_pending(
+    server_environment: dict[str, str], streams: redis.Redis, tmp_path: Path
+) -> None:
+    env = {
+        **server_environment,
+        "RTMANAGER_START_SETTLE": "3s",  # the first start stays in flight a while
+        "RTMANAGER_STREAM_WORKERS": "1",  # the second job waits behind it
+    }
+    server = start_server(env, tmp_path / "server.log")
+    stream = env["RTMANAGER_START_JOBS_STREAM"]
+    first = streams.xadd(stream, {"game_id": "inflight", "image_ref": STUB})
+    second = streams.xadd(stream, {"game_id": "queued", "image_ref": STUB})
+    lease_key = f"{env['RTMANAGER_REDIS_PREFIX']}lease:game:inflight"
+    eventually(lambda: streams.exists(lease_key), within=30, every=0.02)
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(timeout=15) == 0
+    (result,) = results_for(streams, env, {first})
+    assert result["outcome"] == "success"
+    assert not streams.exists(lease_key)
+    assert results_for(streams, env, {second}) == []
+    (left,) = streams.xpending_range(stream, "rtmanager", "-", "+", 5)
+    assert left["message_id"] == second  # not acknowledged unanswered
+    again = start_server(env, tmp_path / "again.log")  # same name: takes it back
+    try:
+        (later,) = eventually(lambda: results_for(streams, env, {second}), within=60)
+        assert later["outcome"] == "success"
+    finally:
+        again.stop()
