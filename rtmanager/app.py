@@ -32,6 +32,7 @@ from rtmanager.lifecycle.common import LifecycleDeps, LifecycleSettings
 from rtmanager.lifecycle.leasing import GameLock
 from rtmanager.lifecycle.patch import PatchService
 from rtmanager.lifecycle.queries import RuntimeQueries
+from rtmanager.lifecycle.reconcile import Reconciler
 from rtmanager.lifecycle.recorder import OperationRecorder
 from rtmanager.lifecycle.restart import RecreateService, RestartService
 from rtmanager.lifecycle.start import StartService
@@ -40,7 +41,6 @@ from rtmanager.lifecycle.watch import WatchService
 from rtmanager.telemetry import TelemetryExport
 from rtmanager.workers.docker_events import DockerEventsListener
 from rtmanager.workers.periodic import PeriodicWorker
-from rtmanager.workers.reconciler import Reconciler
 from rtmanager.workers.stream_consumer import StreamConsumer, StreamSettings
 from rtmanager.workers.supervisor import Workers
 from rtmanager.workers.ttl_cleanup import TtlCleanup

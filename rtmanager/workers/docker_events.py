@@ -17,8 +17,8 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 
 from rtmanager.domain.errors import RuntimeManagerError
+from rtmanager.lifecycle.reconcile import Reconciler
 from rtmanager.ports import ContainerEvent, DockerEngine, EventStream
-from rtmanager.workers.reconciler import Reconciler
 
 log = logging.getLogger(__name__)
 

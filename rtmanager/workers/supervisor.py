@@ -16,9 +16,9 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Protocol
 
+from rtmanager.lifecycle.reconcile import Reconciler
 from rtmanager.workers.docker_events import DockerEventsListener
 from rtmanager.workers.periodic import PeriodicWorker
-from rtmanager.workers.reconciler import Reconciler
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 from rtmanager.domain.errors import ServiceUnavailable
+from rtmanager.lifecycle.reconcile import Reconciler
 from rtmanager.ports import ContainerEvent, ContainerInfo, DockerEngine
 from rtmanager.workers.docker_events import DockerEventsListener
-from rtmanager.workers.reconciler import Reconciler
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
