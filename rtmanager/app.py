@@ -17,7 +17,11 @@ from opentelemetry.instrumentation.grpc import server_interceptor
 from rtmanager.adapters.docker.engine import DockerEngineAdapter
 from rtmanager.adapters.docker.instrumented import InstrumentedDocker
 from rtmanager.adapters.postgres.event_feed import PostgresRuntimeFeed
-from rtmanager.adapters.postgres.migrations import SchemaVersionError, check_schema_version
+from rtmanager.adapters.postgres.migrations import (
+    SchemaVersionError,
+    check_schema_owner,
+    check_schema_version,
+)
 from rtmanager.adapters.postgres.pool import create_pool
 from rtmanager.adapters.postgres.unit_of_work import PostgresUnitOfWorkFactory
 from rtmanager.adapters.redis.client import create_redis
@@ -208,6 +212,7 @@ class Application:
     def _check_postgres(self) -> None:
         with self.pool.connection(timeout=_DEPENDENCY_TIMEOUT.total_seconds()) as conn:
             check_schema_version(conn, self.settings.postgres_schema, self.settings.migrations_dir)
+            check_schema_owner(conn, self.settings.postgres_schema, self.settings.cluster)
 
     def _check_redis(self) -> None:
         self.redis.ping()
