@@ -60,6 +60,9 @@ _TMPFS_OPTIONS = "rw,nosuid,nodev,size=64m"
 # behind (rather than a concurrent creator's about to yield).
 _NETWORK_SETTLE_SECONDS = 30.0
 _NETWORK_CROWDED_SECONDS = 5.0
+# How long a network another process created must be listed alone before
+# this one uses it.
+_NETWORK_QUIET_SECONDS = 2.0
 
 # Docker reports "never" as the zero time of Go.
 _GO_ZERO_TIME_PREFIX = "0001-01-01"
@@ -367,8 +370,12 @@ class DockerEngineAdapter:
         without a lock, by these rules (`_settle_network`):
 
         - a network is used only when it was the only one of its name in a
-          listing; engines are then created on it by id (`create_container`),
-          so a duplicate appearing later never splits them;
+          listing (its creator's own listing right after creating it, or
+          listings over `_NETWORK_QUIET_SECONDS` for anyone else's, since
+          its creator may still yield it and Docker removes a network on
+          which containers are only created); engines are then created on it
+          by id (`create_container`), so a duplicate appearing later never
+          splits them;
         - a creator whose listing after its own create shows any other
           network of the name yields: it removes its own (no engine can be
           on it: it was never alone) and starts over;
@@ -380,9 +387,11 @@ class DockerEngineAdapter:
         saw only its own; say A listed first: B's network was not listed yet,
         so B's create returned after A's listing; B listed after that and A's
         network (never removed: A kept it) was listed, so B saw two and
-        yielded. At most one creator keeps, then, and a network with engines
-        is never removed (Docker refuses), so once one was used alone it
-        stays. Creation time is no use for this: it is taken when a create
+        yielded. At most one creator keeps, then, and only yielders remove
+        networks, right after creating them: a network seen alone for the
+        quiet time was its creator's to keep (unless that creator stalled
+        for longer between its create and its listing), so once one is used
+        it stays. Creation time is no use for this: it is taken when a create
         starts, and a network can become visible after a younger one. If
         everyone yields, all start over after a random pause.
 
@@ -398,16 +407,24 @@ class DockerEngineAdapter:
         known = self._network_ids.get(name)
         deadline = time.monotonic() + _NETWORK_SETTLE_SECONDS
         crowded_since: float | None = None
+        alone: tuple[str, float] | None = None
         while True:
             found = self._networks_named(api, name)
             ids = [str(n["Id"]) for n in found]
-            if len(ids) == 1:
-                return ids[0]
             if known in ids:
                 # This process already resolved the name; keep using that network.
                 return known
-            if not ids:
-                crowded_since = None
+            if len(ids) == 1:
+                # Someone else's network: its creator may still be about to
+                # yield it (and Docker lets a network go while containers are
+                # only created on it), so it is used once it stayed alone
+                # for longer than a creator takes to list after creating.
+                if alone is None or alone[0] != ids[0]:
+                    alone = (ids[0], time.monotonic())
+                if time.monotonic() - alone[1] >= _NETWORK_QUIET_SECONDS:
+                    return ids[0]
+            elif not ids:
+                alone = crowded_since = None
                 ours = self._create_network(api, name, labels)
                 if ours:
                     if [n["Id"] for n in self._networks_named(api, name)] == [ours]:
@@ -416,6 +433,7 @@ class DockerEngineAdapter:
                     with contextlib.suppress(docker.errors.APIError):
                         api.remove_network(ours)
             else:
+                alone = None
                 crowded_since = crowded_since or time.monotonic()
                 if time.monotonic() - crowded_since >= _NETWORK_CROWDED_SECONDS:
                     return self._keeper_of(api, found, labels)
