@@ -18,7 +18,11 @@ from opentelemetry.instrumentation.grpc import server_interceptor
 from rtmanager.adapters.docker.engine import DockerEngineAdapter
 from rtmanager.adapters.docker.instrumented import InstrumentedDocker
 from rtmanager.adapters.postgres.event_feed import PostgresRuntimeFeed
-from rtmanager.adapters.postgres.migrations import SchemaVersionError, check_schema_version
+from rtmanager.adapters.postgres.migrations import (
+    SchemaVersionError,
+    check_schema_owner,
+    check_schema_version,
+)
 from rtmanager.adapters.postgres.pool import create_pool
 from rtmanager.adapters.postgres.unit_of_work import PostgresUnitOfWorkFactory
 from rtmanager.adapters.redis.client import create_redis
@@ -36,6 +40,7 @@ from rtmanager.lifecycle.common import LifecycleDeps, LifecycleSettings
 from rtmanager.lifecycle.leasing import GameLock
 from rtmanager.lifecycle.patch import PatchService
 from rtmanager.lifecycle.queries import RuntimeQueries
+from rtmanager.lifecycle.reconcile import Reconciler
 from rtmanager.lifecycle.recorder import OperationRecorder
 from rtmanager.lifecycle.restart import RecreateService, RestartService
 from rtmanager.lifecycle.start import StartService
@@ -44,7 +49,6 @@ from rtmanager.lifecycle.watch import WatchService
 from rtmanager.telemetry import TelemetryExport
 from rtmanager.workers.docker_events import DockerEventsListener
 from rtmanager.workers.periodic import PeriodicWorker
-from rtmanager.workers.reconciler import Reconciler
 from rtmanager.workers.stream_consumer import ConsumerNameTaken, ConsumerSettings, StreamConsumer
 from rtmanager.workers.supervisor import Workers
 from rtmanager.workers.ttl_cleanup import TtlCleanup
@@ -296,6 +300,7 @@ class Application:
     def _check_postgres(self, timeout: float = _DEPENDENCY_TIMEOUT.total_seconds()) -> None:
         with self.pool.connection(timeout=timeout) as conn:
             check_schema_version(conn, self.settings.postgres_schema, self.settings.migrations_dir)
+            check_schema_owner(conn, self.settings.postgres_schema, self.settings.cluster)
 
     def _check_redis(self) -> None:
         self.redis.ping()

@@ -60,14 +60,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _migrate(settings: Settings) -> int:
-    from rtmanager.adapters.postgres.migrations import apply_migrations
+    from rtmanager.adapters.postgres.migrations import MigrationError, apply_migrations
     from rtmanager.domain.errors import ServiceUnavailable
 
     try:
         applied = apply_migrations(
-            settings.postgres_dsn, settings.postgres_schema, settings.migrations_dir
+            settings.postgres_dsn,
+            settings.postgres_schema,
+            settings.migrations_dir,
+            cluster=settings.cluster,
         )
-    except (ServiceUnavailable, OSError, ValueError) as error:
+    except (MigrationError, ServiceUnavailable, OSError, ValueError) as error:
         print(f"rtmanager migrate: {error}", file=sys.stderr)
         return EXIT_FAILURE
     if applied:

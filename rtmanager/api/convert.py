@@ -14,6 +14,7 @@ from rtmanager.domain.errors import InvalidRequest
 from rtmanager.domain.operation import OperationEntry, OpKind, OpSource, Outcome, StopReason
 from rtmanager.domain.runtime import RuntimeRecord, RuntimeStatus
 from rtmanager.domain.timeutil import utc_now
+from rtmanager.lifecycle.reconcile import ActionKind, ReconcileReport
 from rtmanager.lifecycle.watch import (
     Bookmark,
     SnapshotDone,
@@ -21,7 +22,6 @@ from rtmanager.lifecycle.watch import (
     WatchItem,
     format_cursor,
 )
-from rtmanager.workers.reconciler import ActionKind, ReconcileReport
 
 E = TypeVar("E", bound=Enum)
 

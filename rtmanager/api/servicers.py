@@ -28,13 +28,13 @@ from rtmanager.domain.runtime import RuntimeRecord
 from rtmanager.lifecycle.cleanup import CleanupRequest, CleanupService
 from rtmanager.lifecycle.patch import PatchRequest, PatchService
 from rtmanager.lifecycle.queries import RuntimeQueries
+from rtmanager.lifecycle.reconcile import Reconciler
 from rtmanager.lifecycle.recorder import OperationResult
 from rtmanager.lifecycle.restart import RestartRequest, RestartService
 from rtmanager.lifecycle.start import StartRequest, StartService
 from rtmanager.lifecycle.stop import StopRequest, StopService
 from rtmanager.lifecycle.watch import WatchEnded, WatchService, format_cursor, watch_request
 from rtmanager.ports import OperationFilter
-from rtmanager.workers.reconciler import Reconciler
 
 log = logging.getLogger(__name__)
 

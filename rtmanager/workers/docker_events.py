@@ -7,20 +7,32 @@ container marks the record stopped, with op_kind `stop`, op_source
 Docker goes away the listener reconnects with backoff, resuming from the
 last event it saw, and runs a reconcile pass after every reconnect because
 events may have been missed meanwhile.
+
+An exit is handed to `Reconciler.observe_exit` on a small pool of its own
+threads: observing one exit may wait for the operation that caused it
+(see there), and the stream must keep flowing meanwhile so that other
+games' exits are still recorded within a second. An exit already being
+observed is not observed twice (a resumed stream may repeat events).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_for_futures
 from datetime import datetime, timedelta
 
 from rtmanager.domain.errors import RuntimeManagerError
+from rtmanager.lifecycle.reconcile import Reconciler
 from rtmanager.ports import ContainerEvent, DockerEngine, EventStream
-from rtmanager.workers.reconciler import Reconciler
 
 log = logging.getLogger(__name__)
+
+# Exits observed at once; more wait in the pool's queue.
+_EXIT_THREADS = 4
 
 
 class DockerEventsListener:
@@ -44,6 +56,10 @@ class DockerEventsListener:
         self._lock = threading.Lock()
         self._stream: EventStream | None = None
         self._thread: threading.Thread | None = None
+        self._exits = ThreadPoolExecutor(
+            max_workers=_EXIT_THREADS, thread_name_prefix="engine-exit"
+        )
+        self._observing: dict[tuple[str, str], Future[None]] = {}
         self.connected = threading.Event()
 
     def start(self) -> None:
@@ -52,15 +68,24 @@ class DockerEventsListener:
         self._thread.start()
 
     def stop(self, timeout: float) -> bool:
-        """Stop following; return whether the thread ended within `timeout`."""
+        """Stop following; return whether every thread ended within `timeout`.
+
+        Exits still waiting for their game's operation are given up (the
+        next reconcile pass covers them); one being recorded finishes.
+        """
+        deadline = time.monotonic() + timeout
         self._stop.set()
         with self._lock:
             if self._stream is not None:
                 self._stream.close()
-        if self._thread is None:
-            return True
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
+            pending = list(self._observing.values())
+        self._exits.shutdown(wait=False, cancel_futures=True)
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                return False
+        _, not_done = wait_for_futures(pending, timeout=max(deadline - time.monotonic(), 0.0))
+        return not not_done
 
     def _run(self) -> None:
         since: datetime | None = None
@@ -100,14 +125,31 @@ class DockerEventsListener:
     def _handle(self, event: ContainerEvent) -> None:
         if event.action not in ("die", "oom") or not event.game_id:
             return
-        if event.action == "oom":
-            # An OOM kill of one process may leave the engine running.
-            info = self._docker.inspect_container(event.container_id)
-            if info is not None and info.running:
+        key = (event.game_id, event.container_id)
+        with self._lock:
+            if key in self._observing or self._stop.is_set():
                 return
+            future = self._exits.submit(self._observe, event)
+            self._observing[key] = future
+        future.add_done_callback(lambda _: self._forget(key))
+
+    def _forget(self, key: tuple[str, str]) -> None:
+        with self._lock:
+            self._observing.pop(key, None)
+
+    def _observe(self, event: ContainerEvent) -> None:
         try:
+            if event.action == "oom":
+                # An OOM kill of one process may leave the engine running.
+                info = self._docker.inspect_container(event.container_id)
+                if info is not None and info.running:
+                    return
             self._reconciler.observe_exit(
-                event.game_id, event.container_id, event=event.action, exit_code=event.exit_code
+                event.game_id,
+                event.container_id,
+                event=event.action,
+                exit_code=event.exit_code,
+                stop=self._stop,
             )
         except RuntimeManagerError as error:
             # The next reconcile pass repairs what this could not record.
@@ -115,3 +157,5 @@ class DockerEventsListener:
                 "could not record an engine exit",
                 extra={"game_id": event.game_id, "problem": error.message},
             )
+        except Exception:
+            log.exception("observing an engine exit failed", extra={"game_id": event.game_id})

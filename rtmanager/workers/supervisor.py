@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Protocol
 
-from rtmanager.workers.reconciler import ReconcileReport
+from rtmanager.lifecycle.reconcile import ReconcileReport
 
 log = logging.getLogger(__name__)
 

@@ -6,14 +6,14 @@ import contextlib
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import docker
 import psycopg
 import pytest
 
-from rtmanager.client import RuntimeManagerClient
+from rtmanager.client import ConflictError, NotFoundError, RuntimeManagerClient
 from rtmanager.domain.operation import OpKind, OpSource, Outcome
 from rtmanager.domain.runtime import RuntimeStatus
 from tests.conftest import POSTGRES_DSN, TEST_LABEL
@@ -239,3 +239,83 @@ def test_ttl_cleanup_removes_exactly_the_expired_stopped_runtimes(
             assert removed.removed_at is not None
     finally:
         server.stop()
+
+
+def test_strictly_sequential_calls_under_read_load_are_never_turned_away(
+    server: ServerProcess, docker_client: docker.DockerClient, cluster: str
+) -> None:
+    """One Game Master, one game, each call after the previous one returned.
+
+    Every container exit here is caused by the service itself; the events
+    listener must leave those to the operation that caused them and never
+    hold the game's lease when the next call arrives.
+    """
+    game = "sequential"
+    images = ["galaxy/engine-stub:1.0.0", "galaxy/engine-stub:1.0.1"]
+    done = threading.Event()
+    reads = [0, 0, 0]
+    read_errors: list[BaseException] = []
+
+    def read_load(index: int) -> None:
+        with RuntimeManagerClient(server.address, timeout=30) as reader:
+            while not done.is_set():
+                try:
+                    if index % 2:
+                        reader.list_runtimes()
+                    else:
+                        with contextlib.suppress(NotFoundError):
+                            reader.get_runtime(game)
+                    reads[index] += 1
+                except Exception as error:
+                    read_errors.append(error)
+                    return
+
+    readers = [threading.Thread(target=read_load, args=(i,)) for i in range(3)]
+    for reader in readers:
+        reader.start()
+    calls: list[str] = []
+    conflicts: list[str] = []
+    current = 0
+    try:
+        with RuntimeManagerClient(server.address, timeout=60) as client:
+
+            def call(name: str, action: Callable[[], object]) -> None:
+                calls.append(name)
+                try:
+                    action()
+                except ConflictError as error:
+                    conflicts.append(f"call {len(calls)} {name}: {error}")
+
+            call("start", lambda: client.start_runtime(game, images[current]))
+            for _ in range(9):
+                image, other = images[current], images[1 - current]
+                for _ in range(2):
+                    call("stop", lambda: client.stop_runtime(game))
+                    call("start", lambda image=image: client.start_runtime(game, image))
+                call("restart", lambda: client.restart_runtime(game))
+                call("patch", lambda other=other: client.patch_runtime(game, other))
+                current = 1 - current
+            final = client.get_runtime(game)
+            rows = list(client.iter_operations(game_id=game))
+            plan = client.reconcile(dry_run=True)
+    finally:
+        done.set()
+        for reader in readers:
+            reader.join(timeout=30)
+
+    assert len(calls) == 55
+    assert conflicts == []
+    assert read_errors == [] and all(reads)
+    # The record agrees with Docker: one container of ours, running, the record's.
+    assert final.status is RuntimeStatus.RUNNING
+    assert final.current_image_ref == images[current]
+    ours = docker_client.containers.list(
+        all=True, filters={"label": f"com.galaxy.rtmanager.cluster={cluster}"}
+    )
+    assert [c.id for c in ours] == [final.current_container_id]
+    assert ours[0].status == "running"
+    assert ours[0].labels["com.galaxy.image_ref"] == images[current]
+    assert plan.actions == []
+    # Every exit was recorded by the operation that caused it, none by the listener.
+    assert [r for r in rows if r.outcome is not Outcome.SUCCESS] == []
+    assert [r for r in rows if r.op_source is OpSource.AUTO_RECONCILE] == []

@@ -9,12 +9,14 @@ here talks to a container's address or to a real registry.
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import os
 import queue
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -213,9 +215,12 @@ def test_create_and_start_runs_a_hardened_engine_on_the_internal_network_with_it
     assert host["Memory"] == MEMORY_BYTES
     assert host["NanoCpus"] == NANO_CPUS
     assert host["ReadonlyRootfs"] is False
-    assert host["NetworkMode"] == network
+    (network_info,) = networks_named(client, network)
+    # Attached by the id ensure_network settled on, not by the (ambiguous) name.
+    assert host["NetworkMode"] == network_info["Id"]
     endpoints = raw["NetworkSettings"]["Networks"]
     assert list(endpoints) == [network]
+    assert endpoints[network]["NetworkID"] == network_info["Id"]
     assert spec.network_alias in endpoints[network]["Aliases"]
     assert cast(dict[str, Any], client.api.inspect_network(network))["Internal"] is True
 
@@ -406,31 +411,109 @@ def test_ensure_network_is_idempotent_and_creates_an_internal_bridge_network(
     assert network["Labels"] == {TEST_LABEL: test_id, "purpose": "engines"}
 
 
-def test_ensure_network_from_concurrent_replicas_leaves_one_network(
-    client: docker.DockerClient, docker_cleanup: str, cluster: str, test_id: str
-) -> None:
-    name = f"galaxy-t-{test_id}"
-    replicas = [DockerEngineAdapter(base_url=DOCKER_HOST, cluster=cluster) for _ in range(4)]
-    barrier = threading.Barrier(len(replicas))
-    errors: list[BaseException] = []
+def _replicas_start_engines(
+    *, name: str, cluster: str, test_id: str, state_dir: str, game_ids: list[str], at: float
+) -> list[str]:
+    """One process of replicas (one adapter and thread per game), all starting at `at`.
 
-    def ensure(adapter: DockerEngineAdapter) -> None:
+    Each replica ensures the network and starts one engine on it, as a
+    starting rtmanager would; returns the engines' container ids.
+    """
+    started: list[str] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def replica(game_id: str) -> None:
+        adapter = DockerEngineAdapter(base_url=DOCKER_HOST, cluster=cluster)
         try:
             adapter.ping()
-            barrier.wait(timeout=10)
+            time.sleep(max(at - time.time(), 0.0))
             adapter.ensure_network(name, {TEST_LABEL: test_id})
+            spec = make_spec(
+                test_id=test_id,
+                cluster=cluster,
+                network=name,
+                state_dir=Path(state_dir),
+                game_id=game_id,
+            )
+            container_id = adapter.create_container(spec)
+            adapter.start_container(container_id)
+            with lock:
+                started.append(container_id)
         except BaseException as exc:
-            errors.append(exc)
+            with lock:
+                errors.append(exc)
+        finally:
+            adapter.close()
 
-    threads = [threading.Thread(target=ensure, args=(r,)) for r in replicas]
+    threads = [threading.Thread(target=replica, args=(g,)) for g in game_ids]
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(timeout=20)
-    for adapter in replicas:
-        adapter.close()
-    assert errors == []
-    assert len(networks_named(client, name)) == 1
+        thread.join(timeout=120)
+    if errors:
+        raise errors[0]
+    return started
+
+
+@pytest.mark.parametrize("round_", range(3))
+def test_replicas_starting_together_settle_on_one_network_and_attach_every_engine_to_it(
+    client: docker.DockerClient,
+    docker_cleanup: str,
+    cluster: str,
+    test_id: str,
+    state_dir: Path,
+    round_: int,
+) -> None:
+    name = f"galaxy-t-{test_id}"
+    processes, per_process = 3, 2
+    # Separate processes (as replicas are) each with several adapters, all
+    # released at one moment so that their listings and creates interleave.
+    at = time.time() + 4.0
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=processes, mp_context=spawn) as pool:
+        futures = [
+            pool.submit(
+                _replicas_start_engines,
+                name=name,
+                cluster=cluster,
+                test_id=test_id,
+                state_dir=str(state_dir),
+                game_ids=[f"n{p}-{t}-{test_id}" for t in range(per_process)],
+                at=at,
+            )
+            for p in range(processes)
+        ]
+        engines = [cid for future in futures for cid in future.result(timeout=180)]
+
+    (network,) = networks_named(client, name)
+    assert len(engines) == processes * per_process
+    for container_id in engines:
+        raw = cast(dict[str, Any], client.api.inspect_container(container_id))
+        assert raw["State"]["Running"] is True
+        assert raw["NetworkSettings"]["Networks"][name]["NetworkID"] == network["Id"]
+    attached = cast(dict[str, Any], client.api.inspect_network(network["Id"]))["Containers"]
+    assert set(attached) == set(engines)
+
+
+def test_several_networks_left_behind_resolve_to_the_oldest_and_empty_ones_go(
+    engine: DockerEngineAdapter, client: docker.DockerClient, test_id: str
+) -> None:
+    name = f"galaxy-t-{test_id}"
+    labels = {TEST_LABEL: test_id, "purpose": "engines"}
+    oldest = client.api.create_network(name, driver="bridge", internal=True, labels=labels)["Id"]
+    time.sleep(0.01)
+    younger = client.api.create_network(name, driver="bridge", internal=True, labels=labels)["Id"]
+    foreign = client.api.create_network(
+        name, driver="bridge", internal=True, labels={TEST_LABEL: test_id}
+    )["Id"]
+
+    engine.ensure_network(name, labels)
+
+    remaining = {n["Id"] for n in networks_named(client, name)}
+    assert oldest in remaining and younger not in remaining
+    assert foreign in remaining  # not carrying our labels: never removed
+    assert engine._network_ids[name] == oldest
 
 
 # -- ownership ----------------------------------------------------------------

@@ -14,8 +14,10 @@ from psycopg import sql
 
 from rtmanager.adapters.postgres.migrations import (
     MigrationFilesError,
+    SchemaOwnerError,
     SchemaVersionError,
     apply_migrations,
+    check_schema_owner,
     check_schema_version,
     current_version,
     known_versions,
@@ -185,6 +187,110 @@ def test_check_refuses_a_schema_newer_than_known(pg_schema: str, tmp_path: Path)
 
 def test_schema_version_error_is_a_runtime_error() -> None:
     assert issubclass(SchemaVersionError, RuntimeError)
+
+
+# --- one cluster per schema -------------------------------------------------
+
+
+def owners(schema: str) -> list[tuple[object, ...]]:
+    with connect(schema) as conn:
+        return conn.execute("SELECT cluster FROM schema_owner").fetchall()
+
+
+def test_migrate_stamps_the_schema_with_its_cluster(pg_schema: str) -> None:
+    apply_migrations(POSTGRES_DSN, pg_schema, MIGRATIONS, cluster="prod")
+    apply_migrations(POSTGRES_DSN, pg_schema, MIGRATIONS, cluster="prod")
+    assert owners(pg_schema) == [("prod",)]
+    assert check_schema_owner(POSTGRES_DSN, pg_schema, "prod") == "prod"
+
+
+def test_migrate_of_another_cluster_is_refused_and_changes_nothing(
+    pg_schema: str, migrations_copy: Path
+) -> None:
+    apply_migrations(POSTGRES_DSN, pg_schema, MIGRATIONS, cluster="prod")
+    shipped = known_versions(MIGRATIONS)[-1]
+    (migrations_copy / next_file("extra")).write_text("CREATE TABLE extra (id int);\n")
+
+    with pytest.raises(SchemaOwnerError, match=r"belongs to rtmanager cluster 'prod'.*'staging'"):
+        apply_migrations(POSTGRES_DSN, pg_schema, migrations_copy, cluster="staging")
+
+    assert current_version(POSTGRES_DSN, pg_schema) == shipped
+    assert owners(pg_schema) == [("prod",)]
+
+
+def test_a_schema_of_another_cluster_is_refused_like_a_wrong_version(pg_schema: str) -> None:
+    apply_migrations(POSTGRES_DSN, pg_schema, MIGRATIONS, cluster="prod")
+    with psycopg.connect(POSTGRES_DSN) as conn:
+        with pytest.raises(SchemaVersionError, match="RTMANAGER_POSTGRES_SCHEMA"):
+            check_schema_owner(conn, pg_schema, "staging")
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        assert check_schema_owner(conn, pg_schema, "prod") == "prod"
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    assert owners(pg_schema) == [("prod",)]
+
+
+def test_an_unstamped_schema_is_claimed_by_the_first_cluster_that_checks_it(
+    pg_schema: str,
+) -> None:
+    apply_migrations(POSTGRES_DSN, pg_schema, MIGRATIONS)  # no cluster: no stamp
+    assert owners(pg_schema) == []
+    with psycopg.connect(POSTGRES_DSN) as conn:  # a pooled connection: autocommit off
+        assert check_schema_owner(conn, pg_schema, "prod") == "prod"
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    assert owners(pg_schema) == [("prod",)]  # committed
+    with pytest.raises(SchemaOwnerError):
+        check_schema_owner(POSTGRES_DSN, pg_schema, "staging")
+
+
+def test_a_schema_upgraded_from_before_ownership_is_claimed_by_its_migrate(
+    pg_schema: str, tmp_path: Path
+) -> None:
+    before = tmp_path / "before"
+    before.mkdir()
+    for migration in sorted(MIGRATIONS.glob("000[1-3]_*.sql")):
+        shutil.copy(migration, before)
+    apply_migrations(POSTGRES_DSN, pg_schema, before, cluster="prod")  # no owner table yet
+
+    assert apply_migrations(POSTGRES_DSN, pg_schema, MIGRATIONS, cluster="prod")[0] == 4
+    assert owners(pg_schema) == [("prod",)]
+
+
+def test_concurrent_claims_of_two_clusters_leave_exactly_one_owner(pg_schema: str) -> None:
+    apply_migrations(POSTGRES_DSN, pg_schema, MIGRATIONS)
+    clusters = ["blue", "green"] * 4
+    barrier = threading.Barrier(len(clusters))
+    won: list[str] = []
+    refused: list[str] = []
+    lock = threading.Lock()
+
+    def claim(cluster: str) -> None:
+        barrier.wait()
+        try:
+            check_schema_owner(POSTGRES_DSN, pg_schema, cluster)
+        except SchemaOwnerError:
+            with lock:
+                refused.append(cluster)
+        else:
+            with lock:
+                won.append(cluster)
+
+    workers = [threading.Thread(target=claim, args=(c,)) for c in clusters]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=60)
+
+    ((owner,),) = owners(pg_schema)
+    assert sorted(won) == [owner] * 4
+    assert len(refused) == 4 and owner not in refused
+
+
+def test_the_owner_table_holds_one_row(pg_schema: str) -> None:
+    apply_migrations(POSTGRES_DSN, pg_schema, MIGRATIONS, cluster="prod")
+    with connect(pg_schema) as conn, pytest.raises(psycopg.errors.UniqueViolation):
+        conn.execute("INSERT INTO schema_owner (cluster) VALUES ('staging')")
+    with connect(pg_schema) as conn, pytest.raises(psycopg.errors.CheckViolation):
+        conn.execute("INSERT INTO schema_owner (singleton, cluster) VALUES (false, 'staging')")
 
 
 # --- migration files ------------------------------------------------------

@@ -9,9 +9,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 from rtmanager.domain.errors import ServiceUnavailable
+from rtmanager.lifecycle.reconcile import Reconciler
 from rtmanager.ports import ContainerEvent, ContainerInfo, DockerEngine
 from rtmanager.workers.docker_events import DockerEventsListener
-from rtmanager.workers.reconciler import Reconciler
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -58,13 +58,31 @@ class ScriptedDocker:
 
 
 class RecordingReconciler:
+    """Records observed exits; an exit of a game in `hold` waits until released or stopped."""
+
     def __init__(self) -> None:
         self.exits: list[tuple[str, str, str, int | None]] = []
         self.passes = 0
+        self.hold: set[str] = set()
+        self.release = threading.Event()
+        self.stopped: list[str] = []
+        self.entered: list[str] = []
 
     def observe_exit(
-        self, game_id: str, container_id: str, *, event: str, exit_code: int | None
+        self,
+        game_id: str,
+        container_id: str,
+        *,
+        event: str,
+        exit_code: int | None,
+        stop: threading.Event,
     ) -> None:
+        self.entered.append(game_id)
+        if game_id in self.hold:
+            while not self.release.wait(0.01):
+                if stop.is_set():
+                    self.stopped.append(game_id)
+                    return
         self.exits.append((game_id, container_id, event, exit_code))
 
     def run_pass(self) -> None:
@@ -161,3 +179,39 @@ def test_stop_ends_a_listener_waiting_on_a_quiet_stream() -> None:
     started = time.monotonic()
     assert listener.stop(5)
     assert time.monotonic() - started < 1
+
+
+def test_an_exit_waiting_for_its_games_operation_holds_up_neither_other_exits_nor_repeats() -> None:
+    docker = ScriptedDocker(
+        [
+            ScriptedStream(
+                [event("die", game="busy"), event("die", game="busy"), event("die", game="g2")],
+                then_fail=False,
+            )
+        ]
+    )
+    reconciler = RecordingReconciler()
+    reconciler.hold.add("busy")
+    listener = listen(docker, reconciler)
+    try:
+        wait_for(lambda: reconciler.exits)
+        assert reconciler.exits == [("g2", "c1", "die", 137)]
+        reconciler.release.set()
+        wait_for(lambda: len(reconciler.exits) == 2)
+        time.sleep(0.05)
+        # The repeated die of the container being observed was not observed twice.
+        assert reconciler.exits[1] == ("busy", "c1", "die", 137)
+        assert len(reconciler.exits) == 2
+    finally:
+        assert listener.stop(5)
+
+
+def test_stop_gives_up_exits_still_waiting_for_their_games_operation() -> None:
+    docker = ScriptedDocker([ScriptedStream([event("die", game="busy")], then_fail=False)])
+    reconciler = RecordingReconciler()
+    reconciler.hold.add("busy")
+    listener = listen(docker, reconciler)
+    wait_for(lambda: reconciler.entered)
+    assert listener.stop(5)
+    assert reconciler.stopped == ["busy"]
+    assert reconciler.exits == []

@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 import pytest
 
 from rtmanager.domain.runtime import RuntimeRecord, RuntimeStatus
+from rtmanager.lifecycle.reconcile import ActionKind, ReconcileAction, ReconcileReport, plan_game
 from rtmanager.ports import ContainerInfo
-from rtmanager.workers.reconciler import ActionKind, ReconcileAction, ReconcileReport, plan_game
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 GAME = "g1"

@@ -15,7 +15,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import random
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, cast
@@ -52,6 +54,15 @@ INTERESTING_EVENT_ACTIONS = frozenset(
 
 # /tmp of a read-only engine: writable scratch space, no setuid files or devices.
 _TMPFS_OPTIONS = "rw,nosuid,nodev,size=64m"
+
+# How long `ensure_network` may take to settle on one network, and how long
+# several networks of one name must stay listed before they count as left
+# behind (rather than a concurrent creator's about to yield).
+_NETWORK_SETTLE_SECONDS = 30.0
+_NETWORK_CROWDED_SECONDS = 5.0
+# How long a network another process created must be listed alone before
+# this one uses it.
+_NETWORK_QUIET_SECONDS = 2.0
 
 # Docker reports "never" as the zero time of Go.
 _GO_ZERO_TIME_PREFIX = "0001-01-01"
@@ -250,6 +261,8 @@ class DockerEngineAdapter:
         self._client: docker.DockerClient | None = None
         self._client_lock = threading.Lock()
         self._network_lock = threading.Lock()
+        # Engine network name -> the id `ensure_network` settled on.
+        self._network_ids: dict[str, str] = {}
 
     @property
     def cluster(self) -> str:
@@ -349,36 +362,123 @@ class DockerEngineAdapter:
                 ) from exc
 
     def ensure_network(self, name: str, labels: dict[str, str]) -> None:
-        """Create the internal bridge network `name` with `labels` unless it exists.
+        """Make sure exactly one network `name` exists (internal bridge, `labels`) and use it.
 
-        An existing network of that name is used as it is. Two replicas may
-        race to create it; Docker's duplicate check is not atomic, so after
-        creating one we look again and drop ours if an older one won.
+        An existing network of that name is used as it is. Docker does not
+        enforce unique network names, and replicas (or processes) starting
+        together may each find none and create one. They settle on one
+        without a lock, by these rules (`_settle_network`):
+
+        - a network is used only when it was the only one of its name in a
+          listing (its creator's own listing right after creating it, or
+          listings over `_NETWORK_QUIET_SECONDS` for anyone else's, since
+          its creator may still yield it and Docker removes a network on
+          which containers are only created); engines are then created on it
+          by id (`create_container`), so a duplicate appearing later never
+          splits them;
+        - a creator whose listing after its own create shows any other
+          network of the name yields: it removes its own (no engine can be
+          on it: it was never alone) and starts over;
+        - while several are listed, everyone waits for the yielders.
+
+        Why this cannot leave engines on two networks: Docker lists a network
+        from the moment its create returns until it is removed. If creators A
+        and B both kept theirs, each listed after its own create returned and
+        saw only its own; say A listed first: B's network was not listed yet,
+        so B's create returned after A's listing; B listed after that and A's
+        network (never removed: A kept it) was listed, so B saw two and
+        yielded. At most one creator keeps, then, and only yielders remove
+        networks, right after creating them: a network seen alone for the
+        quiet time was its creator's to keep (unless that creator stalled
+        for longer between its create and its listing), so once one is used
+        it stays. Creation time is no use for this: it is taken when a create
+        starts, and a network can become visible after a younger one. If
+        everyone yields, all start over after a random pause.
+
+        Several networks that stay listed (left by an older rtmanager, say)
+        are resolved by a deterministic keeper, the oldest (then the lowest
+        id), the same on every replica; the others are removed when they
+        carry `labels` and have no containers.
         """
         with self._network_lock, _docker_call(f"ensure network {name}"):
-            api = self._api()
-            if self._networks_named(api, name):
-                return
-            try:
-                created = api.create_network(
-                    name,
-                    driver="bridge",
-                    internal=True,
-                    labels=dict(labels),
-                    check_duplicate=True,
-                )
-            except docker.errors.APIError as exc:
-                if _status(exc) == 409:  # a concurrent creator won
-                    return
-                raise
-            ours = str(created.get("Id", ""))
-            networks = self._networks_named(api, name)
-            if len(networks) > 1 and ours:
-                keeper = min(networks, key=lambda n: (str(n.get("Created", "")), str(n["Id"])))
-                if keeper["Id"] != ours:
-                    logger.info("network %s was created concurrently; removing our copy", name)
+            self._network_ids[name] = self._settle_network(self._api(), name, labels)
+
+    def _settle_network(self, api: docker.APIClient, name: str, labels: dict[str, str]) -> str:
+        known = self._network_ids.get(name)
+        deadline = time.monotonic() + _NETWORK_SETTLE_SECONDS
+        crowded_since: float | None = None
+        alone: tuple[str, float] | None = None
+        while True:
+            found = self._networks_named(api, name)
+            ids = [str(n["Id"]) for n in found]
+            if known in ids:
+                # This process already resolved the name; keep using that network.
+                return known
+            if len(ids) == 1:
+                # Someone else's network: its creator may still be about to
+                # yield it (and Docker lets a network go while containers are
+                # only created on it), so it is used once it stayed alone
+                # for longer than a creator takes to list after creating.
+                if alone is None or alone[0] != ids[0]:
+                    alone = (ids[0], time.monotonic())
+                if time.monotonic() - alone[1] >= _NETWORK_QUIET_SECONDS:
+                    return ids[0]
+            elif not ids:
+                alone = crowded_since = None
+                ours = self._create_network(api, name, labels)
+                if ours:
+                    if [n["Id"] for n in self._networks_named(api, name)] == [ours]:
+                        return ours
+                    logger.info("network %s was created concurrently; ours yields", name)
                     with contextlib.suppress(docker.errors.APIError):
                         api.remove_network(ours)
+            else:
+                alone = None
+                crowded_since = crowded_since or time.monotonic()
+                if time.monotonic() - crowded_since >= _NETWORK_CROWDED_SECONDS:
+                    return self._keeper_of(api, found, labels)
+            if time.monotonic() >= deadline:
+                raise ServiceUnavailable(
+                    f"docker: ensure network {name}: could not settle on one network "
+                    f"within {_NETWORK_SETTLE_SECONDS:g}s"
+                )
+            # Jitter: replicas that all yielded must not start over in step.
+            time.sleep(random.uniform(0.05, 0.25))
+
+    @staticmethod
+    def _create_network(api: docker.APIClient, name: str, labels: dict[str, str]) -> str:
+        """Create the network and return its id; "" when Docker saw a duplicate first."""
+        try:
+            created = api.create_network(
+                name, driver="bridge", internal=True, labels=dict(labels), check_duplicate=True
+            )
+        except docker.errors.APIError as exc:
+            if _status(exc) == 409:  # a concurrent creator's network is listed now
+                return ""
+            raise
+        return str(created.get("Id", ""))
+
+    @staticmethod
+    def _keeper_of(
+        api: docker.APIClient, found: list[dict[str, Any]], labels: dict[str, str]
+    ) -> str:
+        keeper = min(found, key=lambda n: (str(n.get("Created", "")), str(n["Id"])))
+        for network in found:
+            if network["Id"] == keeper["Id"]:
+                continue
+            theirs = network.get("Labels") or {}
+            if any(theirs.get(key) != value for key, value in labels.items()):
+                continue
+            with contextlib.suppress(docker.errors.APIError):
+                detail = cast("dict[str, Any]", api.inspect_network(network["Id"]))
+                if not detail.get("Containers"):
+                    api.remove_network(network["Id"])
+        logger.warning(
+            "several networks named %s; using the oldest",
+            keeper.get("Name"),
+            extra={"network_id": keeper["Id"]},
+        )
+        return str(keeper["Id"])
 
     @staticmethod
     def _networks_named(api: docker.APIClient, name: str) -> list[dict[str, Any]]:
@@ -396,6 +496,10 @@ class DockerEngineAdapter:
         with _docker_call(f"create container {spec.name}"):
             client = self._docker()
             endpoint = client.api.create_endpoint_config(aliases=[spec.network_alias])
+            # By the id `ensure_network` settled on, so that a network of the
+            # same name appearing later cannot take engines elsewhere. (A dict
+            # read needs no lock; `_network_lock` may be held for a while.)
+            network = self._network_ids.get(spec.network, spec.network)
             try:
                 container = client.containers.create(
                     spec.image_ref,
@@ -427,8 +531,8 @@ class DockerEngineAdapter:
                             read_only=False,
                         )
                     ],
-                    network=spec.network,
-                    networking_config={spec.network: endpoint},
+                    network=network,
+                    networking_config={network: endpoint},
                 )
             except docker.errors.ImageNotFound as exc:
                 raise ImagePullFailed(
@@ -462,15 +566,27 @@ class DockerEngineAdapter:
         Any error answer of the daemon (bad command, missing mount, vanished
         container, ...) is a start failure; only an unreachable daemon is
         `ServiceUnavailable`.
+
+        Docker connects a starting container to its networks by name, so a
+        network of the same name that a concurrent replica created, and is
+        about to remove again (see `ensure_network`), makes the start fail
+        as "ambiguous": that is retried for as long as such a duplicate may
+        take to go.
         """
+        give_up = time.monotonic() + _NETWORK_CROWDED_SECONDS
         with _docker_call(f"start container {container_id}"):
-            try:
-                self._api().start(container_id)
-            except docker.errors.APIError as exc:
-                raise ContainerStartFailed(
-                    f"docker could not start container {container_id}: {_explain(exc)}",
-                    metadata={"container_id": container_id},
-                ) from exc
+            while True:
+                try:
+                    self._api().start(container_id)
+                    return
+                except docker.errors.APIError as exc:
+                    if "is ambiguous" in _explain(exc) and time.monotonic() < give_up:
+                        time.sleep(random.uniform(0.05, 0.25))
+                        continue
+                    raise ContainerStartFailed(
+                        f"docker could not start container {container_id}: {_explain(exc)}",
+                        metadata={"container_id": container_id},
+                    ) from exc
 
     def stop_container(self, container_id: str, timeout: timedelta) -> None:
         """Stop gracefully (SIGTERM), killing after `timeout`; a gone container is fine.

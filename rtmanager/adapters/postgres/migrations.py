@@ -16,6 +16,18 @@ refuse to run in a transaction, such as `CREATE INDEX CONCURRENTLY`.)
 Applied versions are recorded in `schema_migrations` inside the target
 schema. `check_schema_version` is what the server calls at startup: it
 refuses a schema older or newer than the files it ships with.
+
+A schema belongs to one rtmanager cluster (`schema_owner`, migration 0004):
+records are not scoped by cluster, so a second cluster serving the same
+schema would take the first one's records for records of vanished
+containers and dispose of them. `apply_migrations(..., cluster=...)` stamps
+the cluster in the same transaction as the upgrade; `check_schema_owner`,
+called by the server at start-up and by its health checks, claims a schema
+that carries no stamp yet and refuses one stamped by another cluster.
+(Scoping every record query by cluster instead would let two clusters share
+one schema silently, and would need the frozen tables shared with the Go
+service to grow a cluster column: one schema per cluster is simpler and
+says so loudly.)
 """
 
 from __future__ import annotations
@@ -31,6 +43,7 @@ from psycopg import sql
 from rtmanager.adapters.postgres.pool import database_errors, validate_schema_name
 
 MIGRATIONS_TABLE = "schema_migrations"
+OWNER_TABLE = "schema_owner"
 _FILE_NAME = re.compile(r"^(?P<version>[0-9]{4})_(?P<name>[a-z0-9][a-z0-9_]*)\.sql$")
 # Distinguishes our advisory locks from any other user of the same database.
 _LOCK_NAMESPACE = "rtmanager.migrate:"
@@ -48,6 +61,14 @@ class MigrationFilesError(MigrationError):
 
 class SchemaVersionError(MigrationError):
     """The database schema is not at the version this rtmanager knows."""
+
+
+class SchemaOwnerError(SchemaVersionError):
+    """The database schema belongs to another rtmanager cluster.
+
+    A `SchemaVersionError`, because the server treats both alike: this is
+    not a schema it may serve, and waiting will not change that.
+    """
 
 
 @dataclass(frozen=True)
@@ -108,16 +129,20 @@ def known_versions(migrations_dir: Path) -> list[int]:
     return [migration.version for migration in load_migrations(migrations_dir)]
 
 
-def apply_migrations(dsn: str, schema: str, migrations_dir: Path) -> list[int]:
+def apply_migrations(
+    dsn: str, schema: str, migrations_dir: Path, *, cluster: str | None = None
+) -> list[int]:
     """Bring `schema` up to the newest migration file; return the versions applied.
 
     Idempotent (an up-to-date schema yields `[]`) and safe to run from several
     processes at once (see the module docstring). Creates the schema when it
-    is missing. Raises `MigrationFilesError` for a bad directory,
-    `SchemaVersionError` when the schema already has versions newer than the
-    files, `ServiceUnavailable` when PostgreSQL is unreachable, and the
-    domain error of a failing file's statement otherwise (nothing is applied
-    then).
+    is missing. With `cluster`, the schema is stamped as that cluster's in
+    the same transaction (when it carries no stamp yet). Raises
+    `MigrationFilesError` for a bad directory, `SchemaVersionError` when the
+    schema already has versions newer than the files, `SchemaOwnerError`
+    when it belongs to another cluster, `ServiceUnavailable` when PostgreSQL
+    is unreachable, and the domain error of a failing file's statement
+    otherwise (nothing is applied then).
     """
     validate_schema_name(schema)
     migrations = load_migrations(migrations_dir)
@@ -166,7 +191,86 @@ def apply_migrations(dsn: str, schema: str, migrations_dir: Path) -> list[int]:
                 (migration.version, migration.name),
             )
             applied.append(migration.version)
+        if cluster is not None and _owner_table_exists(conn, schema):
+            # A foreign cluster's migrate rolls back with everything above.
+            _require_owner(schema, _claim(conn, schema, cluster), cluster)
     return applied
+
+
+def check_schema_owner(
+    conn_or_dsn: psycopg.Connection[Any] | str, schema: str, cluster: str
+) -> str:
+    """Return the schema's cluster when it is `cluster`, claiming an unstamped schema for it.
+
+    Call it on a schema at the current version. Raises `SchemaOwnerError`
+    with an operator-facing message when another cluster owns the schema.
+    Given a connection that is idle, leaves it idle, its transaction
+    committed so that a claim lasts.
+    """
+    validate_schema_name(schema)
+    with database_errors(f"read the owner of schema {schema}"):
+        if isinstance(conn_or_dsn, str):
+            with psycopg.connect(
+                conn_or_dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT
+            ) as conn:
+                owner = _owner_or_claim(conn, schema, cluster)
+        else:
+            conn = conn_or_dsn
+            was_idle = conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+            try:
+                owner = _owner_or_claim(conn, schema, cluster)
+            finally:
+                if was_idle and not conn.autocommit and not conn.closed:
+                    conn.commit()
+    return _require_owner(schema, owner, cluster)
+
+
+def _owner_table_exists(conn: psycopg.Connection[Any], schema: str) -> bool:
+    row = conn.execute(
+        "SELECT to_regclass(format('%%I.%%I', %s::text, %s::text)) IS NOT NULL",
+        (schema, OWNER_TABLE),
+    ).fetchone()
+    return row is not None and bool(row[0])
+
+
+def _owner_or_claim(conn: psycopg.Connection[Any], schema: str, cluster: str) -> str:
+    row = conn.execute(
+        sql.SQL("SELECT cluster FROM {}.{}").format(
+            sql.Identifier(schema), sql.Identifier(OWNER_TABLE)
+        )
+    ).fetchone()
+    if row is not None:
+        return str(row[0])
+    return _claim(conn, schema, cluster)
+
+
+def _claim(conn: psycopg.Connection[Any], schema: str, cluster: str) -> str:
+    """Stamp `cluster` unless a stamp exists; return the stamp (ours or the first claimer's)."""
+    # ON CONFLICT waits for a concurrent claimer and then does nothing; the
+    # SELECT that follows (a new snapshot) sees whoever won.
+    conn.execute(
+        sql.SQL("INSERT INTO {}.{} (cluster) VALUES (%s) ON CONFLICT DO NOTHING").format(
+            sql.Identifier(schema), sql.Identifier(OWNER_TABLE)
+        ),
+        (cluster,),
+    )
+    row = conn.execute(
+        sql.SQL("SELECT cluster FROM {}.{}").format(
+            sql.Identifier(schema), sql.Identifier(OWNER_TABLE)
+        )
+    ).fetchone()
+    return str(row[0]) if row is not None else cluster
+
+
+def _require_owner(schema: str, owner: str, cluster: str) -> str:
+    if owner != cluster:
+        raise SchemaOwnerError(
+            f"PostgreSQL schema {schema!r} belongs to rtmanager cluster {owner!r}, not to "
+            f"this deployment's cluster {cluster!r} (RTMANAGER_CLUSTER): a schema serves "
+            "one cluster, whose records another cluster would dispose of; point "
+            "RTMANAGER_POSTGRES_SCHEMA at a schema of this cluster's own"
+        )
+    return owner
 
 
 def current_version(conn_or_dsn: psycopg.Connection[Any] | str, schema: str) -> int | None:

@@ -13,7 +13,14 @@ Rules (SPEC §4), over containers owned by this deployment only:
 A pass first plans from one snapshot of Docker and the store, then applies
 each step under the game's lease after re-checking that game with fresh
 data; a busy game is skipped until the next pass. Every applied step is an
-operation with op_source `auto_reconcile`, recorded like any other.
+operation with op_source `auto_reconcile`, recorded like any other, and
+every write is guarded: it commits only if the record is still what the
+step was planned from (CAS), so a step never overwrites a change it did not
+see.
+
+This is a use case: the `Reconcile` RPC, the start-up pass, the periodic
+trigger (`PeriodicWorker` in the composition root) and the Docker events
+listener (`observe_exit`) all call it.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 
 from rtmanager.domain.errors import ConcurrentModification, RuntimeManagerError
@@ -36,6 +43,9 @@ from rtmanager.ports import ContainerInfo, StatusChange, UnitOfWork
 from rtmanager.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
+
+# How often `observe_exit` re-reads a record while it waits.
+_EXIT_POLL_SECONDS = 0.05
 
 
 class ActionKind(StrEnum):
@@ -131,10 +141,20 @@ def _action(kind: ActionKind, game_id: str, container: ContainerInfo) -> Reconci
 class Reconciler(LifecycleService):
     """Plans and applies reconciliation passes; also handles observed engine exits."""
 
-    def __init__(self, deps: LifecycleDeps, *, telemetry: Telemetry) -> None:
+    def __init__(
+        self,
+        deps: LifecycleDeps,
+        *,
+        telemetry: Telemetry,
+        exit_settle: timedelta = timedelta(milliseconds=250),
+        exit_wait_max: timedelta = timedelta(seconds=60),
+    ) -> None:
+        """`exit_settle` and `exit_wait_max` shape `observe_exit` (see there)."""
         super().__init__(deps)
         self._telemetry = telemetry
         self._pass_lock = threading.Lock()
+        self._exit_settle = exit_settle.total_seconds()
+        self._exit_wait_max = exit_wait_max.total_seconds()
 
     def run_pass(self, *, dry_run: bool = False) -> ReconcileReport:
         """Plan from a snapshot, then (unless `dry_run`) apply each step under its lease.
@@ -159,43 +179,87 @@ class Reconciler(LifecycleService):
         return ReconcileReport(False, done)
 
     def observe_exit(
-        self, game_id: str, container_id: str, *, event: str, exit_code: int | None
+        self,
+        game_id: str,
+        container_id: str,
+        *,
+        event: str,
+        exit_code: int | None,
+        stop: threading.Event | None = None,
     ) -> OperationResult | None:
         """Mark a running record stopped after Docker reported its container died.
 
-        Does nothing unless the record is running on exactly that container.
-        Retries a busy lease briefly: the holder may be the operation that
-        stopped the engine on purpose, and will have recorded it by then.
+        Does nothing unless the record is running on exactly that container,
+        and contends for the game's lease only when the exit is nobody
+        else's to record. Most exits are caused by the service itself (a
+        stop, restart, patch or forced cleanup): that operation holds the
+        lease and records the exit itself, and its caller's next call must
+        not find the lease taken by this listener. So:
+
+        1. While this process holds the game's lease, wait without
+           contending (polling the record, not the lease). The held check
+           comes before each read: once an operation of this process has let
+           the lease go it has committed, so the read that follows sees what
+           it recorded.
+        2. Read the record without the lease until it has claimed the dead
+           container for `exit_settle`: an operation of another replica
+           that caused the exit commits within that time, and the record
+           then no longer claims the container.
+        3. Only then take the lease, once. A busy lease means an operation
+           is under way; it is not retried (a retry could take the turn of
+           that operation's caller): the next reconcile pass covers a
+           record left claiming a dead container.
+
+        Under the lease the record and the container are checked again: a
+        container that runs again is left to the reconciler's rules.
+        Waiting ends early, doing nothing, when `stop` is set. Returns the
+        result of the recorded `stop`, or None when nothing was recorded.
         """
-        deadline = time.monotonic() + 1.5
+        stop = stop or threading.Event()
+        waiting_since = time.monotonic()
         while True:
-            try:
-                with self._lock.hold(game_id):
-                    with self._recorder.unit_of_work() as uow:
-                        record = load_record(uow, game_id)
-                    if (
-                        record is None
-                        or record.status is not RuntimeStatus.RUNNING
-                        or record.current_container_id != container_id
-                    ):
-                        return None
-                    action = ReconcileAction(
-                        ActionKind.MARK_STOPPED,
-                        game_id,
-                        container_id=container_id,
-                        image_ref=record.current_image_ref,
-                        exit_code=exit_code,
-                    )
-                    code = "unknown" if exit_code is None else str(exit_code)
-                    return self._record(action, source_ref=f"docker-event:{event}:exit={code}")
-            except ConcurrentModification:
-                if time.monotonic() >= deadline:
-                    log.info(
-                        "engine exit left to the next reconcile pass: game busy",
-                        extra={"game_id": game_id, "container_id": container_id},
-                    )
+            busy_here = game_id in self._lock.held_games
+            with self._recorder.unit_of_work() as uow:
+                record = load_record(uow, game_id)
+            if not _claims(record, container_id):
+                return None
+            waited = time.monotonic() - waiting_since
+            if not busy_here and waited >= self._exit_settle:
+                break
+            if waited >= self._exit_wait_max:
+                log.info(
+                    "engine exit left to the next reconcile pass: game busy here",
+                    extra={"game_id": game_id, "container_id": container_id},
+                )
+                return None
+            if stop.wait(_EXIT_POLL_SECONDS):
+                return None
+        try:
+            with self._lock.hold(game_id):
+                with self._recorder.unit_of_work() as uow:
+                    record = load_record(uow, game_id)
+                if record is None or not _claims(record, container_id):
                     return None
-                time.sleep(0.1)
+                info = self._docker.inspect_container(container_id)
+                if info is not None and info.running:
+                    return None
+                action = ReconcileAction(
+                    ActionKind.MARK_STOPPED,
+                    game_id,
+                    container_id=container_id,
+                    image_ref=record.current_image_ref,
+                    exit_code=exit_code,
+                )
+                code = "unknown" if exit_code is None else str(exit_code)
+                return self._record(
+                    action, basis=record, source_ref=f"docker-event:{event}:exit={code}"
+                )
+        except ConcurrentModification:
+            log.info(
+                "engine exit left to the next reconcile pass: game busy",
+                extra={"game_id": game_id, "container_id": container_id},
+            )
+            return None
 
     def _plan(self) -> list[ReconcileAction]:
         containers: dict[str, list[ContainerInfo]] = {}
@@ -235,7 +299,7 @@ class Reconciler(LifecycleService):
                 action = plan_game(game_id, record, fresh)
                 if action is None:
                     return replace(planned, skipped_reason="already consistent")
-                result = self._record(action, source_ref="reconcile")
+                result = self._record(action, basis=record, source_ref="reconcile")
         except ConcurrentModification:
             return replace(planned, skipped_reason="game busy")
         except RuntimeManagerError as error:
@@ -245,7 +309,10 @@ class Reconciler(LifecycleService):
             return replace(action, skipped_reason=result.failure.message)
         return replace(action, applied=True)
 
-    def _record(self, action: ReconcileAction, *, source_ref: str) -> OperationResult:
+    def _record(
+        self, action: ReconcileAction, *, basis: RuntimeRecord | None, source_ref: str
+    ) -> OperationResult:
+        """Apply one step as an operation; `basis` is the record it was planned from."""
         kind = {
             ActionKind.ADOPT: OpKind.RECONCILE_ADOPT,
             ActionKind.MARK_RUNNING: OpKind.RECONCILE_ADOPT,
@@ -265,13 +332,14 @@ class Reconciler(LifecycleService):
         operation.container_id = action.container_id
 
         def body(op: Operation) -> OperationResult:
-            return op.commit(lambda uow: self._change(uow, action))
+            return op.commit(lambda uow: self._change(uow, action, basis))
 
         return self._recorder.run(operation, body)
 
-    def _change(self, uow: UnitOfWork, action: ReconcileAction) -> RuntimeRecord:
+    def _change(
+        self, uow: UnitOfWork, action: ReconcileAction, basis: RuntimeRecord | None
+    ) -> RuntimeRecord:
         now = self._clock()
-        record = uow.records.get_for_update(action.game_id)
         if action.kind is ActionKind.DISPOSE:
             return uow.records.update_status(
                 StatusChange(
@@ -293,16 +361,34 @@ class Reconciler(LifecycleService):
                     expected_container_id=action.container_id,
                 )
             )
-        return self._bind(uow, record, action, now)
+        return self._bind(uow, basis, action, now)
 
     def _bind(
         self,
         uow: UnitOfWork,
-        record: RuntimeRecord | None,
+        basis: RuntimeRecord | None,
         action: ReconcileAction,
         now: datetime,
     ) -> RuntimeRecord:
-        """Adopt: write a record bound to the container, in Docker's state."""
+        """Adopt: write a record bound to the container, in Docker's state.
+
+        CAS guard: the stored row, locked for the rest of the unit of work,
+        must still have the status and container id of `basis`, the record
+        the step was planned from (or still be absent when there was none);
+        otherwise `ConcurrentModification`, and nothing is written. An
+        adoption therefore never overwrites a change it did not see, such as
+        a start or stop that committed after the plan (a lease lost to
+        expiry, a second writer). A row inserted concurrently where none
+        was planned cannot be locked before it exists; the insert then
+        overwrites it, which the game's lease prevents in the first place.
+        """
+        record = uow.records.get_for_update(action.game_id)
+        if _cas_state(record) != _cas_state(basis):
+            raise ConcurrentModification(
+                f"runtime record of game {action.game_id} changed since the reconciler "
+                f"planned to adopt container {action.container_id[:12]}",
+                metadata={"game_id": action.game_id},
+            )
         status = RuntimeStatus.RUNNING if action.container_running else RuntimeStatus.STOPPED
         image_ref = action.image_ref or (record.current_image_ref if record else "")
         if record is None:
@@ -334,3 +420,17 @@ class Reconciler(LifecycleService):
             )
         uow.records.upsert(adopted)
         return adopted
+
+
+def _claims(record: RuntimeRecord | None, container_id: str) -> bool:
+    """Whether the record says the game runs on exactly `container_id`."""
+    return (
+        record is not None
+        and record.status is RuntimeStatus.RUNNING
+        and record.current_container_id == container_id
+    )
+
+
+def _cas_state(record: RuntimeRecord | None) -> tuple[RuntimeStatus, str] | None:
+    """What an adoption's CAS guard compares: status and container id."""
+    return None if record is None else (record.status, record.current_container_id)

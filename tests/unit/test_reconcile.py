@@ -1,0 +1,189 @@
+"""The reconcile use case on fakes: CAS-guarded adoption and observed engine exits."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from rtmanager.domain.operation import OpKind, OpSource
+from rtmanager.domain.runtime import RuntimeStatus
+from rtmanager.lifecycle.common import LifecycleDeps
+from rtmanager.lifecycle.reconcile import ActionKind, Reconciler
+from rtmanager.lifecycle.stop import StopRequest
+from rtmanager.telemetry import Telemetry
+from tests.unit.harness import IMAGE, Harness, make_harness
+
+GAME = "g1"
+
+
+@pytest.fixture
+def h(tmp_path: Path) -> Harness:
+    return make_harness(tmp_path)
+
+
+def reconciler_of(h: Harness) -> Reconciler:
+    deps = LifecycleDeps(recorder=h.recorder, lock=h.lock, docker=h.docker, settings=h.settings)
+    return Reconciler(deps, telemetry=Telemetry())
+
+
+def exited(h: Harness, container_id: str) -> None:
+    h.docker.containers[container_id].state = "exited"
+    h.docker.containers[container_id].exit_code = 137
+
+
+# --- adoption is CAS-guarded ---------------------------------------------------------
+
+
+def test_a_stopped_record_is_bound_to_its_games_running_container(h: Harness) -> None:
+    h.seed_stopped(GAME)
+    revived = h.docker.add_engine(GAME, IMAGE)
+
+    report = reconciler_of(h).run_pass()
+
+    assert [(a.kind, a.applied) for a in report.actions] == [(ActionKind.MARK_RUNNING, True)]
+    record = h.record(GAME)
+    assert (record.status, record.current_container_id) == (RuntimeStatus.RUNNING, revived)
+
+
+def test_an_adoption_does_not_overwrite_a_change_committed_after_its_plan(h: Harness) -> None:
+    h.seed_stopped(GAME)
+    revived = h.docker.add_engine(GAME, IMAGE)
+    # Another writer (say, a replica whose lease this one took over after it
+    # expired) binds the game to a container of its own after the pass
+    # planned from the stopped record, before the adoption commits.
+    theirs = "f" * 64
+    listings = 0
+
+    def meanwhile() -> None:
+        nonlocal listings
+        listings += 1
+        if listings == 2:  # the re-check under the lease, after reading the record
+            h.store.put(
+                replace(h.running_record(GAME, theirs), last_op_at=h.record(GAME).last_op_at)
+            )
+
+    h.docker.before("list_owned_containers", meanwhile)
+
+    report = reconciler_of(h).run_pass()
+
+    (action,) = report.actions
+    assert (action.kind, action.container_id, action.applied) == (
+        ActionKind.MARK_RUNNING,
+        revived,
+        False,
+    )
+    assert "changed since the reconciler planned" in action.skipped_reason
+    assert h.record(GAME).current_container_id == theirs
+    (row,) = h.rows(GAME)
+    assert (row.op_kind, str(row.outcome), str(row.error_code)) == (
+        OpKind.RECONCILE_ADOPT,
+        "failure",
+        "conflict",
+    )
+
+
+# --- observed exits --------------------------------------------------------------------
+
+
+def test_an_unexpected_exit_is_recorded_stopped(h: Harness) -> None:
+    record = h.seed_running(GAME)
+    exited(h, record.current_container_id)
+
+    result = reconciler_of(h).observe_exit(
+        GAME, record.current_container_id, event="die", exit_code=137
+    )
+
+    assert result is not None and result.ok
+    assert h.record(GAME).status is RuntimeStatus.STOPPED
+    row = h.only_row(GAME)
+    assert (row.op_kind, row.op_source, row.source_ref) == (
+        OpKind.STOP,
+        OpSource.AUTO_RECONCILE,
+        "docker-event:die:exit=137",
+    )
+    assert h.leases.all_released
+
+
+def test_an_exit_the_record_no_longer_claims_takes_no_lease(h: Harness) -> None:
+    record = h.seed_stopped(GAME)
+
+    assert (
+        reconciler_of(h).observe_exit(GAME, record.current_container_id, event="die", exit_code=0)
+        is None
+    )
+    assert h.leases.acquired == [] and h.leases.refused == []
+
+
+def test_an_exit_caused_by_a_stop_of_this_process_is_left_to_it_without_contending(
+    h: Harness,
+) -> None:
+    record = h.seed_running(GAME)
+    reconciler = reconciler_of(h)
+    observed: list[object] = []
+
+    def exit_seen_while_stopping(*_: object) -> None:
+        # Docker reports the die while the stop still holds the lease and
+        # has not committed; the stop then takes its time to commit.
+        observer = threading.Thread(
+            target=lambda: observed.append(
+                reconciler.observe_exit(GAME, record.current_container_id, event="die", exit_code=0)
+            )
+        )
+        observer.start()
+        observed.append(observer)
+        time.sleep(0.4)
+
+    h.docker.before("stop_container", exit_seen_while_stopping)
+
+    assert h.stop.handle(StopRequest(GAME, OpSource.GM_REST)).ok
+    observer = observed.pop(0)
+    assert isinstance(observer, threading.Thread)
+    observer.join(5)
+
+    assert observed == [None]
+    assert h.leases.acquires_of(GAME) == 1  # the stop's own lease, nothing else
+    assert [row.op_source for row in h.rows(GAME)] == [OpSource.GM_REST]
+
+
+def test_a_lease_busy_elsewhere_is_tried_once_and_left_to_the_reconciler(h: Harness) -> None:
+    record = h.seed_running(GAME)
+    exited(h, record.current_container_id)
+    h.leases.busy.add(GAME)  # another replica's operation holds the game
+
+    result = reconciler_of(h).observe_exit(
+        GAME, record.current_container_id, event="die", exit_code=137
+    )
+
+    assert result is None
+    assert h.leases.refused == [GAME]
+    assert h.record(GAME).status is RuntimeStatus.RUNNING
+    assert h.rows(GAME) == []
+
+
+def test_an_exit_of_a_container_that_runs_again_is_left_to_the_reconciler(h: Harness) -> None:
+    record = h.seed_running(GAME)
+
+    assert (
+        reconciler_of(h).observe_exit(GAME, record.current_container_id, event="die", exit_code=0)
+        is None
+    )
+    assert h.record(GAME).status is RuntimeStatus.RUNNING
+    assert h.leases.all_released
+
+
+def test_waiting_for_an_operation_of_this_process_ends_when_stopped(h: Harness) -> None:
+    record = h.seed_running(GAME)
+    stop = threading.Event()
+    with h.lock.hold(GAME):
+        threading.Timer(0.2, stop.set).start()
+        began = time.monotonic()
+        result = reconciler_of(h).observe_exit(
+            GAME, record.current_container_id, event="die", exit_code=0, stop=stop
+        )
+    assert result is None
+    assert time.monotonic() - began < 2
+    assert h.leases.acquires_of(GAME) == 1
