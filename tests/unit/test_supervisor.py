@@ -7,9 +7,9 @@ from datetime import timedelta
 
 import pytest
 
+from rtmanager.lifecycle.reconcile import ReconcileReport
 from rtmanager.workers import supervisor
 from rtmanager.workers.periodic import PeriodicWorker
-from rtmanager.workers.reconciler import ReconcileReport
 from rtmanager.workers.supervisor import Workers
 
 
