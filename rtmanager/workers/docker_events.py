@@ -25,6 +25,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for_futures
 from datetime import datetime, timedelta
 
+from rtmanager.backoff import Backoff
 from rtmanager.domain.errors import RuntimeManagerError
 from rtmanager.lifecycle.reconcile import Reconciler
 from rtmanager.ports import ContainerEvent, DockerEngine, EventStream
@@ -49,8 +50,7 @@ class DockerEventsListener:
     ) -> None:
         self._docker = docker
         self._reconciler = reconciler
-        self._backoff_base = backoff_base.total_seconds()
-        self._backoff_max = backoff_max.total_seconds()
+        self._reconnect = Backoff(backoff_base, backoff_max)
         self._on_reconnect = on_reconnect or reconciler.run_pass
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -89,7 +89,7 @@ class DockerEventsListener:
 
     def _run(self) -> None:
         since: datetime | None = None
-        delay = self._backoff_base
+        failures = 0
         first = True
         while not self._stop.is_set():
             try:
@@ -103,7 +103,7 @@ class DockerEventsListener:
                 if not first:
                     log.info("docker event stream reconnected; reconciling")
                     self._on_reconnect()
-                first, delay = False, self._backoff_base
+                first, failures = False, 0
                 for event in stream:
                     since = event.time
                     self._handle(event)
@@ -113,14 +113,14 @@ class DockerEventsListener:
                     return
                 log.warning(
                     "docker event stream lost; reconnecting",
-                    extra={"problem": error.message, "retry_in_seconds": delay},
+                    extra={"problem": error.message, "failures": failures + 1},
                 )
             except Exception:
                 self.connected.clear()
                 log.exception("docker events listener failed; reconnecting")
-            if self._stop.wait(delay):
+            failures += 1
+            if self._stop.wait(self._reconnect.delay(failures)):
                 return
-            delay = min(delay * 2, self._backoff_max)
 
     def _handle(self, event: ContainerEvent) -> None:
         if event.action not in ("die", "oom") or not event.game_id:
