@@ -215,7 +215,9 @@ class Application:
         self.lock = GameLock(
             self.leases, settings.game_lease_ttl, on_acquire_latency=telemetry.lease_acquired
         )
-        self.recorder = OperationRecorder(self.units_of_work, telemetry)
+        self.recorder = OperationRecorder(
+            self.units_of_work, telemetry, lease_check=self.lock.check
+        )
         lifecycle = lifecycle_settings(settings)
         deps = LifecycleDeps(
             recorder=self.recorder, lock=self.lock, docker=self.docker, settings=lifecycle

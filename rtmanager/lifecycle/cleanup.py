@@ -100,6 +100,7 @@ class CleanupService(LifecycleService):
                 )
         container_id = record.current_container_id
         if owned_container(self._docker, container_id) is not None:
+            self._lock.check(op.game_id)
             self._docker.remove_container(container_id, force=True)
         change = StatusChange(
             game_id=op.game_id,

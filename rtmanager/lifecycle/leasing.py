@@ -3,7 +3,17 @@
 `GameLock.hold(game_id)` takes the lease or raises `ConcurrentModification`
 (the game is busy), keeps it alive while the operation runs (pulls and slow
 stops may outlast the TTL) and releases it by token when the block ends, even
-on failure. One renewer thread serves every held lease of the process.
+on failure.
+
+A lease can be lost while its operation runs: another holder took it after
+it expired (Redis was paused, renewals failed for a whole TTL), or it was
+deleted behind our back. `GameLock.check(game_id)` says so: the lifecycles
+call it before every Docker change and the recorder before every commit, so
+an operation that lost its game stops there (`LeaseLost`) instead of acting
+alongside the new holder.
+
+Each held lease has its own renewer thread, so one slow renewal (a Redis
+call waiting out its timeout) never delays another game's.
 """
 
 from __future__ import annotations
@@ -13,14 +23,39 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import timedelta
 
-from rtmanager.domain.errors import ConcurrentModification, RuntimeManagerError
+from rtmanager.domain.errors import (
+    ConcurrentModification,
+    RuntimeManagerError,
+    ServiceUnavailable,
+)
 from rtmanager.ports import GameLeases, Lease
 
 log = logging.getLogger(__name__)
 
 LatencyObserver = Callable[[float], None]
+
+
+class LeaseLost(ConcurrentModification):
+    """The operation's game lease is no longer held; it must not act any further."""
+
+
+class LeaseUnconfirmed(ServiceUnavailable):
+    """The operation's lease could not be renewed before its TTL ran out (Redis unreachable)."""
+
+
+@dataclass(eq=False)
+class _Held:
+    """One lease this process holds, and what its renewer knows of it."""
+
+    lease: Lease
+    # Monotonic time until which the lease is surely ours: measured from
+    # before the call that last set its TTL.
+    valid_until: float
+    lost: str = ""  # why it is lost; "" while held
+    done: threading.Event = field(default_factory=threading.Event)
 
 
 class GameLock:
@@ -36,16 +71,14 @@ class GameLock:
         self._leases = leases
         self._ttl = ttl
         self._on_latency = on_acquire_latency
-        self._held: dict[str, Lease] = {}
+        self._held: dict[str, _Held] = {}  # by game id
         self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._renewer: threading.Thread | None = None
 
     @property
     def held_games(self) -> list[str]:
         """Games whose lease this process holds right now."""
         with self._lock:
-            return sorted(lease.game_id for lease in self._held.values())
+            return sorted(self._held)
 
     @contextmanager
     def hold(self, game_id: str) -> Iterator[Lease]:
@@ -62,27 +95,69 @@ class GameLock:
                 f"another operation is in progress for game {game_id}",
                 metadata={"game_id": game_id},
             )
-        self._register(lease)
+        held = _Held(lease, valid_until=started + self._ttl.total_seconds())
+        with self._lock:
+            self._held[game_id] = held
+        renewer = threading.Thread(
+            target=self._renew_until_done, args=(held,), name=f"lease-{game_id}", daemon=True
+        )
+        renewer.start()
         try:
             yield lease
         finally:
-            self._unregister(lease)
-            self._release(lease)
+            held.done.set()
+            with self._lock:
+                if self._held.get(game_id) is held:
+                    del self._held[game_id]
+            self._release(held)
 
-    def _register(self, lease: Lease) -> None:
+    def check(self, game_id: str) -> None:
+        """Raise unless the lease this process holds on the game is still surely held.
+
+        `LeaseLost` (a `conflict`) when another holder has it or it expired;
+        `LeaseUnconfirmed` (`service_unavailable`) when Redis could not
+        confirm it within its TTL. A game whose lease this process does not
+        hold at all passes: the check guards operations inside `hold`.
+        """
         with self._lock:
-            self._held[lease.token] = lease
-            if self._renewer is None or not self._renewer.is_alive():
-                self._renewer = threading.Thread(
-                    target=self._renew_forever, name="lease-renewer", daemon=True
+            held = self._held.get(game_id)
+        if held is None:
+            return
+        if held.lost:
+            raise LeaseLost(
+                f"lost the lease of game {game_id}: {held.lost}; stopped before acting further",
+                metadata={"game_id": game_id, "lease": "lost"},
+            )
+        if time.monotonic() >= held.valid_until:
+            raise LeaseUnconfirmed(
+                f"the lease of game {game_id} could not be renewed before it expired; "
+                "stopped before acting further",
+                metadata={"game_id": game_id, "dependency": "redis", "lease": "lost"},
+            )
+
+    def _renew_until_done(self, held: _Held) -> None:
+        interval = max(self._ttl.total_seconds() / 3, 0.05)
+        game_id = held.lease.game_id
+        while not held.done.wait(interval):
+            started = time.monotonic()
+            try:
+                renewed = self._leases.renew(held.lease, self._ttl)
+            except RuntimeManagerError as error:
+                log.warning(
+                    "could not renew game lease",
+                    extra={"game_id": game_id, "problem": str(error)},
                 )
-                self._renewer.start()
+                continue
+            if held.done.is_set():
+                return
+            if not renewed:
+                held.lost = "it expired or another holder took it"
+                log.error("lost a game lease while its operation runs", extra={"game_id": game_id})
+                return
+            held.valid_until = started + self._ttl.total_seconds()
 
-    def _unregister(self, lease: Lease) -> None:
-        with self._lock:
-            self._held.pop(lease.token, None)
-
-    def _release(self, lease: Lease) -> None:
+    def _release(self, held: _Held) -> None:
+        lease = held.lease
         try:
             if not self._leases.release(lease):
                 log.warning(
@@ -94,31 +169,3 @@ class GameLock:
                 "could not release game lease",
                 extra={"game_id": lease.game_id, "problem": str(error)},
             )
-
-    def _still_held(self, lease: Lease) -> bool:
-        with self._lock:
-            return lease.token in self._held
-
-    def _renew_forever(self) -> None:
-        interval = max(self._ttl.total_seconds() / 3, 0.05)
-        while True:
-            self._wake.wait(interval)
-            with self._lock:
-                leases = list(self._held.values())
-                if not leases:
-                    self._renewer = None
-                    return
-            for lease in leases:
-                if not self._still_held(lease):
-                    continue
-                try:
-                    if not self._leases.renew(lease, self._ttl) and self._still_held(lease):
-                        log.error(
-                            "lost a game lease while its operation runs",
-                            extra={"game_id": lease.game_id},
-                        )
-                except RuntimeManagerError as error:
-                    log.warning(
-                        "could not renew game lease",
-                        extra={"game_id": lease.game_id, "problem": str(error)},
-                    )

@@ -134,6 +134,8 @@ class Operation:
                 uow.events.append(entry, changed)
             if self.job is not None:
                 uow.job_marks.advance(self._mark(entry))
+            if self.recorder.lease_check is not None:
+                self.recorder.lease_check(self.game_id)
             uow.commit()
         self.recorder.committed(entry, record)
         return OperationResult(
@@ -180,8 +182,12 @@ class OperationRecorder:
         *,
         clock: Callable[[], datetime] = utc_now,
         db_timeout: timedelta = DEFAULT_DB_TIMEOUT,
+        lease_check: Callable[[str], None] | None = None,
     ) -> None:
         self.units_of_work = units_of_work
+        # Raises unless this process still holds the game's lease (when it
+        # holds one): no change is committed by an operation that lost it.
+        self.lease_check = lease_check
         self.telemetry = telemetry
         self.clock = clock
         self.db_timeout = db_timeout
@@ -343,10 +349,15 @@ class OperationRecorder:
         """
         record: RuntimeRecord | None = None
         entry: OperationEntry | None = None
-        quiet = operation.job is not None and failure.transient
+        # A lost lease is audited even for a job: it may have acted on Docker.
+        quiet = (
+            operation.job is not None
+            and failure.transient
+            and failure.metadata.get("lease") != "lost"
+        )
         try:
             with self.units_of_work(timeout=self.db_timeout) as uow:
-                if change is not None:
+                if change is not None and self._lease_still_held(operation):
                     record = change(uow)
                 if quiet and record is None:
                     return OperationResult(
@@ -382,6 +393,16 @@ class OperationRecorder:
             operation_id=entry.id if entry else 0,
             unrecorded=entry is None,
         )
+
+    def _lease_still_held(self, operation: Operation) -> bool:
+        """Whether a failure's record change may still be written (the lease is ours)."""
+        if self.lease_check is None:
+            return True
+        try:
+            self.lease_check(operation.game_id)
+        except RuntimeManagerError:
+            return False
+        return True
 
     def committed(self, entry: OperationEntry, record: RuntimeRecord | None) -> None:
         """Tell listeners about a committed operation (their errors are logged, not raised)."""

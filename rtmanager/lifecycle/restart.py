@@ -113,6 +113,7 @@ class RecreateService(LifecycleService):
         _raise_unless_ok(stopped, "inner stop failed: ")
         container_id = record.current_container_id
         if owned_container(self._docker, container_id) is not None:
+            self._lock.check(op.game_id)
             self._docker.remove_container(container_id, force=True)
         if container_id:
             removed.append(container_id)

@@ -174,14 +174,18 @@ class StartService(LifecycleService):
         # The previous container of this game (the record's, or an orphan of
         # an interrupted operation that holds the name) makes way.
         if occupant is not None:
+            self._lock.check(game_id)
             self._docker.remove_container(occupant.id, force=True)
         if existing is not None and existing.current_container_id:
             if owned_container(self._docker, existing.current_container_id) is not None:
+                self._lock.check(game_id)
                 self._docker.remove_container(existing.current_container_id, force=True)
             removed.append(existing.current_container_id)
         require_time_left("creating the engine container")
+        self._lock.check(game_id)
         container_id = self._docker.create_container(self._spec(game_id, image_ref, state_dir))
         try:
+            self._lock.check(game_id)
             self._docker.start_container(container_id)
             self._wait_until_up(container_id)
         except RuntimeManagerError:

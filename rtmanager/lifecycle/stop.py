@@ -72,6 +72,7 @@ class StopService(LifecycleService):
         container_id = record.current_container_id
         # A container already gone counts as stopped.
         if owned_container(self._docker, container_id) is not None:
+            self._lock.check(op.game_id)
             self._docker.stop_container(container_id, self._settings.stop_timeout)
         change = StatusChange(
             game_id=op.game_id,

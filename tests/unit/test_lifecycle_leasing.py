@@ -11,7 +11,7 @@ from datetime import timedelta
 import pytest
 
 from rtmanager.domain.errors import ConcurrentModification, ErrorCode, ServiceUnavailable
-from rtmanager.lifecycle.leasing import GameLock
+from rtmanager.lifecycle.leasing import GameLock, LeaseLost
 from rtmanager.ports import Lease
 from tests.unit.fakes import FakeLeases
 
@@ -246,17 +246,74 @@ class BlockingRenewLeases(FakeLeases):
         return super().renew(lease, ttl)
 
 
-def test_a_lease_released_during_a_renewal_round_is_not_renewed_nor_reported_lost(
+def test_a_lease_released_while_its_renewal_is_in_flight_is_not_reported_lost(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     leases = BlockingRenewLeases()
     lock = GameLock(leases, SHORT_TTL)
 
-    with caplog.at_level(logging.ERROR), lock.hold("a"):
-        with lock.hold("b") as b:
+    with caplog.at_level(logging.ERROR):
+        with lock.hold("a"):
             assert leases.renewing_a.wait(2)
+        # Released (the token is gone) while the renewal still waits.
         leases.go_on.set()
-        time.sleep(0.03)
+        time.sleep(0.05)
 
-    assert b not in leases.renewed
     assert not [r for r in caplog.records if "lost a game lease" in r.getMessage()]
+
+
+def test_check_passes_while_the_lease_is_held_and_for_games_not_held_here() -> None:
+    lock = GameLock(FakeLeases(), SHORT_TTL)
+    lock.check("elsewhere")
+    with lock.hold("game-1"):
+        time.sleep(0.2)  # several renewals
+        lock.check("game-1")
+
+
+def test_a_lease_taken_by_another_holder_fails_the_check_as_a_conflict() -> None:
+    leases = FakeLeases()
+    lock = GameLock(leases, SHORT_TTL)
+    with lock.hold("game-1"):
+        leases.expire("game-1")
+        leases.tokens["game-1"] = "another-holder"
+        assert wait_until(lambda: _fails(lock, "game-1"))
+        with pytest.raises(LeaseLost) as lost:
+            lock.check("game-1")
+    assert lost.value.code is ErrorCode.CONFLICT
+    assert lost.value.to_failure().metadata["lease"] == "lost"
+    assert leases.tokens["game-1"] == "another-holder"  # our release deleted nothing
+
+
+def test_a_lease_that_cannot_be_renewed_within_its_ttl_fails_the_check_as_unavailable() -> None:
+    leases = FakeLeases()
+    lock = GameLock(leases, SHORT_TTL)
+    with lock.hold("game-1"):
+        leases.go_down("renew")
+        lock.check("game-1")  # still within its TTL
+        time.sleep(SHORT_TTL.total_seconds() + 0.05)
+        with pytest.raises(ServiceUnavailable) as unconfirmed:
+            lock.check("game-1")
+    assert unconfirmed.value.code is ErrorCode.SERVICE_UNAVAILABLE
+
+
+def test_a_slow_renewal_of_one_game_does_not_starve_another() -> None:
+    class SlowForOne(FakeLeases):
+        def renew(self, lease: Lease, ttl: timedelta) -> bool:
+            if lease.game_id == "slow":
+                time.sleep(1.0)  # a Redis call waiting out its timeout
+            return super().renew(lease, ttl)
+
+    leases = SlowForOne()
+    lock = GameLock(leases, SHORT_TTL)
+    with lock.hold("slow"), lock.hold("quick") as quick:
+        time.sleep(0.6)
+        assert renewals(leases, quick) >= 5
+        lock.check("quick")
+
+
+def _fails(lock: GameLock, game_id: str) -> bool:
+    try:
+        lock.check(game_id)
+    except ConcurrentModification:
+        return True
+    return False
