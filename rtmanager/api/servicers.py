@@ -18,7 +18,7 @@ from google.rpc import code_pb2
 
 from rtmanager._proto.galaxy.rtmanager.v1 import rtmanager_pb2 as pb
 from rtmanager._proto.galaxy.rtmanager.v1 import rtmanager_pb2_grpc as pb_grpc
-from rtmanager.api import convert
+from rtmanager.api import convert, convert_results
 from rtmanager.api.auth import Authenticator, AuthFailure, Principal
 from rtmanager.api.errors import overloaded_status, rich_status, to_rpc_status
 from rtmanager.api.limits import CallLimiter, Overloaded
@@ -244,7 +244,7 @@ class RuntimeServicer(_Authenticated, pb_grpc.RuntimeServiceServicer):
             for item in self._lifecycles.watch.watch(
                 watch, context.is_active, context.add_callback
             ):
-                yield convert.watch_item_to_pb(item)
+                yield convert_results.watch_item_to_pb(item)
         except Exception as error:
             _abort_for(context, error, "WatchRuntimes")
 
@@ -293,4 +293,4 @@ class RuntimeAdminServicer(_Authenticated, pb_grpc.RuntimeAdminServiceServicer):
         self, request: pb.ReconcileRequest, context: grpc.ServicerContext, caller: Principal
     ) -> pb.ReconcileResponse:
         report = self._lifecycles.reconciler.run_pass(dry_run=request.dry_run)
-        return convert.reconcile_report_to_pb(report)
+        return convert_results.reconcile_report_to_pb(report)

@@ -50,7 +50,7 @@ from rtmanager.adapters.postgres.events import (
     pruned_through,
     read_snapshot,
 )
-from rtmanager.adapters.postgres.pool import Pool, session_setup
+from rtmanager.adapters.postgres.pool import Pool, connect_kwargs, session_setup
 from rtmanager.backoff import Backoff
 from rtmanager.domain.errors import RuntimeManagerError
 from rtmanager.domain.runtime import RuntimeRecord
@@ -242,7 +242,8 @@ class PostgresRuntimeFeed:
         next_prune = 0.0
         while not self._stop.is_set():
             try:
-                with psycopg.connect(self._dsn, autocommit=True, connect_timeout=5) as conn:
+                options = connect_kwargs(connect_timeout=5, application_name="rtmanager-feed")
+                with psycopg.connect(self._dsn, autocommit=True, **options) as conn:
                     session_setup(conn, self._schema)
                     conn.execute(
                         sql.SQL("LISTEN {}").format(sql.Identifier(channel_name(self._schema)))

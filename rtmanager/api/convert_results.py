@@ -1,0 +1,85 @@
+"""Proto forms of the server's use-case results: reconcile reports and watch items.
+
+Kept apart from `convert` (records, operations, vocabularies) so that the
+Game Master client, which imports `convert`, pulls in no lifecycle code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from rtmanager._proto.galaxy.rtmanager.v1 import rtmanager_pb2 as pb
+from rtmanager.api.convert import (
+    OP_KIND_TO_PB,
+    OP_SOURCE_TO_PB,
+    OUTCOME_TO_PB,
+    record_to_pb,
+    timestamp_to_pb,
+)
+from rtmanager.domain.timeutil import utc_now
+from rtmanager.lifecycle.reconcile import ActionKind, ReconcileReport
+from rtmanager.lifecycle.watch import (
+    Bookmark,
+    SnapshotDone,
+    SnapshotRecord,
+    WatchItem,
+    format_cursor,
+)
+
+RECONCILE_ACTION_TO_PB: Mapping[ActionKind, pb.ReconcileActionKind.ValueType] = {
+    ActionKind.ADOPT: pb.RECONCILE_ACTION_KIND_ADOPT,
+    ActionKind.DISPOSE: pb.RECONCILE_ACTION_KIND_DISPOSE,
+    ActionKind.MARK_STOPPED: pb.RECONCILE_ACTION_KIND_MARK_STOPPED,
+    ActionKind.MARK_RUNNING: pb.RECONCILE_ACTION_KIND_MARK_RUNNING,
+}
+
+
+def reconcile_report_to_pb(report: ReconcileReport) -> pb.ReconcileResponse:
+    """Return the proto form of a reconcile pass's report."""
+    return pb.ReconcileResponse(
+        dry_run=report.dry_run,
+        actions=[
+            pb.ReconcileAction(
+                kind=RECONCILE_ACTION_TO_PB[action.kind],
+                game_id=action.game_id,
+                container_id=action.container_id,
+                image_ref=action.image_ref,
+                applied=action.applied,
+                skipped_reason=action.skipped_reason,
+            )
+            for action in report.actions
+        ],
+        adopted=report.count(ActionKind.ADOPT),
+        disposed=report.count(ActionKind.DISPOSE),
+        marked_stopped=report.count(ActionKind.MARK_STOPPED),
+        marked_running=report.count(ActionKind.MARK_RUNNING),
+        skipped=report.skipped,
+    )
+
+
+def watch_item_to_pb(item: WatchItem) -> pb.WatchRuntimesResponse:
+    """Return the proto form of one item of a watch stream."""
+    if isinstance(item, SnapshotRecord):
+        return pb.WatchRuntimesResponse(snapshot=record_to_pb(item.record))
+    if isinstance(item, SnapshotDone):
+        return pb.WatchRuntimesResponse(
+            snapshot_complete=pb.SnapshotComplete(cursor=format_cursor(item.cursor))
+        )
+    if isinstance(item, Bookmark):
+        return pb.WatchRuntimesResponse(
+            bookmark=pb.Bookmark(
+                cursor=format_cursor(item.cursor), server_time=timestamp_to_pb(utc_now())
+            )
+        )
+    event = item.event
+    return pb.WatchRuntimesResponse(
+        event=pb.RuntimeEvent(
+            cursor=format_cursor(event.id),
+            op_kind=OP_KIND_TO_PB[event.op_kind],
+            op_source=OP_SOURCE_TO_PB[event.op_source],
+            outcome=OUTCOME_TO_PB[event.outcome],
+            runtime=record_to_pb(event.record),
+            operation_id=event.operation_id,
+            committed_at=timestamp_to_pb(event.committed_at),
+        )
+    )
