@@ -19,6 +19,23 @@ UNAVAILABLE_ERRORS: tuple[type[Exception], ...] = (
     TimeoutError,
 )
 
+# Token-guarded scripts shared by every key that one holder owns (a game's
+# lease, a stream consumer's presence): KEYS[1] the key, ARGV[1] the token.
+# Compare-and-expire (ARGV[2] the new TTL in ms): extend only while ours.
+RENEW_IF_OURS = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+# Compare-and-delete: drop only while ours.
+DELETE_IF_OURS = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
 # Idle pooled connections are pinged before reuse after this many seconds, so
 # a Redis restart costs one quick reconnect rather than a failed command.
 HEALTH_CHECK_INTERVAL_SECONDS = 30

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import redis
 
-from rtmanager.adapters.redis.client import UNAVAILABLE_ERRORS
+from rtmanager.adapters.redis.client import DELETE_IF_OURS, RENEW_IF_OURS, UNAVAILABLE_ERRORS
 from rtmanager.domain.errors import ServiceUnavailable
 from rtmanager.domain.jobs import JobKind, LobbyJob
 from rtmanager.ports import AnswerOutcome, JobEntry
@@ -122,20 +122,6 @@ end
 return 0
 """
 
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-    return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-"""
-
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-    return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
-
 _PENDING_PAGE = 100
 
 
@@ -179,8 +165,8 @@ class RedisJobStreams:
         self._answer = client.register_script(_ANSWER)
         self._claim = client.register_script(_CLAIM)
         self._remove_idle = client.register_script(_REMOVE_IDLE_CONSUMER)
-        self._renew = client.register_script(_RENEW)
-        self._release = client.register_script(_RELEASE)
+        self._renew = client.register_script(RENEW_IF_OURS)
+        self._release = client.register_script(DELETE_IF_OURS)
 
     @property
     def config(self) -> JobStreamsConfig:

@@ -16,28 +16,12 @@ from typing import TYPE_CHECKING
 
 import redis
 
-from rtmanager.adapters.redis.client import UNAVAILABLE_ERRORS
+from rtmanager.adapters.redis.client import DELETE_IF_OURS, RENEW_IF_OURS, UNAVAILABLE_ERRORS
 from rtmanager.domain.errors import ServiceUnavailable
 from rtmanager.ports import Lease
 
 if TYPE_CHECKING:
     from rtmanager.ports import GameLeases
-
-# Compare-and-expire: extend the lease only while it still holds our token.
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-    return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-"""
-
-# Compare-and-delete: drop the lease only while it still holds our token.
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-    return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
 
 _ONE_MICROSECOND = timedelta(microseconds=1)
 
@@ -55,8 +39,8 @@ class RedisGameLeases:
     def __init__(self, client: redis.Redis, *, prefix: str = "") -> None:
         self._client = client
         self._prefix = prefix
-        self._renew = client.register_script(_RENEW)
-        self._release = client.register_script(_RELEASE)
+        self._renew = client.register_script(RENEW_IF_OURS)
+        self._release = client.register_script(DELETE_IF_OURS)
 
     def key(self, game_id: str) -> str:
         """Return the Redis key of a game's lease."""
