@@ -14,7 +14,6 @@ PG_PASSWORD=rtmanager
 PG_DB=rtmanager
 REDIS_PORT=6379
 REDIS_PIDFILE=/run/rtmanager-redis.pid
-DOCKERD_LOG=/var/log/rtmanager-dockerd.log
 STATE_ROOT=${RTMANAGER_STATE_ROOT:-/var/lib/galaxy/games}
 
 log() { printf '[bootstrap] %s\n' "$*" >&2; }
@@ -98,35 +97,8 @@ start_redis() {
   wait_for 30 Redis sh -c "redis-cli -h 127.0.0.1 -p $REDIS_PORT ping | grep -q PONG"
 }
 
-docker_up() { timeout 5 docker version --format '{{.Server.Version}}' >/dev/null 2>&1; }
-
-start_docker() {
-  docker_up && return 0
-  local pid
-  if [[ -f /var/run/docker.pid ]]; then
-    pid=$(cat /var/run/docker.pid)
-    if pid_alive "$pid"; then
-      # A live dockerd that does not answer yet: give it time before giving up.
-      wait_for 60 "the running dockerd" docker_up
-      return 0
-    fi
-    rm -f /var/run/docker.pid
-  fi
-  pgrep -x dockerd >/dev/null && { wait_for 60 "the running dockerd" docker_up; return 0; }
-  rm -f /var/run/docker.sock
-  # The managed containerd of a killed dockerd may linger or leave its files.
-  if [[ -f /var/run/docker/containerd/containerd.pid ]]; then
-    pid=$(cat /var/run/docker/containerd/containerd.pid)
-    pid_alive "$pid" || rm -f /var/run/docker/containerd/containerd.pid
-  fi
-  if [[ -S /run/containerd/containerd.sock ]] && ! pgrep -x containerd >/dev/null; then
-    rm -f /run/containerd/containerd.sock
-  fi
-  log "starting dockerd"
-  setsid nohup dockerd --iptables=false --ip-masq=false --bridge=none \
-    >>"$DOCKERD_LOG" 2>&1 </dev/null &
-  wait_for 90 dockerd docker_up
-}
+# The one way dockerd is started here; the chaos soak (bench/soak.py) restarts it the same way.
+start_docker() { bash scripts/dockerd.sh start; }
 
 setup_python() {
   local stamp=.venv/.rtmanager-installed want

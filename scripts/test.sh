@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Brings everything up (see scripts/bootstrap.sh) and runs every check:
 # ruff, mypy --strict, buf lint, protobuf freshness and the whole pytest
-# suite against real PostgreSQL, Redis and Docker. Extra arguments go to
-# pytest. Exits non-zero on any failure, including "no tests collected".
+# suite against real PostgreSQL, Redis and Docker, then the short chaos soak
+# (bench/soak.py). Extra arguments go to pytest. Exits non-zero on any
+# failure, including "no tests collected".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
@@ -18,3 +19,9 @@ bash scripts/check-proto.sh
 echo "== pytest"
 # pytest exits 5 when it collects no test: that is a failure here too.
 .venv/bin/pytest -p no:cacheprovider -n "${RTMANAGER_TEST_WORKERS:-3}" "$@"
+echo "== chaos soak"
+# Alone and last: it restarts the shared dockerd (and runs its own private
+# PostgreSQL and Redis). RTMANAGER_SOAK_SECONDS=0 skips it.
+if [[ ${RTMANAGER_SOAK_SECONDS:-90} != 0 ]]; then
+  .venv/bin/python -m bench.soak --seconds "${RTMANAGER_SOAK_SECONDS:-90}"
+fi

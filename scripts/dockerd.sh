@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# Starts, stops or restarts the machine's Docker engine, as root, the one way
+# the project runs it: `dockerd --iptables=false --ip-masq=false
+# --bridge=none`, detached, logging to /var/log/rtmanager-dockerd.log.
+#
+#   bash scripts/dockerd.sh start            # idempotent; used by scripts/bootstrap.sh
+#   bash scripts/dockerd.sh stop             # SIGTERM, wait for it (and its containerd) to exit
+#   bash scripts/dockerd.sh restart [DOWN]   # stop, stay down DOWN seconds (default 2), start
+#
+# `start` copes with what a killed daemon leaves behind: a stale pid file,
+# its socket, the pid file and socket of its managed containerd. `restart`
+# is what the chaos soak (bench/soak.py) uses to take the shared daemon away.
+set -euo pipefail
+
+DOCKERD_LOG=/var/log/rtmanager-dockerd.log
+DOCKERD_PIDFILE=/var/run/docker.pid
+CONTAINERD_PIDFILE=/var/run/docker/containerd/containerd.pid
+
+log() { printf '[dockerd] %s\n' "$*" >&2; }
+die() { printf '[dockerd] error: %s\n' "$*" >&2; exit 1; }
+
+wait_for() { # wait_for SECONDS DESCRIPTION COMMAND...
+  local seconds=$1 what=$2; shift 2
+  local deadline=$((SECONDS + seconds))
+  until "$@" >/dev/null 2>&1; do
+    ((SECONDS < deadline)) || die "$what did not come up within ${seconds}s"
+    sleep 0.3
+  done
+}
+
+pid_alive() { [[ -n "${1:-}" ]] && kill -0 "$1" 2>/dev/null; }
+
+docker_up() { timeout 5 docker version --format '{{.Server.Version}}' >/dev/null 2>&1; }
+
+# The pid of the running dockerd (its pid file, else by name); fails when none runs.
+dockerd_pid() {
+  local pid
+  if [[ -f $DOCKERD_PIDFILE ]]; then
+    pid=$(cat "$DOCKERD_PIDFILE")
+    if pid_alive "$pid" && [[ $(cat "/proc/$pid/comm" 2>/dev/null) == dockerd ]]; then
+      echo "$pid"
+      return 0
+    fi
+  fi
+  pgrep -x dockerd | head -n 1 | grep .
+}
+
+start_docker() {
+  docker_up && return 0
+  local pid
+  if [[ -f $DOCKERD_PIDFILE ]]; then
+    pid=$(cat "$DOCKERD_PIDFILE")
+    if pid_alive "$pid"; then
+      # A live dockerd that does not answer yet: give it time before giving up.
+      wait_for 60 "the running dockerd" docker_up
+      return 0
+    fi
+    rm -f "$DOCKERD_PIDFILE"
+  fi
+  pgrep -x dockerd >/dev/null && { wait_for 60 "the running dockerd" docker_up; return 0; }
+  rm -f /var/run/docker.sock
+  # The managed containerd of a killed dockerd may linger or leave its files.
+  if [[ -f $CONTAINERD_PIDFILE ]]; then
+    pid=$(cat "$CONTAINERD_PIDFILE")
+    pid_alive "$pid" || rm -f "$CONTAINERD_PIDFILE"
+  fi
+  if [[ -S /run/containerd/containerd.sock ]] && ! pgrep -x containerd >/dev/null; then
+    rm -f /run/containerd/containerd.sock
+  fi
+  log "starting dockerd"
+  setsid nohup dockerd --iptables=false --ip-masq=false --bridge=none \
+    >>"$DOCKERD_LOG" 2>&1 </dev/null &
+  wait_for 90 dockerd docker_up
+}
+
+stop_docker() {
+  local pid containerd="" deadline
+  if ! pid=$(dockerd_pid); then
+    log "dockerd is not running"
+    return 0
+  fi
+  [[ -f $CONTAINERD_PIDFILE ]] && containerd=$(cat "$CONTAINERD_PIDFILE")
+  log "stopping dockerd (pid $pid)"
+  kill -TERM "$pid"
+  # dockerd stops its containers first (their stop timeout, 10 s by default).
+  deadline=$((SECONDS + 60))
+  while pid_alive "$pid" && ((SECONDS < deadline)); do sleep 0.2; done
+  if pid_alive "$pid"; then
+    log "dockerd did not exit within 60s; killing it"
+    kill -KILL "$pid"
+    sleep 0.5
+  fi
+  # Its managed containerd exits with it; a lingering one is killed, so the
+  # next start finds no stale pid file or socket.
+  if pid_alive "$containerd" && [[ $(cat "/proc/$containerd/comm" 2>/dev/null) == containerd ]]; then
+    deadline=$((SECONDS + 15))
+    while pid_alive "$containerd" && ((SECONDS < deadline)); do sleep 0.2; done
+    pid_alive "$containerd" && kill -KILL "$containerd"
+  fi
+  return 0
+}
+
+main() {
+  [[ $(id -u) -eq 0 ]] || die "run as root (it starts and stops the system's dockerd)"
+  case "${1:-start}" in
+    start) start_docker ;;
+    stop) stop_docker ;;
+    restart)
+      stop_docker
+      sleep "${2:-2}"
+      start_docker
+      ;;
+    *) die "usage: $0 start|stop|restart [DOWN_SECONDS]" ;;
+  esac
+}
+
+main "$@"
