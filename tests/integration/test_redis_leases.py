@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import cast
 
 import pytest
@@ -18,6 +19,7 @@ from rtmanager.adapters.redis.leases import RedisGameLeases
 from rtmanager.domain.errors import ErrorCode, ServiceUnavailable
 from rtmanager.ports import Lease
 from tests.conftest import REDIS_URL
+from tests.support.private_redis import PrivateRedis
 
 pytestmark = pytest.mark.integration
 
@@ -421,3 +423,72 @@ def test_redis_timing_out_is_service_unavailable(silent_server: str) -> None:
         assert time.monotonic() - started < 5
     finally:
         client.close()
+
+
+def test_an_acquire_whose_reply_was_lost_does_not_block_the_game(
+    redis_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A paused Redis runs a queued SET when it resumes, after the caller
+    # gave up: a lease under a token nobody holds. Here the SET lands and
+    # its reply is lost, deterministically.
+    client = create_redis(REDIS_URL, timeout=timedelta(seconds=5))
+    leases = RedisGameLeases(client, prefix=redis_prefix)
+    real_set = client.set
+
+    def set_then_time_out(*args: object, **kwargs: object) -> object:
+        real_set(*args, **kwargs)  # type: ignore[arg-type]
+        raise redis.exceptions.TimeoutError("Timeout reading from socket")
+
+    try:
+        monkeypatch.setattr(client, "set", set_then_time_out)
+        for game_id in ("stuck", "other"):
+            with pytest.raises(ServiceUnavailable):
+                leases.acquire(game_id, timedelta(seconds=60))
+        monkeypatch.setattr(client, "set", real_set)
+        assert client.exists(leases.key("stuck"), leases.key("other")) == 2
+        # The next attempt of the same game adopts what its SET left ...
+        lease = leases.acquire("stuck", timedelta(seconds=60))
+        assert lease is not None
+        assert client.pttl(leases.key("stuck")) > 50_000
+        # ... and the other game's leftover is gone, so anyone may take it.
+        assert not client.exists(leases.key("other"))
+        assert RedisGameLeases(client, prefix=redis_prefix).acquire("other", timedelta(seconds=5))
+        assert leases.release(lease)
+    finally:
+        client.close()
+
+
+def test_an_acquire_on_a_paused_redis_fails_fast_and_the_game_is_free_after_it_resumes(
+    tmp_path: Path,
+) -> None:
+    with PrivateRedis.started(tmp_path / "redis") as server:
+        client = create_redis(server.url, timeout=timedelta(seconds=1))
+        leases = RedisGameLeases(client, prefix="p:")
+        try:
+            server.pause()
+            started = time.monotonic()
+            with pytest.raises(ServiceUnavailable):
+                leases.acquire("paused", timedelta(seconds=60))
+            assert time.monotonic() - started < 5
+            server.resume()
+            # Whether or not the queued SET ran, the game is not blocked.
+            assert wait_for(lambda: _acquired(leases, "paused"))
+        finally:
+            server.resume()
+            client.close()
+
+
+def _acquired(leases: RedisGameLeases, game_id: str) -> bool:
+    try:
+        return leases.acquire(game_id, timedelta(seconds=60)) is not None
+    except ServiceUnavailable:
+        return False
+
+
+def wait_for(condition: Callable[[], bool], seconds: float = 5.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True

@@ -9,6 +9,7 @@ new holder's lease.
 from __future__ import annotations
 
 import secrets
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -32,8 +33,12 @@ class RedisGameLeases:
     `prefix` namespaces every key (`RTMANAGER_REDIS_PREFIX`). Every method
     raises `ServiceUnavailable` when Redis is unreachable or times out.
 
-    A lease whose `acquire` call timed out may have been taken anyway; it is
-    never reported as held and simply expires after its ttl.
+    A lease whose `acquire` call timed out may have been taken anyway (a
+    paused Redis runs the queued SET when it resumes) under a token nobody
+    holds, which would block the game for a whole TTL. The token of such an
+    attempt is remembered: the next `acquire` of that game adopts the lease
+    if the SET did land, and any later successful call drops the others'
+    leftovers by compare-and-delete.
     """
 
     def __init__(self, client: redis.Redis, *, prefix: str = "") -> None:
@@ -41,6 +46,9 @@ class RedisGameLeases:
         self._prefix = prefix
         self._renew = client.register_script(RENEW_IF_OURS)
         self._release = client.register_script(DELETE_IF_OURS)
+        # Tokens of acquires that failed without an answer, by game id.
+        self._unanswered: dict[str, str] = {}
+        self._unanswered_lock = threading.Lock()
 
     def key(self, game_id: str) -> str:
         """Return the Redis key of a game's lease."""
@@ -52,17 +60,48 @@ class RedisGameLeases:
         Raises `ValueError` for a ttl that is not positive.
         """
         ttl_ms = _ttl_milliseconds(ttl)
-        token = secrets.token_urlsafe(24)
         key = self.key(game_id)
-        with self._unavailable_as_error("acquire", game_id):
-            if self._client.set(key, token, nx=True, px=ttl_ms):
-                return Lease(game_id=game_id, token=token)
-            # The client retries a command once when its connection breaks;
-            # if the first SET took the lease before the break, the retry
-            # finds our own token, and the lease is ours.
-            if _as_text(self._client.get(key)) == token:
-                return Lease(game_id=game_id, token=token)
-        return None
+        with self._unanswered_lock:
+            earlier = self._unanswered.pop(game_id, None)
+        # Reusing the token of an unanswered attempt makes a SET of it that
+        # landed after all ours now.
+        token = earlier or secrets.token_urlsafe(24)
+        try:
+            with self._unavailable_as_error("acquire", game_id):
+                if self._client.set(key, token, nx=True, px=ttl_ms):
+                    lease = Lease(game_id=game_id, token=token)
+                # The client retries a command once when its connection
+                # breaks; if the first SET took the lease before the break,
+                # the retry finds our own token, and the lease is ours.
+                elif _as_text(self._client.get(key)) == token:
+                    self._renew(keys=[key], args=[token, ttl_ms])
+                    lease = Lease(game_id=game_id, token=token)
+                else:
+                    lease = None
+        except ServiceUnavailable:
+            with self._unanswered_lock:
+                self._unanswered[game_id] = token
+            raise
+        self._drop_unanswered()
+        return lease
+
+    def _drop_unanswered(self) -> None:
+        """Delete leftovers of unanswered acquires of other games, best effort.
+
+        Each leftover is taken out of the map before its key is deleted, so
+        an acquire of that game running meanwhile uses a fresh token.
+        """
+        while True:
+            with self._unanswered_lock:
+                if not self._unanswered:
+                    return
+                game_id, token = self._unanswered.popitem()
+            try:
+                self._release(keys=[self.key(game_id)], args=[token])
+            except UNAVAILABLE_ERRORS:
+                with self._unanswered_lock:  # Redis is away again: later
+                    self._unanswered.setdefault(game_id, token)
+                return
 
     def renew(self, lease: Lease, ttl: timedelta) -> bool:
         """Extend a held lease to `ttl` from now; False when it is no longer ours.
