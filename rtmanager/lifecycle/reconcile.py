@@ -115,12 +115,17 @@ def plan_game(
         return ReconcileAction(
             ActionKind.DISPOSE, game_id, container_id=record.current_container_id
         )
-    # Stopped: only a running container of the game changes anything.
+    # Stopped: a running container of the game makes it running again.
     running = current if current is not None and current.running else None
     running = running or (other if other is not None and other.running else None)
-    if running is None:
-        return None
-    return _action(ActionKind.MARK_RUNNING, game_id, running)
+    if running is not None:
+        return _action(ActionKind.MARK_RUNNING, game_id, running)
+    if current is None and other is not None:
+        # A container an interrupted start could not remove (Docker went
+        # away): bind the record to it, so the next start or the cleanup
+        # removes it instead of leaving it behind for good.
+        return _action(ActionKind.ADOPT, game_id, other)
+    return None
 
 
 def _cid(record: RuntimeRecord | None) -> str:

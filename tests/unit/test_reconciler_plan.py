@@ -97,6 +97,17 @@ def test_a_stopped_record_is_left_alone_without_a_running_container(
     assert plan_game(GAME, record(RuntimeStatus.STOPPED), containers) is None
 
 
+@pytest.mark.parametrize("cid", ["", "c1"])
+def test_a_stopped_record_binds_to_the_exited_container_an_interrupted_start_left(cid: str) -> None:
+    # The start's own removal of its failed container met a Docker outage.
+    action = plan_game(
+        GAME, record(RuntimeStatus.STOPPED, cid=cid), [container("c2", running=False)]
+    )
+    assert action is not None
+    assert (action.kind, action.container_id) == (ActionKind.ADOPT, "c2")
+    assert not action.container_running
+
+
 def test_a_running_record_that_lost_its_container_binds_to_the_games_other_container() -> None:
     action = plan_game(GAME, record(RuntimeStatus.RUNNING), [container("c2", running=True)])
     assert action is not None
