@@ -16,19 +16,9 @@ REDIS_PORT=6379
 REDIS_PIDFILE=/run/rtmanager-redis.pid
 STATE_ROOT=${RTMANAGER_STATE_ROOT:-/var/lib/galaxy/games}
 
-log() { printf '[bootstrap] %s\n' "$*" >&2; }
-die() { printf '[bootstrap] error: %s\n' "$*" >&2; exit 1; }
-
-wait_for() { # wait_for SECONDS DESCRIPTION COMMAND...
-  local seconds=$1 what=$2; shift 2
-  local deadline=$((SECONDS + seconds))
-  until "$@" >/dev/null 2>&1; do
-    ((SECONDS < deadline)) || die "$what did not come up within ${seconds}s"
-    sleep 0.3
-  done
-}
-
-pid_alive() { [[ -n "${1:-}" ]] && kill -0 "$1" 2>/dev/null; }
+LOG_TAG=bootstrap
+# shellcheck source=scripts/lib.sh
+source "$ROOT/scripts/lib.sh"
 
 [[ $(id -u) -eq 0 ]] || die "run as root (it installs packages and starts system daemons)"
 

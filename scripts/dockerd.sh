@@ -16,19 +16,9 @@ DOCKERD_LOG=/var/log/rtmanager-dockerd.log
 DOCKERD_PIDFILE=/var/run/docker.pid
 CONTAINERD_PIDFILE=/var/run/docker/containerd/containerd.pid
 
-log() { printf '[dockerd] %s\n' "$*" >&2; }
-die() { printf '[dockerd] error: %s\n' "$*" >&2; exit 1; }
-
-wait_for() { # wait_for SECONDS DESCRIPTION COMMAND...
-  local seconds=$1 what=$2; shift 2
-  local deadline=$((SECONDS + seconds))
-  until "$@" >/dev/null 2>&1; do
-    ((SECONDS < deadline)) || die "$what did not come up within ${seconds}s"
-    sleep 0.3
-  done
-}
-
-pid_alive() { [[ -n "${1:-}" ]] && kill -0 "$1" 2>/dev/null; }
+LOG_TAG=dockerd
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 docker_up() { timeout 5 docker version --format '{{.Server.Version}}' >/dev/null 2>&1; }
 
