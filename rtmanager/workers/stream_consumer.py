@@ -138,7 +138,6 @@ class HeldJob:
     entry: JobEntry
     attempts: int = 0
     first_failure: float | None = None
-    last_problem: str = ""
     # Decided once; a retry after a Redis hiccup only publishes it again.
     answer: JobAnswer | None = None
 
@@ -559,7 +558,6 @@ class StreamConsumer:
     def _retry(self, held: HeldJob, problem: str) -> None:
         """Keep the entry pending and run it again after a backoff (not a delivery)."""
         held.attempts += 1
-        held.last_problem = problem
         delay = self._settings.retry.delay(held.attempts)
         self._telemetry.stream_job(held.entry.stream, "retry")
         log.warning(
