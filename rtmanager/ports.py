@@ -11,7 +11,7 @@ unreachable or times out; other errors are listed per method.
 from __future__ import annotations
 
 import builtins
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -274,6 +274,16 @@ class UnitOfWorkFactory(Protocol):
     """Makes a fresh unit of work; `timeout` bounds its statements."""
 
     def __call__(self, *, timeout: timedelta | None = None) -> UnitOfWork: ...
+
+    def read(self, work: Callable[[UnitOfWork], T], *, timeout: timedelta | None = None) -> T:
+        """Run `work`, a read of a single statement, and return its result.
+
+        Nothing is written and nothing committed: the statement runs on its
+        own, without a transaction around it. A read that fails because the
+        database connection turned out broken is run once more on a fresh
+        connection (reads are idempotent).
+        """
+        ...
 
 
 @dataclass(frozen=True)

@@ -36,8 +36,9 @@ class RuntimeQueries:
     def get_runtime(self, game_id: str) -> RuntimeRecord:
         """Return the game's record; `InvalidRequest` for a bad id, `NotFound` if none."""
         parse_game_id(game_id)
-        with self._units_of_work(timeout=bounded(self._timeout)) as uow:
-            return uow.records.get(game_id)
+        return self._units_of_work.read(
+            lambda uow: uow.records.get(game_id), timeout=bounded(self._timeout)
+        )
 
     def list_runtimes(
         self,
@@ -48,8 +49,10 @@ class RuntimeQueries:
     ) -> Page[RuntimeRecord]:
         """Return one page of records ordered by game id, optionally of one status."""
         size = effective_page_size(page_size)
-        with self._units_of_work(timeout=bounded(self._timeout)) as uow:
-            return uow.records.list(status=status, page_size=size, page_token=page_token)
+        return self._units_of_work.read(
+            lambda uow: uow.records.list(status=status, page_size=size, page_token=page_token),
+            timeout=bounded(self._timeout),
+        )
 
     def list_operations(
         self,
@@ -64,5 +67,7 @@ class RuntimeQueries:
         if filters.since and filters.until and filters.until < filters.since:
             raise InvalidRequest("until must not be before since", metadata={"field": "until"})
         size = effective_page_size(page_size)
-        with self._units_of_work(timeout=bounded(self._timeout)) as uow:
-            return uow.operations.list(filters, page_size=size, page_token=page_token)
+        return self._units_of_work.read(
+            lambda uow: uow.operations.list(filters, page_size=size, page_token=page_token),
+            timeout=bounded(self._timeout),
+        )

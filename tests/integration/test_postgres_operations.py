@@ -11,6 +11,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from psycopg import sql
+from psycopg.pq import TransactionStatus
 
 from rtmanager.adapters.postgres.migrations import apply_migrations
 from rtmanager.adapters.postgres.operations import PostgresOperationLog
@@ -342,15 +343,15 @@ def test_store_statement_blocked_past_the_timeout_is_service_unavailable(
     assert time.monotonic() - started < 2
 
 
-def test_unit_of_work_without_timeout_has_none(pool: Pool) -> None:
+def test_unit_of_work_without_timeout_has_the_sessions(pool: Pool) -> None:
     with PostgresUnitOfWorkFactory(pool)() as work:
-        assert work.connection.execute("SHOW statement_timeout").fetchone() == ("0",)
+        assert work.connection.execute("SHOW statement_timeout").fetchone() == ("10s",)
 
 
 def test_pool_connections_use_the_schema_and_utc(pool: Pool, pg_schema: str) -> None:
     with PostgresUnitOfWorkFactory(pool)() as work:
         conn = work.connection
-        assert conn.autocommit is False
+        assert conn.info.transaction_status == TransactionStatus.INTRANS
         assert conn.execute("SHOW TimeZone").fetchone() == ("UTC",)
         assert conn.execute("SELECT current_schema()").fetchone() == (pg_schema,)
 

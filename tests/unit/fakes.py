@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from types import TracebackType
-from typing import TYPE_CHECKING, Literal, NamedTuple, Self
+from typing import TYPE_CHECKING, Literal, NamedTuple, Self, TypeVar
 
 from rtmanager.domain import labels as galaxy_labels
 from rtmanager.domain.errors import (
@@ -71,7 +71,10 @@ from rtmanager.ports import (
     RuntimeEventLog,
     RuntimeRecordStore,
     StatusChange,
+    UnitOfWork,
 )
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from rtmanager.ports import (
@@ -452,6 +455,11 @@ class FakeUnitOfWorkFactory:
         unit = FakeUnitOfWork(self.store, timeout=timeout, fail_at=fail_at)
         self.units.append(unit)
         return unit
+
+    def read(self, work: Callable[[UnitOfWork], T], *, timeout: timedelta | None = None) -> T:
+        """Run `work` on a fresh unit of work (a read: nothing is committed)."""
+        with self(timeout=timeout) as unit:
+            return work(unit)
 
     def fail_next(self, count: int = 1, *, at: FailurePoint = "enter", after: int = 0) -> None:
         """Let `after` units of work succeed, then fail the next `count` at `at`."""

@@ -36,26 +36,28 @@ from rtmanager.domain.operation import OperationEntry, OpKind, OpSource, Outcome
 from rtmanager.domain.runtime import RuntimeRecord
 from rtmanager.ports import CursorExpired, RuntimeEvent
 
-_LOCK: LiteralString = (
-    "SELECT pg_advisory_xact_lock(hashtextextended('rtmanager.events:' || current_schema(), 0))"
+# One statement, one round trip: the INSERT reads its row from the lock's
+# CTE, so the lock is held before the id is drawn from the sequence, and
+# the notification names the id the INSERT returned (sent on commit).
+_APPEND: LiteralString = (
+    "WITH locked AS (SELECT pg_advisory_xact_lock("
+    "hashtextextended('rtmanager.events:' || current_schema(), 0))),"
+    " inserted AS (INSERT INTO runtime_events (operation_id, game_id, status,"
+    " current_container_id, current_image_ref, engine_endpoint, state_path, docker_network,"
+    " started_at, stopped_at, removed_at, last_op_at, created_at)"
+    " SELECT %(operation_id)s, %(game_id)s, %(status)s, %(current_container_id)s,"
+    " %(current_image_ref)s, %(engine_endpoint)s, %(state_path)s, %(docker_network)s,"
+    " %(started_at)s::timestamptz, %(stopped_at)s::timestamptz, %(removed_at)s::timestamptz,"
+    " %(last_op_at)s::timestamptz, %(created_at)s::timestamptz FROM locked"
+    " RETURNING id)"
+    " SELECT id, pg_notify('rtmanager_events_' || left(md5(current_schema()), 16), id::text)"
+    " FROM inserted"
 )
 # Readers take the same lock shared: it waits for the writer holding it to
 # commit, and no writer draws an id while it is held.
 _LOCK_SHARED: LiteralString = (
     "SELECT pg_advisory_xact_lock_shared("
     "hashtextextended('rtmanager.events:' || current_schema(), 0))"
-)
-_INSERT: LiteralString = (
-    "INSERT INTO runtime_events (operation_id, game_id, status, current_container_id,"
-    " current_image_ref, engine_endpoint, state_path, docker_network, started_at,"
-    " stopped_at, removed_at, last_op_at, created_at) VALUES ("
-    "%(operation_id)s, %(game_id)s, %(status)s, %(current_container_id)s,"
-    " %(current_image_ref)s, %(engine_endpoint)s, %(state_path)s, %(docker_network)s,"
-    " %(started_at)s, %(stopped_at)s, %(removed_at)s, %(last_op_at)s, %(created_at)s)"
-    " RETURNING id"
-)
-_NOTIFY: LiteralString = (
-    "SELECT pg_notify('rtmanager_events_' || left(md5(current_schema()), 16), %s)"
 )
 _SELECT_AFTER: LiteralString = (
     "SELECT e.id, e.operation_id, e.committed_at, o.op_kind, o.op_source, o.outcome,"
@@ -73,7 +75,7 @@ _SELECT_RECORDS: LiteralString = (
 
 
 def channel_name(schema: str) -> str:
-    """The LISTEN channel of a schema's event feed (matches `_NOTIFY`)."""
+    """The LISTEN channel of a schema's event feed (matches `_APPEND`)."""
     return "rtmanager_events_" + hashlib.md5(schema.encode()).hexdigest()[:16]  # noqa: S324
 
 
@@ -87,14 +89,12 @@ class PostgresRuntimeEventLog:
         """Insert the event (ids in commit order) and notify listeners on commit."""
         params = {"operation_id": operation.id, **record_params(record)}
         with database_errors(f"append a runtime event of game {record.game_id}"):
-            # Held until commit: the next writer gets its id only after this
-            # transaction is visible, so readers following ids skip nothing.
-            self._conn.execute(_LOCK)
-            row = self._conn.execute(_INSERT, params).fetchone()
-            assert row is not None
-            event_id = int(row[0])
-            self._conn.execute(_NOTIFY, (str(event_id),))
-        return event_id
+            # The lock is held until commit: the next writer gets its id only
+            # after this transaction is visible, so readers following ids skip
+            # nothing.
+            row = self._conn.execute(_APPEND, params).fetchone()
+        assert row is not None
+        return int(row[0])
 
 
 def event_from_row(row: dict[str, Any]) -> RuntimeEvent:

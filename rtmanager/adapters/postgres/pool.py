@@ -1,10 +1,19 @@
 """The PostgreSQL connection pool and the one place database errors are mapped.
 
 Every pooled connection works in the service's schema (`search_path`), reads
-and writes timestamps at UTC (`TimeZone`) and runs with autocommit off, so a
-unit of work is one transaction. The pool opens without waiting: building it
-never blocks or fails when the database is down; borrowing a connection then
-fails with `ServiceUnavailable` after the pool timeout.
+and writes timestamps at UTC (`TimeZone`) and has a session-wide
+`statement_timeout`, all three set by the connection's startup `options`, so
+a new connection costs no extra round trip and a unit of work needs no
+`SET` unless it wants another timeout. Connections rest with autocommit off.
+The pool opens without waiting: building it never blocks or fails when the
+database is down; borrowing a connection then fails with
+`ServiceUnavailable` after the pool timeout.
+
+Borrowing does not probe the connection (that would be one more round trip
+per call): a connection broken by a database restart is found by the
+statement that fails on it; the unit of work then has the pool check its
+idle connections and, where nothing can have been done yet, goes on with a
+fresh one (see `unit_of_work`).
 
 Every connection the service opens (pooled or dedicated, such as the event
 feed's LISTEN connection) takes its libpq parameters from `connect_kwargs`:
@@ -50,6 +59,9 @@ KEEPALIVES_INTERVAL_SECONDS = 3
 KEEPALIVES_COUNT = 3
 TCP_USER_TIMEOUT_MS = 20_000
 
+SESSION_STATEMENT_TIMEOUT = timedelta(seconds=10)
+"""The `statement_timeout` every pooled connection starts with."""
+
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 
@@ -63,8 +75,28 @@ def validate_schema_name(schema: str) -> str:
     return schema
 
 
+def timeout_ms(timeout: timedelta) -> int:
+    """A positive timeout in whole milliseconds (at least 1: 0 would mean none)."""
+    if timeout <= timedelta(0):
+        raise ValueError(f"timeout must be positive, got {timeout}")
+    return max(1, round(timeout.total_seconds() * 1000))
+
+
+def session_options(schema: str, statement_timeout: timedelta | None = None) -> str:
+    """The libpq `options` that put a new session in `schema`, at UTC.
+
+    With `statement_timeout`, the session's statements are bounded by it.
+    The schema name is validated first, so it needs no quoting here.
+    """
+    validate_schema_name(schema)
+    options = f"-c search_path={schema} -c TimeZone=UTC"
+    if statement_timeout is not None:
+        options += f" -c statement_timeout={timeout_ms(statement_timeout)}"
+    return options
+
+
 def session_setup(conn: psycopg.Connection[TupleRow], schema: str) -> None:
-    """Point a fresh connection at `schema` and UTC, leaving it idle."""
+    """Point a connection opened without `session_options` at `schema` and UTC."""
     conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
     conn.execute("SET TimeZone TO 'UTC'")
     conn.commit()
@@ -97,37 +129,32 @@ def create_pool(
     min_size: int = 1,
     timeout: float | timedelta,
     name: str = "rtmanager-postgres",
-    check_on_borrow: bool = True,
+    statement_timeout: timedelta = SESSION_STATEMENT_TIMEOUT,
 ) -> Pool:
     """Return an opened pool of connections working in `schema`.
 
     `timeout` bounds how long borrowing a connection may wait (and each
-    connection attempt). The pool is opened with `wait=False`, so this never
-    blocks on the database. With `check_on_borrow` each borrowed connection is
-    probed first, so connections broken by a database restart are replaced
-    transparently instead of failing the caller once.
+    connection attempt); `statement_timeout` is every session's default
+    (units of work made by a `PostgresUnitOfWorkFactory` must be told the
+    same value). The pool is opened with `wait=False`, so this never blocks
+    on the database.
     """
-    validate_schema_name(schema)
     if min_size < 0 or max_size < max(min_size, 1):
         raise ValueError(f"pool sizes are invalid: min_size={min_size}, max_size={max_size}")
     seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else float(timeout)
     if seconds <= 0:
         raise ValueError(f"pool timeout must be positive, got {seconds} s")
 
-    def configure(conn: Connection) -> None:
-        session_setup(conn, schema)
-
     pool: Pool = ConnectionPool(
         dsn,
         kwargs={
             "autocommit": False,
+            "options": session_options(schema, statement_timeout),
             **connect_kwargs(connect_timeout=seconds, application_name=name),
         },
         min_size=min_size,
         max_size=max_size,
         timeout=seconds,
-        configure=configure,
-        check=ConnectionPool.check_connection if check_on_borrow else None,
         name=name,
         open=False,
     )

@@ -1,0 +1,200 @@
+"""Round trips to PostgreSQL per read and per write, counted in a libpq trace.
+
+Every message the client sends is in the trace; a round trip is a simple
+`Query` or the `Sync` that ends an extended-protocol exchange, each waited
+for before anything else is sent. The counts below are what `GetRuntime`,
+`ListRuntimes`, `ListOperations` and an operation's commit cost, so a
+change that adds a statement to the hot path fails here.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TypeVar
+
+import psycopg
+import pytest
+from psycopg.pq import Trace
+
+from rtmanager.adapters.postgres.migrations import apply_migrations
+from rtmanager.adapters.postgres.pool import Pool, create_pool, database_errors
+from rtmanager.adapters.postgres.unit_of_work import PostgresUnitOfWorkFactory
+from rtmanager.deadlines import deadline_scope
+from rtmanager.domain.errors import ServiceUnavailable
+from rtmanager.domain.operation import OperationEntry, OpKind, OpSource, Outcome
+from rtmanager.domain.runtime import RuntimeRecord, RuntimeStatus
+from rtmanager.lifecycle.queries import RuntimeQueries
+from rtmanager.ports import OperationFilter, UnitOfWork
+from tests.conftest import POSTGRES_DSN
+
+pytestmark = pytest.mark.integration
+
+MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
+T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
+R = TypeVar("R")
+
+
+def record(game_id: str = "g-1") -> RuntimeRecord:
+    return RuntimeRecord(
+        game_id=game_id,
+        status=RuntimeStatus.RUNNING,
+        engine_endpoint=f"http://galaxy-game-{game_id}:8080",
+        state_path=f"/var/lib/galaxy/{game_id}",
+        docker_network="galaxy-net",
+        last_op_at=T0,
+        created_at=T0,
+        current_container_id="c" * 64,
+        current_image_ref="galaxy/engine:1.0.0",
+        started_at=T0,
+    )
+
+
+def entry(game_id: str = "g-1") -> OperationEntry:
+    return OperationEntry(
+        id=0,
+        game_id=game_id,
+        op_kind=OpKind.START,
+        op_source=OpSource.GM_REST,
+        outcome=Outcome.SUCCESS,
+        started_at=T0,
+        finished_at=T0,
+    )
+
+
+@dataclass
+class Traced:
+    """A pool of one connection whose every sent message lands in a trace file."""
+
+    pool: Pool
+    units: PostgresUnitOfWorkFactory
+    trace: Path
+
+    def round_trips(self, action: Callable[[], R]) -> tuple[int, R]:
+        """Run `action`; return how many round trips it made, and its result."""
+        before = self._count()
+        result = action()
+        return self._count() - before, result
+
+    def _count(self) -> int:
+        sent = 0
+        for line in self.trace.read_text().splitlines():
+            fields = line.split("\t")
+            if len(fields) >= 3 and fields[0] == "F" and fields[2] in ("Query", "Sync"):
+                sent += 1
+        return sent
+
+
+@pytest.fixture
+def traced(pg_schema: str) -> Iterator[Traced]:
+    apply_migrations(POSTGRES_DSN, pg_schema, MIGRATIONS)
+    pool = create_pool(POSTGRES_DSN, pg_schema, max_size=1, timeout=10)
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "libpq.trace"
+        sink = trace.open("w", buffering=1)
+        try:
+            pool.wait(timeout=10)
+            with pool.connection() as conn:
+                conn.pgconn.trace(sink.fileno())
+                conn.pgconn.set_trace_flags(Trace.SUPPRESS_TIMESTAMPS)
+            units = PostgresUnitOfWorkFactory(pool)
+            with units() as work:
+                work.records.upsert(record())
+                work.operations.append(entry())
+                work.commit()
+            yield Traced(pool, units, trace)
+        finally:
+            pool.close()
+            sink.close()
+
+
+def test_each_read_rpc_is_one_round_trip(traced: Traced) -> None:
+    queries = RuntimeQueries(traced.units)
+    reads: dict[str, Callable[[], object]] = {
+        "get": lambda: queries.get_runtime("g-1"),
+        "list": lambda: queries.list_runtimes(status=None, page_size=100, page_token=""),
+        "operations": lambda: queries.list_operations(
+            OperationFilter(), page_size=100, page_token=""
+        ),
+    }
+    with traced.pool.connection() as conn:
+        threshold = conn.prepare_threshold
+    assert threshold is not None
+    trips: dict[str, list[int]] = {name: [] for name in reads}
+    for _ in range(threshold + 4):
+        for name, read in reads.items():
+            trips[name].append(traced.round_trips(read)[0])
+    # One round trip each, but for the one call that prepares the statement
+    # (psycopg does so on the run after `prepare_threshold`; Parse is its own
+    # exchange).
+    prepare_at = threshold
+    for name, counts in trips.items():
+        expected = [1] * len(counts)
+        expected[prepare_at] = 2
+        assert counts == expected, name
+
+
+def test_a_client_deadline_near_the_session_timeout_costs_nothing(traced: Traced) -> None:
+    queries = RuntimeQueries(traced.units)
+    with deadline_scope(9.5):
+        trips, _ = traced.round_trips(lambda: queries.get_runtime("g-1"))
+    assert trips == 1
+
+
+def test_a_short_client_deadline_bounds_the_read_in_its_own_transaction(traced: Traced) -> None:
+    queries = RuntimeQueries(traced.units)
+    with deadline_scope(2.0):
+        trips, _ = traced.round_trips(lambda: queries.get_runtime("g-1"))
+    assert trips == 3  # BEGIN with SET LOCAL; SELECT; ROLLBACK
+
+
+def test_an_operation_commit_is_begin_its_statements_and_commit(traced: Traced) -> None:
+    def operation() -> int:
+        with traced.units(timeout=timedelta(seconds=10)) as work:
+            work.records.upsert(record("g-2"))
+            appended = work.operations.append(entry("g-2"))
+            trips, _ = traced.round_trips(lambda: work.events.append(appended, record("g-2")))
+            assert trips == 1  # lock, insert and notify in one statement
+            work.commit()
+        return appended.id
+
+    trips, _ = traced.round_trips(operation)
+    assert trips == 5  # BEGIN, upsert, append, event, COMMIT: nothing on leaving
+
+
+def test_a_read_on_a_broken_connection_is_retried_on_a_fresh_one(traced: Traced) -> None:
+    queries = RuntimeQueries(traced.units)
+    _terminate_pooled_backend(traced.pool)
+    assert queries.get_runtime("g-1").game_id == "g-1"
+
+
+def test_a_write_on_a_broken_connection_begins_on_a_fresh_one(traced: Traced) -> None:
+    _terminate_pooled_backend(traced.pool)
+    with traced.units() as work:
+        work.records.upsert(record("g-3"))
+        work.commit()
+    assert RuntimeQueries(traced.units).get_runtime("g-3").game_id == "g-3"
+
+
+def test_a_statement_timeout_is_not_retried(traced: Traced) -> None:
+    def sleep(work: UnitOfWork) -> None:
+        with database_errors("sleep"):
+            work.connection.execute("SELECT pg_sleep(1)")  # type: ignore[attr-defined]
+
+    def read() -> None:
+        with pytest.raises(ServiceUnavailable, match="timed out"):
+            traced.units.read(sleep, timeout=timedelta(milliseconds=50))
+
+    trips, _ = traced.round_trips(read)
+    assert trips == 3  # BEGIN with SET LOCAL; the sleep; ROLLBACK: once
+
+
+def _terminate_pooled_backend(pool: Pool) -> None:
+    """Kill the pooled connection's server process, as a PostgreSQL restart would."""
+    with pool.connection() as conn:
+        pid = conn.info.backend_pid
+    with psycopg.connect(POSTGRES_DSN, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
