@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from enum import Enum
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -78,13 +78,29 @@ def enum_from_pb(mapping: Mapping[int, E], value: int, field: str) -> E | None:
         ) from None
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _stamp(value: datetime) -> dict[str, int]:
+    """The fields of the Timestamp of an aware datetime, from integer arithmetic.
+
+    A dict, since building the Timestamp inside its parent's constructor is
+    about three times cheaper than `Timestamp.FromDatetime` and a copy.
+    """
+    delta = value - _EPOCH
+    return {"seconds": delta.days * 86_400 + delta.seconds, "nanos": delta.microseconds * 1000}
+
+
+def _stamps(**values: datetime | None) -> dict[str, Any]:
+    """Timestamp fields for a message's constructor; None values are left unset."""
+    return {name: _stamp(value) for name, value in values.items() if value is not None}
+
+
 def timestamp_to_pb(value: datetime | None) -> Timestamp | None:
     """Return a protobuf Timestamp for an aware datetime (None stays None)."""
     if value is None:
         return None
-    stamp = Timestamp()
-    stamp.FromDatetime(value.astimezone(UTC))
-    return stamp
+    return Timestamp(**_stamp(value))
 
 
 def timestamp_from_pb(message: object, field: str) -> datetime | None:
@@ -110,11 +126,13 @@ def record_to_pb(record: RuntimeRecord) -> pb.RuntimeRecord:
         engine_endpoint=record.engine_endpoint,
         state_path=record.state_path,
         docker_network=record.docker_network,
-        started_at=timestamp_to_pb(record.started_at),
-        stopped_at=timestamp_to_pb(record.stopped_at),
-        removed_at=timestamp_to_pb(record.removed_at),
-        last_op_at=timestamp_to_pb(record.last_op_at),
-        created_at=timestamp_to_pb(record.created_at),
+        **_stamps(
+            started_at=record.started_at,
+            stopped_at=record.stopped_at,
+            removed_at=record.removed_at,
+            last_op_at=record.last_op_at,
+            created_at=record.created_at,
+        ),
     )
 
 
@@ -131,8 +149,7 @@ def operation_to_pb(entry: OperationEntry) -> pb.OperationEntry:
         outcome=OUTCOME_TO_PB[entry.outcome],
         error_code=entry.error_code,
         error_message=entry.error_message,
-        started_at=timestamp_to_pb(entry.started_at),
-        finished_at=timestamp_to_pb(entry.finished_at),
+        **_stamps(started_at=entry.started_at, finished_at=entry.finished_at),
     )
 
 

@@ -7,7 +7,6 @@ from datetime import UTC, datetime
 from typing import Any, LiteralString
 
 from psycopg import sql
-from psycopg.rows import dict_row
 
 from rtmanager.adapters.postgres.paging import (
     check_page_size,
@@ -57,6 +56,15 @@ _UPSERT: LiteralString = (
 )
 
 
+# `list` by (status filtered, after a page token): composed once, not per call.
+_LIST_QUERIES: dict[tuple[bool, bool], LiteralString] = {
+    (False, False): _SELECT + " ORDER BY game_id LIMIT %s",
+    (True, False): _SELECT + " WHERE status = %s ORDER BY game_id LIMIT %s",
+    (False, True): _SELECT + " WHERE game_id > %s ORDER BY game_id LIMIT %s",
+    (True, True): _SELECT + " WHERE status = %s AND game_id > %s ORDER BY game_id LIMIT %s",
+}
+
+
 def _null_if_empty(value: str) -> str | None:
     return value if value else None
 
@@ -65,22 +73,59 @@ def _utc(value: datetime | None) -> datetime | None:
     return value.astimezone(UTC) if value is not None else None
 
 
-def record_from_row(row: dict[str, Any]) -> RuntimeRecord:
-    """Map a `runtime_records` row (a `dict_row`) to the domain record."""
+_STATUSES = {str(status): status for status in RuntimeStatus}
+
+
+def _as_utc(value: datetime) -> datetime:
+    return value if value.tzinfo is UTC else value.astimezone(UTC)
+
+
+def _utc_or_none(value: datetime | None) -> datetime | None:
+    return None if value is None else _as_utc(value)
+
+
+def record_from_columns(row: tuple[Any, ...]) -> RuntimeRecord:
+    """Map a tuple row of `_COLUMNS`, in that order, to the domain record.
+
+    The hot path of every read: the session runs at UTC, so timestamps
+    already carry `UTC` and are converted only if they do not.
+    """
+    (
+        game_id,
+        status,
+        container_id,
+        image_ref,
+        endpoint,
+        state_path,
+        network,
+        started_at,
+        stopped_at,
+        removed_at,
+        last_op_at,
+        created_at,
+    ) = row
     return RuntimeRecord(
-        game_id=row["game_id"],
-        status=RuntimeStatus(row["status"]),
-        current_container_id=row["current_container_id"] or "",
-        current_image_ref=row["current_image_ref"] or "",
-        engine_endpoint=row["engine_endpoint"],
-        state_path=row["state_path"],
-        docker_network=row["docker_network"],
-        started_at=_utc(row["started_at"]),
-        stopped_at=_utc(row["stopped_at"]),
-        removed_at=_utc(row["removed_at"]),
-        last_op_at=row["last_op_at"].astimezone(UTC),
-        created_at=row["created_at"].astimezone(UTC),
+        game_id=game_id,
+        status=_STATUSES[status],
+        current_container_id=container_id or "",
+        current_image_ref=image_ref or "",
+        engine_endpoint=endpoint,
+        state_path=state_path,
+        docker_network=network,
+        started_at=_utc_or_none(started_at),
+        stopped_at=_utc_or_none(stopped_at),
+        removed_at=_utc_or_none(removed_at),
+        last_op_at=_as_utc(last_op_at),
+        created_at=_as_utc(created_at),
     )
+
+
+_COLUMN_NAMES = tuple(name.strip() for name in _COLUMNS.split(","))
+
+
+def record_from_row(row: dict[str, Any]) -> RuntimeRecord:
+    """Map a row holding the `runtime_records` columns by name (a `dict_row`)."""
+    return record_from_columns(tuple(row[name] for name in _COLUMN_NAMES))
 
 
 def record_params(record: RuntimeRecord) -> dict[str, Any]:
@@ -118,17 +163,15 @@ class PostgresRuntimeRecordStore:
 
     def _fetch_one(
         self, action: str, query: LiteralString | sql.Composed, params: Any
-    ) -> dict[str, Any] | None:
-        with database_errors(action), self._conn.cursor(row_factory=dict_row) as cur:
-            cur.execute(query, params)
-            return cur.fetchone()
+    ) -> tuple[Any, ...] | None:
+        with database_errors(action):
+            return self._conn.execute(query, params).fetchone()
 
     def _fetch_all(
         self, action: str, query: LiteralString | sql.Composed, params: Any
-    ) -> builtins.list[dict[str, Any]]:
-        with database_errors(action), self._conn.cursor(row_factory=dict_row) as cur:
-            cur.execute(query, params)
-            return cur.fetchall()
+    ) -> builtins.list[tuple[Any, ...]]:
+        with database_errors(action):
+            return self._conn.execute(query, params).fetchall()
 
     def get(self, game_id: str) -> RuntimeRecord:
         """Return the game's record; raise `NotFound` when there is none."""
@@ -137,7 +180,7 @@ class PostgresRuntimeRecordStore:
         )
         if row is None:
             raise NotFound(f"no runtime record for game {game_id}", metadata={"game_id": game_id})
-        return record_from_row(row)
+        return record_from_columns(row)
 
     def get_for_update(self, game_id: str) -> RuntimeRecord | None:
         """Return the game's record locked (`FOR UPDATE`) until the transaction ends, or None."""
@@ -146,7 +189,7 @@ class PostgresRuntimeRecordStore:
             _SELECT + " WHERE game_id = %s FOR UPDATE",
             (game_id,),
         )
-        return record_from_row(row) if row is not None else None
+        return record_from_columns(row) if row is not None else None
 
     def upsert(self, record: RuntimeRecord) -> None:
         """Insert the record, or overwrite every column of the existing row.
@@ -212,7 +255,7 @@ class PostgresRuntimeRecordStore:
         action = f"change runtime status of game {change.game_id} to {change.to}"
         row = self._fetch_one(action, query, params)
         if row is not None:
-            return record_from_row(row)
+            return record_from_columns(row)
 
         current = self._fetch_one(
             action,
@@ -232,11 +275,11 @@ class PostgresRuntimeRecordStore:
         )
         raise ConcurrentModification(
             f"runtime record of game {change.game_id} changed concurrently: expected "
-            f"{expected}, found {_describe(current['status'], current['current_container_id'])}",
+            f"{expected}, found {_describe(current[0], current[1])}",
             metadata={
                 "game_id": change.game_id,
                 "expected_status": str(change.expected_from),
-                "actual_status": current["status"],
+                "actual_status": current[0],
             },
         )
 
@@ -247,7 +290,7 @@ class PostgresRuntimeRecordStore:
             _SELECT + " WHERE status = %s ORDER BY game_id",
             (str(status),),
         )
-        return [record_from_row(row) for row in rows]
+        return [record_from_columns(row) for row in rows]
 
     def list_stopped_before(self, cutoff: datetime, limit: int) -> builtins.list[RuntimeRecord]:
         """Return up to `limit` stopped records with `last_op_at` before `cutoff`.
@@ -264,7 +307,7 @@ class PostgresRuntimeRecordStore:
             " ORDER BY last_op_at, game_id LIMIT %s",
             (cutoff, limit),
         )
-        return [record_from_row(row) for row in rows]
+        return [record_from_columns(row) for row in rows]
 
     def list(
         self, *, status: RuntimeStatus | None = None, page_size: int = 100, page_token: str = ""
@@ -276,26 +319,18 @@ class PostgresRuntimeRecordStore:
         """
         check_page_size(page_size)
         after = decode_records_token(page_token)
-        conditions: builtins.list[sql.Composable] = []
         params: builtins.list[object] = []
         if status is not None:
             if status not in RuntimeStatus.__members__.values():
                 raise InvalidRequest(
                     f"status {status!r} is unsupported", metadata={"field": "status"}
                 )
-            conditions.append(sql.SQL("status = %s"))
             params.append(str(status))
         if after is not None:
-            conditions.append(sql.SQL("game_id > %s"))
             params.append(after)
-        where = (
-            sql.SQL(" WHERE ") + sql.SQL(" AND ").join(conditions) if conditions else sql.SQL("")
-        )
-        query = sql.SQL("{select}{where} ORDER BY game_id LIMIT %s").format(
-            select=sql.SQL(_SELECT), where=where
-        )
         params.append(page_size + 1)
+        query = _LIST_QUERIES[(status is not None, after is not None)]
         rows = self._fetch_all("list runtime records", query, params)
-        records = [record_from_row(row) for row in rows[:page_size]]
+        records = [record_from_columns(row) for row in rows[:page_size]]
         next_token = encode_records_token(records[-1].game_id) if len(rows) > page_size else ""
         return Page(items=records, next_page_token=next_token)
