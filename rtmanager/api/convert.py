@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from enum import Enum
@@ -134,6 +135,45 @@ def record_to_pb(record: RuntimeRecord) -> pb.RuntimeRecord:
             created_at=record.created_at,
         ),
     )
+
+
+_RECORD_FIELD = b"\x0a"  # field 1, length-delimited: the record of both replies
+_TOKEN_FIELD = b"\x12"  # field 2, length-delimited: ListRuntimesResponse.next_page_token
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+@functools.lru_cache(maxsize=4096)
+def _record_field(record: RuntimeRecord) -> bytes:
+    """`record` serialized as field 1 of a reply, memoised by record.
+
+    Records are immutable values, so the bytes of one never go stale; a
+    record read again unchanged costs a dictionary lookup.
+    """
+    body = record_to_pb(record).SerializeToString()
+    return _RECORD_FIELD + _varint(len(body)) + body
+
+
+def get_runtime_reply(record: RuntimeRecord) -> bytes:
+    """The serialized `GetRuntimeResponse` of `record`."""
+    return _record_field(record)
+
+
+def list_runtimes_reply(records: Iterable[RuntimeRecord], next_page_token: str) -> bytes:
+    """The serialized `ListRuntimesResponse` of a page: the same bytes protobuf
+    writes for the message, assembled from each record's memoised bytes."""
+    wire = b"".join(map(_record_field, records))
+    if next_page_token:
+        token = next_page_token.encode()
+        wire += _TOKEN_FIELD + _varint(len(token)) + token
+    return wire
 
 
 def operation_to_pb(entry: OperationEntry) -> pb.OperationEntry:
