@@ -211,8 +211,26 @@ class CursorExpired(Exception):
     """A watch cursor older than the feed's retention."""
 
 
+@dataclass(frozen=True)
+class EventFilter:
+    """Which changes a watcher wants: empty sets mean every game, every status."""
+
+    game_ids: frozenset[str] = frozenset()
+    statuses: frozenset[RuntimeStatus] = frozenset()
+
+    def wants(self, record: RuntimeRecord) -> bool:
+        """Whether a record (after a change) passes the filter."""
+        return (not self.game_ids or record.game_id in self.game_ids) and (
+            not self.statuses or record.status in self.statuses
+        )
+
+
+EVERY_EVENT = EventFilter()
+
+
 class Subscription(Protocol):
-    """One watcher's live view of the feed: events in id order, as they commit."""
+    """One watcher's live view of the feed: the events it wants, in id order, as
+    they commit."""
 
     @property
     def position(self) -> int:
@@ -220,8 +238,9 @@ class Subscription(Protocol):
         ...
 
     def get(self, timeout: float) -> RuntimeEvent | int:
-        """The next event, or, after `timeout` seconds without one, a bookmark:
-        the id through which every dispatched event has been handed over.
+        """The next wanted event, or, after `timeout` seconds without one, a
+        bookmark: the id through which every dispatched event has been handed
+        over or was not wanted.
 
         Raises `SubscriberOverflow` when the watcher fell too far behind and
         `FeedClosed` when the feed is shutting down or the watch was closed.
@@ -248,8 +267,12 @@ class TooManyWatchers(Exception):
 class RuntimeFeed(Protocol):
     """The durable, ordered stream of committed runtime changes (WatchRuntimes)."""
 
-    def subscribe(self) -> Subscription:
-        """Register a watcher; raise `TooManyWatchers` at the configured bound."""
+    def subscribe(self, wanted: EventFilter = EVERY_EVENT) -> Subscription:
+        """Register a watcher of the events `wanted` passes (filtered as they are
+        queued, not by the watcher); raise `TooManyWatchers` at the configured bound.
+
+        The same `RuntimeEvent` object is handed to every watcher of an event.
+        """
         ...
 
     def unsubscribe(self, subscription: Subscription) -> None:

@@ -6,6 +6,8 @@ Game Master client, which imports `convert`, pulls in no lifecycle code.
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 
 from rtmanager._proto.galaxy.rtmanager.v1 import rtmanager_pb2 as pb
@@ -20,6 +22,7 @@ from rtmanager.domain.timeutil import utc_now
 from rtmanager.lifecycle.reconcile import ActionKind, ReconcileReport
 from rtmanager.lifecycle.watch import (
     Bookmark,
+    ChangeEvent,
     SnapshotDone,
     SnapshotRecord,
     WatchItem,
@@ -83,3 +86,37 @@ def watch_item_to_pb(item: WatchItem) -> pb.WatchRuntimesResponse:
             committed_at=timestamp_to_pb(event.committed_at),
         )
     )
+
+
+class WatchWire:
+    """The wire bytes of watch items: what `WatchRuntimes` sends.
+
+    A change's `WatchRuntimesResponse` is built and serialized once and the
+    bytes are shared by every watcher that sends it, instead of once per
+    watcher: they are kept by event id (an id names one committed change for
+    good) for the newest `remember` events. Snapshot records, the end of a
+    snapshot and bookmarks belong to one watcher and are encoded each time.
+    """
+
+    def __init__(self, remember: int = 4096) -> None:
+        self._remember = remember
+        self._events: OrderedDict[int, bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def encode(self, item: WatchItem) -> bytes:
+        """The serialized `WatchRuntimesResponse` of `item`."""
+        if not isinstance(item, ChangeEvent):
+            return watch_item_to_pb(item).SerializeToString()
+        event_id = item.event.id
+        wire = self._events.get(event_id)
+        if wire is None:
+            # Encoded under the lock, so the watchers woken by one event
+            # wait for the first one's bytes instead of each making their own.
+            with self._lock:
+                wire = self._events.get(event_id)
+                if wire is None:
+                    wire = watch_item_to_pb(item).SerializeToString()
+                    self._events[event_id] = wire
+                    if len(self._events) > self._remember:
+                        self._events.popitem(last=False)
+        return wire

@@ -23,6 +23,45 @@ class BindError(RuntimeError):
     """The server could not listen on the configured address."""
 
 
+class _Handlers:
+    """Takes the handlers a generated `add_…_to_server` function registers."""
+
+    def __init__(self) -> None:
+        self.by_method: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+
+    def add_generic_rpc_handlers(self, handlers: object) -> None:
+        pass  # the same handlers come again through add_registered_method_handlers
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
+    ) -> None:
+        self.by_method = dict(handlers)
+
+
+def _already_serialized(wire: bytes) -> bytes:
+    return wire
+
+
+def add_runtime_service(runtime: RuntimeServicer, server: grpc.Server) -> None:
+    """Register `RuntimeService` as the generated code does, except that
+    `WatchRuntimes` sends the bytes its servicer yields as they are (each
+    change is serialized once for all its watchers; see `RuntimeServicer`).
+    Clients are unaffected: the bytes are `WatchRuntimesResponse`s."""
+    taken = _Handlers()
+    pb_grpc.add_RuntimeServiceServicer_to_server(runtime, taken)  # type: ignore[arg-type]
+    handlers = taken.by_method
+    handlers["WatchRuntimes"] = grpc.unary_stream_rpc_method_handler(
+        runtime.WatchRuntimes,
+        request_deserializer=pb.WatchRuntimesRequest.FromString,
+        response_serializer=_already_serialized,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(RUNTIME_SERVICE, handlers),)
+    )
+    # Not in the typing stubs yet; the generated code calls it too.
+    server.add_registered_method_handlers(RUNTIME_SERVICE, handlers)  # type: ignore[attr-defined]
+
+
 def build_server(
     *,
     address: str,
@@ -46,7 +85,7 @@ def build_server(
             ("grpc.so_reuseport", 0),
         ],
     )
-    pb_grpc.add_RuntimeServiceServicer_to_server(runtime, server)
+    add_runtime_service(runtime, server)
     pb_grpc.add_RuntimeAdminServiceServicer_to_server(admin, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if reflection_enabled:

@@ -154,7 +154,16 @@ def _record_of(result: OperationResult) -> pb.RuntimeRecord:
 
 
 class RuntimeServicer(_Authenticated, pb_grpc.RuntimeServiceServicer):
-    """`galaxy.rtmanager.v1.RuntimeService` (Game Master and admins)."""
+    """`galaxy.rtmanager.v1.RuntimeService` (Game Master and admins).
+
+    `WatchRuntimes` yields serialized `WatchRuntimesResponse`s, each change's
+    bytes made once for all its watchers; `rtmanager.api.server` registers
+    it with a serializer that sends them as they are.
+    """
+
+    def __init__(self, lifecycles: Lifecycles, auth: Authenticator, limiter: CallLimiter) -> None:
+        super().__init__(lifecycles, auth, limiter)
+        self._watch_wire = convert_results.WatchWire()
 
     @rpc()
     def StartRuntime(  # noqa: N802 - gRPC method names
@@ -230,9 +239,9 @@ class RuntimeServicer(_Authenticated, pb_grpc.RuntimeServiceServicer):
             next_page_token=page.next_page_token,
         )
 
-    def WatchRuntimes(  # noqa: N802
+    def WatchRuntimes(  # type: ignore[override]  # noqa: N802 - bytes, see the class
         self, request: pb.WatchRuntimesRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.WatchRuntimesResponse]:
+    ) -> Iterator[bytes]:
         try:
             self._auth.authenticate(context, admin_only=False)
             watch = watch_request(
@@ -241,10 +250,11 @@ class RuntimeServicer(_Authenticated, pb_grpc.RuntimeServiceServicer):
                 request.since,
                 request.initial_snapshot,
             )
+            encode = self._watch_wire.encode
             for item in self._lifecycles.watch.watch(
                 watch, context.is_active, context.add_callback
             ):
-                yield convert_results.watch_item_to_pb(item)
+                yield encode(item)
         except Exception as error:
             _abort_for(context, error, "WatchRuntimes")
 

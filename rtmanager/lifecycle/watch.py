@@ -3,15 +3,17 @@
 A watch subscribes to the feed first (so nothing committed from then on is
 missed), then optionally sends a snapshot of the records with the cursor it
 was taken at, replays stored events after the starting cursor, and finally
-follows the live feed, skipping what it already sent. Quiet periods produce
-bookmarks carrying the latest cursor. A cursor is the id of the last event
-covered, as a decimal string; it stays valid across restarts and replicas
-until retention prunes the events after it.
+follows the live feed, skipping what it already sent. Live events are
+filtered by the feed as it queues them (the watch subscribes with its
+filters), replayed ones here. Quiet periods produce bookmarks carrying the
+latest cursor. A cursor is the id of the last event covered, as a decimal
+string; it stays valid across restarts and replicas until retention prunes
+the events after it.
 """
 
 from __future__ import annotations
 
-import time
+import functools
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -21,6 +23,7 @@ from rtmanager.domain.ids import parse_game_id
 from rtmanager.domain.runtime import RuntimeRecord, RuntimeStatus
 from rtmanager.ports import (
     CursorExpired,
+    EventFilter,
     FeedClosed,
     RuntimeEvent,
     RuntimeFeed,
@@ -42,11 +45,14 @@ class WatchRequest:
     since: int | None = None
     initial_snapshot: bool = False
 
+    @functools.cached_property
+    def filter(self) -> EventFilter:
+        """The filters, as the feed applies them when it queues live events."""
+        return EventFilter(self.game_ids, self.statuses)
+
     def wants(self, record: RuntimeRecord) -> bool:
         """Whether a record (after a change) passes the filters."""
-        return (not self.game_ids or record.game_id in self.game_ids) and (
-            not self.statuses or record.status in self.statuses
-        )
+        return self.filter.wants(record)
 
 
 @dataclass(frozen=True)
@@ -143,7 +149,7 @@ class WatchService:
         away (gRPC's `add_callback`), which frees this thread at once.
         """
         try:
-            subscription = self._feed.subscribe()
+            subscription = self._feed.subscribe(request.filter)
         except TooManyWatchers as error:
             raise WatchEnded("too_many_watchers", str(error)) from None
         except FeedClosed as error:
@@ -161,7 +167,6 @@ class WatchService:
                 cursor = yield from self._replay(request, request.since, subscription.position)
             else:
                 cursor = subscription.position
-            last_bookmark = time.monotonic()
             while is_active():
                 try:
                     item = subscription.get(self._heartbeat)
@@ -177,17 +182,13 @@ class WatchService:
                     raise WatchEnded("unavailable", "the server is shutting down", cursor) from None
                 if isinstance(item, int):
                     cursor = max(cursor, item)
-                    last_bookmark = time.monotonic()
                     yield Bookmark(cursor)
                     continue
-                if item.id <= cursor:
-                    continue
-                cursor = item.id
-                if request.wants(item.record):
+                # The feed queues only what the filters want; what it skipped
+                # is covered by the bookmarks it hands over when quiet.
+                if item.id > cursor:
+                    cursor = item.id
                     yield ChangeEvent(item)
-                elif time.monotonic() - last_bookmark >= self._heartbeat:
-                    last_bookmark = time.monotonic()
-                    yield Bookmark(cursor)
         finally:
             self._feed.unsubscribe(subscription)
 

@@ -30,7 +30,7 @@ from rtmanager.adapters.postgres.unit_of_work import PostgresUnitOfWork, Postgre
 from rtmanager.domain.errors import RuntimeManagerError
 from rtmanager.domain.operation import OperationEntry, OpKind, OpSource, Outcome
 from rtmanager.domain.runtime import RuntimeRecord, RuntimeStatus
-from rtmanager.lifecycle.watch import ChangeEvent, WatchEnded, WatchRequest, WatchService
+from rtmanager.lifecycle.watch import Bookmark, ChangeEvent, WatchEnded, WatchRequest, WatchService
 from rtmanager.telemetry import Telemetry
 from tests.conftest import POSTGRES_DSN
 from tests.support.private_postgres import PrivatePostgres, private_postgres
@@ -156,6 +156,7 @@ class Watcher:
     """One watch through `WatchService`, read on a thread of its own."""
 
     ids: list[int] = field(default_factory=list)
+    bookmarks: list[int] = field(default_factory=list)
     ended: WatchEnded | None = None
     error: BaseException | None = None
     active: threading.Event = field(default_factory=threading.Event)
@@ -173,6 +174,8 @@ class Watcher:
                         with self._seen:
                             self.ids.append(item.event.id)
                             self._seen.notify_all()
+                    elif isinstance(item, Bookmark):
+                        self.bookmarks.append(item.cursor)
             except WatchEnded as ended:
                 self.ended = ended
             except BaseException as error:
@@ -505,3 +508,40 @@ def test_connected_watchers_miss_and_repeat_nothing_across_a_postgres_fault(
         assert live.wait_for(has_all(stored[1:])) == stored[1:]
         assert resumed.wait_for(has_all(stored[1:])) == stored[1:]
         assert live.ended is None and resumed.ended is None, "the watches stayed open"
+
+
+# --- filters ------------------------------------------------------------------------
+
+
+def test_each_watcher_is_queued_only_the_events_its_filters_want(
+    db: Database, watchers: list[Watcher]
+) -> None:
+    # Queues of 10 would overflow if the 30 events of another game were
+    # queued for the watchers of named games or of stopped runtimes.
+    with running_feed(db, queue_capacity=10) as feed:
+        of_a = watch(watchers, feed, WatchRequest(game_ids=frozenset({"a"})))
+        of_a_b = watch(watchers, feed, WatchRequest(game_ids=frozenset({"a", "b"})))
+        of_stopped = watch(
+            watchers, feed, WatchRequest(statuses=frozenset({RuntimeStatus.STOPPED}))
+        )
+        of_running_c = watch(
+            watchers,
+            feed,
+            WatchRequest(game_ids=frozenset({"c"}), statuses=frozenset({RuntimeStatus.RUNNING})),
+        )
+        eventually(lambda: feed.subscribers == 4, what="the watchers")
+        written = {game: [write(db, game) for _ in range(3)] for game in ("a", "b")}
+        others = [write(db, "other") for _ in range(30)]
+        written["a"].append(write(db, "a"))
+        assert of_a.wait_for(has_all(written["a"])) == written["a"]
+        both = sorted(written["a"] + written["b"])
+        assert of_a_b.wait_for(has_all(both)) == both
+        # Nothing was queued for these two (every write is of a running
+        # record), yet their bookmarks cover every event.
+        newest = max(others + written["a"])
+        for watcher in (of_stopped, of_running_c):
+            eventually(lambda w=watcher: max(w.bookmarks, default=0) >= newest, what="a bookmark")
+            assert watcher.ids == []
+        for watcher in (of_a, of_a_b, of_stopped, of_running_c):
+            assert watcher.ended is None and watcher.error is None
+        assert feed.subscribers == 4

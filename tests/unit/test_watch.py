@@ -24,7 +24,9 @@ from rtmanager.lifecycle.watch import (
     watch_request,
 )
 from rtmanager.ports import (
+    EVERY_EVENT,
     CursorExpired,
+    EventFilter,
     FeedClosed,
     RuntimeEvent,
     SubscriberOverflow,
@@ -72,12 +74,16 @@ class FakeSubscription:
         for item in live:
             self._live.put(item)
         self.closed = False
+        self.wanted = EVERY_EVENT
 
     def get(self, timeout: float) -> RuntimeEvent | int:
-        item = self._live.get_nowait() if not self._live.empty() else FeedClosed("done")
-        if isinstance(item, Exception):
-            raise item
-        return item
+        while True:
+            item = self._live.get_nowait() if not self._live.empty() else FeedClosed("done")
+            if isinstance(item, Exception):
+                raise item
+            # Like the real feed, hand over only what the watcher subscribed to.
+            if isinstance(item, int) or self.wanted.wants(item.record):
+                return item
 
     def close(self) -> None:
         self.closed = True
@@ -102,9 +108,10 @@ class FakeFeed:
         self.full = full
         self.unsubscribed = False
 
-    def subscribe(self) -> FakeSubscription:
+    def subscribe(self, wanted: EventFilter = EVERY_EVENT) -> FakeSubscription:
         if self.full:
             raise TooManyWatchers("full")
+        self.subscription.wanted = wanted
         return self.subscription
 
     def unsubscribe(self, subscription: object) -> None:

@@ -3,11 +3,15 @@
 The listener thread LISTENs on the schema's channel on a dedicated
 connection and, on every notification (and at least every
 `poll_interval`, so a lost notification only delays), reads the events after
-the last one it dispatched, in id order, and hands each to every
-subscriber's bounded queue. A subscriber whose queue is full is marked
-overflowed and gets nothing more: the watch ends with its last delivered
-cursor instead of skipping silently. Changes made through any replica reach
-every replica's watchers, because they all read the same table.
+the last one it dispatched, in id order, and hands each to the bounded
+queue of every subscriber whose filter wants it (watchers of named games are
+found through an index by game id, so an event costs nothing for watchers of
+other games). Every queue gets the same `RuntimeEvent` object, so whatever is
+derived from an event once (its wire bytes, say) serves all its watchers. A
+subscriber whose queue is full is marked overflowed and gets nothing more:
+the watch ends with its last delivered cursor instead of skipping silently.
+Changes made through any replica reach every replica's watchers, because
+they all read the same table.
 
 What makes it exact (the writer's protocol is in `events.py`):
 
@@ -31,11 +35,11 @@ once a minute, never past the position this feed has dispatched.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
 
 import psycopg
@@ -56,6 +60,8 @@ from rtmanager.domain.errors import RuntimeManagerError
 from rtmanager.domain.runtime import RuntimeRecord
 from rtmanager.domain.timeutil import utc_now
 from rtmanager.ports import (
+    EVERY_EVENT,
+    EventFilter,
     FeedClosed,
     RuntimeEvent,
     SubscriberOverflow,
@@ -72,15 +78,25 @@ _PRUNE_EVERY = 60.0
 
 
 class _Subscription:
-    """One watcher's queue; filled by the listener thread under the feed's lock."""
+    """One watcher's queue of the events it wants; filled by the listener thread
+    under the feed's lock."""
 
-    def __init__(self, position: int, capacity: int, lock: threading.Lock) -> None:
-        # One slot more than the capacity, for the wake-up token of close().
-        self._queue: queue.Queue[RuntimeEvent | None] = queue.Queue(maxsize=capacity + 1)
+    def __init__(
+        self,
+        wanted: EventFilter,
+        position: int,
+        capacity: int,
+        lock: threading.Lock,
+        dispatched: Callable[[], int],
+    ) -> None:
+        # Unbounded underneath; `offer` keeps it to `capacity` events, plus the
+        # wake-up tokens of overflow() and close().
+        self._queue: queue.SimpleQueue[RuntimeEvent | None] = queue.SimpleQueue()
         self._capacity = capacity
         self._start = position
-        self._dispatched = position
         self._lock = lock
+        self._dispatched = dispatched
+        self.wanted = wanted
         self.overflowed = False
         self.closed = False
 
@@ -95,36 +111,28 @@ class _Subscription:
         if self._queue.qsize() >= self._capacity:
             self.overflow()
             return
-        self._queue.put_nowait(event)
+        self._queue.put(event)
 
     def overflow(self) -> None:
         """Give this watcher nothing more: once its queue is drained, `get` raises
         `SubscriberOverflow` (caller holds the feed's lock)."""
         self.overflowed = True
-        self._wake()
+        self._queue.put(None)
 
     def close(self) -> None:
         """End the watch: wake its reader, which then raises `FeedClosed`."""
         self.closed = True
-        self._wake()
-
-    def _wake(self) -> None:
-        with contextlib.suppress(queue.Full):
-            self._queue.put_nowait(None)
-
-    def advance(self, position: int) -> None:
-        """Note how far the feed has dispatched (caller holds the feed's lock)."""
-        self._dispatched = position
+        self._queue.put(None)
 
     def get(self, timeout: float) -> RuntimeEvent | int:
         deadline = time.monotonic() + timeout
         while True:
             try:
                 # What was queued before an overflow or close is delivered first.
-                wait = (
-                    0 if (self.overflowed or self.closed) else max(deadline - time.monotonic(), 0)
-                )
-                item = self._queue.get(timeout=wait)
+                if self.overflowed or self.closed:
+                    item = self._queue.get_nowait()
+                else:
+                    item = self._queue.get(timeout=max(deadline - time.monotonic(), 0))
                 if item is not None:
                     return item
                 continue  # a wake-up token: look at the flags again
@@ -134,10 +142,55 @@ class _Subscription:
                 if self.closed:
                     raise FeedClosed("the server is shutting down") from None
             with self._lock:
-                # Read together: nothing queued means everything dispatched
-                # up to here has been handed over.
+                # Read together: nothing queued means every wanted event
+                # dispatched up to here has been handed over.
                 if self._queue.empty():
-                    return self._dispatched
+                    return self._dispatched()
+
+
+class _Subscribers:
+    """The registered watchers, indexed for dispatch (caller holds the feed's lock).
+
+    A watcher whose filter names games is found through each of them; the
+    others are offered every event. Statuses are checked per watcher.
+    """
+
+    def __init__(self) -> None:
+        self.all: set[_Subscription] = set()
+        self._every_game: set[_Subscription] = set()
+        self._by_game: dict[str, set[_Subscription]] = {}
+
+    def __len__(self) -> int:
+        return len(self.all)
+
+    def __contains__(self, subscription: object) -> bool:
+        return subscription in self.all
+
+    def add(self, subscription: _Subscription) -> None:
+        self.all.add(subscription)
+        if not subscription.wanted.game_ids:
+            self._every_game.add(subscription)
+        for game_id in subscription.wanted.game_ids:
+            self._by_game.setdefault(game_id, set()).add(subscription)
+
+    def remove(self, subscription: _Subscription) -> None:
+        self.all.discard(subscription)
+        self._every_game.discard(subscription)
+        for game_id in subscription.wanted.game_ids:
+            watchers = self._by_game.get(game_id)
+            if watchers is not None:
+                watchers.discard(subscription)
+                if not watchers:
+                    del self._by_game[game_id]
+
+    def offer(self, event: RuntimeEvent) -> None:
+        """Queue `event` for every watcher that wants it."""
+        status = event.record.status
+        for watchers in (self._every_game, self._by_game.get(event.record.game_id, ())):
+            for subscription in watchers:
+                statuses = subscription.wanted.statuses
+                if not statuses or status in statuses:
+                    subscription.offer(event)
 
 
 class PostgresRuntimeFeed:
@@ -165,7 +218,7 @@ class PostgresRuntimeFeed:
         self._retention = retention
         self._timeout = timeout.total_seconds()
         self._telemetry = telemetry or Telemetry()
-        self._subscribers: set[_Subscription] = set()
+        self._subscribers = _Subscribers()
         self._lock = threading.Lock()
         self._position = 0
         self._ready = threading.Event()
@@ -174,8 +227,8 @@ class PostgresRuntimeFeed:
 
     # -- RuntimeFeed -----------------------------------------------------------------
 
-    def subscribe(self) -> _Subscription:
-        """Register a watcher at the feed's current position."""
+    def subscribe(self, wanted: EventFilter = EVERY_EVENT) -> _Subscription:
+        """Register a watcher of the events `wanted` passes, at the feed's current position."""
         if not self._ready.wait(self._timeout):
             raise FeedClosed("the event feed is not connected to PostgreSQL")
         with self._lock:
@@ -185,7 +238,9 @@ class PostgresRuntimeFeed:
                 raise TooManyWatchers(
                     f"this server already serves {self._max_subscribers} watchers"
                 )
-            subscription = _Subscription(self._position, self._capacity, self._lock)
+            subscription = _Subscription(
+                wanted, self._position, self._capacity, self._lock, self._dispatched
+            )
             self._subscribers.add(subscription)
             self._telemetry.watch_subscribed()
             return subscription
@@ -196,8 +251,12 @@ class PostgresRuntimeFeed:
             return
         with self._lock:
             if subscription in self._subscribers:
-                self._subscribers.discard(subscription)
+                self._subscribers.remove(subscription)
                 self._telemetry.watch_unsubscribed()
+
+    def _dispatched(self) -> int:
+        """How far events have been dispatched (caller holds the lock)."""
+        return self._position
 
     @property
     def subscribers(self) -> int:
@@ -230,7 +289,7 @@ class PostgresRuntimeFeed:
         """Stop listening and end every watcher's stream."""
         self._stop.set()
         with self._lock:
-            for subscription in self._subscribers:
+            for subscription in self._subscribers.all:
                 subscription.close()
         if self._thread is None:
             return True
@@ -283,11 +342,8 @@ class PostgresRuntimeFeed:
                     self._lost_to_retention(edge)
                     continue
                 for event in events:
-                    for subscription in self._subscribers:
-                        subscription.offer(event)
+                    self._subscribers.offer(event)
                     self._position = event.id
-                for subscription in self._subscribers:
-                    subscription.advance(self._position)
             if len(events) < _BATCH:
                 return
 
@@ -302,7 +358,7 @@ class PostgresRuntimeFeed:
             "event retention passed the feed's position; ending its watchers",
             extra={"position": self._position, "pruned_through": edge},
         )
-        for subscription in self._subscribers:
+        for subscription in self._subscribers.all:
             subscription.overflow()
         self._position = edge
 
