@@ -43,13 +43,25 @@ def _already_serialized(wire: bytes) -> bytes:
 
 
 def add_runtime_service(runtime: RuntimeServicer, server: grpc.Server) -> None:
-    """Register `RuntimeService` as the generated code does, except that
-    `WatchRuntimes` sends the bytes its servicer yields as they are (each
-    change is serialized once for all its watchers; see `RuntimeServicer`).
-    Clients are unaffected: the bytes are `WatchRuntimesResponse`s."""
+    """Register `RuntimeService` as the generated code does, except that the
+    reads send the bytes their servicer methods return as they are:
+    `GetRuntime` and `ListRuntimes` assemble replies from memoised record
+    bytes, `WatchRuntimes` serializes each change once for all its watchers
+    (see `RuntimeServicer`). Clients are unaffected: the bytes are the
+    methods' response messages."""
     taken = _Handlers()
     pb_grpc.add_RuntimeServiceServicer_to_server(runtime, taken)  # type: ignore[arg-type]
     handlers = taken.by_method
+    handlers["GetRuntime"] = grpc.unary_unary_rpc_method_handler(
+        runtime.GetRuntime,
+        request_deserializer=pb.GetRuntimeRequest.FromString,
+        response_serializer=_already_serialized,
+    )
+    handlers["ListRuntimes"] = grpc.unary_unary_rpc_method_handler(
+        runtime.ListRuntimes,
+        request_deserializer=pb.ListRuntimesRequest.FromString,
+        response_serializer=_already_serialized,
+    )
     handlers["WatchRuntimes"] = grpc.unary_stream_rpc_method_handler(
         runtime.WatchRuntimes,
         request_deserializer=pb.WatchRuntimesRequest.FromString,

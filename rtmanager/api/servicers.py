@@ -156,9 +156,12 @@ def _record_of(result: OperationResult) -> pb.RuntimeRecord:
 class RuntimeServicer(_Authenticated, pb_grpc.RuntimeServiceServicer):
     """`galaxy.rtmanager.v1.RuntimeService` (Game Master and admins).
 
-    `WatchRuntimes` yields serialized `WatchRuntimesResponse`s, each change's
-    bytes made once for all its watchers; `rtmanager.api.server` registers
-    it with a serializer that sends them as they are.
+    The reads answer with bytes: `GetRuntime` and `ListRuntimes` return their
+    serialized replies (assembled from memoised record bytes, see
+    `convert.list_runtimes_reply`), `WatchRuntimes` yields serialized
+    `WatchRuntimesResponse`s, each change's bytes made once for all its
+    watchers. `rtmanager.api.server` registers them with a serializer that
+    sends the bytes as they are.
     """
 
     def __init__(self, lifecycles: Lifecycles, auth: Authenticator, limiter: CallLimiter) -> None:
@@ -220,24 +223,21 @@ class RuntimeServicer(_Authenticated, pb_grpc.RuntimeServiceServicer):
         return pb.PatchRuntimeResponse(runtime=_record_of(result))
 
     @rpc()
-    def GetRuntime(  # noqa: N802
+    def GetRuntime(  # type: ignore[override]  # noqa: N802 - bytes, see the class
         self, request: pb.GetRuntimeRequest, context: grpc.ServicerContext, caller: Principal
-    ) -> pb.GetRuntimeResponse:
+    ) -> bytes:
         record = self._lifecycles.queries.get_runtime(request.game_id)
-        return pb.GetRuntimeResponse(runtime=convert.record_to_pb(record))
+        return convert.get_runtime_reply(record)
 
     @rpc()
-    def ListRuntimes(  # noqa: N802
+    def ListRuntimes(  # type: ignore[override]  # noqa: N802 - bytes, see the class
         self, request: pb.ListRuntimesRequest, context: grpc.ServicerContext, caller: Principal
-    ) -> pb.ListRuntimesResponse:
+    ) -> bytes:
         status = convert.enum_from_pb(convert.STATUS_FROM_PB, request.status, "status")
         page = self._lifecycles.queries.list_runtimes(
             status=status, page_size=request.page_size, page_token=request.page_token
         )
-        return pb.ListRuntimesResponse(
-            runtimes=[convert.record_to_pb(record) for record in page.items],
-            next_page_token=page.next_page_token,
-        )
+        return convert.list_runtimes_reply(page.items, page.next_page_token)
 
     def WatchRuntimes(  # type: ignore[override]  # noqa: N802 - bytes, see the class
         self, request: pb.WatchRuntimesRequest, context: grpc.ServicerContext
