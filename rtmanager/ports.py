@@ -416,8 +416,13 @@ class DockerEngine(Protocol):
         """Return what Docker says about a container, owned or not, or None if absent."""
         ...
 
-    def list_owned_containers(self) -> list[ContainerInfo]:
-        """Return every container owned by this deployment, running or not."""
+    def list_owned_containers(self, game_id: str | None = None) -> list[ContainerInfo]:
+        """Return the containers owned by this deployment (only `game_id`'s, when given).
+
+        Running or not, from one listing: `exit_code`, `health`,
+        `started_at` and `finished_at` are not part of a listing and are
+        None here; `inspect_container` of one container has them.
+        """
         ...
 
     def container_logs_tail(self, container_id: str, lines: int = 20) -> str:

@@ -18,6 +18,13 @@ every write is guarded: it commits only if the record is still what the
 step was planned from (CAS), so a step never overwrites a change it did not
 see.
 
+Docker is asked as little as that allows. The snapshot is one listing of
+the owned containers, with no inspects (a listing has everything the rules
+look at). A step's re-check is one listing narrowed on the daemon to its
+game's label, plus an inspect of the container it marks stopped, for the
+exit code a listing lacks. A pass therefore costs one Docker call, plus one
+or two per step; a container that needs nothing costs nothing.
+
 This is a use case: the `Reconcile` RPC, the start-up pass, the periodic
 trigger (`PeriodicWorker` in the composition root) and the Docker events
 listener (`observe_exit`) all call it.
@@ -300,8 +307,7 @@ class Reconciler(LifecycleService):
             with self._lock.hold(game_id):
                 with self._recorder.unit_of_work() as uow:
                     record = load_record(uow, game_id)
-                fresh = [c for c in self._docker.list_owned_containers() if c.game_id == game_id]
-                action = plan_game(game_id, record, fresh)
+                action = self._recheck(game_id, record)
                 if action is None:
                     return replace(planned, skipped_reason="already consistent")
                 result = self._record(action, basis=record, source_ref="reconcile")
@@ -313,6 +319,23 @@ class Reconciler(LifecycleService):
             assert result.failure is not None
             return replace(action, skipped_reason=result.failure.message)
         return replace(action, applied=True)
+
+    def _recheck(self, game_id: str, record: RuntimeRecord | None) -> ReconcileAction | None:
+        """Plan one game's step again from its containers as Docker lists them now.
+
+        A step that marks a container stopped is planned once more from an
+        inspect of that container: it has the exit code the listing lacks,
+        and should the container have changed in between (run again, gone),
+        the step follows what the inspect says.
+        """
+        fresh = self._docker.list_owned_containers(game_id)
+        action = plan_game(game_id, record, fresh)
+        if action is None or action.kind is not ActionKind.MARK_STOPPED:
+            return action
+        info = self._docker.inspect_container(action.container_id)
+        inspected = [info] if info is not None and info.owned else []
+        fresh = [*(c for c in fresh if c.id != action.container_id), *inspected]
+        return plan_game(game_id, record, fresh)
 
     def _record(
         self, action: ReconcileAction, *, basis: RuntimeRecord | None, source_ref: str

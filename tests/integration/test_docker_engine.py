@@ -606,6 +606,101 @@ def test_container_without_cluster_label_is_owned_only_by_the_default_cluster(
         default.close()
 
 
+def count_requests(engine: DockerEngineAdapter) -> list[str]:
+    """Record "METHOD path" of every HTTP request the adapter's client makes from now on."""
+    seen: list[str] = []
+
+    def record(response: Any, *args: object, **kwargs: object) -> None:
+        request = response.request
+        seen.append(f"{request.method} {request.path_url.split('?')[0]}")
+
+    engine._api().hooks["response"].append(record)
+    return seen
+
+
+def test_a_listing_is_one_request_and_narrows_to_one_game_on_the_daemon(
+    engine: DockerEngineAdapter, client: docker.DockerClient, test_id: str, cluster: str
+) -> None:
+    def owned(game_id: str, suffix: str = "") -> str:
+        labels = galaxy_labels.engine_labels(cluster=cluster, game_id=game_id, image_ref=STUB_IMAGE)
+        return raw_container(client, test_id, f"galaxy-game-{game_id}{suffix}", labels)
+
+    first, first_again = owned(f"a{test_id}"), owned(f"a{test_id}", "-old")
+    second = owned(f"b{test_id}")
+    # The game id of another game as a prefix must not match.
+    owned(f"a{test_id}x")
+    requests = count_requests(engine)
+
+    assert {c.id for c in engine.list_owned_containers(f"a{test_id}")} == {first, first_again}
+    assert {c.id for c in engine.list_owned_containers(f"b{test_id}")} == {second}
+    assert engine.list_owned_containers(f"c{test_id}") == []
+    assert len(engine.list_owned_containers()) >= 4
+    assert len(requests) == 4
+    assert all(r.startswith("GET /") and r.endswith("/containers/json") for r in requests)
+
+
+def test_a_listing_says_what_an_inspect_says_but_the_exit_code_health_and_times(
+    engine: DockerEngineAdapter, client: docker.DockerClient, test_id: str, cluster: str
+) -> None:
+    def engine_container(game_id: str, image: str, *, start: bool) -> str:
+        labels = galaxy_labels.engine_labels(cluster=cluster, game_id=game_id, image_ref=image)
+        container = client.containers.create(
+            image,
+            name=f"galaxy-game-{game_id}",
+            labels={**labels, TEST_LABEL: test_id},
+            network_mode="none",
+            init=True,
+            environment={"GALAXY_STATE_DIR": "/tmp"},
+        )
+        assert container.id is not None
+        if start:
+            container.start()
+        return container.id
+
+    created = engine_container(f"c{test_id}", STUB_IMAGE, start=False)
+    running = engine_container(f"r{test_id}", STUB_IMAGE, start=True)
+    paused = engine_container(f"p{test_id}", STUB_IMAGE, start=True)
+    crashed = engine_container(f"x{test_id}", CRASH_IMAGE, start=True)
+
+    def state_of(container_id: str) -> str:
+        info = engine.inspect_container(container_id)
+        return info.state if info is not None else ""
+
+    wait_for(lambda: state_of(running) == "running", what="the engine running")
+    wait_for(lambda: state_of(paused) == "running", what="the engine running")
+    client.api.pause(paused)
+    wait_for(lambda: state_of(crashed) == "exited", what="the crash engine exited")
+
+    listed = {c.id: c for c in engine.list_owned_containers()}
+    for container_id, state, is_running in (
+        (created, "created", False),
+        (running, "running", True),
+        (paused, "paused", True),
+        (crashed, "exited", False),
+    ):
+        inspected = engine.inspect_container(container_id)
+        assert inspected is not None
+        summary = listed[container_id]
+        assert (summary.state, summary.running) == (state, is_running)
+        assert (summary.state, summary.running) == (inspected.state, inspected.running)
+        assert (summary.name, summary.image_ref, summary.game_id, summary.owned) == (
+            inspected.name,
+            inspected.image_ref,
+            inspected.game_id,
+            True,
+        )
+        assert summary.labels == inspected.labels
+        assert (summary.exit_code, summary.health, summary.started_at, summary.finished_at) == (
+            None,
+            None,
+            None,
+            None,
+        )
+    crashed_info = engine.inspect_container(crashed)
+    assert crashed_info is not None and crashed_info.exit_code == 3
+    client.api.unpause(paused)
+
+
 # -- events -------------------------------------------------------------------
 
 

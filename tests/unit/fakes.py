@@ -868,10 +868,18 @@ class FakeDocker:
             finished_at=container.finished_at,
         )
 
-    def list_owned_containers(self) -> list[ContainerInfo]:
-        """Every owned container, running or not."""
-        self._enter("list_owned_containers")
-        infos = [self._info(c) for c in list(self.containers.values())]
+    def list_owned_containers(self, game_id: str | None = None) -> list[ContainerInfo]:
+        """Every owned container (of `game_id`, when given), as a listing shows it.
+
+        Like Docker's listing, without what only an inspect reports: exit
+        code, health and times are None.
+        """
+        self._enter("list_owned_containers", game_id)
+        infos = [
+            replace(self._info(c), exit_code=None, health=None, started_at=None, finished_at=None)
+            for c in list(self.containers.values())
+            if game_id is None or c.labels.get(galaxy_labels.GAME_ID) == game_id
+        ]
         return [info for info in infos if info.owned]
 
     def container_logs_tail(self, container_id: str, lines: int = 20) -> str:

@@ -15,6 +15,7 @@ from rtmanager.lifecycle.common import LifecycleDeps
 from rtmanager.lifecycle.reconcile import ActionKind, Reconciler
 from rtmanager.lifecycle.stop import StopRequest
 from rtmanager.telemetry import Telemetry
+from tests.unit.fakes import Call
 from tests.unit.harness import IMAGE, Harness, make_harness
 
 GAME = "g1"
@@ -58,7 +59,7 @@ def test_an_adoption_does_not_overwrite_a_change_committed_after_its_plan(h: Har
     theirs = "f" * 64
     listings = 0
 
-    def meanwhile() -> None:
+    def meanwhile(game_id: str | None) -> None:
         nonlocal listings
         listings += 1
         if listings == 2:  # the re-check under the lease, after reading the record
@@ -84,6 +85,94 @@ def test_an_adoption_does_not_overwrite_a_change_committed_after_its_plan(h: Har
         "failure",
         "conflict",
     )
+
+
+# --- what a pass asks Docker ------------------------------------------------------------
+
+
+def test_a_pass_over_games_that_need_nothing_is_one_listing_and_no_inspect(h: Harness) -> None:
+    for index in range(20):
+        h.seed_running(f"run-{index}")
+        h.seed_stopped(f"stop-{index}")
+
+    report = reconciler_of(h).run_pass()
+
+    assert report.actions == ()
+    assert h.docker.calls == [Call("list_owned_containers", (None,))]
+
+
+def test_a_steps_recheck_lists_only_its_games_containers(h: Harness) -> None:
+    for index in range(5):
+        h.seed_running(f"other-{index}")
+    adoptee = h.docker.add_engine(GAME, IMAGE)
+
+    report = reconciler_of(h).run_pass()
+
+    assert [(a.kind, a.container_id, a.applied) for a in report.actions] == [
+        (ActionKind.ADOPT, adoptee, True)
+    ]
+    assert h.docker.calls == [
+        Call("list_owned_containers", (None,)),
+        Call("list_owned_containers", (GAME,)),
+    ]
+
+
+def test_an_exited_container_is_marked_stopped_with_the_exit_code_of_its_inspect(
+    h: Harness,
+) -> None:
+    record = h.seed_running(GAME)
+    h.seed_running("other")
+    exited(h, record.current_container_id)
+
+    report = reconciler_of(h).run_pass()
+
+    assert [(a.kind, a.applied, a.exit_code) for a in report.actions] == [
+        (ActionKind.MARK_STOPPED, True, 137)
+    ]
+    row = h.only_row(GAME)
+    assert (row.op_kind, row.op_source, row.source_ref) == (
+        OpKind.STOP,
+        OpSource.AUTO_RECONCILE,
+        "reconcile:exit=137",
+    )
+    assert h.docker.calls == [
+        Call("list_owned_containers", (None,)),
+        Call("list_owned_containers", (GAME,)),
+        Call("inspect_container", (record.current_container_id,)),
+    ]
+
+
+def test_a_container_gone_before_its_inspect_gets_its_record_disposed(h: Harness) -> None:
+    record = h.seed_running(GAME)
+    exited(h, record.current_container_id)
+    h.docker.before(
+        "inspect_container", lambda cid: h.docker.containers.pop(str(cid), None) and None
+    )
+
+    (action,) = reconciler_of(h).run_pass().actions
+
+    assert (action.kind, action.applied) == (ActionKind.DISPOSE, True)
+    assert h.record(GAME).status is RuntimeStatus.REMOVED
+
+
+def test_a_container_running_again_before_its_inspect_is_left_running(h: Harness) -> None:
+    record = h.seed_running(GAME)
+    exited(h, record.current_container_id)
+
+    def revive(cid: object) -> None:
+        h.docker.containers[str(cid)].state = "running"
+
+    h.docker.before("inspect_container", revive)
+
+    (action,) = reconciler_of(h).run_pass().actions
+
+    assert (action.kind, action.applied, action.skipped_reason) == (
+        ActionKind.MARK_STOPPED,
+        False,
+        "already consistent",
+    )
+    assert h.record(GAME).status is RuntimeStatus.RUNNING
+    assert h.rows(GAME) == []
 
 
 # --- observed exits --------------------------------------------------------------------

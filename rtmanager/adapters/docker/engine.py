@@ -64,6 +64,9 @@ _NETWORK_CROWDED_SECONDS = 5.0
 # this one uses it.
 _NETWORK_QUIET_SECONDS = 2.0
 
+# The container states (`State.Status`) in which Docker reports `State.Running`.
+_RUNNING_STATES = frozenset({"running", "paused", "restarting"})
+
 # Docker reports "never" as the zero time of Go.
 _GO_ZERO_TIME_PREFIX = "0001-01-01"
 
@@ -653,25 +656,47 @@ class DockerEngineAdapter:
             finished_at=_parse_docker_time(state.get("FinishedAt")),
         )
 
-    def list_owned_containers(self) -> list[ContainerInfo]:
-        """Return every container of this deployment, running or not.
+    def list_owned_containers(self, game_id: str | None = None) -> list[ContainerInfo]:
+        """Return this deployment's containers (only `game_id`'s, when given), running or not.
 
-        Listing narrows by label on the daemon; each container is then
-        inspected (the listing lacks exit codes and times), skipping those
-        removed meanwhile, and `is_owned` has the last word.
+        One listing, narrowed by label on the daemon (owner, the cluster
+        unless it is the default one, the game id when given); `is_owned`
+        has the last word. No container is inspected, so exit codes, health
+        and times are None (see `_summary_to_info`).
         """
+        selectors = _owner_filters(self._cluster)
+        if game_id is not None:
+            selectors.append(f"{galaxy_labels.GAME_ID}={game_id}")
         with _docker_call("list containers"):
-            api = self._api()
             listed = cast(
                 "list[dict[str, Any]]",
-                api.containers(all=True, filters={"label": _owner_filters(self._cluster)}),
+                self._api().containers(all=True, filters={"label": selectors}),
             )
-        infos: list[ContainerInfo] = []
-        for entry in listed:
-            info = self.inspect_container(str(entry["Id"]))
-            if info is not None and info.owned:
-                infos.append(info)
-        return infos
+        infos = [self._summary_to_info(entry) for entry in listed]
+        return [info for info in infos if info.owned]
+
+    def _summary_to_info(self, entry: dict[str, Any]) -> ContainerInfo:
+        """A `ContainerInfo` from one entry of a listing (`GET /containers/json`).
+
+        A listing's `State` is the `State.Status` an inspect reports, and
+        Docker counts a paused or restarting container as running. It has
+        no exit code, health or times (only in the human `Status` text).
+        """
+        labels: dict[str, str] = dict(entry.get("Labels") or {})
+        state = str(entry.get("State") or "")
+        names = [str(n).lstrip("/") for n in entry.get("Names") or ()]
+        # Links add names of the form "/linker/alias"; the container's own has no slash.
+        name = next((n for n in names if "/" not in n), names[0] if names else "")
+        return ContainerInfo(
+            id=str(entry.get("Id", "")),
+            name=name,
+            state=state,
+            running=state in _RUNNING_STATES,
+            owned=galaxy_labels.is_owned(labels, self._cluster),
+            labels=labels,
+            image_ref=labels.get(galaxy_labels.IMAGE_REF) or str(entry.get("Image") or ""),
+            game_id=labels.get(galaxy_labels.GAME_ID, ""),
+        )
 
     def container_logs_tail(self, container_id: str, lines: int = 20) -> str:
         """Return the last `lines` lines of stdout and stderr ("" when unavailable)."""

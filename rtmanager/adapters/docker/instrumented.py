@@ -61,9 +61,11 @@ class InstrumentedDocker:
         """See `DockerEngine.inspect_container`."""
         return self._timed("inspect_container", lambda: self._inner.inspect_container(id_or_name))
 
-    def list_owned_containers(self) -> list[ContainerInfo]:
+    def list_owned_containers(self, game_id: str | None = None) -> list[ContainerInfo]:
         """See `DockerEngine.list_owned_containers`."""
-        return self._timed("list_owned_containers", self._inner.list_owned_containers)
+        return self._timed(
+            "list_owned_containers", lambda: self._inner.list_owned_containers(game_id)
+        )
 
     def container_logs_tail(self, container_id: str, lines: int = 20) -> str:
         """See `DockerEngine.container_logs_tail`."""
