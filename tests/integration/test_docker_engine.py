@@ -701,6 +701,51 @@ def test_a_listing_says_what_an_inspect_says_but_the_exit_code_health_and_times(
     client.api.unpause(paused)
 
 
+def test_owns_container_asks_docker_only_about_containers_not_yet_seen_owned(
+    engine: DockerEngineAdapter,
+    client: docker.DockerClient,
+    network: str,
+    state_dir: Path,
+    test_id: str,
+    cluster: str,
+) -> None:
+    created = engine.create_container(
+        make_spec(test_id=test_id, cluster=cluster, network=network, state_dir=state_dir)
+    )
+    foreign = raw_container(
+        client, test_id, f"galaxy-game-f{test_id}", {galaxy_labels.GAME_ID: f"f{test_id}"}
+    )
+    requests = count_requests(engine)
+
+    assert engine.owns_container(created) is True
+    assert requests == []  # it created the container
+    assert engine.owns_container(foreign) is False
+    assert engine.owns_container("0" * 64) is None
+    assert len(requests) == 2 and all(r.endswith("/json") for r in requests)
+
+    engine.remove_container(created)
+    requests.clear()
+    assert engine.owns_container(created) is None  # forgotten once removed
+    assert len(requests) == 1
+
+    fresh = DockerEngineAdapter(base_url=DOCKER_HOST, cluster=cluster)
+    try:
+        seen = raw_container(
+            client,
+            test_id,
+            f"galaxy-game-s{test_id}",
+            galaxy_labels.engine_labels(
+                cluster=cluster, game_id=f"s{test_id}", image_ref=STUB_IMAGE
+            ),
+        )
+        assert [c.id for c in fresh.list_owned_containers(f"s{test_id}")] == [seen]
+        fresh_requests = count_requests(fresh)
+        assert fresh.owns_container(seen) is True
+        assert fresh_requests == []  # a listing showed it owned
+    finally:
+        fresh.close()
+
+
 # -- events -------------------------------------------------------------------
 
 

@@ -266,6 +266,10 @@ class DockerEngineAdapter:
         self._network_lock = threading.Lock()
         # Engine network name -> the id `ensure_network` settled on.
         self._network_ids: dict[str, str] = {}
+        # Ids of containers seen owned (created, inspected or listed as ours),
+        # so `owns_container` need not ask Docker again; see there.
+        self._owned_lock = threading.Lock()
+        self._owned_ids: set[str] = set()
 
     @property
     def cluster(self) -> str:
@@ -286,9 +290,10 @@ class DockerEngineAdapter:
         with self._client_lock:
             if self._client is None:
                 with _docker_call("connect"):
-                    self._client = docker.DockerClient(
+                    client = docker.DockerClient(
                         base_url=self._base_url, timeout=self._timeout_seconds
                     )
+                self._client = client
             return self._client
 
     def _api(self) -> docker.APIClient:
@@ -561,6 +566,8 @@ class DockerEngineAdapter:
         container_id = container.id
         if not container_id:
             raise InternalError(f"docker created {spec.name} without reporting its id")
+        if galaxy_labels.is_owned(spec.labels, self._cluster):
+            self._remember_owned([container_id])
         return container_id
 
     def start_container(self, container_id: str) -> None:
@@ -614,7 +621,7 @@ class DockerEngineAdapter:
             try:
                 self._api().remove_container(container_id, force=force)
             except docker.errors.NotFound:
-                return
+                pass
             except docker.errors.APIError as exc:
                 message = _explain(exc)
                 if _status(exc) == 409 and "already in progress" in message:
@@ -622,6 +629,8 @@ class DockerEngineAdapter:
                 if _status(exc) == 409:
                     raise Conflict(f"cannot remove container {container_id}: {message}") from exc
                 raise
+        with self._owned_lock:
+            self._owned_ids.discard(container_id)
 
     def inspect_container(self, id_or_name: str) -> ContainerInfo | None:
         """Return what Docker says about a container, owned or not; None if absent."""
@@ -630,7 +639,37 @@ class DockerEngineAdapter:
                 data = cast("dict[str, Any]", self._api().inspect_container(id_or_name))
             except docker.errors.NotFound:
                 return None
-        return self._to_info(data)
+        info = self._to_info(data)
+        if info.owned and info.id:
+            self._remember_owned([info.id])
+        return info
+
+    def owns_container(self, container_id: str) -> bool | None:
+        """Whether the container is this deployment's (None when Docker has none).
+
+        Answered without a call for an id this adapter has seen owned: it
+        created the container, or an inspect or listing showed it owned.
+        Labels cannot change and ids are not reused, so that stays true; the
+        container may have been removed since, which the stop or removal
+        that follows takes as done. Any other id is inspected.
+        """
+        with self._owned_lock:
+            if container_id in self._owned_ids:
+                return True
+        info = self.inspect_container(container_id)
+        return None if info is None else info.owned
+
+    def _remember_owned(self, container_ids: list[str], *, every_one: bool = False) -> None:
+        """Add ids seen owned; `every_one` when they are all the owned containers there are.
+
+        A complete listing replaces what is remembered, which forgets the
+        containers removed behind the adapter's back.
+        """
+        with self._owned_lock:
+            if every_one:
+                self._owned_ids = set(container_ids)
+            else:
+                self._owned_ids.update(container_ids)
 
     def _to_info(self, data: dict[str, Any]) -> ContainerInfo:
         state: dict[str, Any] = data.get("State") or {}
@@ -672,8 +711,9 @@ class DockerEngineAdapter:
                 "list[dict[str, Any]]",
                 self._api().containers(all=True, filters={"label": selectors}),
             )
-        infos = [self._summary_to_info(entry) for entry in listed]
-        return [info for info in infos if info.owned]
+        infos = [info for info in map(self._summary_to_info, listed) if info.owned]
+        self._remember_owned([info.id for info in infos if info.id], every_one=game_id is None)
+        return infos
 
     def _summary_to_info(self, entry: dict[str, Any]) -> ContainerInfo:
         """A `ContainerInfo` from one entry of a listing (`GET /containers/json`).
