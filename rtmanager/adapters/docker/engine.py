@@ -293,6 +293,11 @@ class DockerEngineAdapter:
                     client = docker.DockerClient(
                         base_url=self._base_url, timeout=self._timeout_seconds
                     )
+                if self._base_url.startswith("unix://"):
+                    # requests would look up proxies and .netrc credentials in
+                    # the environment on every call; neither applies to a
+                    # unix socket, and the look-ups cost about 0.3 ms a call.
+                    client.api.trust_env = False
                 self._client = client
             return self._client
 
