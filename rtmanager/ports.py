@@ -427,12 +427,12 @@ class DockerEngine(Protocol):
         """
         ...
 
-    def list_owned_containers(self, game_id: str | None = None) -> list[ContainerInfo]:
-        """Return the containers owned by this deployment (only `game_id`'s, when given).
+    def list_owned_containers(self) -> list[ContainerInfo]:
+        """Return every container owned by this deployment, running or not.
 
-        Running or not, from one listing: `exit_code`, `health`,
-        `started_at` and `finished_at` are not part of a listing and are
-        None here; `inspect_container` of one container has them.
+        From one listing: `exit_code`, `health`, `started_at` and
+        `finished_at` are not part of a listing and are None here;
+        `inspect_container` of one container has them.
         """
         ...
 

@@ -618,25 +618,23 @@ def count_requests(engine: DockerEngineAdapter) -> list[str]:
     return seen
 
 
-def test_a_listing_is_one_request_and_narrows_to_one_game_on_the_daemon(
+def test_a_listing_is_one_request_whatever_the_number_of_containers(
     engine: DockerEngineAdapter, client: docker.DockerClient, test_id: str, cluster: str
 ) -> None:
-    def owned(game_id: str, suffix: str = "") -> str:
-        labels = galaxy_labels.engine_labels(cluster=cluster, game_id=game_id, image_ref=STUB_IMAGE)
-        return raw_container(client, test_id, f"galaxy-game-{game_id}{suffix}", labels)
-
-    first, first_again = owned(f"a{test_id}"), owned(f"a{test_id}", "-old")
-    second = owned(f"b{test_id}")
-    # The game id of another game as a prefix must not match.
-    owned(f"a{test_id}x")
+    ours = {
+        raw_container(
+            client,
+            test_id,
+            f"galaxy-game-{game_id}",
+            galaxy_labels.engine_labels(cluster=cluster, game_id=game_id, image_ref=STUB_IMAGE),
+        )
+        for game_id in (f"a{test_id}", f"b{test_id}", f"c{test_id}")
+    }
     requests = count_requests(engine)
 
-    assert {c.id for c in engine.list_owned_containers(f"a{test_id}")} == {first, first_again}
-    assert {c.id for c in engine.list_owned_containers(f"b{test_id}")} == {second}
-    assert engine.list_owned_containers(f"c{test_id}") == []
-    assert len(engine.list_owned_containers()) >= 4
-    assert len(requests) == 4
-    assert all(r.startswith("GET /") and r.endswith("/containers/json") for r in requests)
+    assert {c.id for c in engine.list_owned_containers()} == ours
+    assert len(requests) == 1
+    assert requests[0].startswith("GET /") and requests[0].endswith("/containers/json")
 
 
 def test_a_listing_says_what_an_inspect_says_but_the_exit_code_health_and_times(
@@ -738,7 +736,7 @@ def test_owns_container_asks_docker_only_about_containers_not_yet_seen_owned(
                 cluster=cluster, game_id=f"s{test_id}", image_ref=STUB_IMAGE
             ),
         )
-        assert [c.id for c in fresh.list_owned_containers(f"s{test_id}")] == [seen]
+        assert seen in {c.id for c in fresh.list_owned_containers()}
         fresh_requests = count_requests(fresh)
         assert fresh.owns_container(seen) is True
         assert fresh_requests == []  # a listing showed it owned

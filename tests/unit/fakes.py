@@ -880,17 +880,16 @@ class FakeDocker:
         container = self.containers.get(container_id)
         return None if container is None else galaxy_labels.is_owned(container.labels, self.cluster)
 
-    def list_owned_containers(self, game_id: str | None = None) -> list[ContainerInfo]:
-        """Every owned container (of `game_id`, when given), as a listing shows it.
+    def list_owned_containers(self) -> list[ContainerInfo]:
+        """Every owned container, running or not, as a listing shows it.
 
         Like Docker's listing, without what only an inspect reports: exit
         code, health and times are None.
         """
-        self._enter("list_owned_containers", game_id)
+        self._enter("list_owned_containers")
         infos = [
             replace(self._info(c), exit_code=None, health=None, started_at=None, finished_at=None)
             for c in list(self.containers.values())
-            if game_id is None or c.labels.get(galaxy_labels.GAME_ID) == game_id
         ]
         return [info for info in infos if info.owned]
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from rtmanager.domain import labels
 from rtmanager.domain.operation import OpKind, OpSource
 from rtmanager.domain.runtime import RuntimeStatus
 from rtmanager.lifecycle.common import LifecycleDeps
@@ -57,17 +58,17 @@ def test_an_adoption_does_not_overwrite_a_change_committed_after_its_plan(h: Har
     # expired) binds the game to a container of its own after the pass
     # planned from the stopped record, before the adoption commits.
     theirs = "f" * 64
-    listings = 0
+    inspects = 0
 
-    def meanwhile(game_id: str | None) -> None:
-        nonlocal listings
-        listings += 1
-        if listings == 2:  # the re-check under the lease, after reading the record
+    def meanwhile(key: object) -> None:
+        nonlocal inspects
+        inspects += 1
+        if inspects == 1:  # the re-check under the lease, after reading the record
             h.store.put(
                 replace(h.running_record(GAME, theirs), last_op_at=h.record(GAME).last_op_at)
             )
 
-    h.docker.before("list_owned_containers", meanwhile)
+    h.docker.before("inspect_container", meanwhile)
 
     report = reconciler_of(h).run_pass()
 
@@ -89,6 +90,8 @@ def test_an_adoption_does_not_overwrite_a_change_committed_after_its_plan(h: Har
 
 # --- what a pass asks Docker ------------------------------------------------------------
 
+NAME = f"galaxy-game-{GAME}"
+
 
 def test_a_pass_over_games_that_need_nothing_is_one_listing_and_no_inspect(h: Harness) -> None:
     for index in range(20):
@@ -98,10 +101,10 @@ def test_a_pass_over_games_that_need_nothing_is_one_listing_and_no_inspect(h: Ha
     report = reconciler_of(h).run_pass()
 
     assert report.actions == ()
-    assert h.docker.calls == [Call("list_owned_containers", (None,))]
+    assert h.docker.calls == [Call("list_owned_containers", ())]
 
 
-def test_a_steps_recheck_lists_only_its_games_containers(h: Harness) -> None:
+def test_a_steps_recheck_inspects_only_its_games_container_once(h: Harness) -> None:
     for index in range(5):
         h.seed_running(f"other-{index}")
     adoptee = h.docker.add_engine(GAME, IMAGE)
@@ -111,10 +114,7 @@ def test_a_steps_recheck_lists_only_its_games_containers(h: Harness) -> None:
     assert [(a.kind, a.container_id, a.applied) for a in report.actions] == [
         (ActionKind.ADOPT, adoptee, True)
     ]
-    assert h.docker.calls == [
-        Call("list_owned_containers", (None,)),
-        Call("list_owned_containers", (GAME,)),
-    ]
+    assert h.docker.calls == [Call("list_owned_containers", ()), Call("inspect_container", (NAME,))]
 
 
 def test_an_exited_container_is_marked_stopped_with_the_exit_code_of_its_inspect(
@@ -135,19 +135,63 @@ def test_an_exited_container_is_marked_stopped_with_the_exit_code_of_its_inspect
         OpSource.AUTO_RECONCILE,
         "reconcile:exit=137",
     )
+    assert h.docker.calls == [Call("list_owned_containers", ()), Call("inspect_container", (NAME,))]
+
+
+def test_a_dispose_is_rechecked_by_the_games_name_and_the_records_container(h: Harness) -> None:
+    record = h.seed_running(GAME, container=False)
+
+    (action,) = reconciler_of(h).run_pass().actions
+
+    assert (action.kind, action.applied) == (ActionKind.DISPOSE, True)
+    assert h.record(GAME).status is RuntimeStatus.REMOVED
     assert h.docker.calls == [
-        Call("list_owned_containers", (None,)),
-        Call("list_owned_containers", (GAME,)),
+        Call("list_owned_containers", ()),
+        Call("inspect_container", (NAME,)),
         Call("inspect_container", (record.current_container_id,)),
     ]
 
 
-def test_a_container_gone_before_its_inspect_gets_its_record_disposed(h: Harness) -> None:
+def test_a_container_created_for_the_game_after_the_listing_is_bound_not_disposed(
+    h: Harness,
+) -> None:
+    h.seed_running(GAME, container=False)
+    created: list[str] = []
+
+    def an_engine_appears(key: object) -> None:
+        if not created:
+            created.append(h.docker.add_engine(GAME, IMAGE))
+
+    h.docker.before("inspect_container", an_engine_appears)
+
+    (action,) = reconciler_of(h).run_pass().actions
+
+    assert (action.kind, action.container_id, action.applied) == (
+        ActionKind.ADOPT,
+        created[0],
+        True,
+    )
+    record = h.record(GAME)
+    assert (record.status, record.current_container_id) == (RuntimeStatus.RUNNING, created[0])
+
+
+def test_a_foreign_container_of_the_games_name_is_not_counted_by_the_recheck(h: Harness) -> None:
+    h.seed_running(GAME, container=False)
+    foreign = h.docker.add_container(
+        name=NAME, image_ref=IMAGE, labels={labels.GAME_ID: GAME}, running=True
+    )
+
+    (action,) = reconciler_of(h).run_pass().actions
+
+    assert (action.kind, action.applied) == (ActionKind.DISPOSE, True)
+    assert h.docker.containers[foreign].running
+    assert [c.method for c in h.docker.mutating_calls()] == []
+
+
+def test_a_container_gone_before_the_recheck_gets_its_record_disposed(h: Harness) -> None:
     record = h.seed_running(GAME)
     exited(h, record.current_container_id)
-    h.docker.before(
-        "inspect_container", lambda cid: h.docker.containers.pop(str(cid), None) and None
-    )
+    h.docker.before("inspect_container", lambda key: h.docker.containers.clear())
 
     (action,) = reconciler_of(h).run_pass().actions
 
@@ -155,12 +199,12 @@ def test_a_container_gone_before_its_inspect_gets_its_record_disposed(h: Harness
     assert h.record(GAME).status is RuntimeStatus.REMOVED
 
 
-def test_a_container_running_again_before_its_inspect_is_left_running(h: Harness) -> None:
+def test_a_container_running_again_before_the_recheck_is_left_running(h: Harness) -> None:
     record = h.seed_running(GAME)
     exited(h, record.current_container_id)
 
-    def revive(cid: object) -> None:
-        h.docker.containers[str(cid)].state = "running"
+    def revive(key: object) -> None:
+        h.docker.containers[record.current_container_id].state = "running"
 
     h.docker.before("inspect_container", revive)
 

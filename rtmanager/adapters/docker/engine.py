@@ -700,24 +700,21 @@ class DockerEngineAdapter:
             finished_at=_parse_docker_time(state.get("FinishedAt")),
         )
 
-    def list_owned_containers(self, game_id: str | None = None) -> list[ContainerInfo]:
-        """Return this deployment's containers (only `game_id`'s, when given), running or not.
+    def list_owned_containers(self) -> list[ContainerInfo]:
+        """Return every container of this deployment, running or not.
 
-        One listing, narrowed by label on the daemon (owner, the cluster
-        unless it is the default one, the game id when given); `is_owned`
-        has the last word. No container is inspected, so exit codes, health
-        and times are None (see `_summary_to_info`).
+        One listing, narrowed by label on the daemon (owner, and the cluster
+        unless it is the default one); `is_owned` has the last word. No
+        container is inspected, so exit codes, health and times are None
+        (see `_summary_to_info`).
         """
-        selectors = _owner_filters(self._cluster)
-        if game_id is not None:
-            selectors.append(f"{galaxy_labels.GAME_ID}={game_id}")
         with _docker_call("list containers"):
             listed = cast(
                 "list[dict[str, Any]]",
-                self._api().containers(all=True, filters={"label": selectors}),
+                self._api().containers(all=True, filters={"label": _owner_filters(self._cluster)}),
             )
         infos = [info for info in map(self._summary_to_info, listed) if info.owned]
-        self._remember_owned([info.id for info in infos if info.id], every_one=game_id is None)
+        self._remember_owned([info.id for info in infos if info.id], every_one=True)
         return infos
 
     def _summary_to_info(self, entry: dict[str, Any]) -> ContainerInfo:

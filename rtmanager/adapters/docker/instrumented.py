@@ -65,11 +65,9 @@ class InstrumentedDocker:
         """See `DockerEngine.owns_container` (timed as `owns_container`, also when remembered)."""
         return self._timed("owns_container", lambda: self._inner.owns_container(container_id))
 
-    def list_owned_containers(self, game_id: str | None = None) -> list[ContainerInfo]:
+    def list_owned_containers(self) -> list[ContainerInfo]:
         """See `DockerEngine.list_owned_containers`."""
-        return self._timed(
-            "list_owned_containers", lambda: self._inner.list_owned_containers(game_id)
-        )
+        return self._timed("list_owned_containers", self._inner.list_owned_containers)
 
     def container_logs_tail(self, container_id: str, lines: int = 20) -> str:
         """See `DockerEngine.container_logs_tail`."""
