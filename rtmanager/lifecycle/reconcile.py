@@ -20,10 +20,11 @@ see.
 
 Docker is asked as little as that allows. The snapshot is one listing of
 the owned containers, with no inspects (a listing has everything the rules
-look at). A step's re-check is one listing narrowed on the daemon to its
-game's label, plus an inspect of the container it marks stopped, for the
-exit code a listing lacks. A pass therefore costs one Docker call, plus one
-or two per step; a container that needs nothing costs nothing.
+look at). A step's re-check inspects the game's container by name, and the
+record's container when it is another one (see `_fresh_containers`): Docker
+looks those up in its index, while a listing, even one filtered by label,
+walks every container on the host. A pass therefore costs one listing plus
+one or two inspects per step; a container that needs nothing costs nothing.
 
 This is a use case: the `Reconcile` RPC, the start-up pass, the periodic
 trigger (`PeriodicWorker` in the composition root) and the Docker events
