@@ -16,13 +16,16 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -36,10 +39,24 @@ import psycopg
 import redis
 from psycopg import sql
 
+from rtmanager.adapters.docker.engine import DockerEngineAdapter
+from rtmanager.adapters.docker.instrumented import InstrumentedDocker
 from rtmanager.adapters.postgres.pool import create_pool
 from rtmanager.adapters.postgres.unit_of_work import PostgresUnitOfWorkFactory
+from rtmanager.adapters.redis.client import create_redis
+from rtmanager.adapters.redis.leases import RedisGameLeases
+from rtmanager.app import lifecycle_settings
+from rtmanager.config import REDIS_COMMAND_TIMEOUT, load_settings
 from rtmanager.domain.ids import engine_endpoint
 from rtmanager.domain.runtime import RuntimeRecord, RuntimeStatus
+from rtmanager.lifecycle.cleanup import CleanupService
+from rtmanager.lifecycle.common import LifecycleDeps
+from rtmanager.lifecycle.leasing import GameLock
+from rtmanager.lifecycle.reconcile import Reconciler
+from rtmanager.lifecycle.recorder import OperationRecorder
+from rtmanager.lifecycle.start import StartService
+from rtmanager.lifecycle.stop import StopService
+from rtmanager.telemetry import Telemetry
 from tests.conftest import DOCKER_HOST, POSTGRES_DSN, REDIS_URL, TEST_LABEL, remove_labelled
 from tests.e2e.conftest import REPO, ServerProcess, free_port, run_cli, server_env, start_server
 
@@ -217,6 +234,125 @@ def rtmanager_server(
         code = handle.stop()
         if code not in (0, -signal.SIGTERM):
             log(f"rtmanager exited with {code}; log tail:\n{handle.log()[-3000:]}")
+
+
+# -- the lifecycle services in this process ---------------------------------
+
+
+class DockerRequests:
+    """Counts the HTTP requests a docker-py client sends to the daemon, by kind.
+
+    A kind is the method and the path with the API version, container ids
+    and names left out: `GET /containers/json` (a listing), `GET
+    /containers/{id}/json` (an inspect), `POST /containers/{id}/stop`, ...
+    Attached as a response hook, so it counts each request that got an
+    answer, whichever layer sent it.
+    """
+
+    _VERSION = re.compile(r"^/v[0-9.]+")
+    # An image name may hold slashes; a container or network id or name may not.
+    _IMAGE = re.compile(r"^/images/.+/json$")
+    _NAMED = re.compile(r"^/(containers|networks)/(?!json$|create$|prune$)[^/]+")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: Counter[str] = Counter()
+
+    def attach(self, api: docker.APIClient) -> None:
+        """Count every request of `api` from now on."""
+        api.hooks["response"].append(self._seen)
+
+    def _seen(self, response: Any, *args: object, **kwargs: object) -> None:
+        request = response.request
+        path = self._VERSION.sub("", request.path_url.split("?")[0])
+        path = self._IMAGE.sub("/images/{name}/json", path)
+        path = self._NAMED.sub(lambda m: f"/{m.group(1)}/{{id}}", path)
+        with self._lock:
+            self._counts[f"{request.method} {path}"] += 1
+
+    def take(self) -> dict[str, int]:
+        """The counts since the last `take` (or `attach`), and start again from zero."""
+        with self._lock:
+            counts, self._counts = dict(self._counts), Counter()
+        return counts
+
+
+@dataclass
+class InProcess:
+    """The lifecycle services as `rtmanager.app` composes them, in this process.
+
+    `requests` counts the HTTP requests the Docker adapter sends.
+    """
+
+    start: StartService
+    stop: StopService
+    cleanup: CleanupService
+    reconciler: Reconciler
+    requests: DockerRequests
+
+
+@contextlib.contextmanager
+def in_process_lifecycles(
+    iso: Isolation, *, extra_env: Mapping[str, str] | None = None
+) -> Iterator[InProcess]:
+    """The run's schema migrated, and the services of a server of this run built on it.
+
+    The settings are those `rtmanager_server` gives its server (from
+    `server_env`, the default pool size, `extra_env`); the adapters, the
+    lease lock and the recorder are wired as `rtmanager.app.Application`
+    wires them. No server, no workers: the caller drives the use cases.
+    """
+    env = server_env(
+        pg_schema=iso.schema,
+        redis_prefix=iso.redis_prefix,
+        cluster=iso.cluster,
+        state_root=iso.state_root,
+        port=free_port(),
+    )
+    env["RTMANAGER_POSTGRES_POOL_SIZE"] = DEFAULT_POOL_SIZE
+    env.update(extra_env or {})
+    migrated = run_cli(env, "migrate")
+    if migrated.returncode != 0:
+        raise RuntimeError(f"rtmanager migrate failed: {migrated.stderr[-2000:]}")
+    settings = load_settings(env)
+    telemetry = Telemetry()
+    pool = create_pool(
+        settings.postgres_dsn,
+        settings.postgres_schema,
+        max_size=settings.postgres_pool_size,
+        timeout=timedelta(seconds=5),
+    )
+    redis_client = create_redis(settings.redis_url, timeout=REDIS_COMMAND_TIMEOUT)
+    adapter = DockerEngineAdapter(
+        base_url=settings.docker_host, cluster=settings.cluster, timeout=settings.docker_timeout
+    )
+    try:
+        requests = DockerRequests()
+        adapter.ping()  # builds the client, so the counter sees every later request
+        requests.attach(adapter._api())
+        lock = GameLock(
+            RedisGameLeases(redis_client, prefix=settings.redis_prefix), settings.game_lease_ttl
+        )
+        deps = LifecycleDeps(
+            recorder=OperationRecorder(
+                PostgresUnitOfWorkFactory(pool), telemetry, lease_check=lock.check
+            ),
+            lock=lock,
+            docker=InstrumentedDocker(adapter, telemetry),
+            settings=lifecycle_settings(settings),
+        )
+        start, stop = StartService(deps), StopService(deps)
+        yield InProcess(
+            start=start,
+            stop=stop,
+            cleanup=CleanupService(deps, stop=stop),
+            reconciler=Reconciler(deps, telemetry=telemetry),
+            requests=requests,
+        )
+    finally:
+        adapter.close()
+        redis_client.close()
+        pool.close()
 
 
 # -- the bare server ---------------------------------------------------------

@@ -16,6 +16,12 @@ until running, stop (SIGTERM, 10 s grace — the stub exits at once), remove.
 Phases map one to one: start ~ create+start+running, stop ~ stop,
 cleanup ~ remove. Cycles alternate which side goes first (A B, B A, ...),
 one unmeasured warm-up cycle each comes first (it also creates the network).
+
+Docker calls: after the timed cycles (and the server) are done, one more
+cycle per side counts the HTTP requests each phase sends to the daemon. The
+rtmanager side runs the same use cases in this process, composed as the
+server composes them (`bench.common.in_process_lifecycles`), because a
+count needs the adapter's client; the floor counts its own client's.
 """
 
 from __future__ import annotations
@@ -33,15 +39,23 @@ from docker.types import Mount
 from bench.common import (
     CLUSTER_LABEL,
     ENGINE_IMAGE,
+    DockerRequests,
+    InProcess,
     Isolation,
     Row,
+    in_process_lifecycles,
     isolation,
     latency_summary,
     log,
     rtmanager_server,
 )
 from rtmanager.client import RuntimeManagerClient
+from rtmanager.domain.operation import OpSource
 from rtmanager.domain.runtime import RuntimeStatus
+from rtmanager.lifecycle.cleanup import CleanupRequest
+from rtmanager.lifecycle.recorder import OperationResult
+from rtmanager.lifecycle.start import StartRequest
+from rtmanager.lifecycle.stop import StopRequest
 from tests.conftest import DOCKER_HOST
 
 if TYPE_CHECKING:
@@ -77,6 +91,9 @@ DEFAULT = LifecycleParams(cycles=10)
 QUICK = LifecycleParams(cycles=3)
 
 Phases = dict[str, float]
+# Docker requests of each phase, by kind (see `DockerRequests`).
+PhaseRequests = dict[str, dict[str, int]]
+SERVER_ENV = {"RTMANAGER_START_SETTLE": "0s"}
 
 
 class RtmanagerCycle:
@@ -102,12 +119,46 @@ class RtmanagerCycle:
         return {"start": t1 - t0, "stop": t2 - t1, "cleanup": t3 - t2, "total": t3 - t0}
 
 
+class InProcessCycle:
+    """start + stop + cleanup through the use cases in this process, counting Docker requests."""
+
+    def __init__(self, lifecycles: InProcess, run_id: str) -> None:
+        self._lifecycles = lifecycles
+        self._run_id = run_id
+
+    def __call__(self, index: int) -> PhaseRequests:
+        game_id = f"lc-{self._run_id}-{index:03d}"
+        source = OpSource.ADMIN_REST
+        lc = self._lifecycles
+        steps: dict[str, Callable[[], OperationResult]] = {
+            "start": lambda: lc.start.handle(StartRequest(game_id, ENGINE_IMAGE, source)),
+            "stop": lambda: lc.stop.handle(StopRequest(game_id, source)),
+            "cleanup": lambda: lc.cleanup.handle(CleanupRequest(game_id, source)),
+        }
+        counts: PhaseRequests = {}
+        lc.requests.take()
+        for phase, step in steps.items():
+            result = step()
+            if not result.ok:
+                raise RuntimeError(f"in-process {phase} of {game_id} failed: {result.failure}")
+            counts[phase] = lc.requests.take()
+        return counts
+
+
 class DockerPyCycle:
     """The same container work with docker-py directly."""
 
-    def __init__(self, client: docker.DockerClient, iso: Isolation) -> None:
+    def __init__(
+        self,
+        client: docker.DockerClient,
+        iso: Isolation,
+        requests: DockerRequests | None = None,
+    ) -> None:
         self._client = client
         self._iso = iso
+        # When given, it counts `client`'s requests; each cycle's are in `last_requests`.
+        self._requests = requests
+        self.last_requests: PhaseRequests = {}
         self.network = f"bench-raw-{iso.run_id}"
         self._state_root = iso.state_root / "raw"
         self._state_root.mkdir(parents=True, exist_ok=True)
@@ -128,6 +179,8 @@ class DockerPyCycle:
         state = self._state_root / name
         api = self._client.api
         clock = time.perf_counter
+        counted = self._requests.take if self._requests is not None else dict
+        counted()
         t0 = clock()
         state.mkdir(exist_ok=True)
         container = self._create(name, state)
@@ -135,10 +188,13 @@ class DockerPyCycle:
         api.start(container_id)
         self._wait_running(container_id)
         t1 = clock()
+        started = counted()
         api.stop(container_id, timeout=STOP_TIMEOUT_SECONDS)
         t2 = clock()
+        stopped = counted()
         api.remove_container(container_id)
         t3 = clock()
+        self.last_requests = {"start": started, "stop": stopped, "cleanup": counted()}
         return {"start": t1 - t0, "stop": t2 - t1, "cleanup": t3 - t2, "total": t3 - t0}
 
     def _create(self, name: str, state: Path) -> Any:
@@ -188,11 +244,12 @@ def run(*, quick: bool = False) -> dict[str, Any]:
     """Alternate rtmanager and docker-py cycles; return rows and raw numbers."""
     params = QUICK if quick else DEFAULT
     samples: dict[str, list[Phases]] = {"rtmanager": [], "docker-py": []}
+    calls: dict[str, PhaseRequests] = {}
     with isolation(NAME) as iso:
         docker_client = docker.DockerClient(base_url=DOCKER_HOST, timeout=60)
         try:
             with (
-                rtmanager_server(iso, extra_env={"RTMANAGER_START_SETTLE": "0s"}) as server,
+                rtmanager_server(iso, extra_env=SERVER_ENV) as server,
                 RuntimeManagerClient(server.address, timeout=CALL_TIMEOUT) as client,
             ):
                 floor = DockerPyCycle(docker_client, iso)
@@ -215,6 +272,7 @@ def run(*, quick: bool = False) -> dict[str, Any]:
                             f"rtmanager {samples['rtmanager'][-1]['total'] * 1000:.0f} ms, "
                             f"docker-py {samples['docker-py'][-1]['total'] * 1000:.0f} ms"
                         )
+            calls = count_docker_calls(iso, docker_client, first_index=total)
         finally:
             docker_client.close()
 
@@ -230,12 +288,43 @@ def run(*, quick: bool = False) -> dict[str, Any]:
             rows.append(
                 Row(NAME, case, f"latency {metric[:-3]}", "ms", ours[metric], floor_summary[metric])
             )
+    for phase in PHASES[:-1]:
+        ours_calls, floor_calls = calls["rtmanager"][phase], calls["docker-py"][phase]
+        rows.append(
+            Row(
+                NAME,
+                f"{phase} (floor: {FLOOR_PHASES[phase]})",
+                "docker calls",
+                "requests",
+                sum(ours_calls.values()),
+                sum(floor_calls.values()),
+                notes={"rtmanager": ours_calls, "floor": floor_calls},
+            )
+        )
     return {
-        "params": {
-            **asdict(params),
-            "image": ENGINE_IMAGE,
-            "server_env": {"RTMANAGER_START_SETTLE": "0s"},
-        },
+        "params": {**asdict(params), "image": ENGINE_IMAGE, "server_env": SERVER_ENV},
         "rows": [row.to_json() for row in rows],
-        "raw": {"summary": summaries, "cycles_seconds": samples},
+        "raw": {"summary": summaries, "cycles_seconds": samples, "docker_requests": calls},
     }
+
+
+def count_docker_calls(
+    iso: Isolation, docker_client: docker.DockerClient, *, first_index: int
+) -> dict[str, PhaseRequests]:
+    """Docker requests per phase of one more cycle per side, after a warm-up one.
+
+    The warm-up lets the in-process adapter settle on the engine network the
+    server created (a network it did not create is used once it has been
+    seen alone for a while, see `DockerEngineAdapter.ensure_network`).
+    """
+    with in_process_lifecycles(iso, extra_env=SERVER_ENV) as lifecycles:
+        ours = InProcessCycle(lifecycles, iso.run_id)
+        ours(first_index)
+        rtmanager_calls = ours(first_index + 1)
+    requests = DockerRequests()
+    requests.attach(docker_client.api)
+    floor = DockerPyCycle(docker_client, iso, requests)
+    floor(first_index + 1)
+    log(f"{NAME}: docker calls per phase: rtmanager {rtmanager_calls}")
+    log(f"{NAME}: docker calls per phase: docker-py {floor.last_requests}")
+    return {"rtmanager": rtmanager_calls, "docker-py": floor.last_requests}

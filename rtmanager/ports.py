@@ -439,8 +439,24 @@ class DockerEngine(Protocol):
         """Return what Docker says about a container, owned or not, or None if absent."""
         ...
 
+    def owns_container(self, container_id: str) -> bool | None:
+        """Whether the container with this full id is this deployment's; None if Docker has none.
+
+        Ownership never changes for an id (labels are fixed when a container
+        is created, ids are never reused), so an adapter may answer True
+        without asking Docker when it has seen the container owned before;
+        the container may be gone by then, which `stop_container` and
+        `remove_container` take as done.
+        """
+        ...
+
     def list_owned_containers(self) -> list[ContainerInfo]:
-        """Return every container owned by this deployment, running or not."""
+        """Return every container owned by this deployment, running or not.
+
+        From one listing: `exit_code`, `health`, `started_at` and
+        `finished_at` are not part of a listing and are None here;
+        `inspect_container` of one container has them.
+        """
         ...
 
     def container_logs_tail(self, container_id: str, lines: int = 20) -> str:

@@ -22,7 +22,7 @@ from rtmanager.lifecycle.common import (
     LifecycleService,
     new_correlation_id,
     op_time,
-    owned_container,
+    ours_to_act_on,
 )
 from rtmanager.lifecycle.recorder import Operation, OperationResult
 from rtmanager.lifecycle.stop import StopService
@@ -99,7 +99,7 @@ class CleanupService(LifecycleService):
                     stopped.failure, prefix="inner stop failed: "
                 )
         container_id = record.current_container_id
-        if owned_container(self._docker, container_id) is not None:
+        if ours_to_act_on(self._docker, container_id):
             self._lock.check(op.game_id)
             self._docker.remove_container(container_id, force=True)
         change = StatusChange(

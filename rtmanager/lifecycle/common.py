@@ -143,3 +143,21 @@ def owned_container(docker: DockerEngine, container_id: str) -> ContainerInfo | 
     if info is not None and not info.owned:
         raise Conflict(f"container {container_id[:12]} is not owned by this rtmanager deployment")
     return info
+
+
+def ours_to_act_on(docker: DockerEngine, container_id: str) -> bool:
+    """Whether a stop or removal of one of our containers has anything to act on.
+
+    False without an id or when Docker has no such container; True when it
+    is ours (it may be gone by the time of the call, which stop and remove
+    take as done). Unlike `owned_container` this asks Docker nothing when
+    the adapter already knows the container is ours (`owns_container`).
+    Raises `Conflict` when the id names a container this deployment does
+    not own: such containers are never touched.
+    """
+    if not container_id:
+        return False
+    owned = docker.owns_container(container_id)
+    if owned is False:
+        raise Conflict(f"container {container_id[:12]} is not owned by this rtmanager deployment")
+    return owned is True

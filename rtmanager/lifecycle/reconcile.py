@@ -18,6 +18,14 @@ every write is guarded: it commits only if the record is still what the
 step was planned from (CAS), so a step never overwrites a change it did not
 see.
 
+Docker is asked as little as that allows. The snapshot is one listing of
+the owned containers, with no inspects (a listing has everything the rules
+look at). A step's re-check inspects the game's container by name, and the
+record's container when it is another one (see `_fresh_containers`): Docker
+looks those up in its index, while a listing, even one filtered by label,
+walks every container on the host. A pass therefore costs one listing plus
+one or two inspects per step; a container that needs nothing costs nothing.
+
 This is a use case: the `Reconcile` RPC, the start-up pass, the periodic
 trigger (`PeriodicWorker` in the composition root) and the Docker events
 listener (`observe_exit`) all call it.
@@ -167,10 +175,10 @@ class Reconciler(LifecycleService):
         Raises `ServiceUnavailable` when Docker or the store cannot be read.
         """
         with self._pass_lock:
-            plan = self._plan()
+            plan, listed = self._plan()
             if dry_run:
                 return ReconcileReport(True, tuple(plan))
-            done = tuple(self._apply(action) for action in plan)
+            done = tuple(self._apply(action, listed.get(action.game_id, [])) for action in plan)
         for action in done:
             self._telemetry.reconcile_action(str(action.kind), action.applied)
         if done:
@@ -266,7 +274,8 @@ class Reconciler(LifecycleService):
             )
             return None
 
-    def _plan(self) -> list[ReconcileAction]:
+    def _plan(self) -> tuple[list[ReconcileAction], dict[str, list[ContainerInfo]]]:
+        """The steps of a pass, and the owned containers by game they were planned from."""
         containers: dict[str, list[ContainerInfo]] = {}
         for info in self._docker.list_owned_containers():
             if is_valid_game_id(info.game_id):
@@ -292,16 +301,15 @@ class Reconciler(LifecycleService):
             action = plan_game(game_id, records.get(game_id), containers.get(game_id, ()))
             if action is not None:
                 plan.append(action)
-        return plan
+        return plan, containers
 
-    def _apply(self, planned: ReconcileAction) -> ReconcileAction:
+    def _apply(self, planned: ReconcileAction, listed: list[ContainerInfo]) -> ReconcileAction:
         game_id = planned.game_id
         try:
             with self._lock.hold(game_id):
                 with self._recorder.unit_of_work() as uow:
                     record = load_record(uow, game_id)
-                fresh = [c for c in self._docker.list_owned_containers() if c.game_id == game_id]
-                action = plan_game(game_id, record, fresh)
+                action = plan_game(game_id, record, self._fresh_containers(game_id, record, listed))
                 if action is None:
                     return replace(planned, skipped_reason="already consistent")
                 result = self._record(action, basis=record, source_ref="reconcile")
@@ -313,6 +321,37 @@ class Reconciler(LifecycleService):
             assert result.failure is not None
             return replace(action, skipped_reason=result.failure.message)
         return replace(action, applied=True)
+
+    def _fresh_containers(
+        self, game_id: str, record: RuntimeRecord | None, listed: list[ContainerInfo]
+    ) -> list[ContainerInfo]:
+        """The game's containers as Docker has them now, for a step's re-check.
+
+        Inspected one by one: the container named `galaxy-game-{game_id}`
+        (the one rtmanager creates for the game, whoever created it since),
+        the record's current container and those the pass listed for the
+        game, each once (usually they are one container: one inspect).
+        Docker finds each in its index, where a listing walks every
+        container on the host, so a step costs the same however many
+        containers there are. A container of the game made after the
+        listing under another name, and not the record's, waits for the
+        next pass (only a container made behind rtmanager's back can be).
+        Only owned containers labelled with the game count, as in the
+        listing.
+        """
+        fresh: dict[str, ContainerInfo] = {}
+        asked: set[str] = set()
+        for key in (container_name(game_id), _cid(record), *(c.id for c in listed)):
+            if not key or key in asked:
+                continue
+            asked.add(key)
+            info = self._docker.inspect_container(key)
+            if info is None:
+                continue
+            asked.add(info.id)
+            if info.owned and info.game_id == game_id:
+                fresh.setdefault(info.id, info)
+        return list(fresh.values())
 
     def _record(
         self, action: ReconcileAction, *, basis: RuntimeRecord | None, source_ref: str

@@ -12,7 +12,7 @@ from rtmanager.domain.errors import Conflict
 from rtmanager.domain.jobs import LobbyJob
 from rtmanager.domain.operation import OpKind, OpSource, StopReason
 from rtmanager.domain.runtime import RuntimeStatus
-from rtmanager.lifecycle.common import LifecycleService, op_time, owned_container
+from rtmanager.lifecycle.common import LifecycleService, op_time, ours_to_act_on
 from rtmanager.lifecycle.recorder import Operation, OperationResult
 from rtmanager.ports import StatusChange
 
@@ -71,7 +71,7 @@ class StopService(LifecycleService):
             return op.commit(record=record)
         container_id = record.current_container_id
         # A container already gone counts as stopped.
-        if owned_container(self._docker, container_id) is not None:
+        if ours_to_act_on(self._docker, container_id):
             self._lock.check(op.game_id)
             self._docker.stop_container(container_id, self._settings.stop_timeout)
         change = StatusChange(

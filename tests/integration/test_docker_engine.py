@@ -606,6 +606,144 @@ def test_container_without_cluster_label_is_owned_only_by_the_default_cluster(
         default.close()
 
 
+def count_requests(engine: DockerEngineAdapter) -> list[str]:
+    """Record "METHOD path" of every HTTP request the adapter's client makes from now on."""
+    seen: list[str] = []
+
+    def record(response: Any, *args: object, **kwargs: object) -> None:
+        request = response.request
+        seen.append(f"{request.method} {request.path_url.split('?')[0]}")
+
+    engine._api().hooks["response"].append(record)
+    return seen
+
+
+def test_a_listing_is_one_request_whatever_the_number_of_containers(
+    engine: DockerEngineAdapter, client: docker.DockerClient, test_id: str, cluster: str
+) -> None:
+    ours = {
+        raw_container(
+            client,
+            test_id,
+            f"galaxy-game-{game_id}",
+            galaxy_labels.engine_labels(cluster=cluster, game_id=game_id, image_ref=STUB_IMAGE),
+        )
+        for game_id in (f"a{test_id}", f"b{test_id}", f"c{test_id}")
+    }
+    requests = count_requests(engine)
+
+    assert {c.id for c in engine.list_owned_containers()} == ours
+    assert len(requests) == 1
+    assert requests[0].startswith("GET /") and requests[0].endswith("/containers/json")
+
+
+def test_a_listing_says_what_an_inspect_says_but_the_exit_code_health_and_times(
+    engine: DockerEngineAdapter, client: docker.DockerClient, test_id: str, cluster: str
+) -> None:
+    def engine_container(game_id: str, image: str, *, start: bool) -> str:
+        labels = galaxy_labels.engine_labels(cluster=cluster, game_id=game_id, image_ref=image)
+        container = client.containers.create(
+            image,
+            name=f"galaxy-game-{game_id}",
+            labels={**labels, TEST_LABEL: test_id},
+            network_mode="none",
+            init=True,
+            environment={"GALAXY_STATE_DIR": "/tmp"},
+        )
+        assert container.id is not None
+        if start:
+            container.start()
+        return container.id
+
+    created = engine_container(f"c{test_id}", STUB_IMAGE, start=False)
+    running = engine_container(f"r{test_id}", STUB_IMAGE, start=True)
+    paused = engine_container(f"p{test_id}", STUB_IMAGE, start=True)
+    crashed = engine_container(f"x{test_id}", CRASH_IMAGE, start=True)
+
+    def state_of(container_id: str) -> str:
+        info = engine.inspect_container(container_id)
+        return info.state if info is not None else ""
+
+    wait_for(lambda: state_of(running) == "running", what="the engine running")
+    wait_for(lambda: state_of(paused) == "running", what="the engine running")
+    client.api.pause(paused)
+    wait_for(lambda: state_of(crashed) == "exited", what="the crash engine exited")
+
+    listed = {c.id: c for c in engine.list_owned_containers()}
+    for container_id, state, is_running in (
+        (created, "created", False),
+        (running, "running", True),
+        (paused, "paused", True),
+        (crashed, "exited", False),
+    ):
+        inspected = engine.inspect_container(container_id)
+        assert inspected is not None
+        summary = listed[container_id]
+        assert (summary.state, summary.running) == (state, is_running)
+        assert (summary.state, summary.running) == (inspected.state, inspected.running)
+        assert (summary.name, summary.image_ref, summary.game_id, summary.owned) == (
+            inspected.name,
+            inspected.image_ref,
+            inspected.game_id,
+            True,
+        )
+        assert summary.labels == inspected.labels
+        assert (summary.exit_code, summary.health, summary.started_at, summary.finished_at) == (
+            None,
+            None,
+            None,
+            None,
+        )
+    crashed_info = engine.inspect_container(crashed)
+    assert crashed_info is not None and crashed_info.exit_code == 3
+    client.api.unpause(paused)
+
+
+def test_owns_container_asks_docker_only_about_containers_not_yet_seen_owned(
+    engine: DockerEngineAdapter,
+    client: docker.DockerClient,
+    network: str,
+    state_dir: Path,
+    test_id: str,
+    cluster: str,
+) -> None:
+    created = engine.create_container(
+        make_spec(test_id=test_id, cluster=cluster, network=network, state_dir=state_dir)
+    )
+    foreign = raw_container(
+        client, test_id, f"galaxy-game-f{test_id}", {galaxy_labels.GAME_ID: f"f{test_id}"}
+    )
+    requests = count_requests(engine)
+
+    assert engine.owns_container(created) is True
+    assert requests == []  # it created the container
+    assert engine.owns_container(foreign) is False
+    assert engine.owns_container("0" * 64) is None
+    assert len(requests) == 2 and all(r.endswith("/json") for r in requests)
+
+    engine.remove_container(created)
+    requests.clear()
+    assert engine.owns_container(created) is None  # forgotten once removed
+    assert len(requests) == 1
+
+    fresh = DockerEngineAdapter(base_url=DOCKER_HOST, cluster=cluster)
+    try:
+        seen = raw_container(
+            client,
+            test_id,
+            f"galaxy-game-s{test_id}",
+            galaxy_labels.engine_labels(
+                cluster=cluster, game_id=f"s{test_id}", image_ref=STUB_IMAGE
+            ),
+        )
+        assert seen in {c.id for c in fresh.list_owned_containers()}
+        fresh_requests = count_requests(fresh)
+        assert fresh.owns_container(seen) is True
+        assert fresh_requests == []  # a listing showed it owned
+    finally:
+        fresh.close()
+
+
 # -- events -------------------------------------------------------------------
 
 

@@ -712,7 +712,7 @@ class FakeDocker:
 
     def method_calls(self, *methods: str) -> list[Call]:
         """The calls of `methods` (default: all but inspect and log reads), in order."""
-        quiet = {"inspect_container", "container_logs_tail"}
+        quiet = {"inspect_container", "owns_container", "container_logs_tail"}
         return [
             c for c in self.calls if (c.method in methods if methods else c.method not in quiet)
         ]
@@ -723,7 +723,13 @@ class FakeDocker:
 
     def mutating_calls(self) -> list[Call]:
         """Calls that change the host (everything but ping, inspect, list and logs)."""
-        reads = {"ping", "inspect_container", "list_owned_containers", "container_logs_tail"}
+        reads = {
+            "ping",
+            "inspect_container",
+            "owns_container",
+            "list_owned_containers",
+            "container_logs_tail",
+        }
         return [c for c in self.calls if c.method not in reads]
 
     def named(self, name: str) -> FakeContainer | None:
@@ -868,10 +874,23 @@ class FakeDocker:
             finished_at=container.finished_at,
         )
 
+    def owns_container(self, container_id: str) -> bool | None:
+        """Whether it is owned, asked afresh every time (None when it is gone)."""
+        self._enter("owns_container", container_id)
+        container = self.containers.get(container_id)
+        return None if container is None else galaxy_labels.is_owned(container.labels, self.cluster)
+
     def list_owned_containers(self) -> list[ContainerInfo]:
-        """Every owned container, running or not."""
+        """Every owned container, running or not, as a listing shows it.
+
+        Like Docker's listing, without what only an inspect reports: exit
+        code, health and times are None.
+        """
         self._enter("list_owned_containers")
-        infos = [self._info(c) for c in list(self.containers.values())]
+        infos = [
+            replace(self._info(c), exit_code=None, health=None, started_at=None, finished_at=None)
+            for c in list(self.containers.values())
+        ]
         return [info for info in infos if info.owned]
 
     def container_logs_tail(self, container_id: str, lines: int = 20) -> str:

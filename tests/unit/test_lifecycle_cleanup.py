@@ -13,6 +13,7 @@ from rtmanager.domain.operation import OpKind, OpSource, Outcome
 from rtmanager.domain.runtime import RuntimeStatus
 from rtmanager.lifecycle.cleanup import CleanupRequest
 from rtmanager.lifecycle.recorder import OperationResult
+from tests.unit.fakes import Call
 from tests.unit.harness import STOP_TIMEOUT, Harness, failure_code, make_harness
 
 GAME = "game-1"
@@ -206,6 +207,19 @@ def test_cleanup_of_stopped_runtime_whose_container_is_gone_records_removed(
     assert result.ok, result.failure
     assert h.docker.call_names("remove_container") == []
     assert h.record(GAME).status is RuntimeStatus.REMOVED
+
+
+def test_a_cleanup_asks_docker_only_whether_the_container_is_ours_then_removes_it(
+    h: Harness,
+) -> None:
+    cid = h.seed_stopped(GAME).current_container_id
+
+    assert cleanup(h).ok
+
+    assert h.docker.calls == [
+        Call("owns_container", (cid,)),
+        Call("remove_container", (cid, True)),
+    ]
 
 
 def test_cleanup_of_runtime_whose_container_is_foreign_is_conflict_and_leaves_it(

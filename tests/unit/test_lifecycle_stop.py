@@ -12,6 +12,7 @@ from rtmanager.domain.operation import OpKind, OpSource, Outcome, StopReason
 from rtmanager.domain.runtime import RuntimeStatus
 from rtmanager.lifecycle.recorder import OperationResult
 from rtmanager.lifecycle.stop import StopRequest
+from tests.unit.fakes import Call
 from tests.unit.harness import IMAGE, STOP_TIMEOUT, Harness, failure_code
 
 GAME = "game-1"
@@ -122,6 +123,20 @@ def test_stop_of_running_runtime_whose_container_is_gone_still_records_stopped(
     assert result.ok, result.failure
     assert h.record(GAME).status is RuntimeStatus.STOPPED
     assert h.docker.call_names("stop_container") == []
+
+
+def test_a_stop_asks_docker_only_whether_the_container_is_ours_then_stops_it(
+    h: Harness,
+) -> None:
+    before = h.seed_running(GAME)
+    cid = before.current_container_id
+
+    assert stop(h).ok
+
+    assert h.docker.calls == [
+        Call("owns_container", (cid,)),
+        Call("stop_container", (cid, STOP_TIMEOUT)),
+    ]
 
 
 def test_stop_of_runtime_whose_container_is_foreign_is_conflict_and_leaves_it_running(

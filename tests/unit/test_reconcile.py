@@ -9,12 +9,14 @@ from pathlib import Path
 
 import pytest
 
+from rtmanager.domain import labels
 from rtmanager.domain.operation import OpKind, OpSource
 from rtmanager.domain.runtime import RuntimeStatus
 from rtmanager.lifecycle.common import LifecycleDeps
 from rtmanager.lifecycle.reconcile import ActionKind, Reconciler
 from rtmanager.lifecycle.stop import StopRequest
 from rtmanager.telemetry import Telemetry
+from tests.unit.fakes import Call
 from tests.unit.harness import IMAGE, Harness, make_harness
 
 GAME = "g1"
@@ -56,17 +58,17 @@ def test_an_adoption_does_not_overwrite_a_change_committed_after_its_plan(h: Har
     # expired) binds the game to a container of its own after the pass
     # planned from the stopped record, before the adoption commits.
     theirs = "f" * 64
-    listings = 0
+    inspects = 0
 
-    def meanwhile() -> None:
-        nonlocal listings
-        listings += 1
-        if listings == 2:  # the re-check under the lease, after reading the record
+    def meanwhile(key: object) -> None:
+        nonlocal inspects
+        inspects += 1
+        if inspects == 1:  # the re-check under the lease, after reading the record
             h.store.put(
                 replace(h.running_record(GAME, theirs), last_op_at=h.record(GAME).last_op_at)
             )
 
-    h.docker.before("list_owned_containers", meanwhile)
+    h.docker.before("inspect_container", meanwhile)
 
     report = reconciler_of(h).run_pass()
 
@@ -84,6 +86,137 @@ def test_an_adoption_does_not_overwrite_a_change_committed_after_its_plan(h: Har
         "failure",
         "conflict",
     )
+
+
+# --- what a pass asks Docker ------------------------------------------------------------
+
+NAME = f"galaxy-game-{GAME}"
+
+
+def test_a_pass_over_games_that_need_nothing_is_one_listing_and_no_inspect(h: Harness) -> None:
+    for index in range(20):
+        h.seed_running(f"run-{index}")
+        h.seed_stopped(f"stop-{index}")
+
+    report = reconciler_of(h).run_pass()
+
+    assert report.actions == ()
+    assert h.docker.calls == [Call("list_owned_containers", ())]
+
+
+def test_a_steps_recheck_inspects_only_its_games_container_once(h: Harness) -> None:
+    for index in range(5):
+        h.seed_running(f"other-{index}")
+    adoptee = h.docker.add_engine(GAME, IMAGE)
+
+    report = reconciler_of(h).run_pass()
+
+    assert [(a.kind, a.container_id, a.applied) for a in report.actions] == [
+        (ActionKind.ADOPT, adoptee, True)
+    ]
+    assert h.docker.calls == [Call("list_owned_containers", ()), Call("inspect_container", (NAME,))]
+
+
+def test_an_exited_container_is_marked_stopped_with_the_exit_code_of_its_inspect(
+    h: Harness,
+) -> None:
+    record = h.seed_running(GAME)
+    h.seed_running("other")
+    exited(h, record.current_container_id)
+
+    report = reconciler_of(h).run_pass()
+
+    assert [(a.kind, a.applied, a.exit_code) for a in report.actions] == [
+        (ActionKind.MARK_STOPPED, True, 137)
+    ]
+    row = h.only_row(GAME)
+    assert (row.op_kind, row.op_source, row.source_ref) == (
+        OpKind.STOP,
+        OpSource.AUTO_RECONCILE,
+        "reconcile:exit=137",
+    )
+    assert h.docker.calls == [Call("list_owned_containers", ()), Call("inspect_container", (NAME,))]
+
+
+def test_a_dispose_is_rechecked_by_the_games_name_and_the_records_container(h: Harness) -> None:
+    record = h.seed_running(GAME, container=False)
+
+    (action,) = reconciler_of(h).run_pass().actions
+
+    assert (action.kind, action.applied) == (ActionKind.DISPOSE, True)
+    assert h.record(GAME).status is RuntimeStatus.REMOVED
+    assert h.docker.calls == [
+        Call("list_owned_containers", ()),
+        Call("inspect_container", (NAME,)),
+        Call("inspect_container", (record.current_container_id,)),
+    ]
+
+
+def test_a_container_created_for_the_game_after_the_listing_is_bound_not_disposed(
+    h: Harness,
+) -> None:
+    h.seed_running(GAME, container=False)
+    created: list[str] = []
+
+    def an_engine_appears(key: object) -> None:
+        if not created:
+            created.append(h.docker.add_engine(GAME, IMAGE))
+
+    h.docker.before("inspect_container", an_engine_appears)
+
+    (action,) = reconciler_of(h).run_pass().actions
+
+    assert (action.kind, action.container_id, action.applied) == (
+        ActionKind.ADOPT,
+        created[0],
+        True,
+    )
+    record = h.record(GAME)
+    assert (record.status, record.current_container_id) == (RuntimeStatus.RUNNING, created[0])
+
+
+def test_a_foreign_container_of_the_games_name_is_not_counted_by_the_recheck(h: Harness) -> None:
+    h.seed_running(GAME, container=False)
+    foreign = h.docker.add_container(
+        name=NAME, image_ref=IMAGE, labels={labels.GAME_ID: GAME}, running=True
+    )
+
+    (action,) = reconciler_of(h).run_pass().actions
+
+    assert (action.kind, action.applied) == (ActionKind.DISPOSE, True)
+    assert h.docker.containers[foreign].running
+    assert [c.method for c in h.docker.mutating_calls()] == []
+
+
+def test_a_container_gone_before_the_recheck_gets_its_record_disposed(h: Harness) -> None:
+    record = h.seed_running(GAME)
+    exited(h, record.current_container_id)
+    h.docker.before("inspect_container", lambda key: h.docker.containers.clear())
+
+    (action,) = reconciler_of(h).run_pass().actions
+
+    assert (action.kind, action.applied) == (ActionKind.DISPOSE, True)
+    assert h.record(GAME).status is RuntimeStatus.REMOVED
+
+
+def test_a_container_running_again_before_the_recheck_is_left_running(h: Harness) -> None:
+    record = h.seed_running(GAME)
+    exited(h, record.current_container_id)
+
+    def revive(key: object) -> None:
+        h.docker.containers[record.current_container_id].state = "running"
+
+    h.docker.before("inspect_container", revive)
+
+    (action,) = reconciler_of(h).run_pass().actions
+
+    assert (action.kind, action.applied, action.skipped_reason) == (
+        ActionKind.MARK_STOPPED,
+        False,
+        "already consistent",
+    )
+    assert h.record(GAME).status is RuntimeStatus.RUNNING
+    assert h.rows(GAME) == []
 
 
 # --- observed exits --------------------------------------------------------------------

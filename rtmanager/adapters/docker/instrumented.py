@@ -61,6 +61,10 @@ class InstrumentedDocker:
         """See `DockerEngine.inspect_container`."""
         return self._timed("inspect_container", lambda: self._inner.inspect_container(id_or_name))
 
+    def owns_container(self, container_id: str) -> bool | None:
+        """See `DockerEngine.owns_container` (timed as `owns_container`, also when remembered)."""
+        return self._timed("owns_container", lambda: self._inner.owns_container(container_id))
+
     def list_owned_containers(self) -> list[ContainerInfo]:
         """See `DockerEngine.list_owned_containers`."""
         return self._timed("list_owned_containers", self._inner.list_owned_containers)
