@@ -24,7 +24,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bench import grpc_read, lifecycle, memory
+from bench import grpc_read, lifecycle, memory, watch_fanout
 from bench.common import cpu_count, log
 from tests.e2e.conftest import REPO
 
@@ -32,6 +32,7 @@ BENCHMARKS: dict[str, Callable[..., dict[str, Any]]] = {
     grpc_read.NAME: grpc_read.run,
     lifecycle.NAME: lifecycle.run,
     memory.NAME: memory.run,
+    watch_fanout.NAME: watch_fanout.run,
 }
 DEFAULT_OUT = REPO / "bench" / "results.json"
 
