@@ -50,8 +50,8 @@ from rtmanager.adapters.postgres.events import (
     check_cursor,
     committed_position,
     events_after,
+    events_after_with_edge,
     prune_events,
-    pruned_through,
     read_snapshot,
 )
 from rtmanager.adapters.postgres.pool import Pool, connect_kwargs, session_setup
@@ -333,10 +333,10 @@ class PostgresRuntimeFeed:
 
     def _dispatch(self, conn: psycopg.Connection[tuple[object, ...]]) -> None:
         while True:
-            events = events_after(conn, self._position, _BATCH)
-            # Read after the page: if retention has not passed the position
-            # now, it had not when the page was read, so the page is whole.
-            edge = pruned_through(conn)
+            # The page and the retention edge in one statement (one snapshot,
+            # one round trip): if retention had not passed the position in
+            # it, the page is whole.
+            events, edge = events_after_with_edge(conn, self._position, _BATCH)
             with self._lock:
                 if edge > self._position:
                     self._lost_to_retention(edge)
