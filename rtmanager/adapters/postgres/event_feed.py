@@ -20,11 +20,12 @@ What makes it exact (the writer's protocol is in `events.py`):
 - each read of "the events after the position" is a READ COMMITTED
   statement, which sees a gap-free prefix of the committed events, and the
   position only moves to an event so read;
-- after each read the feed checks that retention has not passed its
-  position (retention may be run by another replica): if it has, events may
-  be missing from the read, so every current watcher is ended as if it
-  overflowed (it resumes from its cursor and is told the cursor expired)
-  rather than skipping them;
+- each read also returns the retention edge, from the same statement and
+  so the same snapshot (a pruning is one transaction), and the feed checks
+  that retention has not passed its position (retention may be run by
+  another replica): if it has, events may be missing from the read, so
+  every current watcher is ended as if it overflowed (it resumes from its
+  cursor and is told the cursor expired) rather than skipping them;
 - a lost connection (PostgreSQL restarted, say) is re-opened with backoff
   and the feed reads on from its position: watchers stay subscribed and
   miss nothing.
