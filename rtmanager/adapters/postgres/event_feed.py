@@ -20,11 +20,12 @@ What makes it exact (the writer's protocol is in `events.py`):
 - each read of "the events after the position" is a READ COMMITTED
   statement, which sees a gap-free prefix of the committed events, and the
   position only moves to an event so read;
-- after each read the feed checks that retention has not passed its
-  position (retention may be run by another replica): if it has, events may
-  be missing from the read, so every current watcher is ended as if it
-  overflowed (it resumes from its cursor and is told the cursor expired)
-  rather than skipping them;
+- each read also returns the retention edge, from the same statement and
+  so the same snapshot (a pruning is one transaction), and the feed checks
+  that retention has not passed its position (retention may be run by
+  another replica): if it has, events may be missing from the read, so
+  every current watcher is ended as if it overflowed (it resumes from its
+  cursor and is told the cursor expired) rather than skipping them;
 - a lost connection (PostgreSQL restarted, say) is re-opened with backoff
   and the feed reads on from its position: watchers stay subscribed and
   miss nothing.
@@ -50,8 +51,8 @@ from rtmanager.adapters.postgres.events import (
     check_cursor,
     committed_position,
     events_after,
+    events_after_with_edge,
     prune_events,
-    pruned_through,
     read_snapshot,
 )
 from rtmanager.adapters.postgres.pool import Pool, connect_kwargs, session_setup
@@ -333,10 +334,10 @@ class PostgresRuntimeFeed:
 
     def _dispatch(self, conn: psycopg.Connection[tuple[object, ...]]) -> None:
         while True:
-            events = events_after(conn, self._position, _BATCH)
-            # Read after the page: if retention has not passed the position
-            # now, it had not when the page was read, so the page is whole.
-            edge = pruned_through(conn)
+            # The page and the retention edge in one statement (one snapshot,
+            # one round trip): if retention had not passed the position in
+            # it, the page is whole.
+            events, edge = events_after_with_edge(conn, self._position, _BATCH)
             with self._lock:
                 if edge > self._position:
                     self._lost_to_retention(edge)
