@@ -198,46 +198,64 @@ class DockerPyCycle:
         return {"start": t1 - t0, "stop": t2 - t1, "cleanup": t3 - t2, "total": t3 - t0}
 
     def _create(self, name: str, state: Path) -> Any:
-        endpoint = self._client.api.create_endpoint_config(aliases=[name])
-        return self._client.containers.create(
-            ENGINE_IMAGE,
+        return create_engine_container(
+            self._client,
             name=name,
-            hostname=name,
+            state=state,
+            network=self.network,
             labels={
                 **self._iso.labels,
                 "com.galaxy.bench": "docker-py",
                 "com.galaxy.game_id": name,
                 "com.galaxy.image_ref": ENGINE_IMAGE,
             },
-            environment={
-                "GALAXY_GAME_ID": name,
-                "GALAXY_STATE_DIR": STATE_MOUNT,
-                "ENGINE_PORT": str(ENGINE_PORT),
-            },
-            init=True,
-            restart_policy=cast("_RestartPolicy", {"Name": "no"}),
-            cap_drop=["ALL"],
-            security_opt=["no-new-privileges:true"],
-            privileged=False,
-            pids_limit=ENGINE_PIDS,
-            mem_limit=ENGINE_MEMORY,
-            nano_cpus=ENGINE_NANO_CPUS,
-            mounts=[Mount(target=STATE_MOUNT, source=str(state), type="bind", read_only=False)],
-            network=self.network,
-            networking_config={self.network: endpoint},
         )
 
-    def _wait_running(self, container_id: str, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            state = self._client.api.inspect_container(container_id)["State"]
-            if state.get("Running"):
-                return
-            if state.get("Status") not in ("created", "restarting"):
-                raise RuntimeError(f"container {container_id} did not start: {state}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"container {container_id} not running after {timeout}s")
-            time.sleep(0.01)
+    def _wait_running(self, container_id: str) -> None:
+        wait_running(self._client, container_id)
+
+
+def create_engine_container(
+    client: docker.DockerClient, *, name: str, state: Path, network: str, labels: dict[str, str]
+) -> Any:
+    """`containers.create` with the options rtmanager gives an engine container."""
+    endpoint = client.api.create_endpoint_config(aliases=[name])
+    return client.containers.create(
+        ENGINE_IMAGE,
+        name=name,
+        hostname=name,
+        labels=labels,
+        environment={
+            "GALAXY_GAME_ID": name,
+            "GALAXY_STATE_DIR": STATE_MOUNT,
+            "ENGINE_PORT": str(ENGINE_PORT),
+        },
+        init=True,
+        restart_policy=cast("_RestartPolicy", {"Name": "no"}),
+        cap_drop=["ALL"],
+        security_opt=["no-new-privileges:true"],
+        privileged=False,
+        pids_limit=ENGINE_PIDS,
+        mem_limit=ENGINE_MEMORY,
+        nano_cpus=ENGINE_NANO_CPUS,
+        mounts=[Mount(target=STATE_MOUNT, source=str(state), type="bind", read_only=False)],
+        network=network,
+        networking_config={network: endpoint},
+    )
+
+
+def wait_running(client: docker.DockerClient, container_id: str, timeout: float = 30.0) -> None:
+    """Inspect every 10 ms until the container runs (as rtmanager's start waits)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        state = client.api.inspect_container(container_id)["State"]
+        if state.get("Running"):
+            return
+        if state.get("Status") not in ("created", "restarting"):
+            raise RuntimeError(f"container {container_id} did not start: {state}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"container {container_id} not running after {timeout}s")
+        time.sleep(0.01)
 
 
 def run(*, quick: bool = False) -> dict[str, Any]:

@@ -24,7 +24,15 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bench import grpc_read, lifecycle, memory, reconcile, watch_fanout
+from bench import (
+    grpc_read,
+    lifecycle,
+    lobby_jobs,
+    memory,
+    reconcile,
+    start_concurrency,
+    watch_fanout,
+)
 from bench.common import cpu_count, log
 from tests.e2e.conftest import REPO
 
@@ -33,6 +41,8 @@ BENCHMARKS: dict[str, Callable[..., dict[str, Any]]] = {
     lifecycle.NAME: lifecycle.run,
     memory.NAME: memory.run,
     reconcile.NAME: reconcile.run,
+    start_concurrency.NAME: start_concurrency.run,
+    lobby_jobs.NAME: lobby_jobs.run,
     watch_fanout.NAME: watch_fanout.run,
 }
 DEFAULT_OUT = REPO / "bench" / "results.json"

@@ -13,7 +13,6 @@ from collections.abc import Callable
 from datetime import timedelta
 
 import grpc
-from opentelemetry.instrumentation.grpc import server_interceptor
 
 from rtmanager.adapters.docker.engine import DockerEngineAdapter
 from rtmanager.adapters.docker.instrumented import InstrumentedDocker
@@ -272,11 +271,7 @@ class Application:
             max_workers=settings.grpc_max_workers,
             max_message_bytes=settings.grpc_max_message_bytes,
             reflection_enabled=settings.reflection,
-            interceptors=[
-                server_interceptor(  # type: ignore[no-untyped-call]
-                    tracer_provider=self.export.tracer_provider
-                )
-            ],
+            interceptors=self.export.server_interceptors(),
             credentials=credentials,
         )
         if tokens and credentials is None and not is_loopback_address(settings.grpc_addr):
