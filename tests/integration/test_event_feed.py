@@ -545,3 +545,30 @@ def test_each_watcher_is_queued_only_the_events_its_filters_want(
         for watcher in (of_a, of_a_b, of_stopped, of_running_c):
             assert watcher.ended is None and watcher.error is None
         assert feed.subscribers == 4
+
+
+def test_reads_of_a_watch_start_go_on_after_the_pooled_connection_broke(db: Database) -> None:
+    first = write(db, "g")
+    pool = create_pool(db.dsn, db.schema, max_size=1, timeout=10)
+    feed = PostgresRuntimeFeed(dsn=db.dsn, schema=db.schema, pool=pool, max_subscribers=5)
+    feed.start()
+    try:
+        pool.wait(timeout=10)
+
+        def break_the_pooled_connection() -> None:
+            """What a PostgreSQL restart does to it (borrowing does not probe)."""
+            with pool.connection() as conn:
+                pid = conn.info.backend_pid
+            with db.raw() as admin:
+                admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+
+        break_the_pooled_connection()
+        _records, newest = feed.snapshot()
+        assert newest == first
+        break_the_pooled_connection()
+        assert [event.id for event in feed.events_after(0, 10)] == [first]
+        break_the_pooled_connection()
+        feed.check_cursor(first)
+    finally:
+        feed.stop(10.0)
+        pool.close()

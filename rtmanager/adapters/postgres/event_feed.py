@@ -55,7 +55,7 @@ from rtmanager.adapters.postgres.events import (
     prune_events,
     read_snapshot,
 )
-from rtmanager.adapters.postgres.pool import Pool, connect_kwargs, session_setup
+from rtmanager.adapters.postgres.pool import Pool, connect_kwargs, read_on_pool, session_setup
 from rtmanager.backoff import Backoff
 from rtmanager.domain.errors import RuntimeManagerError
 from rtmanager.domain.runtime import RuntimeRecord
@@ -267,17 +267,17 @@ class PostgresRuntimeFeed:
 
     def snapshot(self) -> tuple[list[RuntimeRecord], int]:
         """Every record and the newest event id, from one consistent snapshot."""
-        return read_snapshot(self._pool, self._timeout)
+        return read_on_pool(self._pool, read_snapshot, timeout=self._timeout)
 
     def events_after(self, after_id: int, limit: int) -> list[RuntimeEvent]:
         """Stored events after `after_id`, in id order."""
-        with self._pool.connection(timeout=self._timeout) as conn:
-            return events_after(conn, after_id, limit)
+        return read_on_pool(
+            self._pool, lambda conn: events_after(conn, after_id, limit), timeout=self._timeout
+        )
 
     def check_cursor(self, cursor: int) -> None:
         """Raise `CursorExpired` / `InvalidRequest` for a cursor that cannot resume."""
-        with self._pool.connection(timeout=self._timeout) as conn:
-            check_cursor(conn, cursor)
+        read_on_pool(self._pool, lambda conn: check_cursor(conn, cursor), timeout=self._timeout)
 
     # -- the listener thread ---------------------------------------------------------
 

@@ -29,7 +29,7 @@ from typing import Any, LiteralString
 from psycopg import IsolationLevel
 from psycopg.rows import dict_row
 
-from rtmanager.adapters.postgres.pool import Connection, Pool, database_errors
+from rtmanager.adapters.postgres.pool import Connection, database_errors
 from rtmanager.adapters.postgres.records import record_from_row, record_params
 from rtmanager.domain.errors import InvalidRequest
 from rtmanager.domain.operation import OperationEntry, OpKind, OpSource, Outcome
@@ -208,9 +208,9 @@ def check_cursor(conn: Connection, cursor: int) -> None:
         raise InvalidRequest(f"cursor {cursor} was never issued", metadata={"field": "since"})
 
 
-def read_snapshot(pool: Pool, timeout: float) -> tuple[list[RuntimeRecord], int]:
+def read_snapshot(conn: Connection) -> tuple[list[RuntimeRecord], int]:
     """Every record and the newest event id, from one REPEATABLE READ snapshot."""
-    with database_errors("read a snapshot"), pool.connection(timeout=timeout) as conn:
+    with database_errors("read a snapshot"):
         conn.isolation_level = IsolationLevel.REPEATABLE_READ
         try:
             with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:

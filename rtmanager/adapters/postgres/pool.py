@@ -26,10 +26,10 @@ cannot help there, since it runs on the server that is gone.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import sql
@@ -49,6 +49,8 @@ Connection = psycopg.Connection[TupleRow]
 
 Pool = ConnectionPool[Connection]
 """The pool `create_pool` returns."""
+
+T = TypeVar("T")
 
 # Idle connections are probed after 10 s, then every 3 s; 3 unanswered
 # probes close them (about 19 s after the peer vanished). Data sent and
@@ -160,6 +162,37 @@ def create_pool(
     )
     pool.open(wait=False)
     return pool
+
+
+def connection_broken(conn: Connection) -> bool:
+    """Whether `conn` is closed or lost its server (a statement found it broken)."""
+    return conn.closed or conn.broken
+
+
+def read_on_pool(pool: Pool, read: Callable[[Connection], T], *, timeout: float) -> T:
+    """Run `read`, idempotent, on a pooled connection, and return its result.
+
+    When it fails because the connection it got was broken (PostgreSQL
+    restarted since it was pooled; borrowing does not probe), the pool
+    checks its idle connections and `read` runs once more on a fresh one.
+    """
+    broke = False
+
+    def attempt() -> T:
+        nonlocal broke
+        with pool.connection(timeout=timeout) as conn:
+            try:
+                return read(conn)
+            finally:
+                broke = connection_broken(conn)
+
+    try:
+        return attempt()
+    except (psycopg.Error, RuntimeManagerError):
+        if not broke:
+            raise
+    pool.check()
+    return attempt()
 
 
 def to_domain_error(error: psycopg.Error, action: str) -> RuntimeManagerError:

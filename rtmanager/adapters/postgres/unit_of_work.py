@@ -42,6 +42,7 @@ from rtmanager.adapters.postgres.pool import (
     SESSION_STATEMENT_TIMEOUT,
     Connection,
     Pool,
+    connection_broken,
     database_errors,
     timeout_ms,
     to_domain_error,
@@ -71,10 +72,6 @@ def _local_timeout(timeout: timedelta | None, session: timedelta) -> int | None:
     if timeout > session or timeout < session - TIMEOUT_SLACK:
         return wanted
     return None
-
-
-def _broken(conn: Connection) -> bool:
-    return conn.closed or conn.broken
 
 
 class PostgresUnitOfWork:
@@ -115,7 +112,7 @@ class PostgresUnitOfWork:
             try:
                 self._begin(conn)
             except psycopg.Error as error:
-                if not _broken(conn):
+                if not connection_broken(conn):
                     self._release(conn)
                     raise to_domain_error(error, "begin a transaction") from error
                 # Nothing was done on it: go on with a fresh connection.
@@ -196,7 +193,7 @@ class PostgresUnitOfWork:
         if conn is not None:
             # The connection goes back to the pool: the stores must not reach it.
             del self.records, self.operations, self.events, self.job_marks
-            self.connection_broke = _broken(conn)
+            self.connection_broke = connection_broken(conn)
             self._release(conn)
 
     def _release(self, conn: Connection) -> None:
