@@ -23,7 +23,7 @@ from rtmanager.lifecycle.common import (
     allowed_image,
     forget_container,
     new_correlation_id,
-    owned_container,
+    ours_to_act_on,
 )
 from rtmanager.lifecycle.recorder import Operation, OperationResult
 from rtmanager.lifecycle.start import StartService
@@ -112,7 +112,7 @@ class RecreateService(LifecycleService):
         )
         _raise_unless_ok(stopped, "inner stop failed: ")
         container_id = record.current_container_id
-        if owned_container(self._docker, container_id) is not None:
+        if ours_to_act_on(self._docker, container_id):
             self._lock.check(op.game_id)
             self._docker.remove_container(container_id, force=True)
         if container_id:

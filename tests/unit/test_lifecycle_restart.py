@@ -10,6 +10,7 @@ from dataclasses import replace
 
 import pytest
 
+from rtmanager.domain import labels
 from rtmanager.domain.errors import ErrorCode
 from rtmanager.domain.operation import OpKind, OpSource, Outcome
 from rtmanager.domain.runtime import RuntimeStatus
@@ -153,6 +154,20 @@ def test_restart_of_stopped_runtime_skips_docker_stop_and_starts_it_again(h: Har
         (OpKind.START, "success"),
         (OpKind.RESTART, "success"),
     ]
+
+
+def test_restart_of_stopped_runtime_whose_container_is_foreign_removes_nothing(
+    h: Harness,
+) -> None:
+    before = h.seed_stopped(GAME)
+    h.docker.containers[before.current_container_id].labels[labels.CLUSTER] = "staging"
+
+    result = restart(h)
+
+    assert failure_code(result) == ErrorCode.CONFLICT
+    assert before.current_container_id in h.docker.containers
+    assert h.docker.call_names("remove_container") == []
+    assert h.docker.call_names("create_container") == []
 
 
 def test_restart_of_stopped_runtime_without_container_creates_one(h: Harness) -> None:
