@@ -203,16 +203,9 @@ def seed_records(iso: Isolation, count: int) -> list[str]:
     return [record.game_id for record in records]
 
 
-@contextlib.contextmanager
-def rtmanager_server(
-    iso: Isolation, *, seed: int = 0, extra_env: Mapping[str, str] | None = None
-) -> Iterator[ServerProcess]:
-    """`rtmanager serve` on a migrated (and optionally seeded) schema; SIGTERM afterwards.
-
-    Auth and metrics are off (no `RTMANAGER_AUTH_TOKENS`, empty
-    `RTMANAGER_METRICS_ADDR`, both from `server_env`); the pool has the
-    default size of 10 instead of the tests' 4.
-    """
+def migrated_server_env(iso: Isolation, extra_env: Mapping[str, str] | None) -> dict[str, str]:
+    """The environment of a server of this run (`server_env`, the default pool
+    size, `extra_env`), with the run's schema migrated by `rtmanager migrate`."""
     env = server_env(
         pg_schema=iso.schema,
         redis_prefix=iso.redis_prefix,
@@ -225,6 +218,20 @@ def rtmanager_server(
     migrated = run_cli(env, "migrate")
     if migrated.returncode != 0:
         raise RuntimeError(f"rtmanager migrate failed: {migrated.stderr[-2000:]}")
+    return env
+
+
+@contextlib.contextmanager
+def rtmanager_server(
+    iso: Isolation, *, seed: int = 0, extra_env: Mapping[str, str] | None = None
+) -> Iterator[ServerProcess]:
+    """`rtmanager serve` on a migrated (and optionally seeded) schema; SIGTERM afterwards.
+
+    Auth and metrics are off (no `RTMANAGER_AUTH_TOKENS`, empty
+    `RTMANAGER_METRICS_ADDR`, both from `server_env`); the pool has the
+    default size of 10 instead of the tests' 4.
+    """
+    env = migrated_server_env(iso, extra_env)
     if seed:
         seed_records(iso, seed)
     handle = start_server(env, iso.workdir / "rtmanager.log")
@@ -302,18 +309,7 @@ def in_process_lifecycles(
     lease lock and the recorder are wired as `rtmanager.app.Application`
     wires them. No server, no workers: the caller drives the use cases.
     """
-    env = server_env(
-        pg_schema=iso.schema,
-        redis_prefix=iso.redis_prefix,
-        cluster=iso.cluster,
-        state_root=iso.state_root,
-        port=free_port(),
-    )
-    env["RTMANAGER_POSTGRES_POOL_SIZE"] = DEFAULT_POOL_SIZE
-    env.update(extra_env or {})
-    migrated = run_cli(env, "migrate")
-    if migrated.returncode != 0:
-        raise RuntimeError(f"rtmanager migrate failed: {migrated.stderr[-2000:]}")
+    env = migrated_server_env(iso, extra_env)
     settings = load_settings(env)
     telemetry = Telemetry()
     pool = create_pool(
@@ -355,6 +351,15 @@ def in_process_lifecycles(
         pool.close()
 
 
+@dataclass
+class TimedRound:
+    """One round of one side of a throughput benchmark: its wall time and
+    the latency of each of its calls (or jobs)."""
+
+    seconds: float
+    latencies: list[float] = field(default_factory=list)
+
+
 # -- the bare server ---------------------------------------------------------
 
 
@@ -367,29 +372,25 @@ class BareServer:
 
 
 @contextlib.contextmanager
-def bare_server(iso: Isolation, records_file: Path) -> Iterator[BareServer]:
-    """Start `python -m bench.bare_server` answering with the records in `records_file`."""
+def bare_process(
+    iso: Isolation, module: str, *args: str
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """Run `python -m <module> --port <free port> <args>`, a floor server of the
+    benchmarks; yield it with its address once its channel is ready; SIGTERM
+    (then SIGKILL) afterwards."""
     port = free_port()
     address = f"127.0.0.1:{port}"
-    log_path = iso.workdir / "bare.log"
+    log_path = iso.workdir / f"{module.rpartition('.')[2]}.log"
     with log_path.open("ab") as log_file:
         process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "bench.bare_server",
-                "--port",
-                str(port),
-                "--records",
-                str(records_file),
-            ],
+            [sys.executable, "-m", module, "--port", str(port), *args],
             cwd=REPO,
             stdout=log_file,
             stderr=subprocess.STDOUT,
         )
     try:
         _wait_channel_ready(address, process, log_path)
-        yield BareServer(process, address)
+        yield process, address
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
@@ -398,6 +399,13 @@ def bare_server(iso: Isolation, records_file: Path) -> Iterator[BareServer]:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+@contextlib.contextmanager
+def bare_server(iso: Isolation, records_file: Path) -> Iterator[BareServer]:
+    """Start `python -m bench.bare_server` answering with the records in `records_file`."""
+    with bare_process(iso, "bench.bare_server", "--records", str(records_file)) as started:
+        yield BareServer(*started)
 
 
 def _wait_channel_ready(

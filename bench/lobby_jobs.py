@@ -25,12 +25,20 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, cast
 
 import redis
 
-from bench.common import ENGINE_IMAGE, Row, isolation, latency_summary, log, rtmanager_server
+from bench.common import (
+    ENGINE_IMAGE,
+    Row,
+    TimedRound,
+    isolation,
+    latency_summary,
+    log,
+    rtmanager_server,
+)
 from rtmanager.client import RuntimeManagerClient
 from rtmanager.domain.runtime import RuntimeStatus
 from tests.conftest import REDIS_URL
@@ -54,14 +62,6 @@ class LobbyJobsParams:
 
 DEFAULT = LobbyJobsParams()
 QUICK = LobbyJobsParams(rounds=2, max_seconds=90.0)
-
-
-@dataclass
-class PhaseResult:
-    """All starts or all stops of one round on one side."""
-
-    seconds: float
-    latencies: list[float] = field(default_factory=list)
 
 
 class ResultWatcher:
@@ -118,7 +118,7 @@ class StreamSide:
         self._stop_stream = env["RTMANAGER_STOP_JOBS_STREAM"]
         self._watcher = watcher
 
-    def _phase(self, stream: str, jobs: list[dict[str, str]]) -> PhaseResult:
+    def _phase(self, stream: str, jobs: list[dict[str, str]]) -> TimedRound:
         began = time.perf_counter()
         sent: dict[str, float] = {}
         pipe = self._client.pipeline(transaction=False)
@@ -131,15 +131,15 @@ class StreamSide:
         if failed:
             raise RuntimeError(f"jobs not answered success: {failed}")
         ended = max(at for at, _ in answers.values())
-        return PhaseResult(ended - began, [at - sent[job] for job, (at, _) in answers.items()])
+        return TimedRound(ended - began, [at - sent[job] for job, (at, _) in answers.items()])
 
-    def starts(self, games: list[str]) -> PhaseResult:
+    def starts(self, games: list[str]) -> TimedRound:
         """One start job per game, appended at once (one pipeline)."""
         return self._phase(
             self._start_stream, [{"game_id": g, "image_ref": ENGINE_IMAGE} for g in games]
         )
 
-    def stops(self, games: list[str]) -> PhaseResult:
+    def stops(self, games: list[str]) -> TimedRound:
         """One stop job per game, appended at once."""
         return self._phase(
             self._stop_stream, [{"game_id": g, "reason": "lobby_request"} for g in games]
@@ -153,7 +153,7 @@ class RpcSide:
         self._client = client
         self._pool = pool
 
-    def _phase(self, call: Any, games: list[str], status: RuntimeStatus) -> PhaseResult:
+    def _phase(self, call: Any, games: list[str], status: RuntimeStatus) -> TimedRound:
         began = time.perf_counter()
 
         def one(game_id: str) -> float:
@@ -163,9 +163,9 @@ class RpcSide:
             return time.perf_counter() - began
 
         latencies = [f.result(CALL_TIMEOUT * 2) for f in [self._pool.submit(one, g) for g in games]]
-        return PhaseResult(time.perf_counter() - began, latencies)
+        return TimedRound(time.perf_counter() - began, latencies)
 
-    def starts(self, games: list[str]) -> PhaseResult:
+    def starts(self, games: list[str]) -> TimedRound:
         """`StartRuntime` of each game."""
         return self._phase(
             lambda g: self._client.start_runtime(g, ENGINE_IMAGE, timeout=CALL_TIMEOUT),
@@ -173,7 +173,7 @@ class RpcSide:
             RuntimeStatus.RUNNING,
         )
 
-    def stops(self, games: list[str]) -> PhaseResult:
+    def stops(self, games: list[str]) -> TimedRound:
         """`StopRuntime` of each game."""
         return self._phase(
             lambda g: self._client.stop_runtime(g, timeout=CALL_TIMEOUT),
@@ -197,7 +197,7 @@ def run(*, quick: bool = False) -> dict[str, Any]:
     """Alternate stream and RPC rounds on one server; return rows and raw numbers."""
     params = QUICK if quick else DEFAULT
     phases = ("start", "stop")
-    samples: dict[str, dict[str, list[PhaseResult]]] = {
+    samples: dict[str, dict[str, list[TimedRound]]] = {
         side: {phase: [] for phase in phases} for side in ("streams", "rpc")
     }
     dead_letters = 0
@@ -256,7 +256,7 @@ def run(*, quick: bool = False) -> dict[str, Any]:
     if dead_letters:
         raise RuntimeError(f"{dead_letters} jobs were dead-lettered")
 
-    def throughput(results: list[PhaseResult]) -> float:
+    def throughput(results: list[TimedRound]) -> float:
         seconds = sum(r.seconds for r in results)
         return sum(len(r.latencies) for r in results) / seconds if seconds else float("nan")
 

@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import docker
@@ -35,6 +35,7 @@ from bench.common import (
     ENGINE_IMAGE,
     Isolation,
     Row,
+    TimedRound,
     isolation,
     latency_summary,
     log,
@@ -64,15 +65,7 @@ DEFAULT = StartConcurrencyParams()
 QUICK = StartConcurrencyParams(rounds=2, max_seconds=90.0)
 
 
-@dataclass
-class RoundResult:
-    """One round of one side: its wall time and each start's latency."""
-
-    seconds: float
-    latencies: list[float] = field(default_factory=list)
-
-
-def _concurrently(pool: ThreadPoolExecutor, work: list[Callable[[], float]]) -> RoundResult:
+def _concurrently(pool: ThreadPoolExecutor, work: list[Callable[[], float]]) -> TimedRound:
     """Run the callables at once (released by one barrier); wall time and latencies."""
     barrier = threading.Barrier(len(work) + 1)
 
@@ -84,7 +77,7 @@ def _concurrently(pool: ThreadPoolExecutor, work: list[Callable[[], float]]) -> 
     barrier.wait(timeout=CALL_TIMEOUT)
     began = time.perf_counter()
     latencies = [future.result(timeout=CALL_TIMEOUT * 2) for future in futures]
-    return RoundResult(time.perf_counter() - began, latencies)
+    return TimedRound(time.perf_counter() - began, latencies)
 
 
 class RtmanagerStarts:
@@ -95,7 +88,7 @@ class RtmanagerStarts:
         self._run_id = run_id
         self._games: list[str] = []
 
-    def start_round(self, pool: ThreadPoolExecutor, index: int) -> RoundResult:
+    def start_round(self, pool: ThreadPoolExecutor, index: int) -> TimedRound:
         """Start one fresh game per client, all at once."""
         self._games = [f"sc-{self._run_id}-{index:02d}-{k}" for k in range(len(self._clients))]
 
@@ -141,7 +134,7 @@ class DockerPyStarts:
         self._state_root.mkdir(parents=True, exist_ok=True)
         self._containers: list[str] = []
 
-    def start_round(self, pool: ThreadPoolExecutor, index: int) -> RoundResult:
+    def start_round(self, pool: ThreadPoolExecutor, index: int) -> TimedRound:
         """Create and start one container per thread, all at once."""
         names = [f"bench-raw-{self._iso.run_id}-{index:02d}-{k}" for k in range(self._concurrency)]
         ids: list[str] = []
@@ -194,7 +187,7 @@ class DockerPyStarts:
 def run(*, quick: bool = False) -> dict[str, Any]:
     """Alternate concurrent-start rounds of both sides; return rows and raw numbers."""
     params = QUICK if quick else DEFAULT
-    samples: dict[str, list[RoundResult]] = {"rtmanager": [], "docker-py": []}
+    samples: dict[str, list[TimedRound]] = {"rtmanager": [], "docker-py": []}
     with isolation(NAME) as iso:
         docker_client = docker.DockerClient(
             base_url=DOCKER_HOST, timeout=int(CALL_TIMEOUT), max_pool_size=params.concurrency
@@ -241,7 +234,7 @@ def run(*, quick: bool = False) -> dict[str, Any]:
                 client.close()
             docker_client.close()
 
-    def throughput(rounds: list[RoundResult]) -> float:
+    def throughput(rounds: list[TimedRound]) -> float:
         seconds = sum(r.seconds for r in rounds)
         return sum(len(r.latencies) for r in rounds) / seconds if seconds else float("nan")
 

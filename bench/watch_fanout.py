@@ -40,7 +40,6 @@ from __future__ import annotations
 import contextlib
 import json
 import select
-import signal
 import subprocess
 import sys
 import time
@@ -57,7 +56,7 @@ from bench.bare_fanout import PUBLISH_METHOD
 from bench.common import (
     Isolation,
     Row,
-    _wait_channel_ready,
+    bare_process,
     isolation,
     latency_summary,
     log,
@@ -73,7 +72,7 @@ from rtmanager.domain.runtime import RuntimeRecord, RuntimeStatus
 from rtmanager.lifecycle.watch import ChangeEvent
 from rtmanager.ports import RuntimeEvent
 from tests.conftest import POSTGRES_DSN
-from tests.e2e.conftest import REPO, free_port
+from tests.e2e.conftest import REPO
 
 NAME = "watch_fanout"
 GRPC_WORKERS = 1024
@@ -211,35 +210,8 @@ class FanoutServer:
 @contextlib.contextmanager
 def fanout_server(iso: Isolation) -> Iterator[FanoutServer]:
     """Start `python -m bench.bare_fanout`; SIGTERM afterwards."""
-    port = free_port()
-    address = f"127.0.0.1:{port}"
-    log_path = iso.workdir / "bare_fanout.log"
-    with log_path.open("ab") as log_file:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "bench.bare_fanout",
-                "--port",
-                str(port),
-                "--workers",
-                str(GRPC_WORKERS),
-            ],
-            cwd=REPO,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        _wait_channel_ready(address, process, log_path)
-        yield FanoutServer(process, address)
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+    with bare_process(iso, "bench.bare_fanout", "--workers", str(GRPC_WORKERS)) as started:
+        yield FanoutServer(*started)
 
 
 # -- subscribers -----------------------------------------------------------------
