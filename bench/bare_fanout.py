@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import argparse
 import queue
-import signal
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from types import FrameType
 
 import grpc
 
+from bench.bare_serving import serve_until_signalled
 from rtmanager._proto.galaxy.rtmanager.v1 import rtmanager_pb2 as pb
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
@@ -98,24 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             ),
         )
     )
-    if server.add_insecure_port(f"127.0.0.1:{args.port}") == 0:
-        print(f"cannot listen on 127.0.0.1:{args.port}", flush=True)
-        return 1
-
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    server.start()
-    print(f"bare fan-out listening on 127.0.0.1:{args.port}", flush=True)
-    while not stop.wait(0.5):
-        pass
-    fanout.close()
-    server.stop(2).wait()
-    return 0
+    return serve_until_signalled(server, args.port, "bare fan-out", before_stop=fanout.close)
 
 
 if __name__ == "__main__":

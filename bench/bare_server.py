@@ -13,15 +13,13 @@ same thread pool size and channel options as `rtmanager.api.server`.
 from __future__ import annotations
 
 import argparse
-import signal
-import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from types import FrameType
 
 import grpc
 
+from bench.bare_serving import serve_until_signalled
 from rtmanager._proto.galaxy.rtmanager.v1 import rtmanager_pb2 as pb
 from rtmanager._proto.galaxy.rtmanager.v1 import rtmanager_pb2_grpc as pb_grpc
 
@@ -98,23 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         ],
     )
     pb_grpc.add_RuntimeServiceServicer_to_server(BareRuntimeServicer(page), server)
-    if server.add_insecure_port(f"127.0.0.1:{args.port}") == 0:
-        print(f"cannot listen on 127.0.0.1:{args.port}", flush=True)
-        return 1
-
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    server.start()
-    print(f"bare server listening on 127.0.0.1:{args.port}", flush=True)
-    while not stop.wait(0.5):
-        pass
-    server.stop(2).wait()
-    return 0
+    return serve_until_signalled(server, args.port, "bare server")
 
 
 if __name__ == "__main__":
