@@ -107,29 +107,33 @@ class PostgresUnitOfWork:
     def __enter__(self) -> Self:
         if self._conn is not None:
             raise RuntimeError("a unit of work cannot be entered twice")
-        conn = self._borrow()
-        if not self._read_only or self._local_ms is not None:
-            try:
-                self._begin(conn)
-            except psycopg.Error as error:
-                if not connection_broken(conn):
-                    self._release(conn)
-                    raise to_domain_error(error, "begin a transaction") from error
-                # Nothing was done on it: go on with a fresh connection.
-                self._release(conn)
-                self._pool.check()
-                conn = self._borrow()
-                try:
-                    self._begin(conn)
-                except psycopg.Error as error:
-                    self._release(conn)
-                    raise to_domain_error(error, "begin a transaction") from error
+        if self._read_only and self._local_ms is None:
+            conn = self._borrow()
+        else:
+            conn = self._borrow_begun()
         self._conn = conn
         self.records = PostgresRuntimeRecordStore(conn)
         self.operations = PostgresOperationLog(conn)
         self.events = PostgresRuntimeEventLog(conn)
         self.job_marks = PostgresJobMarkStore(conn)
         return self
+
+    def _borrow_begun(self) -> Connection:
+        """A borrowed connection with the transaction open: on a fresh one, once,
+        when the first turned out broken (nothing was done on it)."""
+        for last in (False, True):
+            conn = self._borrow()
+            try:
+                self._begin(conn)
+            except psycopg.Error as error:
+                broken = connection_broken(conn)
+                self._release(conn)
+                if last or not broken:
+                    raise to_domain_error(error, "begin a transaction") from error
+                self._pool.check()
+            else:
+                return conn
+        raise AssertionError("the second attempt returns or raises")  # pragma: no cover
 
     def _borrow(self) -> Connection:
         with database_errors("borrow a PostgreSQL connection"):
