@@ -172,10 +172,11 @@ class JobMarkStore(Protocol):
         """The game's watermark, or None before its first Lobby job."""
         ...
 
-    def advance(self, mark: JobMark) -> None:
+    def advance(self, mark: JobMark) -> bool:
         """Make `mark` the game's watermark unless the stored one is as new or newer.
 
-        Never moves a watermark back: an older mark is ignored.
+        Never moves a watermark back: an older mark is ignored, and False
+        says so (True: `mark` is now the watermark).
         """
         ...
 

@@ -69,7 +69,7 @@ class CleanupService(LifecycleService):
 
         def body(op: Operation) -> OperationResult:
             with self._lock.hold(game_id):
-                return self._cleanup(op, request)
+                return self._recorder.attempt(op, lambda op: self._cleanup(op, request))
 
         return self._recorder.run(operation, body)
 

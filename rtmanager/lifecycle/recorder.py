@@ -32,6 +32,7 @@ from datetime import datetime, timedelta
 
 from rtmanager.deadlines import bounded
 from rtmanager.domain.errors import (
+    ConcurrentModification,
     ErrorCode,
     Failure,
     InternalError,
@@ -124,19 +125,26 @@ class Operation:
         the audit row is written and `record` is what the result reports.
         Raises `RuntimeManagerError` when the transaction fails (nothing is
         committed then), so the body can undo its Docker side effects before
-        failing.
+        failing; raises `JobSettled` (nothing committed either) when the
+        game's watermark passed this operation's job meanwhile.
         """
+        overtaken = False
         with self.recorder.units_of_work(timeout=self.recorder.db_timeout) as uow:
             changed = change(uow) if change is not None else None
             record = changed or record
             entry = uow.operations.append(self._entry(Outcome.SUCCESS))
             if changed is not None:
                 uow.events.append(entry, changed)
-            if self.job is not None:
-                uow.job_marks.advance(self._mark(entry))
-            if self.recorder.lease_check is not None:
-                self.recorder.lease_check(self.game_id)
-            uow.commit()
+            # A newer job of the game applied meanwhile: ours must not land.
+            overtaken = self.job is not None and not uow.job_marks.advance(self._mark(entry))
+            if not overtaken:
+                if self.recorder.lease_check is not None:
+                    self.recorder.lease_check(self.game_id)
+                uow.commit()
+        if overtaken:
+            raise self.recorder._settled_by_mark(self) or ConcurrentModification(
+                f"the Lobby job watermark of game {self.game_id} moved during the operation"
+            )
         self.recorder.committed(entry, record)
         return OperationResult(
             self.game_id, self.op_kind, Outcome.SUCCESS, record=record, operation_id=entry.id
@@ -276,19 +284,41 @@ class OperationRecorder:
         *,
         on_failure: RecordChange | None = None,
     ) -> OperationResult:
-        """Run `body`; record its failure, if any, with `on_failure` applied in the same commit."""
+        """Run `body`; record its failure, if any, with `on_failure` applied in the same commit.
+
+        A body that takes the game's lease runs its work through `attempt`
+        inside the lease, so a failure is recorded (and a job's watermark
+        advanced) before the lease is released; what reaches `run` itself
+        is then only a failure to take the lease, or one before it.
+        """
+        result = self.attempt(operation, body, on_failure=on_failure)
+        if result.superseded_by is None and not result.replayed:
+            self._finished(operation, result)
+        return result
+
+    def attempt(
+        self,
+        operation: Operation,
+        body: Callable[[Operation], OperationResult],
+        *,
+        on_failure: RecordChange | None = None,
+    ) -> OperationResult:
+        """Run `body` and record its failure, if any; never raises.
+
+        Called under the game's lease, it settles the operation before the
+        lease is released: another replica that takes the lease next sees
+        the failure row, the record change and the job watermark it wrote.
+        """
         try:
-            result = body(operation)
+            return body(operation)
         except JobSettled as settled:
             return self._settled(operation, settled)
         except RuntimeManagerError as error:
-            result = self.fail(operation, error.to_failure(), change=on_failure)
+            return self.fail(operation, error.to_failure(), change=on_failure)
         except Exception as error:
             log.exception("bug in %s of game %s", operation.op_kind, operation.game_id)
             failure = InternalError(f"internal error: {type(error).__name__}").to_failure()
-            result = self.fail(operation, failure, change=on_failure)
-        self._finished(operation, result)
-        return result
+            return self.fail(operation, failure, change=on_failure)
 
     def check_job(self, operation: Operation) -> None:
         """Raise `JobSettled` when the operation's Lobby job must not be applied.
@@ -297,17 +327,23 @@ class OperationRecorder:
         settled when the game's watermark is that job (applied before, its
         answer lost in a crash) or a newer one (Lobby's later word wins).
         """
+        settled = self._settled_by_mark(operation)
+        if settled is not None:
+            raise settled
+
+    def _settled_by_mark(self, operation: Operation) -> JobSettled | None:
+        """`JobSettled` when the game's watermark settles the operation's job, else None."""
         if operation.job is None:
-            return
+            return None
         with self.unit_of_work() as uow:
             mark = uow.job_marks.get(operation.game_id)
             if mark is None or not mark.settles(operation.job):
-                return
+                return None
             try:
                 record: RuntimeRecord | None = uow.records.get(operation.game_id)
             except NotFound:
                 record = None
-        raise JobSettled(mark, record)
+        return JobSettled(mark, record)
 
     def _settled(self, operation: Operation, settled: JobSettled) -> OperationResult:
         """The result of a job found settled: nothing was done, nothing is audited."""

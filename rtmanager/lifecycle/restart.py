@@ -75,6 +75,13 @@ class RecreateService(LifecycleService):
             return operation
         removed: list[str] = []
 
+        def forget_removed_container(uow: UnitOfWork) -> RuntimeRecord | None:
+            # The old container is gone but the new one did not start: the
+            # stopped record must not point at a container that no longer exists.
+            if not removed:
+                return None
+            return forget_container(uow, game_id, removed[0], self._clock())
+
         def body(op: Operation) -> OperationResult:
             target = (
                 allowed_image(target_image_ref, self._settings)
@@ -82,14 +89,11 @@ class RecreateService(LifecycleService):
                 else None
             )
             with self._lock.hold(game_id):
-                return self._recreate(op, target, removed)
-
-        def forget_removed_container(uow: UnitOfWork) -> RuntimeRecord | None:
-            # The old container is gone but the new one did not start: the
-            # stopped record must not point at a container that no longer exists.
-            if not removed:
-                return None
-            return forget_container(uow, game_id, removed[0], self._clock())
+                return self._recorder.attempt(
+                    op,
+                    lambda op: self._recreate(op, target, removed),
+                    on_failure=forget_removed_container,
+                )
 
         return self._recorder.run(operation, body, on_failure=forget_removed_container)
 

@@ -92,23 +92,25 @@ class StartService(LifecycleService):
     ) -> OperationResult:
         removed: list[str] = []
 
-        def body(op: Operation) -> OperationResult:
-            if not lease:
-                return self._start(op, image(), removed)
-            if op.job is None:
-                image_ref = image()  # a bad image is refused before any Redis call
-                with self._lock.hold(op.game_id):
-                    return self._start(op, image_ref, removed)
-            # A Lobby job is judged against its game's watermark first, under
-            # the lease: an older job is superseded whatever it asks for.
-            with self._lock.hold(op.game_id):
-                self._recorder.check_job(op)
-                return self._start(op, image(), removed)
-
         def forget_removed_container(uow: UnitOfWork) -> RuntimeRecord | None:
             if not removed:
                 return None
             return forget_container(uow, operation.game_id, removed[0], self._clock())
+
+        def start(op: Operation) -> OperationResult:
+            # A Lobby job is judged against its game's watermark first, under
+            # the lease: an older job is superseded whatever it asks for.
+            self._recorder.check_job(op)
+            return self._start(op, image(), removed)
+
+        def body(op: Operation) -> OperationResult:
+            if not lease:
+                return self._start(op, image(), removed)
+            if op.job is None:
+                image()  # a bad image is refused before any Redis call
+            # A failure is recorded (a job's watermark advanced) under the lease.
+            with self._lock.hold(op.game_id):
+                return self._recorder.attempt(op, start, on_failure=forget_removed_container)
 
         return self._recorder.run(operation, body, on_failure=forget_removed_container)
 

@@ -46,10 +46,13 @@ class StopService(LifecycleService):
         operation.log_fields["reason"] = str(request.reason)
         game_id = operation.game_id
 
+        def stop_job(op: Operation) -> OperationResult:
+            self._recorder.check_job(op)
+            return self._stop(op)
+
         def body(op: Operation) -> OperationResult:
             with self._lock.hold(game_id):
-                self._recorder.check_job(op)
-                return self._stop(op)
+                return self._recorder.attempt(op, stop_job)
 
         return self._recorder.run(operation, body)
 

@@ -340,11 +340,13 @@ class FakeJobMarkStore:
         with self._uow.store.lock:
             return self._uow.store.job_marks.get(game_id)
 
-    def advance(self, mark: JobMark) -> None:
-        """Stage `mark` unless the current watermark is as new or newer."""
+    def advance(self, mark: JobMark) -> bool:
+        """Stage `mark` unless the current watermark is as new or newer (then False)."""
         current = self.get(mark.game_id)
-        if current is None or current.job.position < mark.job.position:
-            self._uow.staged_marks[mark.game_id] = mark
+        if current is not None and current.job.position >= mark.job.position:
+            return False
+        self._uow.staged_marks[mark.game_id] = mark
+        return True
 
 
 class FakeUnitOfWork:

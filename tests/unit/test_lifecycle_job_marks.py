@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import pytest
+
 from rtmanager.domain.errors import ErrorCode
 from rtmanager.domain.jobs import JobKind, JobMark, LobbyJob
 from rtmanager.domain.operation import OpKind, OpSource, Outcome, StopReason
@@ -21,6 +23,7 @@ from rtmanager.lifecycle.recorder import OperationResult
 from rtmanager.lifecycle.restart import RestartRequest
 from rtmanager.lifecycle.start import StartRequest
 from rtmanager.lifecycle.stop import StopRequest
+from rtmanager.ports import Lease
 from tests.unit.harness import IMAGE, Harness, failure_code
 
 GAME = "game-1"
@@ -169,6 +172,81 @@ def test_a_stop_of_an_unknown_game_is_a_final_failure_that_advances_the_mark(
 
     assert failure_code(result) == "not_found"
     assert h.store.job_marks[GAME].error_code is ErrorCode.NOT_FOUND
+
+
+def test_a_final_failure_is_recorded_before_the_lease_is_given_back(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Another replica takes the lease the moment it is released: it must
+    # already see the failed stop's watermark, or an older start would apply.
+    marks_at_release: list[JobMark | None] = []
+    release = h.leases.release
+
+    def spying_release(lease: Lease) -> bool:
+        marks_at_release.append(h.store.job_marks.get(lease.game_id))
+        return release(lease)
+
+    monkeypatch.setattr(h.leases, "release", spying_release)
+
+    result = stop(h, stop_job("200-0"))
+
+    assert failure_code(result) == "not_found"
+    (mark,) = marks_at_release
+    assert mark is not None and mark.job == stop_job("200-0")
+    assert h.rows(GAME)[-1].error_code == "not_found"
+
+
+def test_a_failed_starts_record_change_is_written_before_the_lease_is_given_back(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    old = h.seed_running(GAME)
+    h.docker.containers[old.current_container_id].state = "exited"
+    h.docker.fail("start_container")
+    records_at_release: list[RuntimeStatus] = []
+    release = h.leases.release
+
+    def spying_release(lease: Lease) -> bool:
+        records_at_release.append(h.record(GAME).status)
+        return release(lease)
+
+    monkeypatch.setattr(h.leases, "release", spying_release)
+
+    result = start(h, start_job("300-0"))
+
+    assert not result.ok
+    # The old container was removed before the failure: the record says so
+    # while the lease is still held.
+    assert records_at_release == [RuntimeStatus.STOPPED]
+    assert h.record(GAME).current_container_id == ""
+
+
+def test_an_older_start_whose_game_a_newer_job_settled_meanwhile_lands_nothing(
+    h: Harness,
+) -> None:
+    # The watermark moves past the start while it works (a replica that lost
+    # track of the lease): its commit is refused, the engine it made removed.
+    newer = JobMark(
+        game_id=GAME,
+        job=stop_job("200-0"),
+        outcome=Outcome.FAILURE,
+        applied_at=utc_now(),
+        error_code=ErrorCode.NOT_FOUND,
+        error_message="no runtime record",
+    )
+
+    def newer_job_applied(*_: object) -> None:
+        h.store.job_marks[GAME] = newer
+
+    h.docker.before("start_container", newer_job_applied)
+
+    result = start(h, start_job("100-0"))
+
+    assert result.ok and result.superseded_by == newer.job
+    assert h.store.job_marks[GAME] == newer
+    assert GAME not in h.store.records
+    assert h.rows(GAME) == []
+    assert [c for c in h.docker.containers.values() if c.game_id == GAME] == []
+    assert h.leases.all_released
 
 
 def test_a_busy_lease_leaves_the_mark_alone(h: Harness) -> None:

@@ -48,11 +48,11 @@ class PostgresJobMarkStore:
             row = cursor.execute(_SELECT, (game_id,)).fetchone()
         return _mark(row) if row is not None else None
 
-    def advance(self, mark: JobMark) -> None:
-        """Make `mark` the watermark unless the stored one is as new or newer."""
+    def advance(self, mark: JobMark) -> bool:
+        """Make `mark` the watermark unless the stored one is as new or newer (then False)."""
         position = mark.job.position
         with database_errors("write a Lobby job watermark"):
-            self._conn.execute(
+            cursor = self._conn.execute(
                 _ADVANCE,
                 {
                     "game_id": mark.game_id,
@@ -68,6 +68,7 @@ class PostgresJobMarkStore:
                     "applied_at": mark.applied_at,
                 },
             )
+        return cursor.rowcount == 1
 
 
 def _mark(row: dict[str, Any]) -> JobMark:
