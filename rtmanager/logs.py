@@ -7,6 +7,8 @@ import sys
 
 from pythonjsonlogger.json import JsonFormatter
 
+from rtmanager.tracing import TraceFields
+
 _TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 _JSON_FIELDS = "%(asctime)s %(levelname)s %(name)s %(message)s %(threadName)s"
 
@@ -14,10 +16,13 @@ _JSON_FIELDS = "%(asctime)s %(levelname)s %(name)s %(message)s %(threadName)s"
 def configure_logging(level: str, fmt: str) -> None:
     """Send every log record to stderr at `level`, as JSON or as text.
 
-    Fields given through `extra=` (game_id, op_kind, trace_id, ...) appear
-    as JSON keys.
+    Fields given through `extra=` (game_id, op_kind, ...) appear as JSON
+    keys, and so do the current span's `trace_id` and `span_id` and a Lobby
+    job's `job_id` and `stream` (`rtmanager.tracing`); text lines end with
+    the trace and span ids.
     """
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(TraceFields())
     if fmt == "json":
         handler.setFormatter(
             JsonFormatter(
@@ -27,10 +32,22 @@ def configure_logging(level: str, fmt: str) -> None:
             )
         )
     else:
-        handler.setFormatter(logging.Formatter(_TEXT_FORMAT))
+        handler.setFormatter(_TextFormatter(_TEXT_FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # Third-party chatter stays at warning unless debugging.
     for noisy in ("urllib3", "docker", "psycopg.pool"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
+
+
+class _TextFormatter(logging.Formatter):
+    """The text format, with the trace and span ids of lines written in a span."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The line, then `trace=… span=…` when the record has them."""
+        line = super().format(record)
+        trace_id = getattr(record, "trace_id", None)
+        if trace_id is None:
+            return line
+        return f"{line} [trace={trace_id} span={getattr(record, 'span_id', '')}]"

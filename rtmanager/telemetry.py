@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 from opentelemetry import metrics
 from opentelemetry.metrics import Meter
 
+from rtmanager import tracing
+
 if TYPE_CHECKING:
     import grpc
     from opentelemetry.sdk.metrics import MeterProvider
@@ -138,6 +140,7 @@ class TelemetryExport:
                 BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint))
             )
             trace.set_tracer_provider(self.tracer_provider)
+            tracing.enable(self.tracer_provider)
         self.telemetry = Telemetry(
             self.meter_provider.get_meter(_METER_NAME)
             if self.meter_provider is not None
@@ -155,6 +158,7 @@ class TelemetryExport:
     def shutdown(self) -> None:
         """Flush and stop the exporters."""
         if self.tracer_provider is not None:
+            tracing.disable()
             self.tracer_provider.shutdown()
         if self.meter_provider is not None:
             self.meter_provider.shutdown()

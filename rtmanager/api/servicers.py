@@ -35,6 +35,7 @@ from rtmanager.lifecycle.start import StartRequest, StartService
 from rtmanager.lifecycle.stop import StopRequest, StopService
 from rtmanager.lifecycle.watch import WatchEnded, WatchService, format_cursor, watch_request
 from rtmanager.ports import OperationFilter
+from rtmanager.tracing import request_scope
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +78,8 @@ class _Authenticated:
 
 
 def rpc(*, admin_only: bool = False) -> Callable[[Method[Any, Req, Resp]], Handler[Any, Req, Resp]]:
-    """Authenticate, admit within the concurrent-call bound, bound waits by the
-    caller's deadline, map every failure.
+    """Run in the request's span, authenticate, admit within the concurrent-call
+    bound, bound waits by the caller's deadline, map every failure.
 
     Expected failures (`RuntimeManagerError`) become their stable code; any
     other exception is a bug, logged with its traceback and reported as
@@ -88,12 +89,13 @@ def rpc(*, admin_only: bool = False) -> Callable[[Method[Any, Req, Resp]], Handl
     def decorate(method: Method[Any, Req, Resp]) -> Handler[Any, Req, Resp]:
         @functools.wraps(method)
         def handler(self: _Authenticated, request: Req, context: grpc.ServicerContext) -> Resp:
-            try:
-                caller = self._auth.authenticate(context, admin_only=admin_only)
-                with self._limiter.admit(), deadline_scope(context.time_remaining()):
-                    return method(self, request, context, caller)
-            except Exception as error:
-                _abort_for(context, error, method.__name__, _game_id_of(request))
+            with request_scope(context.invocation_metadata()):
+                try:
+                    caller = self._auth.authenticate(context, admin_only=admin_only)
+                    with self._limiter.admit(), deadline_scope(context.time_remaining()):
+                        return method(self, request, context, caller)
+                except Exception as error:
+                    _abort_for(context, error, method.__name__, _game_id_of(request))
             raise AssertionError("abort_with_status returned")  # pragma: no cover
 
         return handler

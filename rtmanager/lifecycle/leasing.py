@@ -18,6 +18,7 @@ call waiting out its timeout) never delays another game's.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 import time
@@ -98,8 +99,12 @@ class GameLock:
         held = _Held(lease, valid_until=started + self._ttl.total_seconds())
         with self._lock:
             self._held[game_id] = held
+        # In the operation's context: its log lines carry the operation's trace ids.
         renewer = threading.Thread(
-            target=self._renew_until_done, args=(held,), name=f"lease-{game_id}", daemon=True
+            target=contextvars.copy_context().run,
+            args=(self._renew_until_done, held),
+            name=f"lease-{game_id}",
+            daemon=True,
         )
         renewer.start()
         try:

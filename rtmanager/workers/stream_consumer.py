@@ -52,6 +52,7 @@ from rtmanager.lifecycle.start import StartRequest
 from rtmanager.lifecycle.stop import StopRequest
 from rtmanager.ports import AnswerOutcome, JobEntry, JobStreams
 from rtmanager.telemetry import Telemetry
+from rtmanager.tracing import job_scope
 from rtmanager.workers.job_messages import (
     JobAnswer,
     MalformedJob,
@@ -456,7 +457,8 @@ class StreamConsumer:
             if self._draining.is_set():
                 continue  # not started: it stays pending in Redis
             try:
-                self._run(held)
+                with job_scope(f"lobby {held.entry.job.kind} job", held.log_fields()):
+                    self._run(held)
             except Exception as error:
                 log.exception("bug while running a stream job", extra=held.log_fields())
                 self._retry(held, f"internal: {type(error).__name__}: {error}")
