@@ -1,4 +1,4 @@
-"""The `rtmanager` command: serve, migrate, ctl."""
+"""The `rtmanager` command: serve, migrate, ctl, health."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import NoReturn
 
-from rtmanager import ctl
+from rtmanager import ctl, probe
 from rtmanager.config import ConfigError, Settings, load_settings
 from rtmanager.logs import configure_logging
 
@@ -37,6 +37,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     if args.command == "ctl":  # a client: needs no server settings
         return ctl.run(args)
+    if args.command == "health":  # a probe: needs only the address
+        return probe.run(args)
     try:
         settings = load_settings()
     except ConfigError as error:
@@ -56,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("serve", help="run the gRPC server with every worker")
     commands.add_parser("migrate", help="apply pending database migrations")
     ctl.add_ctl_parser(commands)
+    probe.add_health_parser(commands)
     return parser
 
 

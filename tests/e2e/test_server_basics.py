@@ -21,7 +21,7 @@ from rtmanager.adapters.postgres.pool import create_pool
 from rtmanager.adapters.postgres.unit_of_work import PostgresUnitOfWorkFactory
 from rtmanager.domain.runtime import RuntimeRecord, RuntimeStatus
 from tests.conftest import POSTGRES_DSN
-from tests.e2e.conftest import REPO, ServerProcess, run_cli
+from tests.e2e.conftest import REPO, ServerProcess, free_port, run_cli
 
 pytestmark = pytest.mark.e2e
 
@@ -233,3 +233,17 @@ def test_buf_curl_starts_and_stops_a_runtime_through_reflection(server: ServerPr
     assert started["runtime"]["status"] == "RUNTIME_STATUS_RUNNING"  # type: ignore[index]
     stopped = curl("StopRuntime", {"gameId": "curl", "reason": "STOP_REASON_GAME_FINISHED"})
     assert stopped["runtime"]["status"] == "RUNTIME_STATUS_STOPPED"  # type: ignore[index]
+
+
+def test_the_health_command_exits_by_what_the_server_answers(
+    server: ServerProcess, server_environment: dict[str, str]
+) -> None:
+    serving = run_cli(server_environment, "health")
+    unknown = run_cli(server_environment, "health", "--service", "no.such.Service")
+    unreachable = run_cli(
+        server_environment, "health", "--address", f"127.0.0.1:{free_port()}", "--timeout", "1"
+    )
+
+    assert (serving.returncode, serving.stdout.strip()) == (0, f"{server.address}: SERVING")
+    assert unknown.returncode == 1 and "unknown service" in unknown.stdout
+    assert unreachable.returncode == 7 and "unreachable: UNAVAILABLE" in unreachable.stdout
