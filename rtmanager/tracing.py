@@ -59,10 +59,16 @@ def request_scope(metadata: Sequence[tuple[str, str | bytes]] | None) -> Iterato
     if trace.get_current_span().get_span_context().is_valid:
         yield  # the gRPC instrumentation's recording span
         return
-    carrier = {key: value for key, value in metadata or () if isinstance(value, str)}
-    parent = trace.get_current_span(_propagator.extract(carrier)).get_span_context()
-    with _current(_ids_only_span(parent)):
+    parent = None
+    for key, value in metadata or ():
+        if key == "traceparent" and isinstance(value, str):
+            extracted = _propagator.extract({"traceparent": value})
+            parent = trace.get_current_span(extracted).get_span_context()
+    token = otel_context.attach(trace.set_span_in_context(_ids_only_span(parent)))
+    try:
         yield
+    finally:
+        otel_context.detach(token)
 
 
 @contextmanager
