@@ -470,6 +470,8 @@ def test_ops_json_entries() -> None:
         "container_id": CONTAINER,
         "error_code": "semver_patch_only",
         "error_message": "",
+        "parent_op_kind": None,
+        "parent_operation_id": 0,
     }
     assert oldest["op_kind"] == "start" and oldest["outcome"] == "success"
 
