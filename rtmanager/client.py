@@ -28,7 +28,7 @@ from rtmanager.api.errors import ERROR_DOMAIN, error_info_of
 from rtmanager.domain.errors import ErrorCode
 from rtmanager.domain.operation import OperationEntry, OpKind, OpSource, Outcome, StopReason
 from rtmanager.domain.runtime import RuntimeRecord, RuntimeStatus
-from rtmanager.ports import Page
+from rtmanager.ports import Page, RuntimeEvent
 
 
 class RuntimeManagerClientError(Exception):
@@ -398,6 +398,13 @@ class RuntimeManagerClient:
         Keep the last `cursor` seen (events, SnapshotComplete, bookmarks) and
         pass it as `since` to resume after a disconnect without loss or
         repetition. `CursorExpiredError` means resync with `initial_snapshot`.
+
+        `runtime_event(message.event)` is an event's typed form. The stop and
+        start of a restart or patch (and a forced cleanup's stop) name that
+        operation (`parent_op_kind`, `parent_operation_id`; `inner_step` is
+        True), whose own event (`operation_id == parent_operation_id`) comes
+        after them with the outcome of the whole operation: a stop with a
+        parent is not the end of a game.
         """
         try:
             yield from self._runtime.WatchRuntimes(
@@ -405,3 +412,12 @@ class RuntimeManagerClient:
             )
         except grpc.RpcError as error:
             raise error_from_rpc(error) from None
+
+
+def runtime_event(message: pb.RuntimeEvent) -> RuntimeEvent:
+    """The typed form of a watched event (`WatchRuntimesResponse.event`).
+
+    Raises `InvalidRequest` for an event this client cannot read (a value
+    from a newer server, say).
+    """
+    return convert.event_from_pb(message)

@@ -448,6 +448,9 @@ def watch_line(message: pb.WatchRuntimesResponse) -> str | None:
             f"op={event.operation_id}",
             f"cursor={event.cursor}",
         ]
+        if event.parent_operation_id:  # an inner step of a restart, patch or cleanup
+            parent = convert.OP_KIND_FROM_PB.get(event.parent_op_kind)
+            cells.insert(-2, f"part-of={parent or '-'}:{event.parent_operation_id}")
         return "  ".join(cell or "-" for cell in cells)
     return None
 

@@ -118,10 +118,23 @@ class OperationFilter:
 class OperationLog(Protocol):
     """The append-only operation log."""
 
-    def append(self, entry: OperationEntry) -> OperationEntry:
-        """Append a validated entry and return it with its assigned id.
+    def append(self, entry: OperationEntry, *, reserved_id: int = 0) -> OperationEntry:
+        """Append a validated entry and return it with its id.
 
-        Raises `InvalidOperationEntry` when the entry breaks a rule.
+        The id is the log's next one, or `reserved_id`, which `reserve_id`
+        drew for this row. Raises `InvalidOperationEntry` when the entry
+        breaks a rule or already has an id; a reserved id can be appended once.
+        """
+        ...
+
+    def reserve_id(self) -> int:
+        """Draw the id of a row that will be appended later, with `reserved_id`.
+
+        A composite operation (restart, patch, forced cleanup) appends its
+        row after its inner steps have committed theirs; reserving its id
+        first lets each inner row name it. The id is never handed out again,
+        whatever becomes of this unit of work (like a database sequence), and
+        ids appended later without a reservation are higher. Needs no commit.
         """
         ...
 
@@ -138,7 +151,14 @@ class OperationLog(Protocol):
 
 @dataclass(frozen=True)
 class RuntimeEvent:
-    """One committed record change, as the event feed delivers it."""
+    """One committed record change, as the event feed delivers it.
+
+    `source_ref`, `parent_op_kind` and `parent_operation_id` are those of
+    the operation's row. An event naming a parent is an inner step of a
+    restart, patch or forced cleanup (its stop or start); the parent's own
+    event, `operation_id == parent_operation_id`, follows its inner steps'
+    events and says how the whole operation ended.
+    """
 
     id: int
     operation_id: int
@@ -147,6 +167,14 @@ class RuntimeEvent:
     outcome: Outcome
     record: RuntimeRecord
     committed_at: datetime
+    source_ref: str = ""
+    parent_op_kind: OpKind | None = None
+    parent_operation_id: int = 0
+
+    @property
+    def inner_step(self) -> bool:
+        """Whether this change is a step of a composite operation still under way."""
+        return self.parent_op_kind is not None
 
 
 class RuntimeEventLog(Protocol):
@@ -154,6 +182,10 @@ class RuntimeEventLog(Protocol):
 
     def append(self, operation: OperationEntry, record: RuntimeRecord) -> int:
         """Append the change `operation` made (the record after it); return the event id.
+
+        The feed reads the operation's kind, source, outcome, source_ref and
+        parent from its operation-log row, appended first in the same unit
+        of work.
 
         Event ids grow in commit order: an event committed later never has a
         smaller id than one a reader has already seen.

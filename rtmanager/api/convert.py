@@ -14,6 +14,7 @@ from rtmanager._proto.galaxy.rtmanager.v1 import rtmanager_pb2 as pb
 from rtmanager.domain.errors import InvalidRequest
 from rtmanager.domain.operation import OperationEntry, OpKind, OpSource, Outcome, StopReason
 from rtmanager.domain.runtime import RuntimeRecord, RuntimeStatus
+from rtmanager.ports import RuntimeEvent
 
 E = TypeVar("E", bound=Enum)
 
@@ -189,8 +190,15 @@ def operation_to_pb(entry: OperationEntry) -> pb.OperationEntry:
         outcome=OUTCOME_TO_PB[entry.outcome],
         error_code=entry.error_code,
         error_message=entry.error_message,
+        parent_op_kind=parent_kind_to_pb(entry.parent_op_kind),
+        parent_operation_id=entry.parent_operation_id,
         **_stamps(started_at=entry.started_at, finished_at=entry.finished_at),
     )
+
+
+def parent_kind_to_pb(kind: OpKind | None) -> pb.OpKind.ValueType:
+    """The proto form of a parent op kind; none is UNSPECIFIED."""
+    return OP_KIND_TO_PB[kind] if kind is not None else pb.OP_KIND_UNSPECIFIED
 
 
 def stop_reason_from_pb(value: int) -> StopReason:
@@ -249,6 +257,40 @@ def operation_from_pb(message: pb.OperationEntry) -> OperationEntry:
         container_id=message.container_id,
         error_code=message.error_code,
         error_message=message.error_message,
+        parent_op_kind=_parent_kind_from_pb(message.parent_op_kind),
+        parent_operation_id=message.parent_operation_id,
+    )
+
+
+def _parent_kind_from_pb(value: int) -> OpKind | None:
+    return enum_from_pb(OP_KIND_FROM_PB, value, "parent_op_kind")
+
+
+def event_from_pb(message: pb.RuntimeEvent) -> RuntimeEvent:
+    """Return the domain form of a watched event (used by clients).
+
+    Its `id` is the event's cursor, which rtmanager writes as the decimal
+    event id.
+    """
+    kind = OP_KIND_FROM_PB.get(message.op_kind)
+    source = OP_SOURCE_FROM_PB.get(message.op_source)
+    outcome = OUTCOME_FROM_PB.get(message.outcome)
+    committed_at = timestamp_from_pb(message, "committed_at")
+    if kind is None or source is None or outcome is None or committed_at is None:
+        raise InvalidRequest(f"event {message.cursor!r} has unknown or missing fields")
+    if not message.cursor.isascii() or not message.cursor.isdigit():
+        raise InvalidRequest(f"event cursor {message.cursor!r} is not an event id")
+    return RuntimeEvent(
+        id=int(message.cursor),
+        operation_id=message.operation_id,
+        op_kind=kind,
+        op_source=source,
+        outcome=outcome,
+        record=record_from_pb(message.runtime),
+        committed_at=committed_at,
+        source_ref=message.source_ref,
+        parent_op_kind=_parent_kind_from_pb(message.parent_op_kind),
+        parent_operation_id=message.parent_operation_id,
     )
 
 

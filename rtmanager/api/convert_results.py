@@ -15,6 +15,7 @@ from rtmanager.api.convert import (
     OP_KIND_TO_PB,
     OP_SOURCE_TO_PB,
     OUTCOME_TO_PB,
+    parent_kind_to_pb,
     record_to_pb,
     timestamp_to_pb,
 )
@@ -84,6 +85,9 @@ def watch_item_to_pb(item: WatchItem) -> pb.WatchRuntimesResponse:
             runtime=record_to_pb(event.record),
             operation_id=event.operation_id,
             committed_at=timestamp_to_pb(event.committed_at),
+            source_ref=event.source_ref,
+            parent_op_kind=parent_kind_to_pb(event.parent_op_kind),
+            parent_operation_id=event.parent_operation_id,
         )
     )
 

@@ -53,6 +53,13 @@ class Outcome(StrEnum):
     FAILURE = "failure"
 
 
+# Operations that run other operations as their inner steps (SPEC §3): a
+# restart or patch runs an inner stop and an inner start, a forced cleanup an
+# inner stop. Only stops and starts are ever inner steps.
+COMPOSITE_KINDS = frozenset({OpKind.RESTART, OpKind.PATCH, OpKind.CLEANUP_CONTAINER})
+INNER_KINDS = frozenset({OpKind.STOP, OpKind.START})
+
+
 class InvalidOperationEntry(ValueError):
     """An operation entry breaks an operation-log invariant."""
 
@@ -63,6 +70,11 @@ class OperationEntry:
 
     `id` is 0 until the log assigns it. Empty strings stand for SQL NULL in
     the optional text columns.
+
+    An inner step of a composite operation names it: `parent_op_kind` and
+    `parent_operation_id` (the outer row's id, drawn before the inner steps
+    ran, since the outer row is appended after them). Both are unset (None
+    and 0) for every other operation.
     """
 
     game_id: str
@@ -76,6 +88,8 @@ class OperationEntry:
     container_id: str = ""
     error_code: str = ""
     error_message: str = ""
+    parent_op_kind: OpKind | None = None
+    parent_operation_id: int = 0
     id: int = 0
 
     def validate(self) -> None:
@@ -104,3 +118,20 @@ class OperationEntry:
                 raise InvalidOperationEntry(f"error code {self.error_code!r} is unsupported")
         elif self.error_code:
             raise InvalidOperationEntry("error code must be empty for success entries")
+        self._validate_parent()
+
+    def _validate_parent(self) -> None:
+        if self.parent_op_kind is None:
+            if self.parent_operation_id != 0:
+                raise InvalidOperationEntry("a parent operation id needs a parent op kind")
+            return
+        if self.parent_op_kind not in COMPOSITE_KINDS:
+            raise InvalidOperationEntry(
+                f"parent op kind {self.parent_op_kind!r} is not a composite operation"
+            )
+        if self.op_kind not in INNER_KINDS:
+            raise InvalidOperationEntry(f"a {self.op_kind} operation is never an inner step")
+        if isinstance(self.parent_operation_id, bool) or self.parent_operation_id <= 0:
+            raise InvalidOperationEntry("an inner step needs its parent operation's id")
+        if self.parent_operation_id == self.id:
+            raise InvalidOperationEntry("an operation cannot be its own parent")

@@ -1,10 +1,10 @@
 """Cleanup: remove a stopped runtime's container and record it removed.
 
 Called by admins and by the TTL worker. A running runtime is a conflict
-unless `force`, which stops it first (an inner stop under the same lease). A
-removed runtime is an idempotent success. The state directory is kept unless
-the deployment is configured to remove it: game data is never lost by
-default.
+unless `force`, which stops it first (an inner stop under the same lease,
+whose row names the cleanup as its parent). A removed runtime is an
+idempotent success. The state directory is kept unless the deployment is
+configured to remove it: game data is never lost by default.
 """
 
 from __future__ import annotations
@@ -90,9 +90,7 @@ class CleanupService(LifecycleService):
                     f"runtime of game {op.game_id} is running; stop it first or use force"
                 )
             op.source_ref = op.source_ref or new_correlation_id()
-            stopped = self._stop.run(
-                game_id=op.game_id, op_source=op.op_source, source_ref=op.source_ref
-            )
+            stopped = self._stop.run(op)
             if not stopped.ok:
                 assert stopped.failure is not None
                 raise RuntimeManagerError.from_failure(

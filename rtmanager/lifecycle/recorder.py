@@ -13,6 +13,16 @@ for success. The recorder turns either into an `OperationResult`:
 Either way it observes the duration, counts the outcome and writes one
 structured log line.
 
+Composite operations (restart, patch, forced cleanup) run inner stops and
+starts, begun with `begin_inner(outer, kind)`. The inner rows commit before
+the outer row, so the outer row's id is drawn from the log
+(`OperationLog.reserve_id`) when its first inner step begins, and each inner
+row names it (`parent_op_kind`, `parent_operation_id`); the outer row is then
+appended with that id. Once an inner step has put an event on the feed, the
+outer row puts one there too, whether or not it changes the record (the
+record as it stands then): a watcher that saw a restart's inner stop sees
+the restart end, successfully or not.
+
 An operation that applies a Lobby job (`Operation.job`) also keeps the
 game's job watermark (SPEC §4): the body calls `check_job` under the game's
 lease, which ends the operation with no audit row when the job is already
@@ -111,6 +121,12 @@ class Operation:
     job: LobbyJob | None = None
     # Extra context for the operation's log line (the stop reason, ...).
     log_fields: dict[str, str] = field(default_factory=dict)
+    # The composite operation this one is an inner step of.
+    parent: Operation | None = None
+    # This operation's row id, drawn when its first inner step began (0: none).
+    reserved_id: int = 0
+    # An inner step of this operation put an event on the feed: so does its row.
+    inner_events: bool = False
 
     def commit(
         self,
@@ -132,9 +148,8 @@ class Operation:
         with self.recorder.units_of_work(timeout=self.recorder.db_timeout) as uow:
             changed = change(uow) if change is not None else None
             record = changed or record
-            entry = uow.operations.append(self._entry(Outcome.SUCCESS))
-            if changed is not None:
-                uow.events.append(entry, changed)
+            entry = self._append(uow, Outcome.SUCCESS)
+            published = self._publish(uow, entry, changed)
             # A newer job of the game applied meanwhile: ours must not land.
             overtaken = self.job is not None and not uow.job_marks.advance(self._mark(entry))
             if not overtaken:
@@ -145,10 +160,39 @@ class Operation:
             raise self.recorder._settled_by_mark(self) or ConcurrentModification(
                 f"the Lobby job watermark of game {self.game_id} moved during the operation"
             )
+        self._published(published)
         self.recorder.committed(entry, record)
         return OperationResult(
             self.game_id, self.op_kind, Outcome.SUCCESS, record=record, operation_id=entry.id
         )
+
+    def _append(
+        self, uow: UnitOfWork, outcome: Outcome, failure: Failure | None = None
+    ) -> OperationEntry:
+        """Append this operation's row (with its reserved id, if it has one)."""
+        return uow.operations.append(self._entry(outcome, failure), reserved_id=self.reserved_id)
+
+    def _publish(
+        self, uow: UnitOfWork, entry: OperationEntry, changed: RuntimeRecord | None
+    ) -> RuntimeRecord | None:
+        """Put the row's event on the feed: the changed record, or, for an outer
+        operation whose inner steps put events there, the record as it stands.
+
+        Read locked, so no other change of the record can commit between this
+        read and this event (the event would then carry an older record than
+        the event before it).
+        """
+        published = changed
+        if published is None and self.inner_events:
+            published = uow.records.get_for_update(self.game_id)
+        if published is not None:
+            uow.events.append(entry, published)
+        return published
+
+    def _published(self, published: RuntimeRecord | None) -> None:
+        """After the commit: an inner step's event obliges its parent to publish one."""
+        if published is not None and self.parent is not None:
+            self.parent.inner_events = True
 
     def _mark(self, entry: OperationEntry) -> JobMark:
         """The watermark of this operation's job, ending as `entry` says."""
@@ -177,6 +221,8 @@ class Operation:
             container_id=self.container_id,
             error_code=str(failure.code) if failure else "",
             error_message=failure.message[:_MAX_MESSAGE] if failure else "",
+            parent_op_kind=self.parent.op_kind if self.parent else None,
+            parent_operation_id=self.parent.reserved_id if self.parent else 0,
         )
 
 
@@ -231,6 +277,28 @@ class OperationRecorder:
             started_monotonic=time.monotonic(),
             job=job,
         )
+
+    def begin_inner(self, parent: Operation, op_kind: OpKind, *, image_ref: str = "") -> Operation:
+        """Start timing an inner step of `parent` (its game, source and source_ref).
+
+        Draws the parent's row id first, unless an earlier inner step did, so
+        the step's row can name it; raises `ServiceUnavailable` when the
+        database cannot be reached for that.
+        """
+        if parent.reserved_id == 0:
+            # Not `units_of_work.read`: drawing from a sequence is a write, and a
+            # read-only transaction refuses it. Nothing to commit either way.
+            with self.unit_of_work() as uow:
+                parent.reserved_id = uow.operations.reserve_id()
+        operation = self.begin(
+            game_id=parent.game_id,
+            op_kind=op_kind,
+            op_source=parent.op_source,
+            source_ref=parent.source_ref,
+            image_ref=image_ref,
+        )
+        operation.parent = parent
+        return operation
 
     def admit(
         self,
@@ -385,6 +453,7 @@ class OperationRecorder:
         """
         record: RuntimeRecord | None = None
         entry: OperationEntry | None = None
+        published: RuntimeRecord | None = None
         # A lost lease is audited even for a job: it may have acted on Docker.
         quiet = (
             operation.job is not None
@@ -399,12 +468,12 @@ class OperationRecorder:
                     return OperationResult(
                         operation.game_id, operation.op_kind, Outcome.FAILURE, failure=failure
                     )
-                entry = uow.operations.append(operation._entry(Outcome.FAILURE, failure))
-                if record is not None:
-                    uow.events.append(entry, record)
+                entry = operation._append(uow, Outcome.FAILURE, failure)
+                published = operation._publish(uow, entry, record)
                 if operation.job is not None and not failure.transient:
                     uow.job_marks.advance(operation._mark(entry))
                 uow.commit()
+            operation._published(published)
         except Exception as error:
             # The database is what failed (or the change broke a rule): the
             # caller still gets the original failure; the row is lost.
@@ -470,6 +539,9 @@ class OperationRecorder:
             "operation_id": result.operation_id,
             **operation.log_fields,
         }
+        if operation.parent is not None:
+            fields["parent_op_kind"] = str(operation.parent.op_kind)
+            fields["parent_operation_id"] = operation.parent.reserved_id
         if result.failure is None:
             log.info("operation succeeded", extra=fields)
         else:

@@ -4,9 +4,10 @@ Under one outer lease: load the record, stop it (inner stop), remove its
 container, start it again (inner start) with the current image — or, for a
 patch, the new one. The endpoint and hostname stay; the container id
 changes. The correlation id (the request's source_ref, or a fresh one) is the
-source_ref of the outer entry and of the inner stop and start entries, so the
-audit log links them. A failing step fails the outer operation with the
-inner step's code.
+source_ref of the outer entry and of the inner stop and start entries, and
+the inner entries name the outer one as their parent (its kind and id), so
+the audit log and the watch feed link them. A failing step fails the outer
+operation with the inner step's code.
 """
 
 from __future__ import annotations
@@ -111,9 +112,7 @@ class RecreateService(LifecycleService):
         op.image_ref = image_ref
         op.source_ref = op.source_ref or new_correlation_id()
 
-        stopped = self._stop.run(
-            game_id=op.game_id, op_source=op.op_source, source_ref=op.source_ref
-        )
+        stopped = self._stop.run(op)
         _raise_unless_ok(stopped, "inner stop failed: ")
         container_id = record.current_container_id
         if ours_to_act_on(self._docker, container_id):
@@ -121,12 +120,7 @@ class RecreateService(LifecycleService):
             self._docker.remove_container(container_id, force=True)
         if container_id:
             removed.append(container_id)
-        started = self._start.run(
-            game_id=op.game_id,
-            image_ref=image_ref,
-            op_source=op.op_source,
-            source_ref=op.source_ref,
-        )
+        started = self._start.run(op, image_ref)
         _raise_unless_ok(started, "inner start failed: ")
         assert started.record is not None
         op.container_id = started.record.current_container_id

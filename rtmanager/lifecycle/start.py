@@ -74,17 +74,10 @@ class StartService(LifecycleService):
             operation, lambda: str(allowed_image(request.image_ref, self._settings)), lease=True
         )
 
-    def run(
-        self, *, game_id: str, image_ref: str, op_source: OpSource, source_ref: str
-    ) -> OperationResult:
-        """Start under a lease the caller already holds (the inner start)."""
-        operation = self._recorder.begin(
-            game_id=game_id,
-            op_kind=OpKind.START,
-            op_source=op_source,
-            source_ref=source_ref,
-            image_ref=image_ref,
-        )
+    def run(self, parent: Operation, image_ref: str) -> OperationResult:
+        """The inner start of `parent` with `image_ref`, under the lease it holds:
+        same game, source and source_ref, its row naming `parent`."""
+        operation = self._recorder.begin_inner(parent, OpKind.START, image_ref=image_ref)
         return self._execute(operation, lambda: image_ref, lease=False)
 
     def _execute(

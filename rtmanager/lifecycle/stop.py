@@ -56,11 +56,10 @@ class StopService(LifecycleService):
 
         return self._recorder.run(operation, body)
 
-    def run(self, *, game_id: str, op_source: OpSource, source_ref: str) -> OperationResult:
-        """Stop under a lease the caller already holds (the inner stop)."""
-        operation = self._recorder.begin(
-            game_id=game_id, op_kind=OpKind.STOP, op_source=op_source, source_ref=source_ref
-        )
+    def run(self, parent: Operation) -> OperationResult:
+        """The inner stop of `parent`, under the lease it holds: same game,
+        source and source_ref, its row naming `parent`."""
+        operation = self._recorder.begin_inner(parent, OpKind.STOP)
         return self._recorder.run(operation, self._stop)
 
     def _stop(self, op: Operation) -> OperationResult:

@@ -14,10 +14,12 @@ import pytest
 from rtmanager._proto.galaxy.rtmanager.v1 import rtmanager_pb2 as pb
 from rtmanager.client import (
     CursorExpiredError,
+    ImagePullFailedError,
     RuntimeManagerClient,
     RuntimeManagerClientError,
     WatchEndedError,
 )
+from rtmanager.domain.operation import OpKind
 from tests.conftest import POSTGRES_DSN
 from tests.e2e.conftest import ServerProcess, replica_env, start_server
 
@@ -293,3 +295,101 @@ def test_watchers_are_bounded_and_a_slow_one_is_ended_with_its_cursor(
             assert len(delivered) < 3000
     finally:
         server.stop()
+
+
+# --- composite operations: restart and patch as a watcher sees them ------------------
+
+
+def described(event: pb.RuntimeEvent) -> tuple[object, ...]:
+    """What a watcher needs to tell a restart's stop from a game that ended."""
+    return (
+        pb.OpKind.Name(event.op_kind),
+        pb.Outcome.Name(event.outcome),
+        pb.RuntimeStatus.Name(event.runtime.status),
+        pb.OpKind.Name(event.parent_op_kind),
+    )
+
+
+def stopped_games(events: list[pb.RuntimeEvent]) -> list[str]:
+    """Game Master's reading of the events alone: the stops that ended a game.
+
+    A stop naming a parent is a step of that restart or patch, which has an
+    event of its own once it is over: the game did not end.
+    """
+    return [
+        e.cursor
+        for e in events
+        if e.op_kind == pb.OP_KIND_STOP
+        and e.runtime.status == pb.RUNTIME_STATUS_STOPPED
+        and not e.parent_operation_id
+    ]
+
+
+def subscribed_watcher(address: str, game_id: str, watchers: list[Watcher]) -> Watcher:
+    watcher = Watcher(address, pb.WatchRuntimesRequest(game_ids=[game_id], initial_snapshot=True))
+    watchers.append(watcher)
+    watcher.next("snapshot_complete")  # subscribed: nothing committed from now is missed
+    return watcher
+
+
+def test_a_watcher_tells_a_restart_from_a_stop_by_the_events_alone(
+    server: ServerProcess, watchers: list[Watcher]
+) -> None:
+    watcher = subscribed_watcher(server.address, "w-restart", watchers)
+    with RuntimeManagerClient(server.address) as client:
+        client.start_runtime("w-restart", STUB)
+        client.restart_runtime("w-restart", source_ref="gm-r1")
+        client.stop_runtime("w-restart", source_ref="gm-s1")
+        rows = list(client.iter_operations(game_id="w-restart"))
+    started, inner_stop, inner_start, restarted, stopped = watcher.events(5)
+
+    assert [described(e) for e in (started, inner_stop, inner_start, restarted, stopped)] == [
+        ("OP_KIND_START", "OUTCOME_SUCCESS", "RUNTIME_STATUS_RUNNING", "OP_KIND_UNSPECIFIED"),
+        ("OP_KIND_STOP", "OUTCOME_SUCCESS", "RUNTIME_STATUS_STOPPED", "OP_KIND_RESTART"),
+        ("OP_KIND_START", "OUTCOME_SUCCESS", "RUNTIME_STATUS_RUNNING", "OP_KIND_RESTART"),
+        ("OP_KIND_RESTART", "OUTCOME_SUCCESS", "RUNTIME_STATUS_RUNNING", "OP_KIND_UNSPECIFIED"),
+        ("OP_KIND_STOP", "OUTCOME_SUCCESS", "RUNTIME_STATUS_STOPPED", "OP_KIND_UNSPECIFIED"),
+    ]
+    # The inner steps name the restart, whose own event closes them.
+    restart_id = restarted.operation_id
+    assert inner_stop.parent_operation_id == inner_start.parent_operation_id == restart_id
+    assert (restarted.parent_operation_id, stopped.parent_operation_id) == (0, 0)
+    assert {inner_stop.source_ref, inner_start.source_ref, restarted.source_ref} == {"gm-r1"}
+    assert stopped.source_ref == "gm-s1"
+    assert restarted.runtime == inner_start.runtime
+    assert stopped_games([started, inner_stop, inner_start, restarted, stopped]) == [stopped.cursor]
+    # The operation log says the same: its inner rows name the restart.
+    parents = {row.id: (row.op_kind, row.parent_op_kind, row.parent_operation_id) for row in rows}
+    assert parents[inner_stop.operation_id] == (OpKind.STOP, OpKind.RESTART, restart_id)
+    assert parents[inner_start.operation_id] == (OpKind.START, OpKind.RESTART, restart_id)
+    assert parents[restart_id] == (OpKind.RESTART, None, 0)
+
+
+def test_a_watcher_sees_a_patch_end_whether_it_succeeds_or_fails_half_way(
+    server: ServerProcess, watchers: list[Watcher]
+) -> None:
+    watcher = subscribed_watcher(server.address, "w-patch", watchers)
+    with RuntimeManagerClient(server.address) as client:
+        client.start_runtime("w-patch", STUB)
+        client.patch_runtime("w-patch", "galaxy/engine-stub:1.0.1", source_ref="gm-p1")
+        # Absent, and never pulled here: the inner stop succeeds, the inner start fails.
+        with pytest.raises(ImagePullFailedError):
+            client.patch_runtime("w-patch", "galaxy/engine-stub:1.0.9", source_ref="gm-p2")
+    events = watcher.events(6)
+
+    assert [described(e) for e in events] == [
+        ("OP_KIND_START", "OUTCOME_SUCCESS", "RUNTIME_STATUS_RUNNING", "OP_KIND_UNSPECIFIED"),
+        ("OP_KIND_STOP", "OUTCOME_SUCCESS", "RUNTIME_STATUS_STOPPED", "OP_KIND_PATCH"),
+        ("OP_KIND_START", "OUTCOME_SUCCESS", "RUNTIME_STATUS_RUNNING", "OP_KIND_PATCH"),
+        ("OP_KIND_PATCH", "OUTCOME_SUCCESS", "RUNTIME_STATUS_RUNNING", "OP_KIND_UNSPECIFIED"),
+        ("OP_KIND_STOP", "OUTCOME_SUCCESS", "RUNTIME_STATUS_STOPPED", "OP_KIND_PATCH"),
+        ("OP_KIND_PATCH", "OUTCOME_FAILURE", "RUNTIME_STATUS_STOPPED", "OP_KIND_UNSPECIFIED"),
+    ]
+    _, stop_1, start_1, patched, stop_2, failed = events
+    assert stop_1.parent_operation_id == start_1.parent_operation_id == patched.operation_id
+    assert patched.runtime.current_image_ref == "galaxy/engine-stub:1.0.1"
+    assert stop_2.parent_operation_id == failed.operation_id != patched.operation_id
+    assert (stop_2.source_ref, failed.source_ref) == ("gm-p2", "gm-p2")
+    # The failed patch left the game stopped, without a container: its event says so.
+    assert failed.runtime.current_container_id == ""
+    assert stopped_games(events) == []

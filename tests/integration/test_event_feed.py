@@ -12,7 +12,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -31,6 +31,7 @@ from rtmanager.domain.errors import RuntimeManagerError
 from rtmanager.domain.operation import OperationEntry, OpKind, OpSource, Outcome
 from rtmanager.domain.runtime import RuntimeRecord, RuntimeStatus
 from rtmanager.lifecycle.watch import Bookmark, ChangeEvent, WatchEnded, WatchRequest, WatchService
+from rtmanager.ports import RuntimeEvent
 from rtmanager.telemetry import Telemetry
 from tests.conftest import POSTGRES_DSN
 from tests.support.private_postgres import PrivatePostgres, private_postgres
@@ -156,6 +157,7 @@ class Watcher:
     """One watch through `WatchService`, read on a thread of its own."""
 
     ids: list[int] = field(default_factory=list)
+    events: list[RuntimeEvent] = field(default_factory=list)
     bookmarks: list[int] = field(default_factory=list)
     ended: WatchEnded | None = None
     error: BaseException | None = None
@@ -173,6 +175,7 @@ class Watcher:
                     if isinstance(item, ChangeEvent):
                         with self._seen:
                             self.ids.append(item.event.id)
+                            self.events.append(item.event)
                             self._seen.notify_all()
                     elif isinstance(item, Bookmark):
                         self.bookmarks.append(item.cursor)
@@ -362,6 +365,56 @@ def test_watchers_are_ended_when_retention_passes_the_feed(
         after = write(db)
         fresh = watch(watchers, feed, WatchRequest(since=lost))
         assert fresh.wait_for(has_all([after])) == [after]
+
+
+# --- what an event says about its operation ----------------------------------------
+
+
+def test_events_carry_their_operations_source_ref_and_parent_live_and_replayed(
+    db: Database, watchers: list[Watcher]
+) -> None:
+    def described(events: list[RuntimeEvent]) -> list[tuple[object, ...]]:
+        return [(e.op_kind, e.source_ref, e.parent_op_kind, e.parent_operation_id) for e in events]
+
+    with running_feed(db) as feed:
+        live = watch(watchers, feed)
+        eventually(lambda: feed.subscribers == 1, what="the live watcher")
+        # A restart as the recorder writes it: its id drawn first, its inner
+        # stop committed (with its event), then its own row and event.
+        with db.uow() as work:
+            outer_id = work.operations.reserve_id()
+        with db.uow() as work:
+            inner = work.operations.append(
+                replace(
+                    entry("g"),
+                    op_kind=OpKind.STOP,
+                    source_ref="corr-1",
+                    parent_op_kind=OpKind.RESTART,
+                    parent_operation_id=outer_id,
+                )
+            )
+            work.events.append(inner, record("g"))
+            work.commit()
+        with db.uow() as work:
+            outer = work.operations.append(
+                replace(entry("g"), op_kind=OpKind.RESTART, source_ref="corr-1"),
+                reserved_id=outer_id,
+            )
+            work.events.append(outer, record("g"))
+            work.commit()
+        write(db)  # a plain start: no source_ref, no parent
+        expected = [
+            (OpKind.STOP, "corr-1", OpKind.RESTART, outer_id),
+            (OpKind.RESTART, "corr-1", None, 0),
+            (OpKind.START, "", None, 0),
+        ]
+        live.wait_for(lambda ids: len(ids) >= 3)
+        assert described(live.events) == expected
+        assert [e.operation_id for e in live.events[:2]] == [inner.id, outer_id]
+        replayed = watch(watchers, feed, WatchRequest(since=0))
+        replayed.wait_for(lambda ids: len(ids) >= 3)
+        assert described(replayed.events) == expected
+        assert replayed.ids == live.ids == db.stored_ids()
 
 
 # --- order under concurrent writers -------------------------------------------------

@@ -17,6 +17,7 @@ from rtmanager.adapters.postgres.migrations import apply_migrations
 from rtmanager.adapters.postgres.pool import create_pool
 from rtmanager.adapters.postgres.unit_of_work import PostgresUnitOfWorkFactory
 from rtmanager.adapters.redis.leases import RedisGameLeases
+from rtmanager.deadlines import deadline_scope
 from rtmanager.domain.errors import ErrorCode
 from rtmanager.domain.operation import OpKind, OpSource
 from rtmanager.domain.runtime import RuntimeStatus
@@ -24,6 +25,7 @@ from rtmanager.lifecycle.common import LifecycleDeps, LifecycleSettings
 from rtmanager.lifecycle.leasing import GameLock
 from rtmanager.lifecycle.reconcile import Reconciler
 from rtmanager.lifecycle.recorder import OperationRecorder
+from rtmanager.lifecycle.restart import RecreateService, RestartRequest, RestartService
 from rtmanager.lifecycle.start import StartRequest, StartService
 from rtmanager.lifecycle.stop import StopRequest, StopService
 from rtmanager.ports import PullPolicy
@@ -42,6 +44,7 @@ class Wired:
     reconciler: Reconciler
     leases: RedisGameLeases
     schema: str
+    restart: RestartService
 
 
 @pytest.fixture
@@ -79,13 +82,15 @@ def wired(
             container_labels={TEST_LABEL: docker_cleanup},
         ),
     )
+    start, stop = StartService(deps), StopService(deps)
     try:
         yield Wired(
-            StartService(deps),
-            StopService(deps),
+            start,
+            stop,
             Reconciler(deps, telemetry=telemetry),
             leases,
             pg_schema,
+            RestartService(RecreateService(deps, stop=stop, start=start)),
         )
     finally:
         pool.close()
@@ -113,6 +118,39 @@ def test_start_and_stop_commit_each_record_change_with_its_audit_row(wired: Wire
     assert stopped.ok and stopped.record is not None
     assert stopped.record.status is RuntimeStatus.STOPPED
     assert rows(wired.schema, "real-1") == [("start", "success", ""), ("stop", "success", "")]
+
+
+def parents_and_events(schema: str, game_id: str) -> list[tuple[object, ...]]:
+    """(op_kind, parent_op_kind, parent_operation_id, operation id, event id) by operation id."""
+    with psycopg.connect(POSTGRES_DSN) as conn:
+        return conn.execute(
+            f"SELECT o.op_kind, o.parent_op_kind, o.parent_operation_id, o.id, e.id"
+            f' FROM "{schema}".operation_log o'
+            f' LEFT JOIN "{schema}".runtime_events e ON e.operation_id = o.id'
+            " WHERE o.game_id = %s ORDER BY o.id",
+            (game_id,),
+        ).fetchall()
+
+
+@pytest.mark.parametrize("deadline", [None, 5.0], ids=["no-deadline", "caller-deadline"])
+def test_a_restart_draws_its_id_before_its_inner_rows_and_publishes_its_end(
+    wired: Wired, deadline: float | None
+) -> None:
+    assert wired.start.handle(StartRequest("real-r", STUB, OpSource.GM_REST)).ok
+    # A caller's deadline gives every unit of work a timeout of its own (a
+    # transaction begun with SET LOCAL), drawing the id included.
+    with deadline_scope(deadline):
+        restarted = wired.restart.handle(RestartRequest("real-r", OpSource.GM_REST, "gm-1"))
+    assert restarted.ok, restarted.failure
+
+    start, outer, stop, inner_start = parents_and_events(wired.schema, "real-r")
+    assert (start[0], start[1]) == ("start", None)
+    assert outer[:3] == ("restart", None, None) and outer[3] == restarted.operation_id
+    assert stop[:3] == ("stop", "restart", outer[3])
+    assert inner_start[:3] == ("start", "restart", outer[3])
+    # Every row has its event; the restart's comes last.
+    event_ids = [start[4], stop[4], inner_start[4], outer[4]]
+    assert None not in event_ids and event_ids == sorted(event_ids)
 
 
 def test_a_lease_held_by_another_replica_makes_the_start_a_retryable_conflict(

@@ -255,6 +255,27 @@ def test_a_schema_upgraded_from_before_ownership_is_claimed_by_its_migrate(
     assert owners(pg_schema) == [("prod",)]
 
 
+def test_an_operation_log_from_before_parents_upgrades_with_rows_naming_none(
+    pg_schema: str, tmp_path: Path
+) -> None:
+    before = tmp_path / "before"
+    before.mkdir()
+    for migration in sorted(MIGRATIONS.glob("000[1-4]_*.sql")):
+        shutil.copy(migration, before)
+    apply_migrations(POSTGRES_DSN, pg_schema, before)
+    with connect(pg_schema) as conn:
+        conn.execute(
+            "INSERT INTO operation_log (game_id, op_kind, op_source, outcome, started_at)"
+            " VALUES ('g1', 'stop', 'gm_rest', 'success', now())"
+        )
+
+    assert 5 in apply_migrations(POSTGRES_DSN, pg_schema, MIGRATIONS)
+    with connect(pg_schema) as conn:
+        assert conn.execute(
+            "SELECT op_kind, parent_op_kind, parent_operation_id FROM operation_log"
+        ).fetchall() == [("stop", None, None)]
+
+
 def test_concurrent_claims_of_two_clusters_leave_exactly_one_owner(pg_schema: str) -> None:
     apply_migrations(POSTGRES_DSN, pg_schema, MIGRATIONS)
     clusters = ["blue", "green"] * 4

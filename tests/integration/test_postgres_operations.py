@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -18,7 +19,7 @@ from rtmanager.adapters.postgres.operations import PostgresOperationLog
 from rtmanager.adapters.postgres.paging import encode_records_token
 from rtmanager.adapters.postgres.pool import Pool, create_pool, database_errors
 from rtmanager.adapters.postgres.unit_of_work import PostgresUnitOfWorkFactory
-from rtmanager.domain.errors import InvalidRequest, NotFound, ServiceUnavailable
+from rtmanager.domain.errors import InternalError, InvalidRequest, NotFound, ServiceUnavailable
 from rtmanager.domain.operation import (
     InvalidOperationEntry,
     OperationEntry,
@@ -162,6 +163,114 @@ def test_appended_entries_round_trip_with_nulls(uow: PostgresUnitOfWorkFactory) 
 def test_invalid_entry_is_rejected_before_the_database(bad: OperationEntry) -> None:
     with pytest.raises(InvalidOperationEntry):
         closed_log().append(bad)
+
+
+# --- reserved ids and parents (composite operations) ------------------------
+
+
+def inner_of(outer_id: int, minute: int = 1, **changes: object) -> OperationEntry:
+    """An inner stop of a restart whose row id is `outer_id`."""
+    return entry(
+        minute=minute,
+        op_kind=OpKind.STOP,
+        parent_op_kind=OpKind.RESTART,
+        parent_operation_id=outer_id,
+        **changes,
+    )
+
+
+def test_an_outer_row_is_appended_with_the_id_drawn_before_its_inner_rows(
+    uow: PostgresUnitOfWorkFactory,
+) -> None:
+    with uow() as work:  # drawn and never committed: the id stays drawn
+        outer_id = work.operations.reserve_id()
+    (inner,) = append_all(uow, inner_of(outer_id))
+    outer = append_reserved(uow, entry(op_kind=OpKind.RESTART), outer_id)
+    (later,) = append_all(uow, entry(minute=5))
+
+    assert outer.id == outer_id < inner.id < later.id
+    assert (inner.parent_op_kind, inner.parent_operation_id) == (OpKind.RESTART, outer_id)
+    listed = list_all(uow, OperationFilter())
+    assert listed == [later, inner, outer]
+    assert (listed[1].parent_op_kind, listed[1].parent_operation_id) == (OpKind.RESTART, outer_id)
+    assert (listed[2].parent_op_kind, listed[2].parent_operation_id) == (None, 0)
+
+
+def append_reserved(
+    uow: PostgresUnitOfWorkFactory, new: OperationEntry, reserved_id: int
+) -> OperationEntry:
+    with uow() as work:
+        stored = work.operations.append(new, reserved_id=reserved_id)
+        work.commit()
+    return stored
+
+
+def test_a_reserved_id_is_appended_once_but_again_after_a_rollback(
+    uow: PostgresUnitOfWorkFactory,
+) -> None:
+    with uow() as work:
+        reserved = work.operations.reserve_id()
+    with uow() as work:  # rolled back: the id is free again
+        work.operations.append(entry(op_kind=OpKind.RESTART), reserved_id=reserved)
+    append_reserved(uow, entry(op_kind=OpKind.RESTART), reserved)
+
+    with pytest.raises(InternalError, match="unexpected PostgreSQL error"):
+        append_reserved(uow, entry(op_kind=OpKind.PATCH), reserved)
+
+
+def test_concurrent_reservations_and_appends_never_share_an_id(
+    uow: PostgresUnitOfWorkFactory,
+) -> None:
+    drawn: list[int] = []
+    lock = threading.Lock()
+
+    def draw_and_append() -> None:
+        for _ in range(20):
+            with uow() as work:
+                reserved = work.operations.reserve_id()
+                plain = work.operations.append(entry()).id
+                work.commit()
+            with lock:
+                drawn.extend([reserved, plain])
+
+    workers = [threading.Thread(target=draw_and_append) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=60)
+    assert len(drawn) == 160 and len(set(drawn)) == 160
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        # A kind without an id, an id without a kind.
+        "INSERT INTO operation_log (game_id, op_kind, op_source, outcome, started_at,"
+        " parent_op_kind) VALUES ('g1', 'stop', 'gm_rest', 'success', now(), 'restart')",
+        "INSERT INTO operation_log (game_id, op_kind, op_source, outcome, started_at,"
+        " parent_operation_id) VALUES ('g1', 'stop', 'gm_rest', 'success', now(), 7)",
+        # Only composite operations are parents, only stops and starts inner steps.
+        "INSERT INTO operation_log (game_id, op_kind, op_source, outcome, started_at,"
+        " parent_op_kind, parent_operation_id)"
+        " VALUES ('g1', 'stop', 'gm_rest', 'success', now(), 'start', 7)",
+        "INSERT INTO operation_log (game_id, op_kind, op_source, outcome, started_at,"
+        " parent_op_kind, parent_operation_id)"
+        " VALUES ('g1', 'restart', 'gm_rest', 'success', now(), 'patch', 7)",
+        "INSERT INTO operation_log (id, game_id, op_kind, op_source, outcome, started_at,"
+        " parent_op_kind, parent_operation_id)"
+        " VALUES (7, 'g1', 'stop', 'gm_rest', 'success', now(), 'restart', 7)",
+    ],
+)
+def test_the_table_refuses_a_parent_that_breaks_a_rule(
+    uow: PostgresUnitOfWorkFactory, raw: psycopg.Connection[tuple[object, ...]], statement: str
+) -> None:
+    with pytest.raises(psycopg.errors.CheckViolation):
+        raw.execute(statement.encode())
+
+
+def test_a_negative_reserved_id_is_refused_before_the_database() -> None:
+    with pytest.raises(InvalidOperationEntry, match="never drawn"):
+        closed_log().append(entry(), reserved_id=-3)
 
 
 # --- list -----------------------------------------------------------------

@@ -48,7 +48,7 @@ from rtmanager.domain.errors import (
 )
 from rtmanager.domain.ids import is_valid_game_id
 from rtmanager.domain.jobs import JobKind, JobMark, LobbyJob, parse_entry_id
-from rtmanager.domain.operation import OperationEntry
+from rtmanager.domain.operation import InvalidOperationEntry, OperationEntry
 from rtmanager.domain.runtime import (
     InvalidRuntimeRecord,
     RuntimeRecord,
@@ -68,6 +68,7 @@ from rtmanager.ports import (
     OperationLog,
     Page,
     PullPolicy,
+    RuntimeEvent,
     RuntimeEventLog,
     RuntimeRecordStore,
     StatusChange,
@@ -105,10 +106,15 @@ class FakeStore:
 
     def __init__(self) -> None:
         self.records: dict[str, RuntimeRecord] = {}
-        self.operations: list[OperationEntry] = []  # in id order
+        self.operations: list[OperationEntry] = []  # in id order (ListOperations' order)
+        # The same rows in the order they were committed: a composite
+        # operation's row commits after its inner steps' rows but has a
+        # lower id (drawn before they ran).
+        self.committed_operations: list[OperationEntry] = []
         self.events: list[tuple[int, int, RuntimeRecord]] = []  # (id, operation id, record)
         self.job_marks: dict[str, JobMark] = {}
         self._next_operation_id = 1
+        self._reserved_ids: set[int] = set()
         self._append_failures: list[Exception] = []
         self.lock = threading.RLock()
 
@@ -125,9 +131,30 @@ class FakeStore:
             return self.records[game_id]
 
     def entries(self, game_id: str | None = None) -> list[OperationEntry]:
-        """Committed operation-log rows, oldest first, optionally of one game."""
+        """Committed operation-log rows in commit order, optionally of one game."""
         with self.lock:
-            return [e for e in self.operations if game_id is None or e.game_id == game_id]
+            return [e for e in self.committed_operations if game_id is None or e.game_id == game_id]
+
+    def runtime_events(self, game_id: str | None = None) -> list[RuntimeEvent]:
+        """Committed events as the feed delivers them: joined with their operation rows."""
+        with self.lock:
+            rows = {entry.id: entry for entry in self.operations}
+            return [
+                RuntimeEvent(
+                    id=event_id,
+                    operation_id=operation_id,
+                    op_kind=rows[operation_id].op_kind,
+                    op_source=rows[operation_id].op_source,
+                    outcome=rows[operation_id].outcome,
+                    record=record,
+                    committed_at=rows[operation_id].finished_at or rows[operation_id].started_at,
+                    source_ref=rows[operation_id].source_ref,
+                    parent_op_kind=rows[operation_id].parent_op_kind,
+                    parent_operation_id=rows[operation_id].parent_operation_id,
+                )
+                for event_id, operation_id, record in self.events
+                if game_id is None or record.game_id == game_id
+            ]
 
     def fail_next_appends(self, count: int = 1, *, error: Exception | None = None) -> None:
         """Make the next `count` `operations.append` calls raise `error`.
@@ -147,6 +174,20 @@ class FakeStore:
             assigned = self._next_operation_id
             self._next_operation_id += 1
             return assigned
+
+    def _reserve_operation_id(self) -> int:
+        with self.lock:
+            reserved = self._assign_operation_id()
+            self._reserved_ids.add(reserved)
+            return reserved
+
+    def _check_reserved_id(self, reserved_id: int, staged: Iterable[OperationEntry]) -> None:
+        """Refuse an id never reserved, or one a committed or staged row has (the primary key)."""
+        with self.lock:
+            if reserved_id not in self._reserved_ids:
+                raise InvalidOperationEntry(f"operation id {reserved_id} was never reserved")
+            if any(e.id == reserved_id for e in itertools.chain(self.operations, staged)):
+                raise InternalError(f"duplicate key: operation id {reserved_id} exists")
 
 
 FailurePoint = Literal["enter", "commit"]
@@ -269,16 +310,31 @@ class FakeOperationLog:
     def __init__(self, uow: FakeUnitOfWork) -> None:
         self._uow = uow
 
-    def append(self, entry: OperationEntry) -> OperationEntry:
-        """Validate the entry, assign the next id and stage it."""
+    def append(self, entry: OperationEntry, *, reserved_id: int = 0) -> OperationEntry:
+        """Validate the entry, give it the next id (or the reserved one) and stage it.
+
+        A reserved id may be appended once: a second append of it is refused
+        as the table's primary key would refuse it (a rolled-back one is not
+        there, so the id may be appended again).
+        """
         self._uow.require_active()
         entry.validate()
+        if entry.id != 0:
+            raise InvalidOperationEntry(f"entry already has id {entry.id}; append it only once")
         failure = self._uow.store._take_append_failure()
         if failure is not None:
             raise failure
-        stored = replace(entry, id=self._uow.store._assign_operation_id())
+        if reserved_id:
+            self._uow.store._check_reserved_id(reserved_id, self._uow.staged_operations)
+        assigned = reserved_id or self._uow.store._assign_operation_id()
+        stored = replace(entry, id=assigned)
         self._uow.staged_operations.append(stored)
         return stored
+
+    def reserve_id(self) -> int:
+        """Draw an id for a later append (never handed out again)."""
+        self._uow.require_active()
+        return self._uow.store._reserve_operation_id()
 
     def list(
         self, filters: OperationFilter, *, page_size: int = 100, page_token: str = ""
@@ -417,6 +473,7 @@ class FakeUnitOfWork:
             self.store.records.update(self.staged_records)
             self.store.operations.extend(self.staged_operations)
             self.store.operations.sort(key=lambda e: e.id)
+            self.store.committed_operations.extend(self.staged_operations)
             self.store.events.extend(self.staged_events)
             self.store.job_marks.update(self.staged_marks)
         self.commits.append(

@@ -23,7 +23,7 @@ from rtmanager.lifecycle.recorder import OperationRecorder, OperationResult
 from rtmanager.lifecycle.restart import RecreateService, RestartService
 from rtmanager.lifecycle.start import StartService
 from rtmanager.lifecycle.stop import StopService
-from rtmanager.ports import PullPolicy
+from rtmanager.ports import PullPolicy, RuntimeEvent
 from rtmanager.telemetry import Telemetry
 from tests.unit.fakes import FakeDocker, FakeLeases, FakeStore, FakeUnitOfWorkFactory
 
@@ -142,12 +142,16 @@ class Harness:
     # -- reading back -------------------------------------------------------------
 
     def rows(self, game_id: str | None = None) -> list[OperationEntry]:
-        """Committed audit rows, oldest first."""
+        """Committed audit rows, in commit order."""
         return self.store.entries(game_id)
 
     def kinds(self, game_id: str | None = None) -> list[tuple[OpKind, str]]:
-        """(op_kind, outcome) of the committed audit rows, oldest first."""
+        """(op_kind, outcome) of the committed audit rows, in commit order."""
         return [(row.op_kind, str(row.outcome)) for row in self.rows(game_id)]
+
+    def events(self, game_id: str | None = None) -> list[RuntimeEvent]:
+        """Committed watch events as the feed delivers them, in feed order."""
+        return self.store.runtime_events(game_id)
 
     def only_row(self, game_id: str) -> OperationEntry:
         """The one committed audit row of a game."""

@@ -470,6 +470,8 @@ def test_ops_json_entries() -> None:
         "container_id": CONTAINER,
         "error_code": "semver_patch_only",
         "error_message": "",
+        "parent_op_kind": None,
+        "parent_operation_id": 0,
     }
     assert oldest["op_kind"] == "start" and oldest["outcome"] == "success"
 
@@ -610,6 +612,35 @@ def test_watch_prints_the_stream() -> None:
         "bookmark",
         "event",
     ]
+
+
+def test_watch_shows_which_operation_an_inner_step_is_part_of() -> None:
+    inner = pb.WatchRuntimesResponse(
+        event=pb.RuntimeEvent(
+            cursor="c3",
+            op_kind=pb.OP_KIND_STOP,
+            op_source=pb.OP_SOURCE_GAME_MASTER,
+            outcome=pb.OUTCOME_SUCCESS,
+            runtime=convert.record_to_pb(record("g1", RuntimeStatus.STOPPED)),
+            operation_id=12,
+            committed_at=convert.timestamp_to_pb(T0),
+            source_ref="gm-7",
+            parent_op_kind=pb.OP_KIND_RESTART,
+            parent_operation_id=11,
+        )
+    )
+    code, out, _ = run(["watch"], StubSession(watch=[inner]))
+    assert code == 0
+    assert out.strip().endswith("part-of=restart:11  op=12  cursor=c3")
+
+    code, out, _ = run(["--json", "watch"], StubSession(watch=[inner]))
+    assert code == 0
+    event = json.loads(out)["event"]
+    assert (event["source_ref"], event["parent_op_kind"], event["parent_operation_id"]) == (
+        "gm-7",
+        "OP_KIND_RESTART",
+        "11",
+    )
 
 
 # --- against an in-process gRPC server ----------------------------------------

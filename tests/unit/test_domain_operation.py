@@ -234,3 +234,38 @@ def test_plain_string_failure_still_needs_an_error_code() -> None:
 
     with pytest.raises(InvalidOperationEntry):
         entry.validate()
+
+
+# --- inner steps of composite operations -------------------------------------------
+
+
+@pytest.mark.parametrize("parent", [OpKind.RESTART, OpKind.PATCH, OpKind.CLEANUP_CONTAINER])
+@pytest.mark.parametrize("kind", [OpKind.STOP, OpKind.START])
+def test_an_inner_stop_or_start_may_name_a_composite_parent(kind: OpKind, parent: OpKind) -> None:
+    success(op_kind=kind, parent_op_kind=parent, parent_operation_id=7).validate()
+    failure(op_kind=kind, parent_op_kind=parent, parent_operation_id=7).validate()
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"parent_op_kind": OpKind.RESTART}, "needs its parent operation's id"),
+        ({"parent_operation_id": 7}, "needs a parent op kind"),
+        ({"parent_op_kind": OpKind.STOP, "parent_operation_id": 7}, "not a composite"),
+        ({"parent_op_kind": OpKind.RECONCILE_ADOPT, "parent_operation_id": 7}, "not a composite"),
+        (
+            {"op_kind": OpKind.RESTART, "parent_op_kind": OpKind.PATCH, "parent_operation_id": 7},
+            "never an inner step",
+        ),
+        (
+            {"op_kind": OpKind.CLEANUP_CONTAINER, "parent_op_kind": OpKind.RESTART},
+            "never an inner step",
+        ),
+        ({"parent_op_kind": OpKind.RESTART, "parent_operation_id": -1}, "parent operation's id"),
+        ({"parent_op_kind": OpKind.RESTART, "parent_operation_id": 7, "id": 7}, "own parent"),
+    ],
+)
+def test_a_parent_is_named_whole_and_only_by_inner_steps(
+    changes: dict[str, object], message: str
+) -> None:
+    assert_invalid(success(**changes), message)

@@ -353,3 +353,69 @@ def test_ttl_cleanup_of_removed_runtime_is_idempotent_success(h: Harness) -> Non
     )
 
     assert result.ok
+
+
+# --- a forced cleanup's inner stop names it ------------------------------------------
+
+
+def test_a_forced_cleanup_is_seen_as_its_inner_stop_then_its_own_event(h: Harness) -> None:
+    h.seed_running(GAME)
+
+    result = cleanup(h, force=True, source_ref="admin-7")
+
+    stop_row, outer_row = h.rows(GAME)
+    assert (stop_row.parent_op_kind, stop_row.parent_operation_id) == (
+        OpKind.CLEANUP_CONTAINER,
+        outer_row.id,
+    )
+    assert outer_row.id == result.operation_id < stop_row.id
+    stop, outer = h.events(GAME)
+    assert (stop.op_kind, stop.parent_op_kind, stop.parent_operation_id) == (
+        OpKind.STOP,
+        OpKind.CLEANUP_CONTAINER,
+        result.operation_id,
+    )
+    assert (outer.op_kind, outer.operation_id, outer.parent_op_kind) == (
+        OpKind.CLEANUP_CONTAINER,
+        result.operation_id,
+        None,
+    )
+    assert outer.record.status is RuntimeStatus.REMOVED
+    assert {stop.source_ref, outer.source_ref} == {"admin-7"}
+
+
+def test_a_forced_cleanup_whose_removal_fails_ends_with_a_failed_cleanup_event(
+    h: Harness,
+) -> None:
+    h.seed_running(GAME)
+    h.docker.fail("remove_container")
+
+    result = cleanup(h, force=True)
+
+    assert failure_code(result) == ErrorCode.SERVICE_UNAVAILABLE
+    stop, outer = h.events(GAME)
+    assert stop.parent_operation_id == result.operation_id
+    assert (outer.op_kind, outer.outcome, outer.operation_id) == (
+        OpKind.CLEANUP_CONTAINER,
+        Outcome.FAILURE,
+        result.operation_id,
+    )
+    assert outer.record == h.record(GAME)
+    assert outer.record.status is RuntimeStatus.STOPPED
+
+
+def test_a_cleanup_without_inner_stop_draws_no_id_ahead_and_names_no_parent(
+    h: Harness,
+) -> None:
+    h.seed_stopped(GAME)
+
+    result = cleanup(h)
+
+    (row,) = h.rows(GAME)
+    (event,) = h.events(GAME)
+    assert row.id == result.operation_id == 1
+    assert (event.op_kind, event.parent_op_kind, event.parent_operation_id) == (
+        OpKind.CLEANUP_CONTAINER,
+        None,
+        0,
+    )

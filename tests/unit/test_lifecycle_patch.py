@@ -198,3 +198,55 @@ def test_patch_of_malformed_game_id_is_invalid_request_without_audit_row_or_leas
     assert failure_code(result) == ErrorCode.INVALID_REQUEST
     assert h.rows() == []
     assert h.leases.acquired == []
+
+
+# --- inner steps name the patch; watchers see it end --------------------------------
+
+
+def test_a_patch_is_seen_as_its_inner_steps_then_its_own_event(h: Harness) -> None:
+    h.seed_running(GAME)
+
+    result = patch(h, source_ref="gm-9")
+
+    stop, start, outer = h.events(GAME)
+    assert [(e.op_kind, e.parent_op_kind, e.parent_operation_id) for e in (stop, start)] == [
+        (OpKind.STOP, OpKind.PATCH, result.operation_id),
+        (OpKind.START, OpKind.PATCH, result.operation_id),
+    ]
+    assert (outer.op_kind, outer.operation_id, outer.outcome, outer.parent_op_kind) == (
+        OpKind.PATCH,
+        result.operation_id,
+        Outcome.SUCCESS,
+        None,
+    )
+    assert outer.record.current_image_ref == IMAGE_PATCH
+    assert outer.record == h.record(GAME)
+    assert {e.source_ref for e in (stop, start, outer)} == {"gm-9"}
+    assert all(row.parent_operation_id == result.operation_id for row in h.rows(GAME)[:2]), h.rows(
+        GAME
+    )
+
+
+def test_a_patch_whose_image_cannot_be_pulled_ends_with_a_failed_patch_event(
+    h: Harness,
+) -> None:
+    h.seed_running(GAME)
+
+    result = patch(h, image_ref=IMAGE_MISSING)
+
+    # The inner start changed nothing (the pull failed first); the patch's
+    # own failure unbinds the removed container, and says the patch is over.
+    stop, outer = h.events(GAME)
+    assert (stop.op_kind, stop.parent_op_kind, stop.parent_operation_id) == (
+        OpKind.STOP,
+        OpKind.PATCH,
+        result.operation_id,
+    )
+    assert (outer.op_kind, outer.outcome, outer.operation_id) == (
+        OpKind.PATCH,
+        Outcome.FAILURE,
+        result.operation_id,
+    )
+    assert outer.record == h.record(GAME)
+    assert outer.record.status is RuntimeStatus.STOPPED
+    assert outer.record.current_container_id == ""

@@ -16,8 +16,9 @@ from rtmanager.domain.operation import OpKind, OpSource, Outcome
 from rtmanager.domain.runtime import RuntimeStatus
 from rtmanager.lifecycle.recorder import OperationResult
 from rtmanager.lifecycle.restart import RestartRequest
+from rtmanager.lifecycle.stop import StopRequest
 from tests.unit.fakes import CRASHES
-from tests.unit.harness import IMAGE, STOP_TIMEOUT, Harness, failure_code
+from tests.unit.harness import IMAGE, IMAGE_MISSING, STOP_TIMEOUT, Harness, failure_code
 
 GAME = "game-1"
 
@@ -217,10 +218,14 @@ def test_restart_whose_inner_start_fails_reports_the_inner_code_and_clears_the_c
     assert outer.source_ref == "admin-42"
     assert outer.container_id == before.current_container_id
     # The inner start's failure row carried the unbinding, so the outer
-    # failure changed nothing and reports no record; the feed got one event.
+    # failure changed nothing and reports no record; the feed got that
+    # change, then the restart's end with the record as it stands.
     assert result.record is None
     inner_start = h.rows(GAME)[-2]
-    assert [(op_id, r) for _id, op_id, r in h.store.events][-1] == (inner_start.id, record)
+    assert [(op_id, r) for _id, op_id, r in h.store.events][-2:] == [
+        (inner_start.id, record),
+        (outer.id, record),
+    ]
     assert h.leases.all_released
 
 
@@ -335,3 +340,138 @@ def test_restart_of_malformed_game_id_is_invalid_request_without_audit_row_or_le
     assert h.rows() == []
     assert h.leases.acquired == []
     assert h.docker.calls == []
+
+
+# --- inner steps name the restart; watchers see it end ------------------------------
+
+
+def test_restart_inner_rows_name_the_restart_whose_id_was_drawn_before_them(
+    h: Harness,
+) -> None:
+    h.seed_running(GAME)
+
+    result = restart(h, source_ref="admin-42")
+
+    stop, start, outer = h.rows(GAME)
+    assert outer.op_kind is OpKind.RESTART and outer.id == result.operation_id
+    assert (outer.parent_op_kind, outer.parent_operation_id) == (None, 0)
+    for inner in (stop, start):
+        assert (inner.parent_op_kind, inner.parent_operation_id) == (OpKind.RESTART, outer.id)
+        assert inner.id > outer.id
+    assert [row.id for row in h.store.operations] == sorted([outer.id, stop.id, start.id])
+
+
+def test_a_restart_is_seen_as_its_inner_steps_then_its_own_event(h: Harness) -> None:
+    h.seed_running(GAME)
+
+    result = restart(h, source_ref="admin-42")
+
+    stop, start, outer = h.events(GAME)
+    assert [(e.op_kind, e.parent_op_kind, e.parent_operation_id) for e in (stop, start)] == [
+        (OpKind.STOP, OpKind.RESTART, result.operation_id),
+        (OpKind.START, OpKind.RESTART, result.operation_id),
+    ]
+    assert stop.record.status is RuntimeStatus.STOPPED and stop.inner_step
+    assert start.record.status is RuntimeStatus.RUNNING and start.inner_step
+    assert (outer.op_kind, outer.operation_id, outer.outcome) == (
+        OpKind.RESTART,
+        result.operation_id,
+        Outcome.SUCCESS,
+    )
+    assert not outer.inner_step and outer.parent_operation_id == 0
+    assert outer.record == h.record(GAME) == result.record
+    assert {e.source_ref for e in (stop, start, outer)} == {"admin-42"}
+
+
+def test_a_restart_failing_half_way_ends_with_a_failed_restart_event(h: Harness) -> None:
+    h.seed_running(GAME)
+    h.docker.behaviours[IMAGE] = CRASHES
+
+    result = restart(h)
+
+    assert failure_code(result) == ErrorCode.CONTAINER_START_FAILED
+    events = h.events(GAME)
+    assert [(e.op_kind, e.outcome, e.parent_operation_id) for e in events] == [
+        (OpKind.STOP, Outcome.SUCCESS, result.operation_id),
+        (OpKind.START, Outcome.FAILURE, result.operation_id),
+        (OpKind.RESTART, Outcome.FAILURE, 0),
+    ]
+    assert events[-1].operation_id == result.operation_id
+    assert events[-1].record == h.record(GAME)
+    assert events[-1].record.status is RuntimeStatus.STOPPED
+
+
+def test_a_restart_whose_container_removal_fails_ends_with_a_failed_restart_event(
+    h: Harness,
+) -> None:
+    h.seed_running(GAME)
+    h.docker.fail("remove_container")
+
+    result = restart(h)
+
+    assert failure_code(result) == ErrorCode.SERVICE_UNAVAILABLE
+    stop, outer = h.events(GAME)
+    assert (stop.op_kind, stop.parent_operation_id) == (OpKind.STOP, result.operation_id)
+    # The restart changed nothing itself; its event repeats the record as it stands.
+    assert (outer.op_kind, outer.outcome, outer.operation_id) == (
+        OpKind.RESTART,
+        Outcome.FAILURE,
+        result.operation_id,
+    )
+    assert outer.record == stop.record == h.record(GAME)
+
+
+def test_a_restart_refused_before_its_inner_steps_draws_no_id_and_publishes_nothing(
+    h: Harness,
+) -> None:
+    h.seed_running(GAME)
+    h.leases.busy.add(GAME)
+
+    result = restart(h)
+
+    assert failure_code(result) == ErrorCode.CONFLICT
+    assert h.events(GAME) == []
+    (row,) = h.rows(GAME)
+    assert row.id == result.operation_id == 1
+
+
+def test_a_restart_whose_steps_changed_nothing_publishes_nothing(h: Harness) -> None:
+    h.seed_stopped(GAME, IMAGE_MISSING, container=False)
+
+    result = restart(h)
+
+    assert failure_code(result) == ErrorCode.IMAGE_PULL_FAILED
+    assert h.kinds(GAME) == [
+        (OpKind.STOP, "success"),
+        (OpKind.START, "failure"),
+        (OpKind.RESTART, "failure"),
+    ]
+    assert h.events(GAME) == []
+
+
+def test_a_restart_whose_id_cannot_be_drawn_runs_no_inner_step(h: Harness) -> None:
+    before = h.seed_running(GAME)
+    # The first unit of work reads the record; the second would draw the id.
+    h.units_of_work.fail_next(1, at="enter", after=1)
+
+    result = restart(h)
+
+    assert failure_code(result) == ErrorCode.SERVICE_UNAVAILABLE
+    assert h.docker.call_names("stop_container", "remove_container") == []
+    assert h.record(GAME) == before
+    (row,) = h.rows(GAME)
+    assert (row.op_kind, row.outcome) == (OpKind.RESTART, Outcome.FAILURE)
+    assert h.events(GAME) == []
+    assert h.leases.all_released
+
+
+def test_a_plain_stop_and_a_restarts_stop_are_told_apart_by_their_events(h: Harness) -> None:
+    h.seed_running(GAME)
+    restart(h)
+    h.stop.handle(StopRequest(game_id=GAME, op_source=OpSource.ADMIN_REST))
+
+    stops = [e for e in h.events(GAME) if e.op_kind is OpKind.STOP]
+    assert [(e.inner_step, e.parent_op_kind) for e in stops] == [
+        (True, OpKind.RESTART),
+        (False, None),
+    ]

@@ -661,14 +661,19 @@ def test_start_losing_a_race_for_the_record_removes_its_container_and_is_conflic
     assert set(h.docker.containers) == {other}
 
 
-def test_inner_start_runs_without_taking_the_lease(h: Harness) -> None:
-    result = h.start.run(
-        game_id=GAME, image_ref=IMAGE, op_source=OpSource.ADMIN_REST, source_ref="corr-1"
+def test_inner_start_runs_without_taking_the_lease_and_names_its_parent(h: Harness) -> None:
+    patch = h.recorder.begin(
+        game_id=GAME, op_kind=OpKind.PATCH, op_source=OpSource.ADMIN_REST, source_ref="corr-1"
     )
+
+    result = h.start.run(patch, IMAGE)
 
     assert result.ok, result.failure
     assert h.leases.acquired == []
-    assert h.only_row(GAME).source_ref == "corr-1"
+    row = h.only_row(GAME)
+    assert (row.op_kind, row.source_ref, row.image_ref) == (OpKind.START, "corr-1", IMAGE)
+    assert patch.reserved_id > 0
+    assert (row.parent_op_kind, row.parent_operation_id) == (OpKind.PATCH, patch.reserved_id)
 
 
 # --- clocks and unexpected errors --------------------------------------------------

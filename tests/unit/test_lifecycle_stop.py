@@ -253,11 +253,21 @@ def test_stop_takes_and_releases_the_game_lease(h: Harness) -> None:
     assert h.leases.all_released
 
 
-def test_inner_stop_runs_without_taking_the_lease(h: Harness) -> None:
+def test_inner_stop_runs_without_taking_the_lease_and_names_its_parent(h: Harness) -> None:
     h.seed_running(GAME)
+    restart = h.recorder.begin(
+        game_id=GAME, op_kind=OpKind.RESTART, op_source=OpSource.ADMIN_REST, source_ref="corr-1"
+    )
 
-    result = h.stop.run(game_id=GAME, op_source=OpSource.ADMIN_REST, source_ref="corr-1")
+    result = h.stop.run(restart)
 
     assert result.ok, result.failure
     assert h.leases.acquired == []
-    assert h.only_row(GAME).source_ref == "corr-1"
+    row = h.only_row(GAME)
+    assert (row.op_kind, row.op_source, row.source_ref) == (
+        OpKind.STOP,
+        OpSource.ADMIN_REST,
+        "corr-1",
+    )
+    assert restart.reserved_id > 0
+    assert (row.parent_op_kind, row.parent_operation_id) == (OpKind.RESTART, restart.reserved_id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
@@ -18,6 +19,8 @@ from rtmanager.api.auth import Authenticator
 from rtmanager.api.limits import CallLimiter
 from rtmanager.api.server import add_runtime_service
 from rtmanager.api.servicers import RuntimeServicer
+from rtmanager.client import RuntimeManagerClient, ServiceUnavailableError, runtime_event
+from rtmanager.domain.operation import OpKind
 from rtmanager.domain.runtime import RuntimeStatus
 from rtmanager.lifecycle.watch import (
     Bookmark,
@@ -159,3 +162,44 @@ def test_a_snapshot_arrives_as_the_messages_of_before(
     assert _without_server_time(received) == _without_server_time(
         [convert_results.watch_item_to_pb(item) for item in expected]
     )
+
+
+def test_an_inner_step_and_its_operation_arrive_with_source_ref_and_parent() -> None:
+    inner = replace(
+        event(8, "a", RuntimeStatus.STOPPED),
+        op_kind=OpKind.STOP,
+        operation_id=21,
+        source_ref="gm-7",
+        parent_op_kind=OpKind.RESTART,
+        parent_operation_id=20,
+    )
+    outer = replace(event(9, "a"), op_kind=OpKind.RESTART, operation_id=20, source_ref="gm-7")
+    feed = FakeFeed([], FakeSubscription(position=7, live=[inner, outer]))
+    lifecycles: Any = _Watches(WatchService(feed, heartbeat=timedelta(seconds=1)))
+    servicer = RuntimeServicer(lifecycles, Authenticator({}), CallLimiter(4))
+    server = grpc.server(ThreadPoolExecutor(max_workers=4))
+    add_runtime_service(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with RuntimeManagerClient(f"127.0.0.1:{port}") as client:
+            received = []
+            with pytest.raises(ServiceUnavailableError):
+                for message in client.watch_runtimes(pb.WatchRuntimesRequest()):
+                    received.append(message)
+    finally:
+        server.stop(None)
+
+    first, second = (message.event for message in received)
+    assert (first.source_ref, first.parent_op_kind, first.parent_operation_id) == (
+        "gm-7",
+        pb.OP_KIND_RESTART,
+        20,
+    )
+    assert (second.op_kind, second.operation_id, second.parent_operation_id) == (
+        pb.OP_KIND_RESTART,
+        20,
+        0,
+    )
+    assert [runtime_event(message.event) for message in received] == [inner, outer]
+    assert runtime_event(first).inner_step and not runtime_event(second).inner_step

@@ -59,11 +59,12 @@ _LOCK_SHARED: LiteralString = (
     "SELECT pg_advisory_xact_lock_shared("
     "hashtextextended('rtmanager.events:' || current_schema(), 0))"
 )
+# A page of events after an id, each with what its operation-log row says.
 _SELECT_AFTER: LiteralString = (
     "SELECT e.id, e.operation_id, e.committed_at, o.op_kind, o.op_source, o.outcome,"
-    " e.game_id, e.status, e.current_container_id, e.current_image_ref, e.engine_endpoint,"
-    " e.state_path, e.docker_network, e.started_at, e.stopped_at, e.removed_at,"
-    " e.last_op_at, e.created_at"
+    " o.source_ref, o.parent_op_kind, o.parent_operation_id, e.game_id, e.status,"
+    " e.current_container_id, e.current_image_ref, e.engine_endpoint, e.state_path,"
+    " e.docker_network, e.started_at, e.stopped_at, e.removed_at, e.last_op_at, e.created_at"
     " FROM runtime_events e JOIN operation_log o ON o.id = e.operation_id"
     " WHERE e.id > %s ORDER BY e.id LIMIT %s"
 )
@@ -99,6 +100,7 @@ class PostgresRuntimeEventLog:
 
 def event_from_row(row: dict[str, Any]) -> RuntimeEvent:
     """Map a joined event row to the domain event."""
+    parent_op_kind = row["parent_op_kind"]
     return RuntimeEvent(
         id=row["id"],
         operation_id=row["operation_id"],
@@ -107,6 +109,9 @@ def event_from_row(row: dict[str, Any]) -> RuntimeEvent:
         outcome=Outcome(row["outcome"]),
         record=record_from_row(row),
         committed_at=row["committed_at"].astimezone(UTC),
+        source_ref=row["source_ref"] or "",
+        parent_op_kind=OpKind(parent_op_kind) if parent_op_kind is not None else None,
+        parent_operation_id=row["parent_operation_id"] or 0,
     )
 
 
@@ -120,9 +125,9 @@ def events_after(conn: Connection, after_id: int, limit: int) -> list[RuntimeEve
 _SELECT_AFTER_WITH_EDGE: LiteralString = (
     "SELECT r.pruned_through, page.* FROM runtime_event_retention r LEFT JOIN LATERAL ("
     " SELECT e.id, e.operation_id, e.committed_at, o.op_kind, o.op_source, o.outcome,"
-    " e.game_id, e.status, e.current_container_id, e.current_image_ref, e.engine_endpoint,"
-    " e.state_path, e.docker_network, e.started_at, e.stopped_at, e.removed_at,"
-    " e.last_op_at, e.created_at"
+    " o.source_ref, o.parent_op_kind, o.parent_operation_id, e.game_id, e.status,"
+    " e.current_container_id, e.current_image_ref, e.engine_endpoint, e.state_path,"
+    " e.docker_network, e.started_at, e.stopped_at, e.removed_at, e.last_op_at, e.created_at"
     " FROM runtime_events e JOIN operation_log o ON o.id = e.operation_id"
     " WHERE e.id > %s ORDER BY e.id LIMIT %s"
     ") page ON true ORDER BY page.id"

@@ -30,15 +30,28 @@ from rtmanager.ports import OperationFilter, Page
 
 _SELECT: LiteralString = (
     "SELECT id, game_id, op_kind, op_source, source_ref, image_ref, container_id, outcome,"
-    " error_code, error_message, started_at, finished_at FROM operation_log"
+    " error_code, error_message, started_at, finished_at, parent_op_kind,"
+    " parent_operation_id FROM operation_log"
 )
+# The id is the sequence's next value (the column's default) ...
 _INSERT: LiteralString = (
     "INSERT INTO operation_log (game_id, op_kind, op_source, source_ref, image_ref,"
-    " container_id, outcome, error_code, error_message, started_at, finished_at)"
+    " container_id, outcome, error_code, error_message, started_at, finished_at,"
+    " parent_op_kind, parent_operation_id)"
     " VALUES (%(game_id)s, %(op_kind)s, %(op_source)s, %(source_ref)s, %(image_ref)s,"
     " %(container_id)s, %(outcome)s, %(error_code)s, %(error_message)s, %(started_at)s,"
-    " %(finished_at)s) RETURNING id"
+    " %(finished_at)s, %(parent_op_kind)s, %(parent_operation_id)s) RETURNING id"
 )
+# ... or the one `reserve_id` drew from the same sequence earlier.
+_INSERT_RESERVED: LiteralString = (
+    "INSERT INTO operation_log (id, game_id, op_kind, op_source, source_ref, image_ref,"
+    " container_id, outcome, error_code, error_message, started_at, finished_at,"
+    " parent_op_kind, parent_operation_id)"
+    " VALUES (%(id)s, %(game_id)s, %(op_kind)s, %(op_source)s, %(source_ref)s, %(image_ref)s,"
+    " %(container_id)s, %(outcome)s, %(error_code)s, %(error_message)s, %(started_at)s,"
+    " %(finished_at)s, %(parent_op_kind)s, %(parent_operation_id)s) RETURNING id"
+)
+_RESERVE: LiteralString = "SELECT nextval(pg_get_serial_sequence('operation_log', 'id'))"
 
 
 def _null_if_empty(value: str) -> str | None:
@@ -48,6 +61,7 @@ def _null_if_empty(value: str) -> str | None:
 def entry_from_row(row: dict[str, Any]) -> OperationEntry:
     """Map an `operation_log` row (a `dict_row`) to the domain entry."""
     finished_at = row["finished_at"]
+    parent_op_kind = row["parent_op_kind"]
     return OperationEntry(
         id=row["id"],
         game_id=row["game_id"],
@@ -61,6 +75,8 @@ def entry_from_row(row: dict[str, Any]) -> OperationEntry:
         error_message=row["error_message"] or "",
         started_at=row["started_at"].astimezone(UTC),
         finished_at=finished_at.astimezone(UTC) if finished_at is not None else None,
+        parent_op_kind=OpKind(parent_op_kind) if parent_op_kind is not None else None,
+        parent_operation_id=row["parent_operation_id"] or 0,
     )
 
 
@@ -82,16 +98,22 @@ class PostgresOperationLog:
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
 
-    def append(self, entry: OperationEntry) -> OperationEntry:
-        """Append a validated entry and return it with its assigned id.
+    def append(self, entry: OperationEntry, *, reserved_id: int = 0) -> OperationEntry:
+        """Append a validated entry and return it with its id.
 
-        Raises `InvalidOperationEntry` (before any statement) when the entry
-        breaks a rule or already carries an id.
+        The id is the sequence's next value, or `reserved_id`: one that
+        `reserve_id` drew for this row. Raises `InvalidOperationEntry`
+        (before any statement) when the entry breaks a rule or already
+        carries an id, or `reserved_id` is negative; appending twice with
+        one reserved id fails on the primary key.
         """
         entry.validate()
         if entry.id != 0:
             raise InvalidOperationEntry(f"entry already has id {entry.id}; append it only once")
+        if isinstance(reserved_id, bool) or reserved_id < 0:
+            raise InvalidOperationEntry(f"reserved id {reserved_id!r} was never drawn")
         params = {
+            "id": reserved_id,
             "game_id": entry.game_id,
             "op_kind": str(entry.op_kind),
             "op_source": str(entry.op_source),
@@ -103,12 +125,30 @@ class PostgresOperationLog:
             "error_message": _null_if_empty(entry.error_message),
             "started_at": entry.started_at,
             "finished_at": entry.finished_at,
+            "parent_op_kind": str(entry.parent_op_kind) if entry.parent_op_kind else None,
+            "parent_operation_id": entry.parent_operation_id or None,
         }
         with database_errors(f"append {entry.op_kind} operation of game {entry.game_id}"):
-            row = self._conn.execute(_INSERT, params).fetchone()
+            row = self._conn.execute(
+                _INSERT_RESERVED if reserved_id else _INSERT, params
+            ).fetchone()
         if row is None:  # INSERT ... RETURNING always returns the row.
             raise InternalError("operation log insert returned no id")
         return replace(entry, id=int(row[0]))
+
+    def reserve_id(self) -> int:
+        """Draw the id of a row to be appended later (`append(..., reserved_id=...)`).
+
+        `nextval` is not transactional: the id is never handed out again,
+        whether or not this unit of work commits, and one never appended is
+        a gap like a rolled-back row's. So it needs no transaction, and
+        drawing again after a failure is harmless.
+        """
+        with database_errors("reserve an operation id"):
+            row = self._conn.execute(_RESERVE).fetchone()
+        if row is None:
+            raise InternalError("nextval returned no row")
+        return int(row[0])
 
     def list(
         self, filters: OperationFilter, *, page_size: int = 100, page_token: str = ""

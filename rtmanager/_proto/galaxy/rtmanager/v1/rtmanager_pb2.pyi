@@ -274,6 +274,8 @@ class OperationEntry(_message.Message):
     ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
     STARTED_AT_FIELD_NUMBER: _builtins.int
     FINISHED_AT_FIELD_NUMBER: _builtins.int
+    PARENT_OP_KIND_FIELD_NUMBER: _builtins.int
+    PARENT_OPERATION_ID_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     game_id: _builtins.str
     op_kind: Global___OpKind.ValueType
@@ -285,6 +287,16 @@ class OperationEntry(_message.Message):
     error_code: _builtins.str
     """Stable error code on failure, empty on success."""
     error_message: _builtins.str
+    parent_op_kind: Global___OpKind.ValueType
+    """Set on an inner step (the stop and start of a restart or patch, the
+    stop of a forced cleanup): the kind of the operation it belongs to.
+    UNSPECIFIED otherwise.
+    """
+    parent_operation_id: _builtins.int
+    """The id of that operation's entry; 0 otherwise. The outer entry is
+    written after its inner ones but its id was drawn before them, so it is
+    lower than theirs (and missing if the server died in between).
+    """
     @_builtins.property
     def started_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -304,10 +316,12 @@ class OperationEntry(_message.Message):
         error_message: _builtins.str = ...,
         started_at: _timestamp_pb2.Timestamp | None = ...,
         finished_at: _timestamp_pb2.Timestamp | None = ...,
+        parent_op_kind: Global___OpKind.ValueType = ...,
+        parent_operation_id: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["finished_at", b"finished_at", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["container_id", b"container_id", "error_code", b"error_code", "error_message", b"error_message", "finished_at", b"finished_at", "game_id", b"game_id", "id", b"id", "image_ref", b"image_ref", "op_kind", b"op_kind", "op_source", b"op_source", "outcome", b"outcome", "source_ref", b"source_ref", "started_at", b"started_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["container_id", b"container_id", "error_code", b"error_code", "error_message", b"error_message", "finished_at", b"finished_at", "game_id", b"game_id", "id", b"id", "image_ref", b"image_ref", "op_kind", b"op_kind", "op_source", b"op_source", "outcome", b"outcome", "parent_op_kind", b"parent_op_kind", "parent_operation_id", b"parent_operation_id", "source_ref", b"source_ref", "started_at", b"started_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -689,7 +703,27 @@ Global___SnapshotComplete: _TypeAlias = SnapshotComplete  # noqa: Y015
 
 @_typing.final
 class RuntimeEvent(_message.Message):
-    """RuntimeEvent is one committed runtime change."""
+    """RuntimeEvent is one committed runtime change.
+
+    Restart, patch and forced cleanup are composite: they run inner
+    operations (a restart or patch an inner stop, then an inner start; a
+    forced cleanup an inner stop), each committed, and so watched, on its
+    own. An inner step's event names the outer operation (parent_op_kind,
+    parent_operation_id). The outer operation's completion is an event of
+    its own, after its inner steps' events: op_kind RESTART, PATCH or
+    CLEANUP_CONTAINER, operation_id equal to the inner events'
+    parent_operation_id, the outcome of the whole operation and the record
+    as it stands after it (the same record as the last inner event when the
+    outer operation changed nothing itself). It is sent whenever an inner
+    step sent an event or the outer operation changed the record, on success
+    and on failure alike: a restart whose inner stop succeeded and whose
+    inner start failed ends with a RESTART event whose outcome is FAILURE.
+
+    So a STOP event with a parent is a transient step, not the end of the
+    game: wait for the event whose operation_id is its parent_operation_id.
+    If the server dies between the two, that event never comes; the game's
+    next event without that parent ends the wait.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -700,12 +734,29 @@ class RuntimeEvent(_message.Message):
     RUNTIME_FIELD_NUMBER: _builtins.int
     OPERATION_ID_FIELD_NUMBER: _builtins.int
     COMMITTED_AT_FIELD_NUMBER: _builtins.int
+    SOURCE_REF_FIELD_NUMBER: _builtins.int
+    PARENT_OP_KIND_FIELD_NUMBER: _builtins.int
+    PARENT_OPERATION_ID_FIELD_NUMBER: _builtins.int
     cursor: _builtins.str
     """Opaque, ordered; pass it as `since` to resume after this event."""
     op_kind: Global___OpKind.ValueType
     op_source: Global___OpSource.ValueType
     outcome: Global___Outcome.ValueType
     operation_id: _builtins.int
+    """The operation-log entry of the change (see ListOperations)."""
+    source_ref: _builtins.str
+    """The operation's source_ref: the caller's reference, a Lobby job's entry
+    id, or the correlation id a composite operation shares with its inner
+    steps (the request's source_ref, or one the server made up).
+    """
+    parent_op_kind: Global___OpKind.ValueType
+    """Set on an inner step: the kind of the composite operation it belongs
+    to (RESTART, PATCH or CLEANUP_CONTAINER). UNSPECIFIED otherwise.
+    """
+    parent_operation_id: _builtins.int
+    """Set on an inner step: the operation_id of the composite operation,
+    whose own event follows. 0 otherwise.
+    """
     @_builtins.property
     def runtime(self) -> Global___RuntimeRecord:
         """The record after the change."""
@@ -722,10 +773,13 @@ class RuntimeEvent(_message.Message):
         runtime: Global___RuntimeRecord | None = ...,
         operation_id: _builtins.int = ...,
         committed_at: _timestamp_pb2.Timestamp | None = ...,
+        source_ref: _builtins.str = ...,
+        parent_op_kind: Global___OpKind.ValueType = ...,
+        parent_operation_id: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["committed_at", b"committed_at", "runtime", b"runtime"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["committed_at", b"committed_at", "cursor", b"cursor", "op_kind", b"op_kind", "op_source", b"op_source", "operation_id", b"operation_id", "outcome", b"outcome", "runtime", b"runtime"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["committed_at", b"committed_at", "cursor", b"cursor", "op_kind", b"op_kind", "op_source", b"op_source", "operation_id", b"operation_id", "outcome", b"outcome", "parent_op_kind", b"parent_op_kind", "parent_operation_id", b"parent_operation_id", "runtime", b"runtime", "source_ref", b"source_ref"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
