@@ -29,11 +29,13 @@ from rtmanager.client import (
     InvalidRequestError,
     NotFoundError,
     PermissionDeniedError,
+    RuntimeManagerClient,
     RuntimeManagerClientError,
     SemverPatchOnlyError,
     ServiceUnavailableError,
     UnauthenticatedError,
     UnimplementedError,
+    watch_request,
 )
 from rtmanager.domain.operation import OperationEntry, OpKind, OpSource, Outcome, StopReason
 from rtmanager.domain.runtime import RuntimeRecord, RuntimeStatus
@@ -80,8 +82,12 @@ def entry(entry_id: int, kind: OpKind = OpKind.START) -> OperationEntry:
     )
 
 
-class StubSession:
-    """Answers like the client would; records each call; raises `fail` when set."""
+class StubSession(RuntimeManagerClient):
+    """The client with every RPC answered here: records each call; raises `fail` when set.
+
+    What the client builds on its RPCs (paging through `iter_runtimes`, the
+    watch request) is the client's own.
+    """
 
     def __init__(
         self,
@@ -90,6 +96,7 @@ class StubSession:
         pages: list[Page[RuntimeRecord]] | None = None,
         watch: list[pb.WatchRuntimesResponse] | None = None,
     ) -> None:
+        # No channel: nothing here goes over the wire.
         self.fail = fail
         self.pages = pages or [Page([record("g1"), record("g2", RuntimeStatus.STOPPED)], "")]
         self.watch = watch or []
@@ -102,46 +109,69 @@ class StubSession:
         if self.fail is not None:
             raise self.fail
 
-    def start_runtime(self, game_id: str, image_ref: str, *, source_ref: str = "") -> RuntimeRecord:
+    def start_runtime(
+        self, game_id: str, image_ref: str, *, source_ref: str = "", timeout: float | None = None
+    ) -> RuntimeRecord:
         self._called("start", game_id, image_ref, source_ref=source_ref)
         return record(game_id)
 
     def stop_runtime(
-        self, game_id: str, *, reason: StopReason = StopReason.ADMIN_REQUEST, source_ref: str = ""
+        self,
+        game_id: str,
+        *,
+        reason: StopReason = StopReason.ADMIN_REQUEST,
+        source_ref: str = "",
+        timeout: float | None = None,
     ) -> RuntimeRecord:
         self._called("stop", game_id, reason=reason, source_ref=source_ref)
         return record(game_id, RuntimeStatus.STOPPED)
 
-    def restart_runtime(self, game_id: str, *, source_ref: str = "") -> RuntimeRecord:
+    def restart_runtime(
+        self, game_id: str, *, source_ref: str = "", timeout: float | None = None
+    ) -> RuntimeRecord:
         self._called("restart", game_id, source_ref=source_ref)
         return record(game_id)
 
-    def patch_runtime(self, game_id: str, image_ref: str, *, source_ref: str = "") -> RuntimeRecord:
+    def patch_runtime(
+        self, game_id: str, image_ref: str, *, source_ref: str = "", timeout: float | None = None
+    ) -> RuntimeRecord:
         self._called("patch", game_id, image_ref, source_ref=source_ref)
         return record(game_id)
 
-    def get_runtime(self, game_id: str) -> RuntimeRecord:
+    def get_runtime(self, game_id: str, *, timeout: float | None = None) -> RuntimeRecord:
         self._called("get", game_id)
         return record(game_id)
 
     def list_runtimes(
-        self, *, status: RuntimeStatus | None = None, page_size: int = 0, page_token: str = ""
+        self,
+        *,
+        status: RuntimeStatus | None = None,
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: float | None = None,
     ) -> Page[RuntimeRecord]:
         self._called("list", status=status, page_size=page_size, page_token=page_token)
         index = int(page_token or 0)
         return self.pages[index]
 
     def cleanup_runtime(
-        self, game_id: str, *, force: bool = False, source_ref: str = ""
+        self,
+        game_id: str,
+        *,
+        force: bool = False,
+        source_ref: str = "",
+        timeout: float | None = None,
     ) -> RuntimeRecord:
         self._called("cleanup", game_id, force=force, source_ref=source_ref)
         return record(game_id, RuntimeStatus.STOPPED)
 
-    def list_operations(self, **filters: Any) -> Page[OperationEntry]:
+    def list_operations(self, **filters: Any) -> Page[OperationEntry]:  # type: ignore[override]
         self._called("ops", **filters)
         return Page([entry(2, OpKind.PATCH), entry(1)], "tok-2")
 
-    def reconcile(self, *, dry_run: bool = False) -> pb.ReconcileResponse:
+    def reconcile(
+        self, *, dry_run: bool = False, timeout: float | None = None
+    ) -> pb.ReconcileResponse:
         self._called("reconcile", dry_run=dry_run)
         return pb.ReconcileResponse(
             dry_run=dry_run,
@@ -156,10 +186,14 @@ class StubSession:
             ],
         )
 
-    def watch_runtimes(
-        self, request: pb.WatchRuntimesRequest
+    def watch_runtimes(  # type: ignore[override]
+        self,
+        request: pb.WatchRuntimesRequest | None = None,
+        *,
+        timeout: float | None = None,
+        **filters: Any,
     ) -> Iterator[pb.WatchRuntimesResponse]:
-        self._called("watch", request)
+        self._called("watch", request or watch_request(**filters))
         yield from self.watch
 
     def close(self) -> None:
@@ -419,6 +453,19 @@ def test_list_all_follows_page_tokens() -> None:
     assert listing["next_page_token"] == ""
 
 
+def test_list_all_continues_from_a_page_token() -> None:
+    pages = [
+        Page([record("g1")], "1"),
+        Page([record("g2")], "2"),
+        Page([record("g3")], ""),
+    ]
+    argv = ["--json", "list", "--all", "--page-token", "1"]
+    code, out, stub = run(argv, StubSession(pages=pages))
+    assert code == 0
+    assert [call[2]["page_token"] for call in stub.calls] == ["1", "2"]
+    assert [item["game_id"] for item in json.loads(out)["runtimes"]] == ["g2", "g3"]
+
+
 # --- output ---------------------------------------------------------------
 
 
@@ -616,7 +663,8 @@ def test_watch_prints_the_stream() -> None:
 
 
 class _Unimplemented(pb_grpc.RuntimeServiceServicer):
-    """Answers GetRuntime with the caller's token as image; WatchRuntimes is UNIMPLEMENTED."""
+    """Answers GetRuntime with the caller's token as image (and a garbled record for the
+    game `garbled`); WatchRuntimes is UNIMPLEMENTED."""
 
     def GetRuntime(
         self, request: pb.GetRuntimeRequest, context: grpc.ServicerContext
@@ -628,6 +676,8 @@ class _Unimplemented(pb_grpc.RuntimeServiceServicer):
             )
         runtime = convert.record_to_pb(record(request.game_id))
         runtime.current_image_ref = str(metadata.get("authorization", ""))
+        if request.game_id == "garbled":
+            runtime.status = 99  # type: ignore[assignment]  # a status this client does not know
         return pb.GetRuntimeResponse(runtime=runtime)
 
     def WatchRuntimes(
@@ -670,3 +720,14 @@ def test_watch_reports_unimplemented_with_exit_1(
     assert ctl.main(["--addr", fake_server, "watch"], stdout=out) == 1
     assert out.getvalue() == ""
     assert capsys.readouterr().err == "rtmanager ctl: unimplemented: WatchRuntimes is not here\n"
+
+
+def test_a_reply_the_client_cannot_read_is_an_internal_failure(
+    fake_server: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = io.StringIO()
+    assert ctl.main(["--addr", fake_server, "get", "garbled"], stdout=out) == 1
+    assert out.getvalue() == ""
+    assert capsys.readouterr().err.startswith(
+        "rtmanager ctl: internal: unexpected response from the server: status 99"
+    )
