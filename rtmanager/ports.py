@@ -366,7 +366,11 @@ class ContainerInfo:
 
     `owned` is True only when the container carries the owner label and
     belongs to this deployment's cluster (a missing cluster label counts as
-    `default`). `health` is None when the container has no health check.
+    `default`). `image_ref` is the reference the engine was started from,
+    `image_id` the id of the image it runs (`sha256:...`). `exit_code` is
+    None until the container has exited; `oom_killed` says the kernel
+    killed it for memory; `health` is None when the container has no
+    health check; `restart_count` counts restarts by Docker itself.
     """
 
     id: str
@@ -381,6 +385,9 @@ class ContainerInfo:
     health: str | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    oom_killed: bool = False
+    restart_count: int = 0
+    image_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -454,9 +461,10 @@ class DockerEngine(Protocol):
     def list_owned_containers(self) -> list[ContainerInfo]:
         """Return every container owned by this deployment, running or not.
 
-        From one listing: `exit_code`, `health`, `started_at` and
-        `finished_at` are not part of a listing and are None here;
-        `inspect_container` of one container has them.
+        From one listing: `exit_code`, `health`, `started_at`,
+        `finished_at`, `oom_killed` and `restart_count` are not part of a
+        listing and are None, False and 0 here; `inspect_container` of one
+        container has them.
         """
         ...
 

@@ -605,6 +605,13 @@ class FakeContainer:
     logs: str = ""
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    oom_killed: bool = False
+    restart_count: int = 0
+
+    @property
+    def image_id(self) -> str:
+        """The id of the image it runs (made up from the reference, stable per image)."""
+        return f"sha256:{hashlib.sha256(self.image_ref.encode()).hexdigest()}"
 
     @property
     def running(self) -> bool:
@@ -874,6 +881,9 @@ class FakeDocker:
             health=health,
             started_at=container.started_at,
             finished_at=container.finished_at,
+            oom_killed=container.oom_killed,
+            restart_count=container.restart_count,
+            image_id=container.image_id,
         )
 
     def owns_container(self, container_id: str) -> bool | None:
@@ -886,11 +896,19 @@ class FakeDocker:
         """Every owned container, running or not, as a listing shows it.
 
         Like Docker's listing, without what only an inspect reports: exit
-        code, health and times are None.
+        code, health and times are None, no OOM kill and no restarts.
         """
         self._enter("list_owned_containers")
         infos = [
-            replace(self._info(c), exit_code=None, health=None, started_at=None, finished_at=None)
+            replace(
+                self._info(c),
+                exit_code=None,
+                health=None,
+                started_at=None,
+                finished_at=None,
+                oom_killed=False,
+                restart_count=0,
+            )
             for c in list(self.containers.values())
         ]
         return [info for info in infos if info.owned]

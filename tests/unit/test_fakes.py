@@ -335,6 +335,22 @@ def test_docker_ownership_follows_the_cluster() -> None:
     assert info is not None and not info.owned
 
 
+def test_docker_inspect_reports_oom_kills_restarts_and_the_image_id_a_listing_lacks() -> None:
+    docker = FakeDocker(cluster="prod")
+    killed = docker.add_engine("game-1", "galaxy/engine:1.0.0", running=False)
+    other = docker.add_engine("game-2", "galaxy/engine:1.0.0")
+    docker.containers[killed].oom_killed = True
+    docker.containers[killed].restart_count = 2
+    info = docker.inspect_container(killed)
+    assert info is not None
+    assert (info.oom_killed, info.restart_count) == (True, 2)
+    assert info.image_id.startswith("sha256:")
+    assert info.image_id == docker.containers[other].image_id
+    listed = {c.id: c for c in docker.list_owned_containers()}
+    assert (listed[killed].oom_killed, listed[killed].restart_count) == (False, 0)
+    assert listed[killed].image_id == info.image_id
+
+
 @pytest.mark.parametrize(
     ("policy", "image", "pulled", "ok"),
     [
