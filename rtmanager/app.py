@@ -204,7 +204,9 @@ class Application:
             telemetry=telemetry,
         )
         self.redis = create_redis(settings.redis_url, timeout=REDIS_COMMAND_TIMEOUT)
-        self.leases = RedisGameLeases(self.redis, prefix=settings.redis_prefix)
+        self.leases = RedisGameLeases(
+            self.redis, prefix=settings.redis_prefix, instance_id=settings.instance_id
+        )
         self._docker_adapter = DockerEngineAdapter(
             base_url=settings.docker_host,
             cluster=settings.cluster,

@@ -18,6 +18,7 @@ from enum import StrEnum
 from types import TracebackType
 from typing import Generic, Protocol, Self, TypeVar
 
+from rtmanager.domain.explanation import LeaseHolder
 from rtmanager.domain.jobs import JobKind, JobMark, LobbyJob
 from rtmanager.domain.operation import OperationEntry, OpKind, OpSource, Outcome
 from rtmanager.domain.runtime import RuntimeRecord, RuntimeStatus
@@ -312,14 +313,22 @@ class UnitOfWorkFactory(Protocol):
 
 @dataclass(frozen=True)
 class Lease:
-    """A held game lease: the game and the random token that proves holding it."""
+    """A held game lease: the game and the token that proves holding it.
+
+    The token is unguessable and names its holder's instance; only the
+    whole token proves holding the lease.
+    """
 
     game_id: str
     token: str
 
 
 class GameLeases(Protocol):
-    """Per-game mutual exclusion across threads, processes and replicas."""
+    """Per-game mutual exclusion across threads, processes and replicas.
+
+    Each lease names the instance (`RTMANAGER_INSTANCE_ID`) that took it,
+    so anyone can tell who holds a game (`holder`).
+    """
 
     def acquire(self, game_id: str, ttl: timedelta) -> Lease | None:
         """Take the game's lease for `ttl`; return None when another holder has it."""
@@ -331,6 +340,10 @@ class GameLeases(Protocol):
 
     def release(self, lease: Lease) -> bool:
         """Release a held lease; False when it was no longer ours (nothing is deleted)."""
+        ...
+
+    def holder(self, game_id: str) -> LeaseHolder | None:
+        """Who holds the game's lease now and its time left; None when nobody does."""
         ...
 
 

@@ -46,6 +46,7 @@ from rtmanager.domain.errors import (
     RuntimeManagerError,
     ServiceUnavailable,
 )
+from rtmanager.domain.explanation import LeaseHolder
 from rtmanager.domain.ids import is_valid_game_id
 from rtmanager.domain.jobs import JobKind, JobMark, LobbyJob, parse_entry_id
 from rtmanager.domain.operation import OperationEntry
@@ -475,19 +476,24 @@ class FakeUnitOfWorkFactory:
 # --- leases --------------------------------------------------------------------------
 
 
-LeaseMethod = Literal["acquire", "renew", "release"]
+LeaseMethod = Literal["acquire", "renew", "release", "holder"]
 
 
 class FakeLeases:
     """`GameLeases` on a dict of game id -> token, recording every call.
 
-    `busy` holds games another holder has (acquire returns None); `failing`
-    holds the methods that raise `ServiceUnavailable` (see `go_down`).
+    Leases taken here are held by `instance_id` (their tokens name it), for
+    the ttl they were last given. `busy` holds games another holder has
+    (acquire returns None; `holder` says `busy_holder`); `failing` holds
+    the methods that raise `ServiceUnavailable` (see `go_down`).
     Thread-safe: `GameLock`'s renewer thread calls `renew`.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, instance_id: str = "rtmanager-1") -> None:
+        self.instance_id = instance_id
+        self.busy_holder = LeaseHolder("rtmanager-2", timedelta(seconds=20))
         self.tokens: dict[str, str] = {}
+        self.ttl_left: dict[str, timedelta] = {}
         self.busy: set[str] = set()
         self.failing: set[LeaseMethod] = set()
         self.acquired: list[Lease] = []
@@ -500,7 +506,7 @@ class FakeLeases:
 
     def go_down(self, *methods: LeaseMethod) -> None:
         """Make `methods` (default: all) raise `ServiceUnavailable`."""
-        self.failing.update(methods or ("acquire", "renew", "release"))
+        self.failing.update(methods or ("acquire", "renew", "release", "holder"))
 
     def _maybe_fail(self, method: LeaseMethod) -> None:
         if method in self.failing:
@@ -515,8 +521,9 @@ class FakeLeases:
                 self.refused.append(game_id)
                 return None
             self._counter += 1
-            lease = Lease(game_id, f"token-{self._counter}")
+            lease = Lease(game_id, f"{self.instance_id}/token-{self._counter}")
             self.tokens[game_id] = lease.token
+            self.ttl_left[game_id] = ttl
             self.acquired.append(lease)
             return lease
 
@@ -525,7 +532,10 @@ class FakeLeases:
         with self._lock:
             self._maybe_fail("renew")
             self.renewed.append(lease)
-            return self.tokens.get(lease.game_id) == lease.token
+            if self.tokens.get(lease.game_id) != lease.token:
+                return False
+            self.ttl_left[lease.game_id] = ttl
+            return True
 
     def release(self, lease: Lease) -> bool:
         """Delete the lease while it still holds our token."""
@@ -536,6 +546,16 @@ class FakeLeases:
                 return False
             del self.tokens[lease.game_id]
             return True
+
+    def holder(self, game_id: str) -> LeaseHolder | None:
+        """This instance for a lease taken here, `busy_holder` for a busy game, else None."""
+        with self._lock:
+            self._maybe_fail("holder")
+            if game_id in self.tokens:
+                return LeaseHolder(self.instance_id, self.ttl_left[game_id])
+            if game_id in self.busy:
+                return self.busy_holder
+            return None
 
     def expire(self, game_id: str) -> None:
         """Let the game's lease expire, as its TTL would."""

@@ -18,6 +18,7 @@ from rtmanager.domain.errors import (
     NotFound,
     ServiceUnavailable,
 )
+from rtmanager.domain.explanation import LeaseHolder
 from rtmanager.domain.jobs import JobKind
 from rtmanager.domain.operation import OperationEntry, OpKind, OpSource, Outcome
 from rtmanager.domain.runtime import (
@@ -288,6 +289,22 @@ def test_leases_are_exclusive_and_token_checked() -> None:
     assert leases.release(newer) is True
     leases.busy.add("game-2")
     assert leases.acquire("game-2", timedelta(seconds=1)) is None
+
+
+def test_leases_name_their_holder() -> None:
+    leases = FakeLeases(instance_id="replica-a")
+    lease = leases.acquire("game-1", timedelta(seconds=3))
+    assert lease is not None and lease.token.startswith("replica-a/")
+    assert leases.holder("game-1") == LeaseHolder("replica-a", timedelta(seconds=3))
+    assert leases.renew(lease, timedelta(seconds=5))
+    assert leases.holder("game-1") == LeaseHolder("replica-a", timedelta(seconds=5))
+    leases.busy.add("game-2")
+    assert leases.holder("game-2") == leases.busy_holder
+    assert leases.release(lease)
+    assert leases.holder("game-1") is None
+    leases.go_down("holder")
+    with pytest.raises(ServiceUnavailable):
+        leases.holder("game-1")
 
 
 # --- docker -------------------------------------------------------------------------
