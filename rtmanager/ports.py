@@ -19,7 +19,7 @@ from types import TracebackType
 from typing import Generic, Protocol, Self, TypeVar
 
 from rtmanager.domain.explanation import LeaseHolder
-from rtmanager.domain.jobs import JobKind, JobMark, LobbyJob
+from rtmanager.domain.jobs import JobKind, JobMark, LobbyJob, PendingJob
 from rtmanager.domain.operation import OperationEntry, OpKind, OpSource, Outcome
 from rtmanager.domain.runtime import RuntimeRecord, RuntimeStatus
 
@@ -527,6 +527,18 @@ class AnswerOutcome(StrEnum):
     NOT_OURS = "not_ours"
 
 
+@dataclass(frozen=True)
+class PendingJobs:
+    """A game's unanswered Lobby jobs in Lobby's order, from a bounded scan.
+
+    `truncated` says the scan stopped at its bound: more of the game's jobs
+    may wait behind the entries it looked at.
+    """
+
+    jobs: Sequence[PendingJob]
+    truncated: bool = False
+
+
 class JobStreams(Protocol):
     """Lobby's job streams as one consumer of the consumer group sees them (SPEC §4).
 
@@ -597,4 +609,18 @@ class JobStreams(Protocol):
 
     def lag(self) -> dict[str, int]:
         """Entries of each job stream the group has not read yet."""
+        ...
+
+    def pending_jobs(self, game_id: str, scan: int) -> PendingJobs:
+        """The jobs of `game_id` in both job streams that the group has not acknowledged.
+
+        Both those delivered to a consumer and pending there and those not
+        delivered yet (after the group's last-delivered id), in Lobby's
+        order. Bounded: in each stream at most `scan` pending entries and
+        `scan` undelivered ones are looked at, oldest first (`truncated`
+        when a bound was reached). An entry deleted from its stream while
+        pending is not reported (its game cannot be told). Only reads; works
+        for any consumer of the group, and with no group yet (then every
+        entry is undelivered).
+        """
         ...

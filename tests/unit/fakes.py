@@ -48,7 +48,7 @@ from rtmanager.domain.errors import (
 )
 from rtmanager.domain.explanation import LeaseHolder
 from rtmanager.domain.ids import is_valid_game_id
-from rtmanager.domain.jobs import JobKind, JobMark, LobbyJob, parse_entry_id
+from rtmanager.domain.jobs import JobKind, JobMark, LobbyJob, PendingJob, parse_entry_id
 from rtmanager.domain.operation import OperationEntry
 from rtmanager.domain.runtime import (
     InvalidRuntimeRecord,
@@ -68,6 +68,7 @@ from rtmanager.ports import (
     OperationFilter,
     OperationLog,
     Page,
+    PendingJobs,
     PullPolicy,
     RuntimeEventLog,
     RuntimeRecordStore,
@@ -1465,6 +1466,49 @@ class FakeJobStreams:
                 stream: sum(1 for i in items if parse_entry_id(i) > redis.last_delivered[stream])
                 for stream, items in redis.entries.items()
             }
+
+    def pending_jobs(self, game_id: str, scan: int) -> PendingJobs:
+        """The game's unacknowledged jobs, pending or undelivered, from a scan bounded by `scan`."""
+        self._enter("pending_jobs")
+        if scan < 1:
+            raise ValueError(f"the scan bound must be at least 1, got {scan}")
+        redis = self.redis
+        jobs: list[PendingJob] = []
+        truncated = False
+        with redis.lock:
+            now = redis.clock()
+            for stream, items in redis.entries.items():
+                kind = redis.kinds[stream]
+                held = sorted(
+                    (entry_id for (s, entry_id) in redis.pending if s == stream),
+                    key=parse_entry_id,
+                )
+                fresh = [i for i in items if parse_entry_id(i) > redis.last_delivered[stream]]
+                truncated = truncated or len(held) >= scan or len(fresh) >= scan
+                for entry_id in held[:scan]:
+                    fields = items.get(entry_id)
+                    if fields is None:
+                        continue  # deleted while pending: whose it was is unknown
+                    pending = redis.pending[(stream, entry_id)]
+                    jobs.append(
+                        PendingJob(
+                            LobbyJob(kind, stream, entry_id),
+                            _text_fields(fields),
+                            consumer=pending.consumer,
+                            deliveries=pending.deliveries,
+                            idle=timedelta(seconds=max(now - pending.delivered_at, 0.0)),
+                        )
+                    )
+                for entry_id in fresh[:scan]:
+                    jobs.append(
+                        PendingJob(LobbyJob(kind, stream, entry_id), _text_fields(items[entry_id]))
+                    )
+        wanted = [job for job in jobs if job.game_id == game_id]
+        return PendingJobs(sorted(wanted, key=lambda job: job.job.position), truncated)
+
+
+def _text_fields(fields: Mapping[bytes, bytes]) -> dict[str, str]:
+    return {k.decode(errors="replace"): v.decode(errors="replace") for k, v in fields.items()}
 
 
 def _raw(value: str | bytes) -> bytes:

@@ -603,3 +603,35 @@ def test_read_new_waits_for_an_entry_up_to_its_block() -> None:
     threading.Timer(0.01, lambda: redis.add_stop("g1")).start()
     (entry,) = streams.read_new(1, timedelta(seconds=5))
     assert entry.deliveries == 1
+
+
+def test_unanswered_jobs_of_a_game_are_the_pending_and_the_undelivered_in_lobbys_order() -> None:
+    clock = ManualClock()
+    redis = FakeRedisStreams(clock=clock)
+    delivered = redis.add_start("g1", "galaxy/engine:1.0.0")
+    other_game = redis.add_start("g2", "galaxy/engine:1.0.0")
+    answered = redis.add_start("g1", "galaxy/engine:1.0.0")
+    streams = redis.consumer("c1")
+    entries = {e.job: e for e in streams.read_new(10, NO_WAIT)}
+    streams.answer(entries[answered], {"job_id": answered.entry_id})
+    waiting_start = redis.add_start("g1", "galaxy/engine:1.0.1")
+    waiting_stop = redis.add_stop("g1", "game_finished")
+    gone = redis.add_start("g1", "galaxy/engine:1.0.2")
+    assert len(redis.consumer("c2").read_new(1, NO_WAIT)) == 1  # waiting_start, to c2
+    redis.delete_entry(gone)
+    clock.advance(2.5)
+
+    found = streams.pending_jobs("g1", 10)
+
+    assert found.truncated is False
+    assert [j.job for j in found.jobs] == [delivered, waiting_start, waiting_stop]
+    first, second, third = found.jobs
+    assert first.fields == {"game_id": "g1", "image_ref": "galaxy/engine:1.0.0"}
+    assert (first.consumer, first.deliveries, first.idle) == ("c1", 1, timedelta(seconds=2.5))
+    assert (second.consumer, second.delivered) == ("c2", True)
+    assert (third.delivered, third.deliveries, third.idle) == (False, 0, None)
+    assert third.fields == {"game_id": "g1", "reason": "game_finished"}
+    assert [j.job for j in streams.pending_jobs("g2", 10).jobs] == [other_game]
+    bounded = streams.pending_jobs("g1", 1)
+    assert bounded.truncated is True
+    assert [j.job for j in bounded.jobs] == [delivered, waiting_stop]
