@@ -1,8 +1,8 @@
 """A typed Python client of rtmanager, for Game Master and tools.
 
-Every call returns domain objects (`RuntimeRecord`, `OperationEntry`) and
-raises one exception type per stable error code, so callers branch with
-`except NotFoundError:` instead of parsing messages::
+Every call returns domain objects (`RuntimeRecord`, `OperationEntry`,
+`RuntimeExplanation`) and raises one exception type per stable error code,
+so callers branch with `except NotFoundError:` instead of parsing messages::
 
     with RuntimeManagerClient("127.0.0.1:50051", token=GM_TOKEN) as client:
         try:
@@ -26,6 +26,7 @@ from rtmanager._proto.galaxy.rtmanager.v1 import rtmanager_pb2_grpc as pb_grpc
 from rtmanager.api import convert
 from rtmanager.api.errors import ERROR_DOMAIN, error_info_of
 from rtmanager.domain.errors import ErrorCode, RuntimeManagerError
+from rtmanager.domain.explanation import RuntimeExplanation
 from rtmanager.domain.operation import OperationEntry, OpKind, OpSource, Outcome, StopReason
 from rtmanager.domain.runtime import RuntimeRecord, RuntimeStatus
 from rtmanager.ports import Page
@@ -402,6 +403,19 @@ class RuntimeManagerClient:
         """Run a reconciliation pass now (admin); with `dry_run` only plan it."""
         request = pb.ReconcileRequest(dry_run=dry_run)
         return self._call(self._admin.Reconcile, request, timeout, _as_reconcile_response)
+
+    def explain_runtime(
+        self, game_id: str, *, operations: int = 0, timeout: float | None = None
+    ) -> RuntimeExplanation:
+        """What is known about a game now (admin): its record, its container as Docker
+        reports it, its newest `operations` log entries (0: the server's default, 20),
+        the Lobby jobs for it not answered yet and who holds its lease.
+
+        `NotFoundError` only when none of these exists (and the server's scan of the
+        job streams was complete).
+        """
+        request = pb.ExplainRuntimeRequest(game_id=game_id, operations_limit=operations)
+        return self._call(self._admin.ExplainRuntime, request, timeout, convert.explanation_from_pb)
 
     def watch_runtimes(
         self,
