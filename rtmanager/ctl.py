@@ -6,13 +6,15 @@ One subcommand per RPC, each a call of `rtmanager.client.RuntimeManagerClient`
     rtmanager ctl start g1 galaxy/engine:1.4.2
     rtmanager ctl --json get g1
     rtmanager ctl ops --game g1 --limit 20
+    rtmanager ctl explain g1
 
 Output is a readable table by default; `--json` prints machine output
-instead: records and operation-log entries as objects whose timestamps are
-ISO-8601 UTC strings and whose enum values are the lower-case strings the
-domain stores; listings as an object holding the array and
-`next_page_token`; `reconcile` and `watch` as the proto messages rendered by
-`google.protobuf.json_format` (`watch` prints one object per line).
+instead: records, operation-log entries and `explain`'s answer as objects
+whose timestamps are ISO-8601 UTC strings, whose durations are seconds and
+whose enum values are the lower-case strings the domain stores; listings as
+an object holding the array and `next_page_token`; `reconcile` and `watch`
+as the proto messages rendered by `google.protobuf.json_format` (`watch`
+prints one object per line).
 
 The connection comes from the global options, given after `ctl` (or after
 the subcommand):
@@ -36,8 +38,8 @@ import json
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
-from datetime import UTC, datetime
+from dataclasses import dataclass, fields, is_dataclass
+from datetime import UTC, datetime, timedelta
 from enum import Enum
 from pathlib import Path
 from typing import Any, TextIO
@@ -63,6 +65,8 @@ from rtmanager.client import (
     ServiceUnavailableError,
     UnauthenticatedError,
 )
+from rtmanager.domain.explanation import ContainerState, LeaseHolder, RuntimeExplanation
+from rtmanager.domain.jobs import PendingJob
 from rtmanager.domain.operation import OperationEntry, OpKind, OpSource, Outcome, StopReason
 from rtmanager.domain.runtime import RuntimeRecord, RuntimeStatus
 from rtmanager.ports import Page
@@ -225,11 +229,21 @@ def _jsonable(value: object) -> Any:
         return value.value
     if isinstance(value, datetime):
         return iso_utc(value)
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    if is_dataclass(value) and not isinstance(value, type):
+        return to_json(value)
+    if isinstance(value, Mapping):
+        return {str(key): _jsonable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(item) for item in value]
     return value
 
 
-def to_json(item: RuntimeRecord | OperationEntry) -> dict[str, Any]:
-    """A record or an operation-log entry as a JSON-ready dict (an entry's id first)."""
+def to_json(item: Any) -> dict[str, Any]:
+    """A domain object (a record, an operation-log entry, an explanation, ...) as a
+    JSON-ready dict: enums as their values, times as ISO-8601 UTC, durations in
+    seconds, an operation-log entry's id first."""
     data = {field.name: _jsonable(getattr(item, field.name)) for field in fields(item)}
     if isinstance(item, OperationEntry):
         data = {"id": data.pop("id"), **data}
@@ -307,6 +321,80 @@ def record_details(record: RuntimeRecord) -> str:
             ("last op at", _short_time(record.last_op_at)),
         ]
     )
+
+
+def _seconds(value: timedelta | None) -> str:
+    return "-" if value is None else f"{value.total_seconds():.1f}s"
+
+
+def container_details(container: ContainerState) -> str:
+    """What Docker reports of a container, one field per line."""
+    exit_code = "-" if container.exit_code is None else str(container.exit_code)
+    return details(
+        [
+            ("id", container.id),
+            ("name", container.name),
+            ("status", container.status),
+            ("exit code", exit_code),
+            ("oom killed", "yes" if container.oom_killed else "no"),
+            ("health", container.health or ""),
+            ("started at", _short_time(container.started_at)),
+            ("finished at", _short_time(container.finished_at)),
+            ("restart count", str(container.restart_count)),
+            ("image", container.image_ref),
+            ("image id", container.image_id),
+            ("ours", "yes" if container.owned else "no (not this deployment's: never touched)"),
+        ]
+    )
+
+
+def lease_text(lease: LeaseHolder | None) -> str:
+    """Who holds a game's lease, in a line."""
+    if lease is None:
+        return "free"
+    holder = lease.instance_id or "a holder that does not name itself"
+    if lease.ttl is None:
+        return f"held by {holder}, without expiry"
+    return f"held by {holder}, expires in {_seconds(lease.ttl)} unless renewed"
+
+
+PENDING_HEADERS = ("KIND", "ENTRY ID", "FIELDS", "CONSUMER", "DELIVERIES", "IDLE")
+
+
+def pending_row(pending: PendingJob) -> list[str]:
+    """The table cells of one unanswered Lobby job (its game id left out)."""
+    shown = " ".join(f"{k}={v}" for k, v in pending.fields.items() if k != "game_id")
+    return [
+        str(pending.job.kind),
+        pending.job.entry_id,
+        shown,
+        pending.consumer or "(not delivered)",
+        str(pending.deliveries),
+        _seconds(pending.idle),
+    ]
+
+
+def explanation_text(explanation: RuntimeExplanation) -> str:
+    """What is known about a game, one section per source."""
+    record, container = explanation.record, explanation.container
+    sections = [
+        f"runtime record:\n{record_details(record)}" if record else "runtime record: none",
+        f"container:\n{container_details(container)}" if container else "container: none",
+        f"lease: {lease_text(explanation.lease)}",
+    ]
+    if explanation.pending_jobs:
+        rows = [pending_row(job) for job in explanation.pending_jobs]
+        sections.append(f"unanswered lobby jobs:\n{table(PENDING_HEADERS, rows)}")
+    else:
+        sections.append("unanswered lobby jobs: none")
+    if explanation.pending_jobs_truncated:
+        sections[-1] += "\n(the scan of the job streams stopped at its bound: there may be more)"
+    if explanation.operations:
+        rows = [operation_row(entry) for entry in explanation.operations]
+        sections.append(f"latest operations:\n{table(OPERATION_HEADERS, rows)}")
+    else:
+        sections.append("latest operations: none")
+    return "\n\n".join(sections)
 
 
 def message_to_json(message: Message) -> dict[str, Any]:
@@ -505,6 +593,14 @@ def _reconcile(client: RuntimeManagerClient, args: argparse.Namespace, out: Outp
         out.emit(reconcile_text(reply))
 
 
+def _explain(client: RuntimeManagerClient, args: argparse.Namespace, out: Output) -> None:
+    explanation = client.explain_runtime(args.game, operations=args.limit)
+    if out.json:
+        out.emit_json(to_json(explanation))
+    else:
+        out.emit(explanation_text(explanation))
+
+
 def _watch(client: RuntimeManagerClient, args: argparse.Namespace, out: Output) -> None:
     stream = client.watch_runtimes(
         game_ids=args.game or [],
@@ -679,6 +775,20 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     sub = command("reconcile", _reconcile, "run a reconciliation pass now (admin)")
     sub.add_argument("--dry-run", action="store_true", help="only return the plan")
 
+    sub = command(
+        "explain",
+        _explain,
+        "what is known about a game: record, container, lease, Lobby jobs, operations (admin)",
+    )
+    game(sub)
+    sub.add_argument(
+        "--limit",
+        type=_non_negative_int,
+        default=0,
+        metavar="N",
+        help="operation-log entries to show (default: the server's, 20; at most 100)",
+    )
+
     sub = command("watch", _watch, "stream runtime changes until interrupted")
     sub.add_argument("--game", action="append", metavar="G", help="only this game (repeatable)")
     sub.add_argument(
@@ -704,7 +814,7 @@ def add_ctl_parser(commands: Any) -> argparse.ArgumentParser:
     """Register `ctl` on the subparsers action of the `rtmanager` command."""
     parser: argparse.ArgumentParser = commands.add_parser(
         "ctl",
-        help="call a running server: start, stop, get, list, ops, ... (a human client)",
+        help="call a running server: start, stop, get, list, ops, explain, ... (a human client)",
         description="Call a running rtmanager server (a human client).",
     )
     configure_parser(parser)

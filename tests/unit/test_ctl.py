@@ -37,9 +37,11 @@ from rtmanager.client import (
     UnimplementedError,
     watch_request,
 )
+from rtmanager.domain.explanation import RuntimeExplanation
 from rtmanager.domain.operation import OperationEntry, OpKind, OpSource, Outcome, StopReason
 from rtmanager.domain.runtime import RuntimeRecord, RuntimeStatus
 from rtmanager.ports import Page
+from tests.unit.test_explain_wire import full_explanation
 
 T0 = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
 CONTAINER = "0123456789abcdef" * 4
@@ -95,11 +97,13 @@ class StubSession(RuntimeManagerClient):
         fail: Exception | None = None,
         pages: list[Page[RuntimeRecord]] | None = None,
         watch: list[pb.WatchRuntimesResponse] | None = None,
+        explanation: RuntimeExplanation | None = None,
     ) -> None:
         # No channel: nothing here goes over the wire.
         self.fail = fail
         self.pages = pages or [Page([record("g1"), record("g2", RuntimeStatus.STOPPED)], "")]
         self.watch = watch or []
+        self.explanation = explanation or full_explanation()
         self.calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
         self.closed = False
         self.connection: ctl.Connection | None = None
@@ -185,6 +189,12 @@ class StubSession(RuntimeManagerClient):
                 )
             ],
         )
+
+    def explain_runtime(
+        self, game_id: str, *, operations: int = 0, timeout: float | None = None
+    ) -> RuntimeExplanation:
+        self._called("explain", game_id, operations=operations)
+        return self.explanation
 
     def watch_runtimes(  # type: ignore[override]
         self,
@@ -286,6 +296,8 @@ def test_cli_runs_ctl_without_server_settings(
         ["--tls-cert", "/nonexistent.pem", "get", "g1"],
         ["--tls-ca", "/nonexistent/ca.pem", "get", "g1"],
         ["ops", "--since", "2024-05-02", "--until", "2024-05-01"],
+        ["explain"],
+        ["explain", "g1", "--limit", "-1"],
     ],
 )
 def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
@@ -385,6 +397,8 @@ def test_subcommands_call_the_client_with_their_arguments() -> None:
             ("cleanup", ("g1",), {"force": True, "source_ref": ""}),
         ),
         (["reconcile", "--dry-run"], ("reconcile", (), {"dry_run": True})),
+        (["explain", "g1", "--limit", "5"], ("explain", ("g1",), {"operations": 5})),
+        (["explain", "g1"], ("explain", ("g1",), {"operations": 0})),
         (
             ["list", "--status", "stopped", "--page-size", "5", "--page-token", "0"],
             ("list", (), {"status": RuntimeStatus.STOPPED, "page_size": 5, "page_token": "0"}),
@@ -603,6 +617,103 @@ def test_reconcile_output() -> None:
     assert code == 0
     assert out.startswith("applied: adopted 1, disposed 0")
     assert "adopt" in out and CONTAINER[:12] in out
+
+
+def test_explain_json_has_every_part_with_iso_times_and_durations_in_seconds() -> None:
+    code, out, _ = run(["--json", "explain", "g1"])
+    assert code == 0
+    explained = json.loads(out)
+    assert list(explained) == [
+        "game_id",
+        "record",
+        "container",
+        "operations",
+        "pending_jobs",
+        "pending_jobs_truncated",
+        "lease",
+    ]
+    assert explained["record"]["status"] == "stopped"
+    assert explained["record"]["stopped_at"] == "2024-05-01T12:02:00Z"
+    container = explained["container"]
+    assert (container["status"], container["exit_code"], container["oom_killed"]) == (
+        "exited",
+        0,
+        True,
+    )
+    assert (container["restart_count"], container["health"]) == (2, "unhealthy")
+    assert container["finished_at"] == "2024-05-01T12:01:00.000005Z"
+    (operation,) = explained["operations"]
+    assert next(iter(operation)) == "id"
+    assert (operation["op_kind"], operation["op_source"]) == ("stop", "auto_reconcile")
+    delivered, waiting = explained["pending_jobs"]
+    assert delivered == {
+        "job": {"kind": "start", "stream": "runtime:start_jobs", "entry_id": "1714564800000-0"},
+        "fields": {"game_id": "g1", "image_ref": "galaxy/engine-stub:1.0.1"},
+        "consumer": "rtm-1",
+        "deliveries": 2,
+        "idle": 3.25,
+    }
+    assert (waiting["consumer"], waiting["deliveries"], waiting["idle"]) == ("", 0, None)
+    assert explained["pending_jobs_truncated"] is True
+    assert explained["lease"] == {"instance_id": "rtm-2", "ttl": 29.5}
+
+    code, out, _ = run(
+        ["--json", "explain", "g1"], StubSession(explanation=RuntimeExplanation("g1"))
+    )
+    assert json.loads(out) == {
+        "game_id": "g1",
+        "record": None,
+        "container": None,
+        "operations": [],
+        "pending_jobs": [],
+        "pending_jobs_truncated": False,
+        "lease": None,
+    }
+
+
+def test_explain_table_shows_one_section_per_source() -> None:
+    code, out, _ = run(["explain", "g1"])
+    assert code == 0
+    sections = out.rstrip("\n").split("\n\n")
+    assert [section.splitlines()[0].split(":")[0] for section in sections] == [
+        "runtime record",
+        "container",
+        "lease",
+        "unanswered lobby jobs",
+        "latest operations",
+    ]
+    record, container, lease, jobs, operations = sections
+    assert "stopped at:" in record and CONTAINER in record
+    assert "exit code:     0" in container
+    assert "oom killed:    yes" in container
+    assert "restart count: 2" in container
+    assert lease == "lease: held by rtm-2, expires in 29.5s unless renewed"
+    header, delivered, waiting, truncated = jobs.splitlines()[1:]
+    assert header.split() == ["KIND", "ENTRY", "ID", "FIELDS", "CONSUMER", "DELIVERIES", "IDLE"]
+    assert delivered.split() == [
+        "start",
+        "1714564800000-0",
+        "image_ref=galaxy/engine-stub:1.0.1",
+        "rtm-1",
+        "2",
+        "3.2s",
+    ]
+    assert waiting.split() == ["stop", "1714564800001-0", "-", "(not", "delivered)", "0", "-"]
+    assert "there may be more" in truncated
+    assert operations.splitlines()[2].split()[:4] == ["7", "2024-05-01T12:02:00Z", "g1", "stop"]
+
+    code, out, _ = run(["explain", "g1"], StubSession(explanation=RuntimeExplanation("g1")))
+    assert out.splitlines() == [
+        "runtime record: none",
+        "",
+        "container: none",
+        "",
+        "lease: free",
+        "",
+        "unanswered lobby jobs: none",
+        "",
+        "latest operations: none",
+    ]
 
 
 def _watch_messages() -> list[pb.WatchRuntimesResponse]:
