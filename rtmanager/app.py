@@ -38,7 +38,7 @@ from rtmanager.lifecycle.cleanup import CleanupService
 from rtmanager.lifecycle.common import LifecycleDeps, LifecycleSettings
 from rtmanager.lifecycle.leasing import GameLock
 from rtmanager.lifecycle.patch import PatchService
-from rtmanager.lifecycle.queries import RuntimeQueries
+from rtmanager.lifecycle.queries import RuntimeExplainer, RuntimeQueries
 from rtmanager.lifecycle.reconcile import Reconciler
 from rtmanager.lifecycle.recorder import OperationRecorder
 from rtmanager.lifecycle.restart import RecreateService, RestartService
@@ -204,7 +204,9 @@ class Application:
             telemetry=telemetry,
         )
         self.redis = create_redis(settings.redis_url, timeout=REDIS_COMMAND_TIMEOUT)
-        self.leases = RedisGameLeases(self.redis, prefix=settings.redis_prefix)
+        self.leases = RedisGameLeases(
+            self.redis, prefix=settings.redis_prefix, instance_id=settings.instance_id
+        )
         self._docker_adapter = DockerEngineAdapter(
             base_url=settings.docker_host,
             cluster=settings.cluster,
@@ -226,6 +228,7 @@ class Application:
         recreate = RecreateService(deps, stop=stop, start=start)
         cleanup = CleanupService(deps, stop=stop)
         self.reconciler = Reconciler(deps, telemetry=telemetry)
+        job_streams = RedisJobStreams(self.redis, job_streams_config(settings))
         self.lifecycles = Lifecycles(
             queries=RuntimeQueries(self.units_of_work),
             start=start,
@@ -235,9 +238,10 @@ class Application:
             cleanup=cleanup,
             reconciler=self.reconciler,
             watch=WatchService(self.feed, heartbeat=settings.watch_heartbeat),
+            explainer=RuntimeExplainer(self.units_of_work, self.docker, self.leases, job_streams),
         )
         self.stream_consumer = StreamConsumer(
-            RedisJobStreams(self.redis, job_streams_config(settings)),
+            job_streams,
             start,
             stop,
             consumer_settings(settings),

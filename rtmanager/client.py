@@ -1,8 +1,8 @@
 """A typed Python client of rtmanager, for Game Master and tools.
 
-Every call returns domain objects (`RuntimeRecord`, `OperationEntry`) and
-raises one exception type per stable error code, so callers branch with
-`except NotFoundError:` instead of parsing messages::
+Every call returns domain objects (`RuntimeRecord`, `OperationEntry`,
+`RuntimeExplanation`) and raises one exception type per stable error code,
+so callers branch with `except NotFoundError:` instead of parsing messages::
 
     with RuntimeManagerClient("127.0.0.1:50051", token=GM_TOKEN) as client:
         try:
@@ -13,11 +13,11 @@ raises one exception type per stable error code, so callers branch with
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Self, TypeVar
 
 import grpc
 
@@ -25,10 +25,13 @@ from rtmanager._proto.galaxy.rtmanager.v1 import rtmanager_pb2 as pb
 from rtmanager._proto.galaxy.rtmanager.v1 import rtmanager_pb2_grpc as pb_grpc
 from rtmanager.api import convert
 from rtmanager.api.errors import ERROR_DOMAIN, error_info_of
-from rtmanager.domain.errors import ErrorCode
+from rtmanager.domain.errors import ErrorCode, RuntimeManagerError
+from rtmanager.domain.explanation import RuntimeExplanation
 from rtmanager.domain.operation import OperationEntry, OpKind, OpSource, Outcome, StopReason
 from rtmanager.domain.runtime import RuntimeRecord, RuntimeStatus
 from rtmanager.ports import Page, RuntimeEvent
+
+T = TypeVar("T")
 
 
 class RuntimeManagerClientError(Exception):
@@ -108,6 +111,10 @@ class InternalServerError(RuntimeManagerClientError):
     """`internal`: a bug in the server."""
 
     error_code = ErrorCode.INTERNAL
+
+
+class UnexpectedResponseError(InternalServerError):
+    """The server's reply could not be read (a bug, or a server newer than this client)."""
 
 
 class UnauthenticatedError(RuntimeManagerClientError):
@@ -239,15 +246,25 @@ class RuntimeManagerClient:
         """Close the channel."""
         self._channel.close()
 
-    def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
+    def _call(
+        self, method: Any, request: Any, timeout: float | None, decode: Callable[[Any], T]
+    ) -> T:
+        """Make one unary call and decode its reply; every failure is a typed error."""
         try:
-            return method(
+            reply = method(
                 request,
                 timeout=self._timeout if timeout is None else timeout,
                 metadata=self._metadata,
             )
         except grpc.RpcError as error:
             raise error_from_rpc(error) from None
+        try:
+            return decode(reply)
+        except RuntimeManagerError as error:
+            raise UnexpectedResponseError(
+                f"unexpected response from the server: {error.message}",
+                status=grpc.StatusCode.INTERNAL,
+            ) from None
 
     def start_runtime(
         self, game_id: str, image_ref: str, *, source_ref: str = "", timeout: float | None = None
@@ -256,8 +273,7 @@ class RuntimeManagerClient:
         request = pb.StartRuntimeRequest(
             game_id=game_id, image_ref=image_ref, source_ref=source_ref
         )
-        reply = self._call(self._runtime.StartRuntime, request, timeout)
-        return convert.record_from_pb(reply.runtime)
+        return self._call(self._runtime.StartRuntime, request, timeout, _runtime_of)
 
     def stop_runtime(
         self,
@@ -271,16 +287,14 @@ class RuntimeManagerClient:
         request = pb.StopRuntimeRequest(
             game_id=game_id, reason=convert.STOP_REASON_TO_PB[reason], source_ref=source_ref
         )
-        reply = self._call(self._runtime.StopRuntime, request, timeout)
-        return convert.record_from_pb(reply.runtime)
+        return self._call(self._runtime.StopRuntime, request, timeout, _runtime_of)
 
     def restart_runtime(
         self, game_id: str, *, source_ref: str = "", timeout: float | None = None
     ) -> RuntimeRecord:
         """Recreate the engine with its current image."""
         request = pb.RestartRuntimeRequest(game_id=game_id, source_ref=source_ref)
-        reply = self._call(self._runtime.RestartRuntime, request, timeout)
-        return convert.record_from_pb(reply.runtime)
+        return self._call(self._runtime.RestartRuntime, request, timeout, _runtime_of)
 
     def patch_runtime(
         self, game_id: str, image_ref: str, *, source_ref: str = "", timeout: float | None = None
@@ -289,13 +303,12 @@ class RuntimeManagerClient:
         request = pb.PatchRuntimeRequest(
             game_id=game_id, image_ref=image_ref, source_ref=source_ref
         )
-        reply = self._call(self._runtime.PatchRuntime, request, timeout)
-        return convert.record_from_pb(reply.runtime)
+        return self._call(self._runtime.PatchRuntime, request, timeout, _runtime_of)
 
     def get_runtime(self, game_id: str, *, timeout: float | None = None) -> RuntimeRecord:
         """The runtime record of a game."""
-        reply = self._call(self._runtime.GetRuntime, pb.GetRuntimeRequest(game_id=game_id), timeout)
-        return convert.record_from_pb(reply.runtime)
+        request = pb.GetRuntimeRequest(game_id=game_id)
+        return self._call(self._runtime.GetRuntime, request, timeout, _runtime_of)
 
     def list_runtimes(
         self,
@@ -311,20 +324,24 @@ class RuntimeManagerClient:
             page_size=page_size,
             page_token=page_token,
         )
-        reply = self._call(self._runtime.ListRuntimes, request, timeout)
-        return Page(
-            [convert.record_from_pb(record) for record in reply.runtimes], reply.next_page_token
+        return self._call(
+            self._runtime.ListRuntimes,
+            request,
+            timeout,
+            lambda reply: Page(
+                [convert.record_from_pb(record) for record in reply.runtimes],
+                reply.next_page_token,
+            ),
         )
 
-    def iter_runtimes(self, *, status: RuntimeStatus | None = None) -> Iterator[RuntimeRecord]:
-        """Every runtime record, following page tokens."""
-        token = ""
-        while True:
-            page = self.list_runtimes(status=status, page_size=500, page_token=token)
-            yield from page.items
-            token = page.next_page_token
-            if not token:
-                return
+    def iter_runtimes(
+        self, *, status: RuntimeStatus | None = None, page_size: int = 500, page_token: str = ""
+    ) -> Iterator[RuntimeRecord]:
+        """Every runtime record (from `page_token` on), following page tokens to the end."""
+        return _every_item(
+            lambda token: self.list_runtimes(status=status, page_size=page_size, page_token=token),
+            page_token,
+        )
 
     def cleanup_runtime(
         self,
@@ -336,8 +353,7 @@ class RuntimeManagerClient:
     ) -> RuntimeRecord:
         """Remove a stopped runtime's container (admin); `force` stops it first."""
         request = pb.CleanupRuntimeRequest(game_id=game_id, force=force, source_ref=source_ref)
-        reply = self._call(self._admin.CleanupRuntime, request, timeout)
-        return convert.record_from_pb(reply.runtime)
+        return self._call(self._admin.CleanupRuntime, request, timeout, _runtime_of)
 
     def list_operations(
         self,
@@ -365,39 +381,59 @@ class RuntimeManagerClient:
             page_size=page_size,
             page_token=page_token,
         )
-        reply = self._call(self._admin.ListOperations, request, timeout)
-        return Page(
-            [convert.operation_from_pb(entry) for entry in reply.operations],
-            reply.next_page_token,
+        return self._call(
+            self._admin.ListOperations,
+            request,
+            timeout,
+            lambda reply: Page(
+                [convert.operation_from_pb(entry) for entry in reply.operations],
+                reply.next_page_token,
+            ),
         )
 
     def iter_operations(self, **filters: Any) -> Iterator[OperationEntry]:
         """Every matching operation-log entry, newest first, following page tokens."""
-        token = ""
-        while True:
-            page = self.list_operations(page_size=500, page_token=token, **filters)
-            yield from page.items
-            token = page.next_page_token
-            if not token:
-                return
+        return _every_item(
+            lambda token: self.list_operations(page_size=500, page_token=token, **filters)
+        )
 
     def reconcile(
         self, *, dry_run: bool = False, timeout: float | None = None
     ) -> pb.ReconcileResponse:
         """Run a reconciliation pass now (admin); with `dry_run` only plan it."""
-        reply: pb.ReconcileResponse = self._call(
-            self._admin.Reconcile, pb.ReconcileRequest(dry_run=dry_run), timeout
-        )
-        return reply
+        request = pb.ReconcileRequest(dry_run=dry_run)
+        return self._call(self._admin.Reconcile, request, timeout, _as_reconcile_response)
+
+    def explain_runtime(
+        self, game_id: str, *, operations: int = 0, timeout: float | None = None
+    ) -> RuntimeExplanation:
+        """What is known about a game now (admin): its record, its container as Docker
+        reports it, its newest `operations` log entries (0: the server's default, 20),
+        the Lobby jobs for it not answered yet and who holds its lease.
+
+        `NotFoundError` only when none of these exists (and the server's scan of the
+        job streams was complete).
+        """
+        request = pb.ExplainRuntimeRequest(game_id=game_id, operations_limit=operations)
+        return self._call(self._admin.ExplainRuntime, request, timeout, convert.explanation_from_pb)
 
     def watch_runtimes(
-        self, request: pb.WatchRuntimesRequest, *, timeout: float | None = None
+        self,
+        request: pb.WatchRuntimesRequest | None = None,
+        *,
+        game_ids: Iterable[str] = (),
+        statuses: Iterable[RuntimeStatus] = (),
+        since: str = "",
+        initial_snapshot: bool = False,
+        timeout: float | None = None,
     ) -> Iterator[pb.WatchRuntimesResponse]:
         """Stream runtime changes (no deadline unless `timeout`); failures raise typed errors.
 
-        Keep the last `cursor` seen (events, SnapshotComplete, bookmarks) and
-        pass it as `since` to resume after a disconnect without loss or
-        repetition. `CursorExpiredError` means resync with `initial_snapshot`.
+        The filters are given either as a `request` or as keywords (see
+        `watch_request`). Keep the last `cursor` seen (events,
+        SnapshotComplete, bookmarks) and pass it as `since` to resume after
+        a disconnect without loss or repetition. `CursorExpiredError` means
+        resync with `initial_snapshot`.
 
         `runtime_event(message.event)` is an event's typed form. The stop and
         start of a restart or patch (and a forced cleanup's stop) name that
@@ -406,6 +442,13 @@ class RuntimeManagerClient:
         after them with the outcome of the whole operation: a stop with a
         parent is not the end of a game.
         """
+        if request is None:
+            request = watch_request(
+                game_ids=game_ids,
+                statuses=statuses,
+                since=since,
+                initial_snapshot=initial_snapshot,
+            )
         try:
             yield from self._runtime.WatchRuntimes(
                 request, timeout=timeout, metadata=self._metadata
@@ -421,3 +464,40 @@ def runtime_event(message: pb.RuntimeEvent) -> RuntimeEvent:
     from a newer server, say).
     """
     return convert.event_from_pb(message)
+
+
+def watch_request(
+    *,
+    game_ids: Iterable[str] = (),
+    statuses: Iterable[RuntimeStatus] = (),
+    since: str = "",
+    initial_snapshot: bool = False,
+) -> pb.WatchRuntimesRequest:
+    """A `WatchRuntimesRequest`: only these games and statuses (none: all), resuming after
+    `since`, with the current records first when `initial_snapshot`."""
+    return pb.WatchRuntimesRequest(
+        game_ids=list(game_ids),
+        statuses=[convert.STATUS_TO_PB[status] for status in statuses],
+        since=since,
+        initial_snapshot=initial_snapshot,
+    )
+
+
+def _runtime_of(reply: Any) -> RuntimeRecord:
+    """The record every lifecycle reply and `GetRuntimeResponse` carry in `runtime`."""
+    return convert.record_from_pb(reply.runtime)
+
+
+def _as_reconcile_response(reply: pb.ReconcileResponse) -> pb.ReconcileResponse:
+    return reply
+
+
+def _every_item(page_of: Callable[[str], Page[T]], page_token: str = "") -> Iterator[T]:
+    """The items of every page from `page_token` on, fetching each page when reached."""
+    token = page_token
+    while True:
+        page = page_of(token)
+        yield from page.items
+        token = page.next_page_token
+        if not token:
+            return

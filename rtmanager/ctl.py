@@ -1,17 +1,20 @@
 """`rtmanager ctl`: a human client of a running rtmanager server.
 
-One subcommand per RPC, built on `rtmanager.client.RuntimeManagerClient`::
+One subcommand per RPC, each a call of `rtmanager.client.RuntimeManagerClient`
+(its channel, its typed errors, its paging)::
 
     rtmanager ctl start g1 galaxy/engine:1.4.2
     rtmanager ctl --json get g1
     rtmanager ctl ops --game g1 --limit 20
+    rtmanager ctl explain g1
 
 Output is a readable table by default; `--json` prints machine output
-instead: records and operation-log entries as objects whose timestamps are
-ISO-8601 UTC strings and whose enum values are the lower-case strings the
-domain stores; listings as an object holding the array and
-`next_page_token`; `reconcile` and `watch` as the proto messages rendered by
-`google.protobuf.json_format` (`watch` prints one object per line).
+instead: records, operation-log entries and `explain`'s answer as objects
+whose timestamps are ISO-8601 UTC strings, whose durations are seconds and
+whose enum values are the lower-case strings the domain stores; listings as
+an object holding the array and `next_page_token`; `reconcile` and `watch`
+as the proto messages rendered by `google.protobuf.json_format` (`watch`
+prints one object per line).
 
 The connection comes from the global options, given after `ctl` (or after
 the subcommand):
@@ -21,20 +24,10 @@ the subcommand):
 mutual TLS), `--timeout` seconds per call (default 60; `watch` is not bounded
 by it).
 
-A failure prints `rtmanager ctl: <code>: <message>` on stderr and exits with
-the code of its class:
-
-      0  success
-      1  internal, and any other failure (including unimplemented)
-      2  invalid_request, and usage errors
-      3  not_found
-      4  conflict
-      5  semver_patch_only, image_not_allowed, image_pull_failed,
-         container_start_failed
-      6  unauthenticated, permission_denied
-      7  service_unavailable (including deadline exceeded and an unreachable
-         server)
-    130  interrupted (Ctrl-C); ending `watch` with Ctrl-C is a success
+A failure prints `rtmanager ctl: <code>: <message>` on stderr, the code
+being the stable error code (`not_found`, `service_unavailable`, ...), and
+exits with the code `EXIT_CODES` gives the client's exception class
+(`--help` lists them); usage errors exit 2, Ctrl-C 130.
 """
 
 from __future__ import annotations
@@ -44,14 +37,13 @@ import contextlib
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, fields
-from datetime import UTC, datetime
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields, is_dataclass
+from datetime import UTC, datetime, timedelta
 from enum import Enum
 from pathlib import Path
-from typing import Any, Protocol, TextIO
+from typing import Any, TextIO
 
-import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
@@ -59,10 +51,22 @@ from rtmanager._proto.galaxy.rtmanager.v1 import rtmanager_pb2 as pb
 from rtmanager.api import convert
 from rtmanager.client import (
     ClientCredentials,
+    ConflictError,
+    ContainerStartFailedError,
+    ImageNotAllowedError,
+    ImagePullFailedError,
+    InternalServerError,
+    InvalidRequestError,
+    NotFoundError,
+    PermissionDeniedError,
     RuntimeManagerClient,
     RuntimeManagerClientError,
+    SemverPatchOnlyError,
+    ServiceUnavailableError,
+    UnauthenticatedError,
 )
-from rtmanager.domain.errors import ErrorCode, RuntimeManagerError
+from rtmanager.domain.explanation import ContainerState, LeaseHolder, RuntimeExplanation
+from rtmanager.domain.jobs import PendingJob
 from rtmanager.domain.operation import OperationEntry, OpKind, OpSource, Outcome, StopReason
 from rtmanager.domain.runtime import RuntimeRecord, RuntimeStatus
 from rtmanager.ports import Page
@@ -81,46 +85,61 @@ EXIT_AUTH = 6
 EXIT_UNAVAILABLE = 7
 EXIT_INTERRUPTED = 130
 
-EXIT_CODES: dict[str, int] = {
-    ErrorCode.INVALID_REQUEST: EXIT_USAGE,
-    ErrorCode.NOT_FOUND: EXIT_NOT_FOUND,
-    ErrorCode.CONFLICT: EXIT_CONFLICT,
-    ErrorCode.SEMVER_PATCH_ONLY: EXIT_REJECTED,
-    ErrorCode.IMAGE_NOT_ALLOWED: EXIT_REJECTED,
-    ErrorCode.IMAGE_PULL_FAILED: EXIT_REJECTED,
-    ErrorCode.CONTAINER_START_FAILED: EXIT_REJECTED,
-    "unauthenticated": EXIT_AUTH,
-    "permission_denied": EXIT_AUTH,
-    ErrorCode.SERVICE_UNAVAILABLE: EXIT_UNAVAILABLE,
-    ErrorCode.INTERNAL: EXIT_FAILURE,
+# The exit code of a failed call, by the client's exception class (a
+# subclass inherits its base's); any other failure exits EXIT_FAILURE.
+EXIT_CODES: dict[type[RuntimeManagerClientError], int] = {
+    InternalServerError: EXIT_FAILURE,
+    InvalidRequestError: EXIT_USAGE,
+    NotFoundError: EXIT_NOT_FOUND,
+    ConflictError: EXIT_CONFLICT,
+    SemverPatchOnlyError: EXIT_REJECTED,
+    ImageNotAllowedError: EXIT_REJECTED,
+    ImagePullFailedError: EXIT_REJECTED,
+    ContainerStartFailedError: EXIT_REJECTED,
+    UnauthenticatedError: EXIT_AUTH,
+    PermissionDeniedError: EXIT_AUTH,
+    ServiceUnavailableError: EXIT_UNAVAILABLE,
+}
+_EXIT_NOTES = {
+    EXIT_FAILURE: ", and any other failure (including unimplemented)",
+    EXIT_USAGE: ", and usage errors",
+    EXIT_UNAVAILABLE: " (including deadline exceeded and an unreachable server)",
 }
 
-EPILOG = """\
+
+def exit_code_for(error: RuntimeManagerClientError) -> int:
+    """The process exit code of a failed call (see `EXIT_CODES`)."""
+    for cls in type(error).__mro__:
+        if cls in EXIT_CODES:
+            return EXIT_CODES[cls]
+    return EXIT_FAILURE
+
+
+def _exit_codes_help() -> str:
+    codes: dict[int, list[str]] = {EXIT_OK: ["success"]}
+    for cls, code in EXIT_CODES.items():
+        codes.setdefault(code, []).append(cls.error_code)
+    lines = [
+        f"{code:>5}  {', '.join(codes[code])}{_EXIT_NOTES.get(code, '')}" for code in sorted(codes)
+    ]
+    lines.append(
+        f"{EXIT_INTERRUPTED:>5}  interrupted (Ctrl-C); ending watch with Ctrl-C is a success"
+    )
+    return "\n".join(lines)
+
+
+EPILOG = f"""\
 exit codes:
-    0  success
-    1  internal, and any other failure (including unimplemented)
-    2  invalid_request, and usage errors
-    3  not_found
-    4  conflict
-    5  semver_patch_only, image_not_allowed, image_pull_failed, container_start_failed
-    6  unauthenticated, permission_denied
-    7  service_unavailable (including deadline exceeded and an unreachable server)
-  130  interrupted (Ctrl-C); ending watch with Ctrl-C is a success
+{_exit_codes_help()}
 
 errors are printed to stderr as 'rtmanager ctl: <code>: <message>'.
 """
 
-_CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 16 * 1024 * 1024)]
 _CONTAINER_ID_WIDTH = 12
 
 
 class UsageError(Exception):
     """Options that cannot work together, or a file that cannot be read."""
-
-
-def exit_code_for(error: RuntimeManagerClientError) -> int:
-    """The process exit code of a failed call (see the module docstring)."""
-    return EXIT_CODES.get(error.code, EXIT_FAILURE)
 
 
 def error_label(error: RuntimeManagerClientError) -> str:
@@ -142,98 +161,17 @@ class Connection:
     timeout: float = DEFAULT_TIMEOUT
 
 
-class Session(Protocol):
-    """What the subcommands call; `RuntimeManagerClient` plus `watch_runtimes`."""
-
-    def start_runtime(self, game_id: str, image_ref: str, *, source_ref: str = "") -> RuntimeRecord:
-        """StartRuntime."""
-        ...
-
-    def stop_runtime(
-        self, game_id: str, *, reason: StopReason = StopReason.ADMIN_REQUEST, source_ref: str = ""
-    ) -> RuntimeRecord:
-        """StopRuntime."""
-        ...
-
-    def restart_runtime(self, game_id: str, *, source_ref: str = "") -> RuntimeRecord:
-        """RestartRuntime."""
-        ...
-
-    def patch_runtime(self, game_id: str, image_ref: str, *, source_ref: str = "") -> RuntimeRecord:
-        """PatchRuntime."""
-        ...
-
-    def get_runtime(self, game_id: str) -> RuntimeRecord:
-        """GetRuntime."""
-        ...
-
-    def list_runtimes(
-        self, *, status: RuntimeStatus | None = None, page_size: int = 0, page_token: str = ""
-    ) -> Page[RuntimeRecord]:
-        """ListRuntimes (one page)."""
-        ...
-
-    def cleanup_runtime(
-        self, game_id: str, *, force: bool = False, source_ref: str = ""
-    ) -> RuntimeRecord:
-        """CleanupRuntime."""
-        ...
-
-    def list_operations(
-        self,
-        *,
-        game_id: str = "",
-        op_kind: OpKind | None = None,
-        op_source: OpSource | None = None,
-        outcome: Outcome | None = None,
-        since: datetime | None = None,
-        until: datetime | None = None,
-        page_size: int = 0,
-        page_token: str = "",
-    ) -> Page[OperationEntry]:
-        """ListOperations (one page)."""
-        ...
-
-    def reconcile(self, *, dry_run: bool = False) -> pb.ReconcileResponse:
-        """Reconcile."""
-        ...
-
-    def watch_runtimes(
-        self, request: pb.WatchRuntimesRequest
-    ) -> Iterator[pb.WatchRuntimesResponse]:
-        """WatchRuntimes: the server's stream, message by message."""
-        ...
-
-    def close(self) -> None:
-        """Release the connection."""
-        ...
-
-
-def open_channel(connection: Connection) -> grpc.Channel:
-    """A channel to the server, with TLS when `connection.tls` is set."""
-    if connection.tls is None:
-        return grpc.insecure_channel(connection.address, options=_CHANNEL_OPTIONS)
-    credentials = grpc.ssl_channel_credentials(
-        root_certificates=connection.tls.root_certificates,
-        private_key=connection.tls.private_key,
-        certificate_chain=connection.tls.certificate_chain,
+def connect(connection: Connection) -> RuntimeManagerClient:
+    """The typed client for `connection`."""
+    return RuntimeManagerClient(
+        connection.address,
+        token=connection.token,
+        tls=connection.tls,
+        timeout=connection.timeout,
     )
-    return grpc.secure_channel(connection.address, credentials, options=_CHANNEL_OPTIONS)
 
 
-class CtlClient(RuntimeManagerClient):
-    """The typed client on a channel built from the command line's options."""
-
-    def __init__(self, connection: Connection) -> None:
-        super().__init__(
-            connection.address,
-            token=connection.token,
-            timeout=connection.timeout,
-            channel=open_channel(connection),
-        )
-
-
-Connect = Callable[[Connection], Session]
+Connect = Callable[[Connection], RuntimeManagerClient]
 
 
 def _env_address() -> str:
@@ -291,11 +229,21 @@ def _jsonable(value: object) -> Any:
         return value.value
     if isinstance(value, datetime):
         return iso_utc(value)
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    if is_dataclass(value) and not isinstance(value, type):
+        return to_json(value)
+    if isinstance(value, Mapping):
+        return {str(key): _jsonable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(item) for item in value]
     return value
 
 
-def to_json(item: RuntimeRecord | OperationEntry) -> dict[str, Any]:
-    """A record or an operation-log entry as a JSON-ready dict (an entry's id first)."""
+def to_json(item: Any) -> dict[str, Any]:
+    """A domain object (a record, an operation-log entry, an explanation, ...) as a
+    JSON-ready dict: enums as their values, times as ISO-8601 UTC, durations in
+    seconds, an operation-log entry's id first."""
     data = {field.name: _jsonable(getattr(item, field.name)) for field in fields(item)}
     if isinstance(item, OperationEntry):
         data = {"id": data.pop("id"), **data}
@@ -320,16 +268,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 RECORD_HEADERS = ("GAME ID", "STATUS", "IMAGE", "CONTAINER", "ENDPOINT", "LAST OP")
-OPERATION_HEADERS = (
-    "ID",
-    "TIME",
-    "GAME",
-    "KIND",
-    "SOURCE",
-    "OUTCOME",
-    "ERROR",
-    "SOURCE REF",
-)
+OPERATION_HEADERS = ("ID", "TIME", "GAME", "KIND", "SOURCE", "OUTCOME", "ERROR", "SOURCE REF")
 
 
 def record_row(record: RuntimeRecord) -> list[str]:
@@ -342,11 +281,6 @@ def record_row(record: RuntimeRecord) -> list[str]:
         record.engine_endpoint,
         _short_time(record.last_op_at),
     ]
-
-
-def records_table(records: Sequence[RuntimeRecord]) -> str:
-    """Records as a table."""
-    return table(RECORD_HEADERS, [record_row(record) for record in records])
 
 
 def operation_row(entry: OperationEntry) -> list[str]:
@@ -363,29 +297,104 @@ def operation_row(entry: OperationEntry) -> list[str]:
     ]
 
 
-def operations_table(entries: Sequence[OperationEntry]) -> str:
-    """Operation-log entries as a table."""
-    return table(OPERATION_HEADERS, [operation_row(entry) for entry in entries])
+def details(rows: Sequence[tuple[str, str]]) -> str:
+    """`name: value` lines with the values aligned; empty values shown as '-'."""
+    width = max(len(name) for name, _ in rows) + 1
+    return "\n".join(f"{name + ':':<{width}} {value or '-'}" for name, value in rows)
 
 
 def record_details(record: RuntimeRecord) -> str:
     """Every field of one record, one per line."""
-    rows = [
-        ("game id", record.game_id),
-        ("status", str(record.status)),
-        ("image", record.current_image_ref),
-        ("container", record.current_container_id),
-        ("endpoint", record.engine_endpoint),
-        ("state path", record.state_path),
-        ("network", record.docker_network),
-        ("created at", _short_time(record.created_at)),
-        ("started at", _short_time(record.started_at)),
-        ("stopped at", _short_time(record.stopped_at)),
-        ("removed at", _short_time(record.removed_at)),
-        ("last op at", _short_time(record.last_op_at)),
+    return details(
+        [
+            ("game id", record.game_id),
+            ("status", str(record.status)),
+            ("image", record.current_image_ref),
+            ("container", record.current_container_id),
+            ("endpoint", record.engine_endpoint),
+            ("state path", record.state_path),
+            ("network", record.docker_network),
+            ("created at", _short_time(record.created_at)),
+            ("started at", _short_time(record.started_at)),
+            ("stopped at", _short_time(record.stopped_at)),
+            ("removed at", _short_time(record.removed_at)),
+            ("last op at", _short_time(record.last_op_at)),
+        ]
+    )
+
+
+def _seconds(value: timedelta | None) -> str:
+    return "-" if value is None else f"{value.total_seconds():.1f}s"
+
+
+def container_details(container: ContainerState) -> str:
+    """What Docker reports of a container, one field per line."""
+    exit_code = "-" if container.exit_code is None else str(container.exit_code)
+    return details(
+        [
+            ("id", container.id),
+            ("name", container.name),
+            ("status", container.status),
+            ("exit code", exit_code),
+            ("oom killed", "yes" if container.oom_killed else "no"),
+            ("health", container.health or ""),
+            ("started at", _short_time(container.started_at)),
+            ("finished at", _short_time(container.finished_at)),
+            ("restart count", str(container.restart_count)),
+            ("image", container.image_ref),
+            ("image id", container.image_id),
+            ("ours", "yes" if container.owned else "no (not this deployment's: never touched)"),
+        ]
+    )
+
+
+def lease_text(lease: LeaseHolder | None) -> str:
+    """Who holds a game's lease, in a line."""
+    if lease is None:
+        return "free"
+    holder = lease.instance_id or "a holder that does not name itself"
+    if lease.ttl is None:
+        return f"held by {holder}, without expiry"
+    return f"held by {holder}, expires in {_seconds(lease.ttl)} unless renewed"
+
+
+PENDING_HEADERS = ("KIND", "ENTRY ID", "FIELDS", "CONSUMER", "DELIVERIES", "IDLE")
+
+
+def pending_row(pending: PendingJob) -> list[str]:
+    """The table cells of one unanswered Lobby job (its game id left out)."""
+    shown = " ".join(f"{k}={v}" for k, v in pending.fields.items() if k != "game_id")
+    return [
+        str(pending.job.kind),
+        pending.job.entry_id,
+        shown,
+        pending.consumer or "(not delivered)",
+        str(pending.deliveries),
+        _seconds(pending.idle),
     ]
-    width = max(len(name) for name, _ in rows) + 1
-    return "\n".join(f"{name + ':':<{width}} {value or '-'}" for name, value in rows)
+
+
+def explanation_text(explanation: RuntimeExplanation) -> str:
+    """What is known about a game, one section per source."""
+    record, container = explanation.record, explanation.container
+    sections = [
+        f"runtime record:\n{record_details(record)}" if record else "runtime record: none",
+        f"container:\n{container_details(container)}" if container else "container: none",
+        f"lease: {lease_text(explanation.lease)}",
+    ]
+    if explanation.pending_jobs:
+        rows = [pending_row(job) for job in explanation.pending_jobs]
+        sections.append(f"unanswered lobby jobs:\n{table(PENDING_HEADERS, rows)}")
+    else:
+        sections.append("unanswered lobby jobs: none")
+    if explanation.pending_jobs_truncated:
+        sections[-1] += "\n(the scan of the job streams stopped at its bound: there may be more)"
+    if explanation.operations:
+        rows = [operation_row(entry) for entry in explanation.operations]
+        sections.append(f"latest operations:\n{table(OPERATION_HEADERS, rows)}")
+    else:
+        sections.append("latest operations: none")
+    return "\n\n".join(sections)
 
 
 def message_to_json(message: Message) -> dict[str, Any]:
@@ -393,11 +402,6 @@ def message_to_json(message: Message) -> dict[str, Any]:
     return json_format.MessageToDict(
         message, always_print_fields_with_no_presence=True, preserving_proto_field_name=True
     )
-
-
-def _action_kind(value: pb.ReconcileActionKind.ValueType) -> str:
-    name = pb.ReconcileActionKind.Name(value)
-    return name.removeprefix("RECONCILE_ACTION_KIND_").lower()
 
 
 def reconcile_text(reply: pb.ReconcileResponse) -> str:
@@ -411,7 +415,7 @@ def reconcile_text(reply: pb.ReconcileResponse) -> str:
         return f"{summary}\nno actions"
     rows = [
         [
-            _action_kind(action.kind),
+            pb.ReconcileActionKind.Name(action.kind).removeprefix("RECONCILE_ACTION_KIND_").lower(),
             action.game_id,
             action.container_id[:_CONTAINER_ID_WIDTH],
             action.image_ref,
@@ -424,27 +428,51 @@ def reconcile_text(reply: pb.ReconcileResponse) -> str:
     return f"{summary}\n{table(headers, rows)}"
 
 
+def _pb_time(message: Message, field: str) -> str:
+    """A timestamp field as `record_row` shows times ('-' when unset or unreadable)."""
+    if not message.HasField(field):
+        return "-"
+    try:
+        return _short_time(getattr(message, field).ToDatetime(tzinfo=UTC))
+    except (ValueError, OverflowError):
+        return "-"
+
+
+def _pb_name(mapping: Mapping[int, Enum], value: int) -> str:
+    """The domain name of a proto enum value ('-' for unspecified or unknown)."""
+    known = mapping.get(value)
+    return "-" if known is None else str(known.value)
+
+
+def _streamed_record_row(runtime: pb.RuntimeRecord) -> list[str]:
+    """`record_row` of a streamed record, shown as sent (a watch shows, never rejects)."""
+    return [
+        runtime.game_id,
+        _pb_name(convert.STATUS_FROM_PB, runtime.status),
+        runtime.current_image_ref,
+        runtime.current_container_id[:_CONTAINER_ID_WIDTH],
+        runtime.engine_endpoint,
+        _pb_time(runtime, "last_op_at"),
+    ]
+
+
 def watch_line(message: pb.WatchRuntimesResponse) -> str | None:
     """One readable line per streamed message; None for bookmarks (heartbeats)."""
     payload = message.WhichOneof("payload")
     if payload == "snapshot":
-        record = convert.record_from_pb(message.snapshot)
-        return "snapshot  " + "  ".join(cell or "-" for cell in record_row(record))
+        return "snapshot  " + "  ".join(
+            cell or "-" for cell in _streamed_record_row(message.snapshot)
+        )
     if payload == "snapshot_complete":
         return f"snapshot complete  cursor={message.snapshot_complete.cursor}"
     if payload == "event":
         event = message.event
-        record = convert.record_from_pb(event.runtime)
-        committed = convert.timestamp_from_pb(event, "committed_at")
-        kind = convert.OP_KIND_FROM_PB.get(event.op_kind)
-        source = convert.OP_SOURCE_FROM_PB.get(event.op_source)
-        outcome = convert.OUTCOME_FROM_PB.get(event.outcome)
         cells = [
-            _short_time(committed),
-            str(kind or "-"),
-            str(source or "-"),
-            str(outcome or "-"),
-            *record_row(record)[:4],
+            _pb_time(event, "committed_at"),
+            _pb_name(convert.OP_KIND_FROM_PB, event.op_kind),
+            _pb_name(convert.OP_SOURCE_FROM_PB, event.op_source),
+            _pb_name(convert.OUTCOME_FROM_PB, event.outcome),
+            *_streamed_record_row(event.runtime)[:4],
             f"op={event.operation_id}",
             f"cursor={event.cursor}",
         ]
@@ -471,31 +499,31 @@ class Output:
         """Write a JSON document."""
         self.emit(json.dumps(value, indent=indent, ensure_ascii=False))
 
-    def record(self, record: RuntimeRecord, *, details: bool = False) -> None:
-        """One runtime record."""
+    def record(self, record: RuntimeRecord, *, full: bool = False) -> None:
+        """One runtime record: a table row, or every field when `full`."""
         if self.json:
             self.emit_json(to_json(record))
         else:
-            self.emit(record_details(record) if details else records_table([record]))
+            self.emit(
+                record_details(record) if full else table(RECORD_HEADERS, [record_row(record)])
+            )
 
     def records(self, page: Page[RuntimeRecord]) -> None:
         """A page of runtime records."""
-        self._page("runtimes", page, records_table(page.items))
+        self._page("runtimes", page, RECORD_HEADERS, record_row)
 
     def operations(self, page: Page[OperationEntry]) -> None:
         """A page of operation-log entries."""
-        self._page("operations", page, operations_table(page.items))
+        self._page("operations", page, OPERATION_HEADERS, operation_row)
 
-    def _page(self, key: str, page: Page[Any], table: str) -> None:
+    def _page(
+        self, key: str, page: Page[Any], headers: Sequence[str], row: Callable[[Any], list[str]]
+    ) -> None:
         if self.json:
-            self.emit_json(
-                {
-                    key: [to_json(item) for item in page.items],
-                    "next_page_token": page.next_page_token,
-                }
-            )
+            items = [to_json(item) for item in page.items]
+            self.emit_json({key: items, "next_page_token": page.next_page_token})
             return
-        self.emit(table)
+        self.emit(table(headers, [row(item) for item in page.items]))
         if page.next_page_token:
             self.emit(f"next page: --page-token {page.next_page_token}")
 
@@ -504,53 +532,46 @@ class Output:
 # Subcommands
 
 
-def _start(session: Session, args: argparse.Namespace, out: Output) -> None:
-    out.record(session.start_runtime(args.game, args.image, source_ref=args.source_ref))
+def _start(client: RuntimeManagerClient, args: argparse.Namespace, out: Output) -> None:
+    out.record(client.start_runtime(args.game, args.image, source_ref=args.source_ref))
 
 
-def _stop(session: Session, args: argparse.Namespace, out: Output) -> None:
-    record = session.stop_runtime(
-        args.game, reason=StopReason(args.reason), source_ref=args.source_ref
-    )
-    out.record(record)
+def _stop(client: RuntimeManagerClient, args: argparse.Namespace, out: Output) -> None:
+    reason = StopReason(args.reason)
+    out.record(client.stop_runtime(args.game, reason=reason, source_ref=args.source_ref))
 
 
-def _restart(session: Session, args: argparse.Namespace, out: Output) -> None:
-    out.record(session.restart_runtime(args.game, source_ref=args.source_ref))
+def _restart(client: RuntimeManagerClient, args: argparse.Namespace, out: Output) -> None:
+    out.record(client.restart_runtime(args.game, source_ref=args.source_ref))
 
 
-def _patch(session: Session, args: argparse.Namespace, out: Output) -> None:
-    out.record(session.patch_runtime(args.game, args.image, source_ref=args.source_ref))
+def _patch(client: RuntimeManagerClient, args: argparse.Namespace, out: Output) -> None:
+    out.record(client.patch_runtime(args.game, args.image, source_ref=args.source_ref))
 
 
-def _get(session: Session, args: argparse.Namespace, out: Output) -> None:
-    out.record(session.get_runtime(args.game), details=True)
+def _get(client: RuntimeManagerClient, args: argparse.Namespace, out: Output) -> None:
+    out.record(client.get_runtime(args.game), full=True)
 
 
-def _list(session: Session, args: argparse.Namespace, out: Output) -> None:
+def _list(client: RuntimeManagerClient, args: argparse.Namespace, out: Output) -> None:
     status = RuntimeStatus(args.status) if args.status else None
-    if not args.all:
+    if args.all:
+        records = client.iter_runtimes(
+            status=status, page_size=args.page_size, page_token=args.page_token
+        )
+        out.records(Page(list(records)))
+    else:
         out.records(
-            session.list_runtimes(
+            client.list_runtimes(
                 status=status, page_size=args.page_size, page_token=args.page_token
             )
         )
-        return
-    records: list[RuntimeRecord] = []
-    token = args.page_token
-    while True:
-        page = session.list_runtimes(status=status, page_size=args.page_size, page_token=token)
-        records.extend(page.items)
-        token = page.next_page_token
-        if not token:
-            break
-    out.records(Page(records))
 
 
-def _ops(session: Session, args: argparse.Namespace, out: Output) -> None:
+def _ops(client: RuntimeManagerClient, args: argparse.Namespace, out: Output) -> None:
     if args.since and args.until and args.since >= args.until:
         raise UsageError("--since must be before --until")
-    page = session.list_operations(
+    page = client.list_operations(
         game_id=args.game or "",
         op_kind=OpKind(args.kind) if args.kind else None,
         op_source=OpSource(args.source) if args.source else None,
@@ -563,26 +584,34 @@ def _ops(session: Session, args: argparse.Namespace, out: Output) -> None:
     out.operations(page)
 
 
-def _cleanup(session: Session, args: argparse.Namespace, out: Output) -> None:
-    out.record(session.cleanup_runtime(args.game, force=args.force, source_ref=args.source_ref))
+def _cleanup(client: RuntimeManagerClient, args: argparse.Namespace, out: Output) -> None:
+    out.record(client.cleanup_runtime(args.game, force=args.force, source_ref=args.source_ref))
 
 
-def _reconcile(session: Session, args: argparse.Namespace, out: Output) -> None:
-    reply = session.reconcile(dry_run=args.dry_run)
+def _reconcile(client: RuntimeManagerClient, args: argparse.Namespace, out: Output) -> None:
+    reply = client.reconcile(dry_run=args.dry_run)
     if out.json:
         out.emit_json(message_to_json(reply))
     else:
         out.emit(reconcile_text(reply))
 
 
-def _watch(session: Session, args: argparse.Namespace, out: Output) -> None:
-    request = pb.WatchRuntimesRequest(
+def _explain(client: RuntimeManagerClient, args: argparse.Namespace, out: Output) -> None:
+    explanation = client.explain_runtime(args.game, operations=args.limit)
+    if out.json:
+        out.emit_json(to_json(explanation))
+    else:
+        out.emit(explanation_text(explanation))
+
+
+def _watch(client: RuntimeManagerClient, args: argparse.Namespace, out: Output) -> None:
+    stream = client.watch_runtimes(
         game_ids=args.game or [],
-        statuses=[convert.STATUS_TO_PB[RuntimeStatus(status)] for status in args.status or []],
+        statuses=[RuntimeStatus(status) for status in args.status or []],
         since=args.since,
         initial_snapshot=args.snapshot,
     )
-    for message in session.watch_runtimes(request):
+    for message in stream:
         if out.json:
             out.emit_json(message_to_json(message), indent=None)
             continue
@@ -591,7 +620,7 @@ def _watch(session: Session, args: argparse.Namespace, out: Output) -> None:
             out.emit(line)
 
 
-Handler = Callable[[Session, argparse.Namespace, Output], None]
+Handler = Callable[[RuntimeManagerClient, argparse.Namespace, Output], None]
 
 
 # --------------------------------------------------------------------------
@@ -634,50 +663,39 @@ def parse_timestamp(text: str) -> datetime:
 def _add_connection_options(parser: argparse.ArgumentParser, *, nested: bool) -> None:
     """The global options; on subcommands they default to 'not given' (SUPPRESS)."""
 
-    def default(value: object) -> object:
-        return argparse.SUPPRESS if nested else value
+    def option(*names: str, default: object, **kwargs: Any) -> None:
+        group.add_argument(*names, default=argparse.SUPPRESS if nested else default, **kwargs)
 
     group = parser.add_argument_group("connection and output")
-    group.add_argument(
+    option(
         "--addr",
+        default=None,
         metavar="HOST:PORT",
-        default=default(None),
         help="server address (default: $RTMANAGER_CTL_ADDR, else $RTMANAGER_GRPC_ADDR, "
         f"else {DEFAULT_ADDR})",
     )
-    group.add_argument(
-        "--token",
-        default=default(None),
-        help="bearer token (default: $RTMANAGER_CTL_TOKEN)",
-    )
-    group.add_argument(
-        "--tls-ca", metavar="FILE", default=default(None), help="CA bundle; switches to TLS"
-    )
-    group.add_argument(
+    option("--token", default=None, help="bearer token (default: $RTMANAGER_CTL_TOKEN)")
+    option("--tls-ca", default=None, metavar="FILE", help="CA bundle; switches to TLS")
+    option(
         "--tls-cert",
+        default=None,
         metavar="FILE",
-        default=default(None),
         help="client certificate for mutual TLS (with --tls-key)",
     )
-    group.add_argument(
+    option(
         "--tls-key",
+        default=None,
         metavar="FILE",
-        default=default(None),
         help="client private key for mutual TLS (with --tls-cert)",
     )
-    group.add_argument(
+    option(
         "--timeout",
+        default=DEFAULT_TIMEOUT,
         metavar="SECONDS",
         type=_positive_float,
-        default=default(DEFAULT_TIMEOUT),
         help=f"deadline of each call (default: {DEFAULT_TIMEOUT:g}; watch is unbounded)",
     )
-    group.add_argument(
-        "--json",
-        action="store_true",
-        default=default(False),
-        help="print JSON instead of tables",
-    )
+    option("--json", default=False, action="store_true", help="print JSON instead of tables")
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -706,6 +724,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         sub.add_argument(
             "--source-ref", default="", metavar="REF", help="caller reference for the log"
         )
+
+    def page_options(sub: argparse.ArgumentParser, size: str, size_help: str) -> None:
+        sub.add_argument(size, type=_non_negative_int, default=0, metavar="N", help=size_help)
+        sub.add_argument("--page-token", default="", metavar="T", help="continue a listing")
 
     sub = command("start", _start, "start (or confirm) a game's engine")
     game(sub)
@@ -736,14 +758,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
     sub = command("list", _list, "list runtime records, ordered by game id")
     sub.add_argument("--status", choices=[status.value for status in RuntimeStatus])
-    sub.add_argument(
-        "--page-size",
-        type=_non_negative_int,
-        default=0,
-        metavar="N",
-        help="records per page (default: the server's, 100)",
-    )
-    sub.add_argument("--page-token", default="", metavar="T", help="continue a listing")
+    page_options(sub, "--page-size", "records per page (default: the server's, 100)")
     sub.add_argument("--all", action="store_true", help="follow page tokens to the end")
 
     sub = command("ops", _ops, "list the operation log, newest first (admin)")
@@ -753,14 +768,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     sub.add_argument("--outcome", choices=[outcome.value for outcome in Outcome])
     sub.add_argument("--since", type=parse_timestamp, metavar="ISO8601", help="started at or after")
     sub.add_argument("--until", type=parse_timestamp, metavar="ISO8601", help="started before")
-    sub.add_argument(
-        "--limit",
-        type=_non_negative_int,
-        default=0,
-        metavar="N",
-        help="entries in this page (default: the server's, 100; at most 1000)",
-    )
-    sub.add_argument("--page-token", default="", metavar="T", help="continue a listing")
+    page_options(sub, "--limit", "entries in this page (default: the server's, 100; at most 1000)")
 
     sub = command("cleanup", _cleanup, "remove a stopped game's container (admin)")
     game(sub)
@@ -769,6 +777,20 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
     sub = command("reconcile", _reconcile, "run a reconciliation pass now (admin)")
     sub.add_argument("--dry-run", action="store_true", help="only return the plan")
+
+    sub = command(
+        "explain",
+        _explain,
+        "what is known about a game: record, container, lease, Lobby jobs, operations (admin)",
+    )
+    game(sub)
+    sub.add_argument(
+        "--limit",
+        type=_non_negative_int,
+        default=0,
+        metavar="N",
+        help="operation-log entries to show (default: the server's, 20; at most 100)",
+    )
 
     sub = command("watch", _watch, "stream runtime changes until interrupted")
     sub.add_argument("--game", action="append", metavar="G", help="only this game (repeatable)")
@@ -795,7 +817,7 @@ def add_ctl_parser(commands: Any) -> argparse.ArgumentParser:
     """Register `ctl` on the subparsers action of the `rtmanager` command."""
     parser: argparse.ArgumentParser = commands.add_parser(
         "ctl",
-        help="call a running server: start, stop, get, list, ops, ... (a human client)",
+        help="call a running server: start, stop, get, list, ops, explain, ... (a human client)",
         description="Call a running rtmanager server (a human client).",
     )
     configure_parser(parser)
@@ -813,7 +835,7 @@ def _fail(code: str, message: str) -> None:
 def run(
     args: argparse.Namespace,
     *,
-    connect: Connect = CtlClient,
+    connect: Connect = connect,
     stdout: TextIO | None = None,
     parser: argparse.ArgumentParser | None = None,
 ) -> int:
@@ -824,22 +846,18 @@ def run(
         return EXIT_USAGE
     out = Output(json=args.json, stream=stdout or sys.stdout)
     try:
-        session = connect(connection_of(args))
+        client = connect(connection_of(args))
     except UsageError as error:
         _fail("usage", str(error))
         return EXIT_USAGE
     try:
-        handler(session, args, out)
+        handler(client, args, out)
     except UsageError as error:
         _fail("usage", str(error))
         return EXIT_USAGE
     except RuntimeManagerClientError as error:
         _fail(error_label(error), error.message)
         return exit_code_for(error)
-    except RuntimeManagerError as error:
-        # The client could not decode what the server sent.
-        _fail(ErrorCode.INTERNAL, f"unexpected response from the server: {error.message}")
-        return EXIT_FAILURE
     except KeyboardInterrupt:
         return EXIT_OK if handler is _watch else EXIT_INTERRUPTED
     except BrokenPipeError:
@@ -849,14 +867,14 @@ def run(
             os.dup2(devnull, out.stream.fileno())
         return EXIT_FAILURE
     finally:
-        session.close()
+        client.close()
     return EXIT_OK
 
 
 def main(
     argv: Sequence[str] | None = None,
     *,
-    connect: Connect = CtlClient,
+    connect: Connect = connect,
     stdout: TextIO | None = None,
 ) -> int:
     """Parse `argv` (without the leading `ctl`), run it, return the exit code."""

@@ -18,7 +18,8 @@ from enum import StrEnum
 from types import TracebackType
 from typing import Generic, Protocol, Self, TypeVar
 
-from rtmanager.domain.jobs import JobKind, JobMark, LobbyJob
+from rtmanager.domain.explanation import LeaseHolder
+from rtmanager.domain.jobs import JobKind, JobMark, LobbyJob, PendingJob
 from rtmanager.domain.operation import OperationEntry, OpKind, OpSource, Outcome
 from rtmanager.domain.runtime import RuntimeRecord, RuntimeStatus
 
@@ -344,14 +345,22 @@ class UnitOfWorkFactory(Protocol):
 
 @dataclass(frozen=True)
 class Lease:
-    """A held game lease: the game and the random token that proves holding it."""
+    """A held game lease: the game and the token that proves holding it.
+
+    The token is unguessable and names its holder's instance; only the
+    whole token proves holding the lease.
+    """
 
     game_id: str
     token: str
 
 
 class GameLeases(Protocol):
-    """Per-game mutual exclusion across threads, processes and replicas."""
+    """Per-game mutual exclusion across threads, processes and replicas.
+
+    Each lease names the instance (`RTMANAGER_INSTANCE_ID`) that took it,
+    so anyone can tell who holds a game (`holder`).
+    """
 
     def acquire(self, game_id: str, ttl: timedelta) -> Lease | None:
         """Take the game's lease for `ttl`; return None when another holder has it."""
@@ -363,6 +372,10 @@ class GameLeases(Protocol):
 
     def release(self, lease: Lease) -> bool:
         """Release a held lease; False when it was no longer ours (nothing is deleted)."""
+        ...
+
+    def holder(self, game_id: str) -> LeaseHolder | None:
+        """Who holds the game's lease now and its time left; None when nobody does."""
         ...
 
 
@@ -398,7 +411,11 @@ class ContainerInfo:
 
     `owned` is True only when the container carries the owner label and
     belongs to this deployment's cluster (a missing cluster label counts as
-    `default`). `health` is None when the container has no health check.
+    `default`). `image_ref` is the reference the engine was started from,
+    `image_id` the id of the image it runs (`sha256:...`). `exit_code` is
+    None until the container has exited; `oom_killed` says the kernel
+    killed it for memory; `health` is None when the container has no
+    health check; `restart_count` counts restarts by Docker itself.
     """
 
     id: str
@@ -413,6 +430,9 @@ class ContainerInfo:
     health: str | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    oom_killed: bool = False
+    restart_count: int = 0
+    image_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -486,9 +506,10 @@ class DockerEngine(Protocol):
     def list_owned_containers(self) -> list[ContainerInfo]:
         """Return every container owned by this deployment, running or not.
 
-        From one listing: `exit_code`, `health`, `started_at` and
-        `finished_at` are not part of a listing and are None here;
-        `inspect_container` of one container has them.
+        From one listing: `exit_code`, `health`, `started_at`,
+        `finished_at`, `oom_killed` and `restart_count` are not part of a
+        listing and are None, False and 0 here; `inspect_container` of one
+        container has them.
         """
         ...
 
@@ -536,6 +557,18 @@ class AnswerOutcome(StrEnum):
     # took it over, or it was acknowledged): nothing was done; whoever
     # holds it now answers it.
     NOT_OURS = "not_ours"
+
+
+@dataclass(frozen=True)
+class PendingJobs:
+    """A game's unanswered Lobby jobs in Lobby's order, from a bounded scan.
+
+    `truncated` says the scan stopped at its bound: more of the game's jobs
+    may wait behind the entries it looked at.
+    """
+
+    jobs: Sequence[PendingJob]
+    truncated: bool = False
 
 
 class JobStreams(Protocol):
@@ -608,4 +641,18 @@ class JobStreams(Protocol):
 
     def lag(self) -> dict[str, int]:
         """Entries of each job stream the group has not read yet."""
+        ...
+
+    def pending_jobs(self, game_id: str, scan: int) -> PendingJobs:
+        """The jobs of `game_id` in both job streams that the group has not acknowledged.
+
+        Both those delivered to a consumer and pending there and those not
+        delivered yet (after the group's last-delivered id), in Lobby's
+        order. Bounded: in each stream at most `scan` pending entries and
+        `scan` undelivered ones are looked at, oldest first (`truncated`
+        when a bound was reached). An entry deleted from its stream while
+        pending is not reported (its game cannot be told). Only reads; works
+        for any consumer of the group, and with no group yet (then every
+        entry is undelivered).
+        """
         ...

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable, Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import Enum
 from typing import Any, TypeVar
 
+from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from rtmanager._proto.galaxy.rtmanager.v1 import rtmanager_pb2 as pb
 from rtmanager.domain.errors import InvalidRequest
+from rtmanager.domain.explanation import ContainerState, LeaseHolder, RuntimeExplanation
+from rtmanager.domain.jobs import JobKind, LobbyJob, PendingJob
 from rtmanager.domain.operation import OperationEntry, OpKind, OpSource, Outcome, StopReason
 from rtmanager.domain.runtime import RuntimeRecord, RuntimeStatus
 from rtmanager.ports import RuntimeEvent
@@ -50,6 +53,11 @@ STOP_REASON_TO_PB: Mapping[StopReason, pb.StopReason.ValueType] = {
     StopReason.ENGINE_EXITED: pb.STOP_REASON_ENGINE_EXITED,
 }
 
+JOB_KIND_TO_PB: Mapping[JobKind, pb.JobKind.ValueType] = {
+    JobKind.START: pb.JOB_KIND_START,
+    JobKind.STOP: pb.JOB_KIND_STOP,
+}
+
 
 def _reverse(mapping: Mapping[E, int]) -> dict[int, E]:
     return {value: key for key, value in mapping.items()}
@@ -59,6 +67,7 @@ STATUS_FROM_PB = _reverse(STATUS_TO_PB)
 OP_KIND_FROM_PB = _reverse(OP_KIND_TO_PB)
 OP_SOURCE_FROM_PB = _reverse(OP_SOURCE_TO_PB)
 OUTCOME_FROM_PB = _reverse(OUTCOME_TO_PB)
+JOB_KIND_FROM_PB = _reverse(JOB_KIND_TO_PB)
 # An unspecified reason is an admin request.
 STOP_REASON_FROM_PB = {pb.STOP_REASON_UNSPECIFIED: StopReason.ADMIN_REQUEST} | _reverse(
     STOP_REASON_TO_PB
@@ -305,3 +314,125 @@ def statuses_from_pb(values: Iterable[int]) -> list[RuntimeStatus]:
             )
         statuses.append(status)
     return statuses
+
+
+def duration_to_pb(value: timedelta | None) -> Duration | None:
+    """Return a protobuf Duration for a timedelta (None stays None)."""
+    if value is None:
+        return None
+    duration = Duration()
+    duration.FromTimedelta(value)
+    return duration
+
+
+def duration_from_pb(message: object, field: str) -> timedelta | None:
+    """Return the timedelta of an optional Duration field of `message`, or None when unset."""
+    if not message.HasField(field):  # type: ignore[attr-defined]
+        return None
+    duration: Duration = getattr(message, field)
+    try:
+        return duration.ToTimedelta()
+    except (ValueError, OverflowError):
+        raise InvalidRequest(f"{field} is out of range", metadata={"field": field}) from None
+
+
+def container_state_to_pb(state: ContainerState) -> pb.ContainerState:
+    """Return the proto form of a container's state."""
+    return pb.ContainerState(
+        container_id=state.id,
+        name=state.name,
+        status=state.status,
+        running=state.running,
+        owned=state.owned,
+        image_ref=state.image_ref,
+        image_id=state.image_id,
+        exit_code=state.exit_code,
+        oom_killed=state.oom_killed,
+        health=state.health or "",
+        restart_count=state.restart_count,
+        **_stamps(started_at=state.started_at, finished_at=state.finished_at),
+    )
+
+
+def container_state_from_pb(message: pb.ContainerState) -> ContainerState:
+    """Return the domain form of a proto container state (used by clients)."""
+    return ContainerState(
+        id=message.container_id,
+        name=message.name,
+        status=message.status,
+        running=message.running,
+        owned=message.owned,
+        image_ref=message.image_ref,
+        image_id=message.image_id,
+        exit_code=message.exit_code if message.HasField("exit_code") else None,
+        oom_killed=message.oom_killed,
+        health=message.health or None,
+        started_at=timestamp_from_pb(message, "started_at"),
+        finished_at=timestamp_from_pb(message, "finished_at"),
+        restart_count=message.restart_count,
+    )
+
+
+def pending_job_to_pb(pending: PendingJob) -> pb.PendingJob:
+    """Return the proto form of an unanswered Lobby job."""
+    return pb.PendingJob(
+        kind=JOB_KIND_TO_PB[pending.job.kind],
+        stream=pending.job.stream,
+        entry_id=pending.job.entry_id,
+        fields=dict(pending.fields),
+        consumer=pending.consumer,
+        deliveries=pending.deliveries,
+        idle=duration_to_pb(pending.idle),
+    )
+
+
+def pending_job_from_pb(message: pb.PendingJob) -> PendingJob:
+    """Return the domain form of a proto pending job (used by clients)."""
+    kind = JOB_KIND_FROM_PB.get(message.kind)
+    if kind is None:
+        raise InvalidRequest(f"pending job {message.entry_id} has an unknown kind {message.kind}")
+    return PendingJob(
+        job=LobbyJob(kind=kind, stream=message.stream, entry_id=message.entry_id),
+        fields=dict(message.fields),
+        consumer=message.consumer,
+        deliveries=message.deliveries,
+        idle=duration_from_pb(message, "idle"),
+    )
+
+
+def explanation_to_pb(explanation: RuntimeExplanation) -> pb.ExplainRuntimeResponse:
+    """Return the proto form of what is known about a game."""
+    record, container, lease = explanation.record, explanation.container, explanation.lease
+    return pb.ExplainRuntimeResponse(
+        game_id=explanation.game_id,
+        runtime=None if record is None else record_to_pb(record),
+        container=None if container is None else container_state_to_pb(container),
+        operations=[operation_to_pb(entry) for entry in explanation.operations],
+        pending_jobs=[pending_job_to_pb(job) for job in explanation.pending_jobs],
+        pending_jobs_truncated=explanation.pending_jobs_truncated,
+        lease=(
+            None
+            if lease is None
+            else pb.LeaseHolder(instance_id=lease.instance_id, ttl=duration_to_pb(lease.ttl))
+        ),
+    )
+
+
+def explanation_from_pb(message: pb.ExplainRuntimeResponse) -> RuntimeExplanation:
+    """Return the domain form of an `ExplainRuntimeResponse` (used by clients)."""
+    lease = (
+        LeaseHolder(message.lease.instance_id, duration_from_pb(message.lease, "ttl"))
+        if message.HasField("lease")
+        else None
+    )
+    return RuntimeExplanation(
+        game_id=message.game_id,
+        record=record_from_pb(message.runtime) if message.HasField("runtime") else None,
+        container=(
+            container_state_from_pb(message.container) if message.HasField("container") else None
+        ),
+        operations=tuple(operation_from_pb(entry) for entry in message.operations),
+        pending_jobs=tuple(pending_job_from_pb(job) for job in message.pending_jobs),
+        pending_jobs_truncated=message.pending_jobs_truncated,
+        lease=lease,
+    )

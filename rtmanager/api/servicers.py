@@ -27,7 +27,7 @@ from rtmanager.domain.errors import ErrorCode, Failure, RuntimeManagerError
 from rtmanager.domain.runtime import RuntimeRecord
 from rtmanager.lifecycle.cleanup import CleanupRequest, CleanupService
 from rtmanager.lifecycle.patch import PatchRequest, PatchService
-from rtmanager.lifecycle.queries import RuntimeQueries
+from rtmanager.lifecycle.queries import RuntimeExplainer, RuntimeQueries
 from rtmanager.lifecycle.reconcile import Reconciler
 from rtmanager.lifecycle.recorder import OperationResult
 from rtmanager.lifecycle.restart import RestartRequest, RestartService
@@ -58,6 +58,7 @@ class Lifecycles:
     cleanup: CleanupService
     reconciler: Reconciler
     watch: WatchService
+    explainer: RuntimeExplainer
 
 
 _WATCH_ENDINGS = {
@@ -306,3 +307,12 @@ class RuntimeAdminServicer(_Authenticated, pb_grpc.RuntimeAdminServiceServicer):
     ) -> pb.ReconcileResponse:
         report = self._lifecycles.reconciler.run_pass(dry_run=request.dry_run)
         return convert_results.reconcile_report_to_pb(report)
+
+    @rpc(admin_only=True)
+    def ExplainRuntime(  # noqa: N802
+        self, request: pb.ExplainRuntimeRequest, context: grpc.ServicerContext, caller: Principal
+    ) -> pb.ExplainRuntimeResponse:
+        explanation = self._lifecycles.explainer.explain(
+            request.game_id, operations=request.operations_limit
+        )
+        return convert.explanation_to_pb(explanation)

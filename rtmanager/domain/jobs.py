@@ -9,8 +9,9 @@ game's watermark is superseded: Lobby's last word wins.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import datetime
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from enum import StrEnum
 
 from rtmanager.domain.errors import ErrorCode, Failure
@@ -114,3 +115,30 @@ class JobMark:
     def settles(self, job: LobbyJob) -> bool:
         """Whether `job` must not be applied: it is this mark's job or older."""
         return job.position <= self.job.position
+
+
+@dataclass(frozen=True)
+class PendingJob:
+    """A Lobby job not answered yet, as its stream and the consumer group show it.
+
+    Either delivered to `consumer` (`deliveries` times, the last `idle` ago)
+    and not acknowledged, or not delivered to any consumer yet (`consumer`
+    empty, `deliveries` 0, `idle` None). `fields` are the entry's fields as
+    Lobby wrote them.
+    """
+
+    job: LobbyJob
+    fields: Mapping[str, str] = field(default_factory=dict)
+    consumer: str = ""
+    deliveries: int = 0
+    idle: timedelta | None = None
+
+    @property
+    def delivered(self) -> bool:
+        """Whether a consumer has been handed the job (and not acknowledged it)."""
+        return bool(self.consumer)
+
+    @property
+    def game_id(self) -> str:
+        """The game the job is for (its `game_id` field)."""
+        return self.fields.get("game_id", "")

@@ -43,6 +43,7 @@ RPCS: list[tuple[str, str, Any, bool]] = [
     ("admin", "CleanupRuntime", pb.CleanupRuntimeRequest(game_id="nope"), True),
     ("admin", "ListOperations", pb.ListOperationsRequest(), True),
     ("admin", "Reconcile", pb.ReconcileRequest(dry_run=True), True),
+    ("admin", "ExplainRuntime", pb.ExplainRuntimeRequest(game_id="nope"), True),
 ]
 AUTH_REASONS = {"unauthenticated", "permission_denied"}
 

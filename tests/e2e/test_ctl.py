@@ -69,6 +69,16 @@ def test_ctl_drives_a_game_through_its_life(server: ServerProcess) -> None:
     assert stopped["status"] == "stopped"
     assert stopped["stopped_at"] is not None
 
+    explained = ok_json(server, "explain", game, "--limit", "1")
+    assert explained["record"] == stopped
+    assert explained["container"]["id"] == container
+    assert (explained["container"]["status"], explained["container"]["exit_code"]) == ("exited", 0)
+    assert [entry["op_kind"] for entry in explained["operations"]] == ["stop"]
+    assert (explained["pending_jobs"], explained["lease"]) == ([], None)
+    shown = ctl(server, "explain", game)
+    assert shown.returncode == 0, shown.stderr
+    assert "lease: free" in shown.stdout and "galaxy-game-" in shown.stdout
+
     ops = ok_json(server, "ops", "--game", game)
     rows = ops["operations"]
     ids = [entry["id"] for entry in rows]
@@ -98,6 +108,9 @@ def test_ctl_reports_errors_with_their_exit_codes(server: ServerProcess) -> None
     missing = ctl(server, "get", f"nope-{uuid.uuid4().hex[:8]}")
     assert missing.returncode == 3
     assert missing.stderr.startswith("rtmanager ctl: not_found: ")
+    unknown = ctl(server, "explain", f"nope-{uuid.uuid4().hex[:8]}")
+    assert unknown.returncode == 3
+    assert unknown.stderr.startswith("rtmanager ctl: not_found: nothing is known of game ")
 
     malformed = ctl(server, "get", "../etc")
     assert malformed.returncode == 2

@@ -128,6 +128,14 @@ REQUESTS: dict[str, tuple[str, st.SearchStrategy[Any]]] = {
         ),
     ),
     "Reconcile": ("admin", st.builds(pb.ReconcileRequest, dry_run=st.booleans())),
+    "ExplainRuntime": (
+        "admin",
+        st.builds(
+            pb.ExplainRuntimeRequest,
+            game_id=game_ids,
+            operations_limit=st.integers(min_value=-(2**31), max_value=2**31 - 1),
+        ),
+    ),
     "WatchRuntimes": (
         "runtime",
         st.builds(

@@ -182,6 +182,8 @@ def test_create_and_start_runs_a_hardened_engine_on_the_internal_network_with_it
     assert info.game_id == f"g-{test_id}"
     assert info.image_ref == STUB_IMAGE
     assert info.exit_code is None
+    assert (info.oom_killed, info.restart_count) == (False, 0)
+    assert info.image_id == client.images.get(STUB_IMAGE).id
     assert info.health is None
     assert info.started_at is not None and info.started_at.tzinfo is not None
     assert abs(datetime.now(UTC) - info.started_at) < timedelta(minutes=1)
@@ -347,6 +349,59 @@ def test_crash_image_exits_with_code_3_and_its_logs_tail_has_the_fatal_line(
     assert info.started_at is not None
     assert "engine-crash: fatal: refusing to start" in engine.container_logs_tail(container_id)
     assert engine.container_logs_tail(container_id, lines=0) == ""
+
+
+def test_inspect_reports_an_engine_killed_for_memory_and_the_image_it_ran(
+    engine: DockerEngineAdapter, client: docker.DockerClient, test_id: str, cluster: str
+) -> None:
+    game_id = f"oom-{test_id}"
+    container = client.containers.create(
+        STUB_IMAGE,
+        # 64 MiB in one buffer, under a 16 MiB limit without swap.
+        command=["/bin/busybox", "dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1"],
+        entrypoint=[],
+        name=f"galaxy-game-{game_id}",
+        labels={
+            **galaxy_labels.engine_labels(cluster=cluster, game_id=game_id, image_ref=STUB_IMAGE),
+            TEST_LABEL: test_id,
+        },
+        mem_limit="16m",
+        memswap_limit="16m",
+        network_mode="none",
+    )
+    assert container.id is not None
+    container.start()
+
+    info = wait_exited(engine, container.id)
+    assert (info.exit_code, info.oom_killed, info.restart_count) == (137, True, 0)
+    assert info.image_id == client.images.get(STUB_IMAGE).id
+    assert info.image_id.startswith("sha256:")
+    (listed,) = [c for c in engine.list_owned_containers() if c.id == container.id]
+    assert listed.image_id == info.image_id
+    assert (listed.oom_killed, listed.restart_count) == (False, 0)  # not in a listing
+
+
+def test_inspect_counts_the_restarts_docker_made_and_a_plain_crash_is_no_oom_kill(
+    engine: DockerEngineAdapter, client: docker.DockerClient, test_id: str
+) -> None:
+    # rtmanager never asks Docker to restart an engine; a container someone
+    # else started with a restart policy shows what the count means.
+    container = client.containers.create(
+        CRASH_IMAGE,
+        labels={TEST_LABEL: test_id},
+        network_mode="none",
+        restart_policy={"Name": "on-failure", "MaximumRetryCount": 2},
+    )
+    assert container.id is not None
+    container.start()
+
+    def restarted_twice() -> ContainerInfo | None:
+        info = engine.inspect_container(container.id or "")
+        done = info is not None and info.state == "exited" and info.restart_count == 2
+        return info if done else None
+
+    info = wait_for(restarted_twice, what="two restarts by Docker")
+    assert (info.exit_code, info.oom_killed, info.owned) == (3, False, False)
 
 
 # -- images -------------------------------------------------------------------

@@ -223,6 +223,97 @@ def test_lag_counts_entries_not_yet_read(client: redis.Redis, config: JobStreams
     assert a.lag()[config.start_stream] == 1
 
 
+def add_stop(client: redis.Redis, config: JobStreamsConfig, game_id: str) -> str:
+    entry_id = client.xadd(config.stop_stream, {"game_id": game_id, "reason": "game_finished"})
+    return entry_id.decode()
+
+
+def test_unanswered_jobs_of_a_game_are_the_pending_and_the_undelivered_in_lobbys_order(
+    client: redis.Redis, config: JobStreamsConfig
+) -> None:
+    a = streams_for(client, config, "replica-a")
+    delivered = add_start(client, config, "g1")
+    other_game = add_start(client, config, "g2")
+    answered = add_start(client, config, "g1")
+    entries = {e.entry_id: e for e in a.read_new(10, timedelta(milliseconds=100))}
+    assert set(entries) == {delivered, other_game, answered}
+    assert a.answer(entries[answered], {"job_id": answered}) is AnswerOutcome.ANSWERED
+    waiting_start = add_start(client, config, "g1")
+    waiting_stop = add_stop(client, config, "g1")
+    time.sleep(0.05)
+
+    found = a.pending_jobs("g1", 100)
+
+    assert found.truncated is False
+    # In Lobby's order: by entry id across both streams, whose ids are
+    # assigned independently (within one millisecond the stop's sequence
+    # number may be the lower one).
+    assert [j.job.position for j in found.jobs] == sorted(j.job.position for j in found.jobs)
+    assert {(j.job.kind, j.job.entry_id) for j in found.jobs} == {
+        (JobKind.START, delivered),
+        (JobKind.START, waiting_start),
+        (JobKind.STOP, waiting_stop),
+    }
+    by_id = {j.job.entry_id: j for j in found.jobs if j.job.kind is JobKind.START}
+    first, second = by_id[delivered], by_id[waiting_start]
+    (third,) = [j for j in found.jobs if j.job.kind is JobKind.STOP]
+    assert found.jobs[0] == first
+    assert first.fields == {"game_id": "g1", "image_ref": "galaxy/engine-stub:1.0.0"}
+    assert (first.delivered, first.consumer, first.deliveries) == (True, "replica-a", 1)
+    assert first.idle is not None and first.idle >= timedelta(milliseconds=50)
+    assert (second.delivered, second.consumer, second.deliveries, second.idle) == (
+        False,
+        "",
+        0,
+        None,
+    )
+    assert third.fields == {"game_id": "g1", "reason": "game_finished"}
+    assert third.job.stream == config.stop_stream
+    # The group's view, whichever consumer asks; another game's jobs are its own.
+    b = RedisJobStreams(client, _with_consumer(config, "replica-b"))
+    assert [j.job for j in b.pending_jobs("g1", 100).jobs] == [j.job for j in found.jobs]
+    assert [j.job.entry_id for j in b.pending_jobs("g2", 100).jobs] == [other_game]
+    assert b.pending_jobs("g3", 100).jobs == []
+
+
+def test_a_pending_entry_deleted_from_its_stream_is_not_reported(
+    client: redis.Redis, config: JobStreamsConfig
+) -> None:
+    a = streams_for(client, config, "replica-a")
+    gone = add_start(client, config, "g1")
+    kept = add_start(client, config, "g1")
+    assert len(a.read_new(10, timedelta(milliseconds=100))) == 2
+    client.xdel(config.start_stream, gone)
+    assert [j.job.entry_id for j in a.pending_jobs("g1", 10).jobs] == [kept]
+
+
+def test_the_scan_for_unanswered_jobs_is_bounded_and_says_when_it_stopped(
+    client: redis.Redis, config: JobStreamsConfig
+) -> None:
+    a = streams_for(client, config, "replica-a")
+    ids = [add_start(client, config, "g1") for _ in range(4)]
+    assert len(a.read_new(2, timedelta(milliseconds=100))) == 2  # two pending, two not
+    bounded = a.pending_jobs("g1", 1)
+    assert bounded.truncated is True
+    assert [j.job.entry_id for j in bounded.jobs] == [ids[0], ids[2]]  # oldest of each kind
+    assert a.pending_jobs("g1", 2).truncated is True  # the bound reached: there may be more
+    whole = a.pending_jobs("g1", 3)
+    assert whole.truncated is False
+    assert [j.job.entry_id for j in whole.jobs] == ids
+    with pytest.raises(ValueError):
+        a.pending_jobs("g1", 0)
+
+
+def test_before_the_group_exists_every_entry_is_undelivered(
+    client: redis.Redis, config: JobStreamsConfig
+) -> None:
+    fresh = RedisJobStreams(client, config)  # no ensure_groups: no stream, no group
+    assert fresh.pending_jobs("g1", 10).jobs == []
+    entry_id = add_start(client, config, "g1")
+    (job,) = fresh.pending_jobs("g1", 10).jobs
+    assert (job.job.entry_id, job.delivered) == (entry_id, False)
+
+
 def test_redis_down_is_service_unavailable(config: JobStreamsConfig, tmp_path: Path) -> None:
     with PrivateRedis.started(tmp_path / "redis") as server:
         connection = create_redis(server.url, timeout=timedelta(seconds=1))
@@ -234,6 +325,7 @@ def test_redis_down_is_service_unavailable(config: JobStreamsConfig, tmp_path: P
             lambda: adapter.read_new(1, timedelta(milliseconds=10)),
             lambda: adapter.claim_abandoned(timedelta(seconds=1), 1),
             adapter.lag,
+            lambda: adapter.pending_jobs("g1", 10),
         ):
             with pytest.raises(ServiceUnavailable):
                 call()

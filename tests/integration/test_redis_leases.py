@@ -17,6 +17,7 @@ from rtmanager.adapters.redis import leases as leases_module
 from rtmanager.adapters.redis.client import create_redis
 from rtmanager.adapters.redis.leases import RedisGameLeases
 from rtmanager.domain.errors import ErrorCode, ServiceUnavailable
+from rtmanager.domain.explanation import LeaseHolder
 from rtmanager.ports import Lease
 from tests.conftest import REDIS_URL
 from tests.support.private_redis import PrivateRedis
@@ -90,6 +91,72 @@ def test_every_lease_gets_a_fresh_random_token(leases: RedisGameLeases) -> None:
         tokens.add(lease.token)
         assert leases.release(lease)
     assert len(tokens) == 5
+
+
+# --- who holds a lease ---------------------------------------------------------
+
+
+def test_a_lease_token_names_the_instance_that_took_it_and_holder_reads_it_back(
+    client: redis.Redis, redis_prefix: str
+) -> None:
+    leases = RedisGameLeases(client, prefix=redis_prefix, instance_id="replica-a")
+    lease = leases.acquire("game-1", LONG)
+
+    assert lease is not None
+    instance_id, _, random_part = lease.token.partition("/")
+    assert instance_id == "replica-a"
+    assert len(random_part) >= 32
+    held = leases.holder("game-1")
+    assert held is not None
+    assert held.instance_id == "replica-a"
+    assert held.ttl is not None and timedelta(seconds=29) < held.ttl <= LONG
+    # Another replica reads the same holder.
+    other = RedisGameLeases(client, prefix=redis_prefix, instance_id="replica-b")
+    seen = other.holder("game-1")
+    assert seen is not None and seen.instance_id == "replica-a"
+    assert leases.holder("game-2") is None
+    assert leases.release(lease)
+    assert leases.holder("game-1") is None
+
+
+def test_only_the_whole_token_proves_holding_a_lease_not_the_instance_id(
+    client: redis.Redis, redis_prefix: str
+) -> None:
+    first = RedisGameLeases(client, prefix=redis_prefix, instance_id="replica-a")
+    lease = first.acquire("game-1", SHORT)
+    assert lease is not None
+    assert wait_for(lambda: first.holder("game-1") is None)
+    # The same instance (a restarted process) takes the game again.
+    again = RedisGameLeases(client, prefix=redis_prefix, instance_id="replica-a")
+    newer = again.acquire("game-1", LONG)
+    assert newer is not None and newer.token != lease.token
+    assert not first.renew(lease, LONG)
+    assert not first.release(lease)
+    held = again.holder("game-1")
+    assert held is not None and held.instance_id == "replica-a"
+
+
+def test_holder_of_a_token_naming_no_instance_is_reported_without_one(
+    client: redis.Redis, leases: RedisGameLeases
+) -> None:
+    client.set(leases.key("game-1"), "another-replica", px=5_000)
+    held = leases.holder("game-1")
+    assert held is not None
+    assert held.instance_id == ""
+    assert held.ttl is not None and timedelta(0) < held.ttl <= timedelta(seconds=5)
+    # An instance id with the separator in it is read whole.
+    client.set(leases.key("game-2"), "pod/7/abcdefgh")
+    assert leases.holder("game-2") == LeaseHolder("pod/7", ttl=None)  # and no expiry
+
+
+def test_a_lease_taken_without_an_instance_id_is_just_the_random_token(
+    leases: RedisGameLeases,
+) -> None:
+    lease = leases.acquire("game-1", LONG)
+    assert lease is not None
+    assert "/" not in lease.token
+    held = leases.holder("game-1")
+    assert held is not None and held.instance_id == ""
 
 
 def race_for_lease(
@@ -389,6 +456,7 @@ def test_unreachable_redis_is_service_unavailable() -> None:
         _assert_unavailable(lambda: leases.acquire("game-1", LONG))
         _assert_unavailable(lambda: leases.renew(lease, LONG))
         _assert_unavailable(lambda: leases.release(lease))
+        _assert_unavailable(lambda: leases.holder("game-1"))
 
         assert time.monotonic() - started < 5
     finally:
@@ -418,6 +486,7 @@ def test_redis_timing_out_is_service_unavailable(silent_server: str) -> None:
         _assert_unavailable(lambda: leases.acquire("game-1", LONG))
         _assert_unavailable(lambda: leases.renew(lease, LONG))
         _assert_unavailable(lambda: leases.release(lease))
+        _assert_unavailable(lambda: leases.holder("game-1"))
 
         # Each call is bounded by the timeout (plus one reconnect), not hung.
         assert time.monotonic() - started < 5

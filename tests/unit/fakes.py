@@ -46,8 +46,9 @@ from rtmanager.domain.errors import (
     RuntimeManagerError,
     ServiceUnavailable,
 )
+from rtmanager.domain.explanation import LeaseHolder
 from rtmanager.domain.ids import is_valid_game_id
-from rtmanager.domain.jobs import JobKind, JobMark, LobbyJob, parse_entry_id
+from rtmanager.domain.jobs import JobKind, JobMark, LobbyJob, PendingJob, parse_entry_id
 from rtmanager.domain.operation import InvalidOperationEntry, OperationEntry
 from rtmanager.domain.runtime import (
     InvalidRuntimeRecord,
@@ -67,6 +68,7 @@ from rtmanager.ports import (
     OperationFilter,
     OperationLog,
     Page,
+    PendingJobs,
     PullPolicy,
     RuntimeEvent,
     RuntimeEventLog,
@@ -532,19 +534,24 @@ class FakeUnitOfWorkFactory:
 # --- leases --------------------------------------------------------------------------
 
 
-LeaseMethod = Literal["acquire", "renew", "release"]
+LeaseMethod = Literal["acquire", "renew", "release", "holder"]
 
 
 class FakeLeases:
     """`GameLeases` on a dict of game id -> token, recording every call.
 
-    `busy` holds games another holder has (acquire returns None); `failing`
-    holds the methods that raise `ServiceUnavailable` (see `go_down`).
+    Leases taken here are held by `instance_id` (their tokens name it), for
+    the ttl they were last given. `busy` holds games another holder has
+    (acquire returns None; `holder` says `busy_holder`); `failing` holds
+    the methods that raise `ServiceUnavailable` (see `go_down`).
     Thread-safe: `GameLock`'s renewer thread calls `renew`.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, instance_id: str = "rtmanager-1") -> None:
+        self.instance_id = instance_id
+        self.busy_holder = LeaseHolder("rtmanager-2", timedelta(seconds=20))
         self.tokens: dict[str, str] = {}
+        self.ttl_left: dict[str, timedelta] = {}
         self.busy: set[str] = set()
         self.failing: set[LeaseMethod] = set()
         self.acquired: list[Lease] = []
@@ -557,7 +564,7 @@ class FakeLeases:
 
     def go_down(self, *methods: LeaseMethod) -> None:
         """Make `methods` (default: all) raise `ServiceUnavailable`."""
-        self.failing.update(methods or ("acquire", "renew", "release"))
+        self.failing.update(methods or ("acquire", "renew", "release", "holder"))
 
     def _maybe_fail(self, method: LeaseMethod) -> None:
         if method in self.failing:
@@ -572,8 +579,9 @@ class FakeLeases:
                 self.refused.append(game_id)
                 return None
             self._counter += 1
-            lease = Lease(game_id, f"token-{self._counter}")
+            lease = Lease(game_id, f"{self.instance_id}/token-{self._counter}")
             self.tokens[game_id] = lease.token
+            self.ttl_left[game_id] = ttl
             self.acquired.append(lease)
             return lease
 
@@ -582,7 +590,10 @@ class FakeLeases:
         with self._lock:
             self._maybe_fail("renew")
             self.renewed.append(lease)
-            return self.tokens.get(lease.game_id) == lease.token
+            if self.tokens.get(lease.game_id) != lease.token:
+                return False
+            self.ttl_left[lease.game_id] = ttl
+            return True
 
     def release(self, lease: Lease) -> bool:
         """Delete the lease while it still holds our token."""
@@ -593,6 +604,16 @@ class FakeLeases:
                 return False
             del self.tokens[lease.game_id]
             return True
+
+    def holder(self, game_id: str) -> LeaseHolder | None:
+        """This instance for a lease taken here, `busy_holder` for a busy game, else None."""
+        with self._lock:
+            self._maybe_fail("holder")
+            if game_id in self.tokens:
+                return LeaseHolder(self.instance_id, self.ttl_left[game_id])
+            if game_id in self.busy:
+                return self.busy_holder
+            return None
 
     def expire(self, game_id: str) -> None:
         """Let the game's lease expire, as its TTL would."""
@@ -662,6 +683,13 @@ class FakeContainer:
     logs: str = ""
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    oom_killed: bool = False
+    restart_count: int = 0
+
+    @property
+    def image_id(self) -> str:
+        """The id of the image it runs (made up from the reference, stable per image)."""
+        return f"sha256:{hashlib.sha256(self.image_ref.encode()).hexdigest()}"
 
     @property
     def running(self) -> bool:
@@ -931,6 +959,9 @@ class FakeDocker:
             health=health,
             started_at=container.started_at,
             finished_at=container.finished_at,
+            oom_killed=container.oom_killed,
+            restart_count=container.restart_count,
+            image_id=container.image_id,
         )
 
     def owns_container(self, container_id: str) -> bool | None:
@@ -943,11 +974,19 @@ class FakeDocker:
         """Every owned container, running or not, as a listing shows it.
 
         Like Docker's listing, without what only an inspect reports: exit
-        code, health and times are None.
+        code, health and times are None, no OOM kill and no restarts.
         """
         self._enter("list_owned_containers")
         infos = [
-            replace(self._info(c), exit_code=None, health=None, started_at=None, finished_at=None)
+            replace(
+                self._info(c),
+                exit_code=None,
+                health=None,
+                started_at=None,
+                finished_at=None,
+                oom_killed=False,
+                restart_count=0,
+            )
             for c in list(self.containers.values())
         ]
         return [info for info in infos if info.owned]
@@ -1484,6 +1523,49 @@ class FakeJobStreams:
                 stream: sum(1 for i in items if parse_entry_id(i) > redis.last_delivered[stream])
                 for stream, items in redis.entries.items()
             }
+
+    def pending_jobs(self, game_id: str, scan: int) -> PendingJobs:
+        """The game's unacknowledged jobs, pending or undelivered, from a scan bounded by `scan`."""
+        self._enter("pending_jobs")
+        if scan < 1:
+            raise ValueError(f"the scan bound must be at least 1, got {scan}")
+        redis = self.redis
+        jobs: list[PendingJob] = []
+        truncated = False
+        with redis.lock:
+            now = redis.clock()
+            for stream, items in redis.entries.items():
+                kind = redis.kinds[stream]
+                held = sorted(
+                    (entry_id for (s, entry_id) in redis.pending if s == stream),
+                    key=parse_entry_id,
+                )
+                fresh = [i for i in items if parse_entry_id(i) > redis.last_delivered[stream]]
+                truncated = truncated or len(held) >= scan or len(fresh) >= scan
+                for entry_id in held[:scan]:
+                    fields = items.get(entry_id)
+                    if fields is None:
+                        continue  # deleted while pending: whose it was is unknown
+                    pending = redis.pending[(stream, entry_id)]
+                    jobs.append(
+                        PendingJob(
+                            LobbyJob(kind, stream, entry_id),
+                            _text_fields(fields),
+                            consumer=pending.consumer,
+                            deliveries=pending.deliveries,
+                            idle=timedelta(seconds=max(now - pending.delivered_at, 0.0)),
+                        )
+                    )
+                for entry_id in fresh[:scan]:
+                    jobs.append(
+                        PendingJob(LobbyJob(kind, stream, entry_id), _text_fields(items[entry_id]))
+                    )
+        wanted = [job for job in jobs if job.game_id == game_id]
+        return PendingJobs(sorted(wanted, key=lambda job: job.job.position), truncated)
+
+
+def _text_fields(fields: Mapping[bytes, bytes]) -> dict[str, str]:
+    return {k.decode(errors="replace"): v.decode(errors="replace") for k, v in fields.items()}
 
 
 def _raw(value: str | bytes) -> bytes:

@@ -29,15 +29,19 @@ from rtmanager.client import (
     InvalidRequestError,
     NotFoundError,
     PermissionDeniedError,
+    RuntimeManagerClient,
     RuntimeManagerClientError,
     SemverPatchOnlyError,
     ServiceUnavailableError,
     UnauthenticatedError,
     UnimplementedError,
+    watch_request,
 )
+from rtmanager.domain.explanation import RuntimeExplanation
 from rtmanager.domain.operation import OperationEntry, OpKind, OpSource, Outcome, StopReason
 from rtmanager.domain.runtime import RuntimeRecord, RuntimeStatus
 from rtmanager.ports import Page
+from tests.unit.test_explain_wire import full_explanation
 
 T0 = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
 CONTAINER = "0123456789abcdef" * 4
@@ -80,8 +84,12 @@ def entry(entry_id: int, kind: OpKind = OpKind.START) -> OperationEntry:
     )
 
 
-class StubSession:
-    """Answers like the client would; records each call; raises `fail` when set."""
+class StubSession(RuntimeManagerClient):
+    """The client with every RPC answered here: records each call; raises `fail` when set.
+
+    What the client builds on its RPCs (paging through `iter_runtimes`, the
+    watch request) is the client's own.
+    """
 
     def __init__(
         self,
@@ -89,10 +97,13 @@ class StubSession:
         fail: Exception | None = None,
         pages: list[Page[RuntimeRecord]] | None = None,
         watch: list[pb.WatchRuntimesResponse] | None = None,
+        explanation: RuntimeExplanation | None = None,
     ) -> None:
+        # No channel: nothing here goes over the wire.
         self.fail = fail
         self.pages = pages or [Page([record("g1"), record("g2", RuntimeStatus.STOPPED)], "")]
         self.watch = watch or []
+        self.explanation = explanation or full_explanation()
         self.calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
         self.closed = False
         self.connection: ctl.Connection | None = None
@@ -102,46 +113,69 @@ class StubSession:
         if self.fail is not None:
             raise self.fail
 
-    def start_runtime(self, game_id: str, image_ref: str, *, source_ref: str = "") -> RuntimeRecord:
+    def start_runtime(
+        self, game_id: str, image_ref: str, *, source_ref: str = "", timeout: float | None = None
+    ) -> RuntimeRecord:
         self._called("start", game_id, image_ref, source_ref=source_ref)
         return record(game_id)
 
     def stop_runtime(
-        self, game_id: str, *, reason: StopReason = StopReason.ADMIN_REQUEST, source_ref: str = ""
+        self,
+        game_id: str,
+        *,
+        reason: StopReason = StopReason.ADMIN_REQUEST,
+        source_ref: str = "",
+        timeout: float | None = None,
     ) -> RuntimeRecord:
         self._called("stop", game_id, reason=reason, source_ref=source_ref)
         return record(game_id, RuntimeStatus.STOPPED)
 
-    def restart_runtime(self, game_id: str, *, source_ref: str = "") -> RuntimeRecord:
+    def restart_runtime(
+        self, game_id: str, *, source_ref: str = "", timeout: float | None = None
+    ) -> RuntimeRecord:
         self._called("restart", game_id, source_ref=source_ref)
         return record(game_id)
 
-    def patch_runtime(self, game_id: str, image_ref: str, *, source_ref: str = "") -> RuntimeRecord:
+    def patch_runtime(
+        self, game_id: str, image_ref: str, *, source_ref: str = "", timeout: float | None = None
+    ) -> RuntimeRecord:
         self._called("patch", game_id, image_ref, source_ref=source_ref)
         return record(game_id)
 
-    def get_runtime(self, game_id: str) -> RuntimeRecord:
+    def get_runtime(self, game_id: str, *, timeout: float | None = None) -> RuntimeRecord:
         self._called("get", game_id)
         return record(game_id)
 
     def list_runtimes(
-        self, *, status: RuntimeStatus | None = None, page_size: int = 0, page_token: str = ""
+        self,
+        *,
+        status: RuntimeStatus | None = None,
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: float | None = None,
     ) -> Page[RuntimeRecord]:
         self._called("list", status=status, page_size=page_size, page_token=page_token)
         index = int(page_token or 0)
         return self.pages[index]
 
     def cleanup_runtime(
-        self, game_id: str, *, force: bool = False, source_ref: str = ""
+        self,
+        game_id: str,
+        *,
+        force: bool = False,
+        source_ref: str = "",
+        timeout: float | None = None,
     ) -> RuntimeRecord:
         self._called("cleanup", game_id, force=force, source_ref=source_ref)
         return record(game_id, RuntimeStatus.STOPPED)
 
-    def list_operations(self, **filters: Any) -> Page[OperationEntry]:
+    def list_operations(self, **filters: Any) -> Page[OperationEntry]:  # type: ignore[override]
         self._called("ops", **filters)
         return Page([entry(2, OpKind.PATCH), entry(1)], "tok-2")
 
-    def reconcile(self, *, dry_run: bool = False) -> pb.ReconcileResponse:
+    def reconcile(
+        self, *, dry_run: bool = False, timeout: float | None = None
+    ) -> pb.ReconcileResponse:
         self._called("reconcile", dry_run=dry_run)
         return pb.ReconcileResponse(
             dry_run=dry_run,
@@ -156,10 +190,20 @@ class StubSession:
             ],
         )
 
-    def watch_runtimes(
-        self, request: pb.WatchRuntimesRequest
+    def explain_runtime(
+        self, game_id: str, *, operations: int = 0, timeout: float | None = None
+    ) -> RuntimeExplanation:
+        self._called("explain", game_id, operations=operations)
+        return self.explanation
+
+    def watch_runtimes(  # type: ignore[override]
+        self,
+        request: pb.WatchRuntimesRequest | None = None,
+        *,
+        timeout: float | None = None,
+        **filters: Any,
     ) -> Iterator[pb.WatchRuntimesResponse]:
-        self._called("watch", request)
+        self._called("watch", request or watch_request(**filters))
         yield from self.watch
 
     def close(self) -> None:
@@ -252,6 +296,8 @@ def test_cli_runs_ctl_without_server_settings(
         ["--tls-cert", "/nonexistent.pem", "get", "g1"],
         ["--tls-ca", "/nonexistent/ca.pem", "get", "g1"],
         ["ops", "--since", "2024-05-02", "--until", "2024-05-01"],
+        ["explain"],
+        ["explain", "g1", "--limit", "-1"],
     ],
 )
 def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
@@ -351,6 +397,8 @@ def test_subcommands_call_the_client_with_their_arguments() -> None:
             ("cleanup", ("g1",), {"force": True, "source_ref": ""}),
         ),
         (["reconcile", "--dry-run"], ("reconcile", (), {"dry_run": True})),
+        (["explain", "g1", "--limit", "5"], ("explain", ("g1",), {"operations": 5})),
+        (["explain", "g1"], ("explain", ("g1",), {"operations": 0})),
         (
             ["list", "--status", "stopped", "--page-size", "5", "--page-token", "0"],
             ("list", (), {"status": RuntimeStatus.STOPPED, "page_size": 5, "page_token": "0"}),
@@ -417,6 +465,19 @@ def test_list_all_follows_page_tokens() -> None:
     listing = json.loads(out)
     assert [item["game_id"] for item in listing["runtimes"]] == ["g1", "g2", "g3"]
     assert listing["next_page_token"] == ""
+
+
+def test_list_all_continues_from_a_page_token() -> None:
+    pages = [
+        Page([record("g1")], "1"),
+        Page([record("g2")], "2"),
+        Page([record("g3")], ""),
+    ]
+    argv = ["--json", "list", "--all", "--page-token", "1"]
+    code, out, stub = run(argv, StubSession(pages=pages))
+    assert code == 0
+    assert [call[2]["page_token"] for call in stub.calls] == ["1", "2"]
+    assert [item["game_id"] for item in json.loads(out)["runtimes"]] == ["g2", "g3"]
 
 
 # --- output ---------------------------------------------------------------
@@ -560,6 +621,103 @@ def test_reconcile_output() -> None:
     assert "adopt" in out and CONTAINER[:12] in out
 
 
+def test_explain_json_has_every_part_with_iso_times_and_durations_in_seconds() -> None:
+    code, out, _ = run(["--json", "explain", "g1"])
+    assert code == 0
+    explained = json.loads(out)
+    assert list(explained) == [
+        "game_id",
+        "record",
+        "container",
+        "operations",
+        "pending_jobs",
+        "pending_jobs_truncated",
+        "lease",
+    ]
+    assert explained["record"]["status"] == "stopped"
+    assert explained["record"]["stopped_at"] == "2024-05-01T12:02:00Z"
+    container = explained["container"]
+    assert (container["status"], container["exit_code"], container["oom_killed"]) == (
+        "exited",
+        0,
+        True,
+    )
+    assert (container["restart_count"], container["health"]) == (2, "unhealthy")
+    assert container["finished_at"] == "2024-05-01T12:01:00.000005Z"
+    (operation,) = explained["operations"]
+    assert next(iter(operation)) == "id"
+    assert (operation["op_kind"], operation["op_source"]) == ("stop", "auto_reconcile")
+    delivered, waiting = explained["pending_jobs"]
+    assert delivered == {
+        "job": {"kind": "start", "stream": "runtime:start_jobs", "entry_id": "1714564800000-0"},
+        "fields": {"game_id": "g1", "image_ref": "galaxy/engine-stub:1.0.1"},
+        "consumer": "rtm-1",
+        "deliveries": 2,
+        "idle": 3.25,
+    }
+    assert (waiting["consumer"], waiting["deliveries"], waiting["idle"]) == ("", 0, None)
+    assert explained["pending_jobs_truncated"] is True
+    assert explained["lease"] == {"instance_id": "rtm-2", "ttl": 29.5}
+
+    code, out, _ = run(
+        ["--json", "explain", "g1"], StubSession(explanation=RuntimeExplanation("g1"))
+    )
+    assert json.loads(out) == {
+        "game_id": "g1",
+        "record": None,
+        "container": None,
+        "operations": [],
+        "pending_jobs": [],
+        "pending_jobs_truncated": False,
+        "lease": None,
+    }
+
+
+def test_explain_table_shows_one_section_per_source() -> None:
+    code, out, _ = run(["explain", "g1"])
+    assert code == 0
+    sections = out.rstrip("\n").split("\n\n")
+    assert [section.splitlines()[0].split(":")[0] for section in sections] == [
+        "runtime record",
+        "container",
+        "lease",
+        "unanswered lobby jobs",
+        "latest operations",
+    ]
+    record, container, lease, jobs, operations = sections
+    assert "stopped at:" in record and CONTAINER in record
+    assert "exit code:     0" in container
+    assert "oom killed:    yes" in container
+    assert "restart count: 2" in container
+    assert lease == "lease: held by rtm-2, expires in 29.5s unless renewed"
+    header, delivered, waiting, truncated = jobs.splitlines()[1:]
+    assert header.split() == ["KIND", "ENTRY", "ID", "FIELDS", "CONSUMER", "DELIVERIES", "IDLE"]
+    assert delivered.split() == [
+        "start",
+        "1714564800000-0",
+        "image_ref=galaxy/engine-stub:1.0.1",
+        "rtm-1",
+        "2",
+        "3.2s",
+    ]
+    assert waiting.split() == ["stop", "1714564800001-0", "-", "(not", "delivered)", "0", "-"]
+    assert "there may be more" in truncated
+    assert operations.splitlines()[2].split()[:4] == ["7", "2024-05-01T12:02:00Z", "g1", "stop"]
+
+    code, out, _ = run(["explain", "g1"], StubSession(explanation=RuntimeExplanation("g1")))
+    assert out.splitlines() == [
+        "runtime record: none",
+        "",
+        "container: none",
+        "",
+        "lease: free",
+        "",
+        "unanswered lobby jobs: none",
+        "",
+        "latest operations: none",
+    ]
+
+
 def _watch_messages() -> list[pb.WatchRuntimesResponse]:
     runtime = convert.record_to_pb(record("g1"))
     return [
@@ -647,7 +805,8 @@ def test_watch_shows_which_operation_an_inner_step_is_part_of() -> None:
 
 
 class _Unimplemented(pb_grpc.RuntimeServiceServicer):
-    """Answers GetRuntime with the caller's token as image; WatchRuntimes is UNIMPLEMENTED."""
+    """Answers GetRuntime with the caller's token as image (and a garbled record for the
+    game `garbled`); WatchRuntimes is UNIMPLEMENTED."""
 
     def GetRuntime(
         self, request: pb.GetRuntimeRequest, context: grpc.ServicerContext
@@ -659,6 +818,8 @@ class _Unimplemented(pb_grpc.RuntimeServiceServicer):
             )
         runtime = convert.record_to_pb(record(request.game_id))
         runtime.current_image_ref = str(metadata.get("authorization", ""))
+        if request.game_id == "garbled":
+            runtime.status = 99  # type: ignore[assignment]  # a status this client does not know
         return pb.GetRuntimeResponse(runtime=runtime)
 
     def WatchRuntimes(
@@ -701,3 +862,14 @@ def test_watch_reports_unimplemented_with_exit_1(
     assert ctl.main(["--addr", fake_server, "watch"], stdout=out) == 1
     assert out.getvalue() == ""
     assert capsys.readouterr().err == "rtmanager ctl: unimplemented: WatchRuntimes is not here\n"
+
+
+def test_a_reply_the_client_cannot_read_is_an_internal_failure(
+    fake_server: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = io.StringIO()
+    assert ctl.main(["--addr", fake_server, "get", "garbled"], stdout=out) == 1
+    assert out.getvalue() == ""
+    assert capsys.readouterr().err.startswith(
+        "rtmanager ctl: internal: unexpected response from the server: status 99"
+    )

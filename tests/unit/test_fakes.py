@@ -18,6 +18,7 @@ from rtmanager.domain.errors import (
     NotFound,
     ServiceUnavailable,
 )
+from rtmanager.domain.explanation import LeaseHolder
 from rtmanager.domain.jobs import JobKind
 from rtmanager.domain.operation import OperationEntry, OpKind, OpSource, Outcome
 from rtmanager.domain.runtime import (
@@ -290,6 +291,22 @@ def test_leases_are_exclusive_and_token_checked() -> None:
     assert leases.acquire("game-2", timedelta(seconds=1)) is None
 
 
+def test_leases_name_their_holder() -> None:
+    leases = FakeLeases(instance_id="replica-a")
+    lease = leases.acquire("game-1", timedelta(seconds=3))
+    assert lease is not None and lease.token.startswith("replica-a/")
+    assert leases.holder("game-1") == LeaseHolder("replica-a", timedelta(seconds=3))
+    assert leases.renew(lease, timedelta(seconds=5))
+    assert leases.holder("game-1") == LeaseHolder("replica-a", timedelta(seconds=5))
+    leases.busy.add("game-2")
+    assert leases.holder("game-2") == leases.busy_holder
+    assert leases.release(lease)
+    assert leases.holder("game-1") is None
+    leases.go_down("holder")
+    with pytest.raises(ServiceUnavailable):
+        leases.holder("game-1")
+
+
 # --- docker -------------------------------------------------------------------------
 
 
@@ -333,6 +350,22 @@ def test_docker_ownership_follows_the_cluster() -> None:
     assert [info.id for info in docker.list_owned_containers()] == [ours]
     info = docker.inspect_container(staging)
     assert info is not None and not info.owned
+
+
+def test_docker_inspect_reports_oom_kills_restarts_and_the_image_id_a_listing_lacks() -> None:
+    docker = FakeDocker(cluster="prod")
+    killed = docker.add_engine("game-1", "galaxy/engine:1.0.0", running=False)
+    other = docker.add_engine("game-2", "galaxy/engine:1.0.0")
+    docker.containers[killed].oom_killed = True
+    docker.containers[killed].restart_count = 2
+    info = docker.inspect_container(killed)
+    assert info is not None
+    assert (info.oom_killed, info.restart_count) == (True, 2)
+    assert info.image_id.startswith("sha256:")
+    assert info.image_id == docker.containers[other].image_id
+    listed = {c.id: c for c in docker.list_owned_containers()}
+    assert (listed[killed].oom_killed, listed[killed].restart_count) == (False, 0)
+    assert listed[killed].image_id == info.image_id
 
 
 @pytest.mark.parametrize(
@@ -570,3 +603,35 @@ def test_read_new_waits_for_an_entry_up_to_its_block() -> None:
     threading.Timer(0.01, lambda: redis.add_stop("g1")).start()
     (entry,) = streams.read_new(1, timedelta(seconds=5))
     assert entry.deliveries == 1
+
+
+def test_unanswered_jobs_of_a_game_are_the_pending_and_the_undelivered_in_lobbys_order() -> None:
+    clock = ManualClock()
+    redis = FakeRedisStreams(clock=clock)
+    delivered = redis.add_start("g1", "galaxy/engine:1.0.0")
+    other_game = redis.add_start("g2", "galaxy/engine:1.0.0")
+    answered = redis.add_start("g1", "galaxy/engine:1.0.0")
+    streams = redis.consumer("c1")
+    entries = {e.job: e for e in streams.read_new(10, NO_WAIT)}
+    streams.answer(entries[answered], {"job_id": answered.entry_id})
+    waiting_start = redis.add_start("g1", "galaxy/engine:1.0.1")
+    waiting_stop = redis.add_stop("g1", "game_finished")
+    gone = redis.add_start("g1", "galaxy/engine:1.0.2")
+    assert len(redis.consumer("c2").read_new(1, NO_WAIT)) == 1  # waiting_start, to c2
+    redis.delete_entry(gone)
+    clock.advance(2.5)
+
+    found = streams.pending_jobs("g1", 10)
+
+    assert found.truncated is False
+    assert [j.job for j in found.jobs] == [delivered, waiting_start, waiting_stop]
+    first, second, third = found.jobs
+    assert first.fields == {"game_id": "g1", "image_ref": "galaxy/engine:1.0.0"}
+    assert (first.consumer, first.deliveries, first.idle) == ("c1", 1, timedelta(seconds=2.5))
+    assert (second.consumer, second.delivered) == ("c2", True)
+    assert (third.delivered, third.deliveries, third.idle) == (False, 0, None)
+    assert third.fields == {"game_id": "g1", "reason": "game_finished"}
+    assert [j.job for j in streams.pending_jobs("g2", 10).jobs] == [other_game]
+    bounded = streams.pending_jobs("g1", 1)
+    assert bounded.truncated is True
+    assert [j.job for j in bounded.jobs] == [delivered, waiting_stop]

@@ -698,6 +698,9 @@ class DockerEngineAdapter:
             health=str(health["Status"]) if health.get("Status") else None,
             started_at=_parse_docker_time(state.get("StartedAt")),
             finished_at=_parse_docker_time(state.get("FinishedAt")),
+            oom_killed=bool(state.get("OOMKilled")),
+            restart_count=_int_or_none(data.get("RestartCount")) or 0,
+            image_id=str(data.get("Image") or ""),
         )
 
     def list_owned_containers(self) -> list[ContainerInfo]:
@@ -722,7 +725,8 @@ class DockerEngineAdapter:
 
         A listing's `State` is the `State.Status` an inspect reports, and
         Docker counts a paused or restarting container as running. It has
-        no exit code, health or times (only in the human `Status` text).
+        no exit code, health, times, OOM flag or restart count (only some in
+        the human `Status` text).
         """
         labels: dict[str, str] = dict(entry.get("Labels") or {})
         state = str(entry.get("State") or "")
@@ -738,6 +742,7 @@ class DockerEngineAdapter:
             labels=labels,
             image_ref=labels.get(galaxy_labels.IMAGE_REF) or str(entry.get("Image") or ""),
             game_id=labels.get(galaxy_labels.GAME_ID, ""),
+            image_id=str(entry.get("ImageID") or ""),
         )
 
     def container_logs_tail(self, container_id: str, lines: int = 20) -> str:

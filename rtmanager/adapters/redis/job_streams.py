@@ -9,6 +9,10 @@ Keys (stream names are used verbatim, other keys carry the prefix):
 - `{prefix}answered:{stream}:{entry_id}`: set when a job is answered, kept
   for `answered_ttl`, so a job seen again is never answered twice.
 
+`pending_jobs` (what `ExplainRuntime` shows of a game's unanswered jobs)
+reads the group's pending entries and the entries after its last-delivered
+id in one script, at most a bounded number of each per stream.
+
 Every step that must not interleave with another consumer is one Lua script
 (Redis runs scripts atomically): answering (publish + remember + XACK, only
 while the entry is pending on us), claiming (only entries still pending on
@@ -31,8 +35,8 @@ import redis
 
 from rtmanager.adapters.redis.client import DELETE_IF_OURS, RENEW_IF_OURS, UNAVAILABLE_ERRORS
 from rtmanager.domain.errors import ServiceUnavailable
-from rtmanager.domain.jobs import JobKind, LobbyJob
-from rtmanager.ports import AnswerOutcome, JobEntry
+from rtmanager.domain.jobs import JobKind, LobbyJob, PendingJob
+from rtmanager.ports import AnswerOutcome, JobEntry, PendingJobs
 
 if TYPE_CHECKING:
     from rtmanager.ports import JobStreams
@@ -122,6 +126,66 @@ end
 return 0
 """
 
+# KEYS: the job streams. ARGV: group, game id, scan bound.
+# Returns, per stream: {truncated (0/1), entries of the game}, each entry
+# {id, consumer, idle ms, deliveries, fields}; an entry not delivered yet has
+# consumer "", idle -1 and 0 deliveries. One script, so both kinds come from
+# one moment: an entry cannot move from undelivered to pending between them.
+_PENDING_OF_GAME = """
+local function of_game(fields)
+    for i = 1, #fields, 2 do
+        if fields[i] == 'game_id' then
+            return fields[i + 1] == ARGV[2]
+        end
+    end
+    return false
+end
+local limit = tonumber(ARGV[3])
+local result = {}
+for k = 1, #KEYS do
+    local stream = KEYS[k]
+    local found, truncated = {}, 0
+    local groups = redis.pcall('XINFO', 'GROUPS', stream)
+    if type(groups) == 'table' and groups.err == nil then
+        local last = nil
+        for _, group in ipairs(groups) do
+            local info = {}
+            for i = 1, #group, 2 do
+                info[group[i]] = group[i + 1]
+            end
+            if info['name'] == ARGV[1] then
+                last = info['last-delivered-id']
+            end
+        end
+        if last then
+            local pending = redis.call('XPENDING', stream, ARGV[1], '-', '+', limit)
+            if #pending >= limit then
+                truncated = 1
+            end
+            for _, held in ipairs(pending) do
+                local entry = redis.call('XRANGE', stream, held[1], held[1])
+                if #entry == 1 and of_game(entry[1][2]) then
+                    table.insert(found, {held[1], held[2], held[3], held[4], entry[1][2]})
+                end
+            end
+        else
+            last = '0-0'  -- no group yet: it will read the stream from its start
+        end
+        local fresh = redis.call('XRANGE', stream, '(' .. last, '+', 'COUNT', limit)
+        if #fresh >= limit then
+            truncated = 1
+        end
+        for _, entry in ipairs(fresh) do
+            if of_game(entry[2]) then
+                table.insert(found, {entry[1], '', -1, 0, entry[2]})
+            end
+        end
+    end
+    table.insert(result, {truncated, found})
+end
+return result
+"""
+
 _PENDING_PAGE = 100
 
 
@@ -165,6 +229,7 @@ class RedisJobStreams:
         self._answer = client.register_script(_ANSWER)
         self._claim = client.register_script(_CLAIM)
         self._remove_idle = client.register_script(_REMOVE_IDLE_CONSUMER)
+        self._pending_of_game = client.register_script(_PENDING_OF_GAME)
         self._renew = client.register_script(RENEW_IF_OURS)
         self._release = client.register_script(DELETE_IF_OURS)
 
@@ -360,6 +425,37 @@ class RedisJobStreams:
                     if _text(_field(group, "name")) == self._config.group and isinstance(lag, int):
                         lags[stream] = lag
         return lags
+
+    def pending_jobs(self, game_id: str, scan: int) -> PendingJobs:
+        """The game's jobs the group has not acknowledged (see the port), from one script."""
+        if scan < 1:
+            raise ValueError(f"the scan bound must be at least 1, got {scan}")
+        streams = [self._streams[JobKind.START], self._streams[JobKind.STOP]]
+        with self._unavailable("read the job streams' unanswered jobs"):
+            reply = cast(
+                "list[Any]",
+                self._pending_of_game(keys=streams, args=[self._config.group, game_id, scan]),
+            )
+        jobs: list[PendingJob] = []
+        truncated = False
+        for stream, (stream_truncated, entries) in zip(streams, reply, strict=True):
+            truncated = truncated or bool(stream_truncated)
+            for raw_id, raw_consumer, idle_ms, deliveries, raw_fields in entries or []:
+                fields = {
+                    _text(key) or "": _text(value) or ""
+                    for key, value in _pairs(raw_fields).items()
+                }
+                jobs.append(
+                    PendingJob(
+                        job=LobbyJob(self._kinds[stream], stream, _text(raw_id) or ""),
+                        fields=fields,
+                        consumer=_text(raw_consumer) or "",
+                        deliveries=int(deliveries),
+                        idle=timedelta(milliseconds=int(idle_ms)) if int(idle_ms) >= 0 else None,
+                    )
+                )
+        jobs.sort(key=lambda pending: pending.job.position)
+        return PendingJobs(jobs, truncated)
 
     # -- helpers ---------------------------------------------------------------------
 

@@ -1,9 +1,11 @@
 """Per-game leases in Redis: `SET NX PX` to take, token-checked scripts to keep or drop.
 
-One key per game, `{prefix}lease:game:{game_id}`, holding the random token of
-its holder. Only the holder of the token can renew or release the lease, so a
+One key per game, `{prefix}lease:game:{game_id}`, holding the token of its
+holder: `{instance_id}/{random}`, the holder's `RTMANAGER_INSTANCE_ID` and
+an unguessable part (just the random part when no instance id is given).
+Only the holder of the whole token can renew or release the lease, so a
 holder whose lease expired and was taken over can never extend or delete the
-new holder's lease.
+new holder's lease; the instance id only tells operators who holds a game.
 """
 
 from __future__ import annotations
@@ -19,19 +21,24 @@ import redis
 
 from rtmanager.adapters.redis.client import DELETE_IF_OURS, RENEW_IF_OURS, UNAVAILABLE_ERRORS
 from rtmanager.domain.errors import ServiceUnavailable
+from rtmanager.domain.explanation import LeaseHolder
 from rtmanager.ports import Lease
 
 if TYPE_CHECKING:
     from rtmanager.ports import GameLeases
 
 _ONE_MICROSECOND = timedelta(microseconds=1)
+# Between the holder's instance id and the random part of a lease token.
+HOLDER_SEPARATOR = "/"
 
 
 class RedisGameLeases:
     """`GameLeases` on Redis, safe across threads, processes and replicas.
 
-    `prefix` namespaces every key (`RTMANAGER_REDIS_PREFIX`). Every method
-    raises `ServiceUnavailable` when Redis is unreachable or times out.
+    `prefix` namespaces every key (`RTMANAGER_REDIS_PREFIX`); `instance_id`
+    (`RTMANAGER_INSTANCE_ID`) is written into the token of every lease taken
+    here. Every method raises `ServiceUnavailable` when Redis is unreachable
+    or times out.
 
     A lease whose `acquire` call timed out may have been taken anyway (a
     paused Redis runs the queued SET when it resumes) under a token nobody
@@ -41,9 +48,10 @@ class RedisGameLeases:
     leftovers by compare-and-delete.
     """
 
-    def __init__(self, client: redis.Redis, *, prefix: str = "") -> None:
+    def __init__(self, client: redis.Redis, *, prefix: str = "", instance_id: str = "") -> None:
         self._client = client
         self._prefix = prefix
+        self._token_head = f"{instance_id}{HOLDER_SEPARATOR}" if instance_id else ""
         self._renew = client.register_script(RENEW_IF_OURS)
         self._release = client.register_script(DELETE_IF_OURS)
         # Tokens of acquires that failed without an answer, by game id.
@@ -65,7 +73,7 @@ class RedisGameLeases:
             earlier = self._unanswered.pop(game_id, None)
         # Reusing the token of an unanswered attempt makes a SET of it that
         # landed after all ours now.
-        token = earlier or secrets.token_urlsafe(24)
+        token = earlier or self._token_head + secrets.token_urlsafe(24)
         try:
             with self._unavailable_as_error("acquire", game_id):
                 if self._client.set(key, token, nx=True, px=ttl_ms):
@@ -119,6 +127,22 @@ class RedisGameLeases:
             released = self._release(keys=[self.key(lease.game_id)], args=[lease.token])
         return bool(released)
 
+    def holder(self, game_id: str) -> LeaseHolder | None:
+        """Who holds the game's lease (from its token) and its time left; None when free."""
+        key = self.key(game_id)
+        with (
+            self._unavailable_as_error("read", game_id),
+            self._client.pipeline(transaction=True) as pipe,
+        ):
+            pipe.get(key)
+            pipe.pttl(key)
+            token, ttl_ms = pipe.execute()
+        text = _as_text(token)
+        if text is None:
+            return None
+        ttl = timedelta(milliseconds=ttl_ms) if isinstance(ttl_ms, int) and ttl_ms >= 0 else None
+        return LeaseHolder(instance_id=instance_of_token(text), ttl=ttl)
+
     @contextmanager
     def _unavailable_as_error(self, action: str, game_id: str) -> Iterator[None]:
         try:
@@ -129,6 +153,16 @@ class RedisGameLeases:
                 f"{type(error).__name__}: {error}",
                 metadata={"game_id": game_id, "dependency": "redis"},
             ) from error
+
+
+def instance_of_token(token: str) -> str:
+    """The instance id a lease token names ("" for a token that names none).
+
+    The random part never contains the separator (it is URL-safe base64),
+    so an instance id that does is still read whole.
+    """
+    instance_id, separator, _ = token.rpartition(HOLDER_SEPARATOR)
+    return instance_id if separator else ""
 
 
 def _ttl_milliseconds(ttl: timedelta) -> int:

@@ -16,6 +16,7 @@ message.
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -193,6 +194,24 @@ RECONCILE_ACTION_KIND_MARK_STOPPED: ReconcileActionKind.ValueType  # 3
 RECONCILE_ACTION_KIND_MARK_RUNNING: ReconcileActionKind.ValueType  # 4
 """A stopped record whose container runs again: mark it running."""
 Global___ReconcileActionKind: _TypeAlias = ReconcileActionKind  # noqa: Y015
+
+class _JobKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _JobKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JobKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    JOB_KIND_UNSPECIFIED: _JobKind.ValueType  # 0
+    JOB_KIND_START: _JobKind.ValueType  # 1
+    JOB_KIND_STOP: _JobKind.ValueType  # 2
+
+class JobKind(_JobKind, metaclass=_JobKindEnumTypeWrapper):
+    """JobKind says which Lobby stream a job came from."""
+
+JOB_KIND_UNSPECIFIED: JobKind.ValueType  # 0
+JOB_KIND_START: JobKind.ValueType  # 1
+JOB_KIND_STOP: JobKind.ValueType  # 2
+Global___JobKind: _TypeAlias = JobKind  # noqa: Y015
 
 @_typing.final
 class RuntimeRecord(_message.Message):
@@ -1024,3 +1043,257 @@ class ReconcileResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReconcileResponse: _TypeAlias = ReconcileResponse  # noqa: Y015
+
+@_typing.final
+class ExplainRuntimeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GAME_ID_FIELD_NUMBER: _builtins.int
+    OPERATIONS_LIMIT_FIELD_NUMBER: _builtins.int
+    game_id: _builtins.str
+    operations_limit: _builtins.int
+    """How many of the game's newest operation-log entries to return
+    (default 20, capped at 100).
+    """
+    def __init__(
+        self,
+        *,
+        game_id: _builtins.str = ...,
+        operations_limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["game_id", b"game_id", "operations_limit", b"operations_limit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExplainRuntimeRequest: _TypeAlias = ExplainRuntimeRequest  # noqa: Y015
+
+@_typing.final
+class ExplainRuntimeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GAME_ID_FIELD_NUMBER: _builtins.int
+    RUNTIME_FIELD_NUMBER: _builtins.int
+    CONTAINER_FIELD_NUMBER: _builtins.int
+    OPERATIONS_FIELD_NUMBER: _builtins.int
+    PENDING_JOBS_FIELD_NUMBER: _builtins.int
+    PENDING_JOBS_TRUNCATED_FIELD_NUMBER: _builtins.int
+    LEASE_FIELD_NUMBER: _builtins.int
+    game_id: _builtins.str
+    pending_jobs_truncated: _builtins.bool
+    """The scan of the job streams stopped at its bound (1000 pending and
+    1000 undelivered entries of each stream, oldest first): more jobs for
+    the game may be waiting.
+    """
+    @_builtins.property
+    def runtime(self) -> Global___RuntimeRecord:
+        """Absent when the game has no runtime record."""
+
+    @_builtins.property
+    def container(self) -> Global___ContainerState:
+        """Absent when Docker has no container for the game (the record's
+        container, else the one named galaxy-game-{game_id}).
+        """
+
+    @_builtins.property
+    def operations(self) -> _containers.RepeatedCompositeFieldContainer[Global___OperationEntry]:
+        """The game's newest operation-log entries, newest first."""
+
+    @_builtins.property
+    def pending_jobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___PendingJob]:
+        """Lobby jobs for the game that the consumer group has not acknowledged,
+        delivered or not, in Lobby's order.
+        """
+
+    @_builtins.property
+    def lease(self) -> Global___LeaseHolder:
+        """Absent when nobody holds the game's lease."""
+
+    def __init__(
+        self,
+        *,
+        game_id: _builtins.str = ...,
+        runtime: Global___RuntimeRecord | None = ...,
+        container: Global___ContainerState | None = ...,
+        operations: _abc.Iterable[Global___OperationEntry] | None = ...,
+        pending_jobs: _abc.Iterable[Global___PendingJob] | None = ...,
+        pending_jobs_truncated: _builtins.bool = ...,
+        lease: Global___LeaseHolder | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["container", b"container", "lease", b"lease", "runtime", b"runtime"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["container", b"container", "game_id", b"game_id", "lease", b"lease", "operations", b"operations", "pending_jobs", b"pending_jobs", "pending_jobs_truncated", b"pending_jobs_truncated", "runtime", b"runtime"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExplainRuntimeResponse: _TypeAlias = ExplainRuntimeResponse  # noqa: Y015
+
+@_typing.final
+class ContainerState(_message.Message):
+    """ContainerState is a game's engine container as Docker reports it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONTAINER_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    RUNNING_FIELD_NUMBER: _builtins.int
+    OWNED_FIELD_NUMBER: _builtins.int
+    IMAGE_REF_FIELD_NUMBER: _builtins.int
+    IMAGE_ID_FIELD_NUMBER: _builtins.int
+    EXIT_CODE_FIELD_NUMBER: _builtins.int
+    OOM_KILLED_FIELD_NUMBER: _builtins.int
+    HEALTH_FIELD_NUMBER: _builtins.int
+    STARTED_AT_FIELD_NUMBER: _builtins.int
+    FINISHED_AT_FIELD_NUMBER: _builtins.int
+    RESTART_COUNT_FIELD_NUMBER: _builtins.int
+    container_id: _builtins.str
+    name: _builtins.str
+    status: _builtins.str
+    """Docker's state: created, running, paused, restarting, exited, dead."""
+    running: _builtins.bool
+    owned: _builtins.bool
+    """Labelled as this deployment's (owner and cluster labels)."""
+    image_ref: _builtins.str
+    """The image reference the engine was started from."""
+    image_id: _builtins.str
+    """The id of the image it runs (sha256:...)."""
+    exit_code: _builtins.int
+    """Set once the container has exited."""
+    oom_killed: _builtins.bool
+    """The kernel killed it for exceeding its memory limit."""
+    health: _builtins.str
+    """starting, healthy or unhealthy; empty without a health check."""
+    restart_count: _builtins.int
+    """Restarts made by Docker itself (rtmanager asks for none)."""
+    @_builtins.property
+    def started_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def finished_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        container_id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        status: _builtins.str = ...,
+        running: _builtins.bool = ...,
+        owned: _builtins.bool = ...,
+        image_ref: _builtins.str = ...,
+        image_id: _builtins.str = ...,
+        exit_code: _builtins.int | None = ...,
+        oom_killed: _builtins.bool = ...,
+        health: _builtins.str = ...,
+        started_at: _timestamp_pb2.Timestamp | None = ...,
+        finished_at: _timestamp_pb2.Timestamp | None = ...,
+        restart_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "exit_code", b"exit_code", "finished_at", b"finished_at", "started_at", b"started_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "container_id", b"container_id", "exit_code", b"exit_code", "finished_at", b"finished_at", "health", b"health", "image_id", b"image_id", "image_ref", b"image_ref", "name", b"name", "oom_killed", b"oom_killed", "owned", b"owned", "restart_count", b"restart_count", "running", b"running", "started_at", b"started_at", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__exit_code: _TypeAlias = _typing.Literal["exit_code"]  # noqa: Y015
+    _WhichOneofArgType__exit_code: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__exit_code) -> _WhichOneofReturnType__exit_code | None: ...
+
+Global___ContainerState: _TypeAlias = ContainerState  # noqa: Y015
+
+@_typing.final
+class PendingJob(_message.Message):
+    """PendingJob is a Lobby job not answered yet."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class FieldsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    KIND_FIELD_NUMBER: _builtins.int
+    STREAM_FIELD_NUMBER: _builtins.int
+    ENTRY_ID_FIELD_NUMBER: _builtins.int
+    FIELDS_FIELD_NUMBER: _builtins.int
+    CONSUMER_FIELD_NUMBER: _builtins.int
+    DELIVERIES_FIELD_NUMBER: _builtins.int
+    IDLE_FIELD_NUMBER: _builtins.int
+    kind: Global___JobKind.ValueType
+    stream: _builtins.str
+    """The job stream and the entry's id there."""
+    entry_id: _builtins.str
+    consumer: _builtins.str
+    """The consumer (RTMANAGER_INSTANCE_ID) the entry was delivered to and
+    that has not acknowledged it; empty when not delivered yet.
+    """
+    deliveries: _builtins.int
+    """How often the entry was delivered; 0 when not delivered yet."""
+    @_builtins.property
+    def fields(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The entry's fields as Lobby wrote them (game_id, image_ref, reason)."""
+
+    @_builtins.property
+    def idle(self) -> _duration_pb2.Duration:
+        """Time since its last delivery; absent when not delivered yet."""
+
+    def __init__(
+        self,
+        *,
+        kind: Global___JobKind.ValueType = ...,
+        stream: _builtins.str = ...,
+        entry_id: _builtins.str = ...,
+        fields: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        consumer: _builtins.str = ...,
+        deliveries: _builtins.int = ...,
+        idle: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["idle", b"idle"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consumer", b"consumer", "deliveries", b"deliveries", "entry_id", b"entry_id", "fields", b"fields", "idle", b"idle", "kind", b"kind", "stream", b"stream"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PendingJob: _TypeAlias = PendingJob  # noqa: Y015
+
+@_typing.final
+class LeaseHolder(_message.Message):
+    """LeaseHolder says who holds a game's lease."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    TTL_FIELD_NUMBER: _builtins.int
+    instance_id: _builtins.str
+    """RTMANAGER_INSTANCE_ID of the holder; empty when its lease token does
+    not name one.
+    """
+    @_builtins.property
+    def ttl(self) -> _duration_pb2.Duration:
+        """Time left before the lease expires unless renewed."""
+
+    def __init__(
+        self,
+        *,
+        instance_id: _builtins.str = ...,
+        ttl: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ttl", b"ttl"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance_id", b"instance_id", "ttl", b"ttl"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LeaseHolder: _TypeAlias = LeaseHolder  # noqa: Y015

@@ -399,6 +399,11 @@ class RuntimeAdminServiceStub:
                 request_serializer=galaxy_dot_rtmanager_dot_v1_dot_rtmanager__pb2.ReconcileRequest.SerializeToString,
                 response_deserializer=galaxy_dot_rtmanager_dot_v1_dot_rtmanager__pb2.ReconcileResponse.FromString,
                 _registered_method=True)
+        self.ExplainRuntime = channel.unary_unary(
+                '/galaxy.rtmanager.v1.RuntimeAdminService/ExplainRuntime',
+                request_serializer=galaxy_dot_rtmanager_dot_v1_dot_rtmanager__pb2.ExplainRuntimeRequest.SerializeToString,
+                response_deserializer=galaxy_dot_rtmanager_dot_v1_dot_rtmanager__pb2.ExplainRuntimeResponse.FromString,
+                _registered_method=True)
 
 
 class RuntimeAdminServiceServicer:
@@ -428,6 +433,17 @@ class RuntimeAdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExplainRuntime(self, request, context):
+        """ExplainRuntime tells, in one call, what is known about one game: its
+        runtime record, its container as Docker reports it now, its newest
+        operation-log entries, the Lobby jobs for it not answered yet and who
+        holds its lease. NOT_FOUND only when none of these exists (and the scan
+        of the job streams was complete).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RuntimeAdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -445,6 +461,11 @@ def add_RuntimeAdminServiceServicer_to_server(servicer, server):
                     servicer.Reconcile,
                     request_deserializer=galaxy_dot_rtmanager_dot_v1_dot_rtmanager__pb2.ReconcileRequest.FromString,
                     response_serializer=galaxy_dot_rtmanager_dot_v1_dot_rtmanager__pb2.ReconcileResponse.SerializeToString,
+            ),
+            'ExplainRuntime': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExplainRuntime,
+                    request_deserializer=galaxy_dot_rtmanager_dot_v1_dot_rtmanager__pb2.ExplainRuntimeRequest.FromString,
+                    response_serializer=galaxy_dot_rtmanager_dot_v1_dot_rtmanager__pb2.ExplainRuntimeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -529,6 +550,33 @@ class RuntimeAdminService:
             '/galaxy.rtmanager.v1.RuntimeAdminService/Reconcile',
             galaxy_dot_rtmanager_dot_v1_dot_rtmanager__pb2.ReconcileRequest.SerializeToString,
             galaxy_dot_rtmanager_dot_v1_dot_rtmanager__pb2.ReconcileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExplainRuntime(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/galaxy.rtmanager.v1.RuntimeAdminService/ExplainRuntime',
+            galaxy_dot_rtmanager_dot_v1_dot_rtmanager__pb2.ExplainRuntimeRequest.SerializeToString,
+            galaxy_dot_rtmanager_dot_v1_dot_rtmanager__pb2.ExplainRuntimeResponse.FromString,
             options,
             channel_credentials,
             insecure,

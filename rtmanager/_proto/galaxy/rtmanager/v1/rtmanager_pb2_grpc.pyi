@@ -196,6 +196,13 @@ class RuntimeAdminServiceStub:
     """Reconcile runs one reconciliation pass now; with dry_run it only
     returns the plan.
     """
+    ExplainRuntime: _grpc.UnaryUnaryMultiCallable[_rtmanager_pb2.ExplainRuntimeRequest, _rtmanager_pb2.ExplainRuntimeResponse]
+    """ExplainRuntime tells, in one call, what is known about one game: its
+    runtime record, its container as Docker reports it now, its newest
+    operation-log entries, the Lobby jobs for it not answered yet and who
+    holds its lease. NOT_FOUND only when none of these exists (and the scan
+    of the job streams was complete).
+    """
 
 @_typing.type_check_only
 class RuntimeAdminServiceAsyncStub(RuntimeAdminServiceStub):
@@ -211,6 +218,13 @@ class RuntimeAdminServiceAsyncStub(RuntimeAdminServiceStub):
     Reconcile: _aio.UnaryUnaryMultiCallable[_rtmanager_pb2.ReconcileRequest, _rtmanager_pb2.ReconcileResponse]  # type: ignore[assignment]
     """Reconcile runs one reconciliation pass now; with dry_run it only
     returns the plan.
+    """
+    ExplainRuntime: _aio.UnaryUnaryMultiCallable[_rtmanager_pb2.ExplainRuntimeRequest, _rtmanager_pb2.ExplainRuntimeResponse]  # type: ignore[assignment]
+    """ExplainRuntime tells, in one call, what is known about one game: its
+    runtime record, its container as Docker reports it now, its newest
+    operation-log entries, the Lobby jobs for it not answered yet and who
+    holds its lease. NOT_FOUND only when none of these exists (and the scan
+    of the job streams was complete).
     """
 
 class RuntimeAdminServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -242,6 +256,19 @@ class RuntimeAdminServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_rtmanager_pb2.ReconcileResponse, _abc.Awaitable[_rtmanager_pb2.ReconcileResponse]]:
         """Reconcile runs one reconciliation pass now; with dry_run it only
         returns the plan.
+        """
+
+    @_abc_1.abstractmethod
+    def ExplainRuntime(
+        self,
+        request: _rtmanager_pb2.ExplainRuntimeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_rtmanager_pb2.ExplainRuntimeResponse, _abc.Awaitable[_rtmanager_pb2.ExplainRuntimeResponse]]:
+        """ExplainRuntime tells, in one call, what is known about one game: its
+        runtime record, its container as Docker reports it now, its newest
+        operation-log entries, the Lobby jobs for it not answered yet and who
+        holds its lease. NOT_FOUND only when none of these exists (and the scan
+        of the job streams was complete).
         """
 
 def add_RuntimeAdminServiceServicer_to_server(servicer: RuntimeAdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
