@@ -25,7 +25,7 @@ from pydantic import (
     model_validator,
 )
 
-from rtmanager.ports import PullPolicy
+from rtmanager.ports import EngineUser, PullPolicy
 
 ENV_PREFIX = "RTMANAGER_"
 # Every Redis command's reply is awaited this long (blocking reads included).
@@ -38,6 +38,9 @@ _SIZE = re.compile(r"^(\d+)([kmg]?)b?$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9_.-]{0,61}[a-z0-9])?$")
 _SQL_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_ENGINE_USER = re.compile(r"^(\d{1,10}):(\d{1,10})$")
+# The largest id chown takes: (uid_t)-1 means "leave unchanged".
+_MAX_ID = 2**32 - 2
 # Server threads kept free of lifecycle calls and watches, for health checks
 # and reflection.
 RPC_THREAD_HEADROOM = 4
@@ -81,6 +84,22 @@ def parse_size(value: object) -> int:
     if match is None:
         raise ValueError("expected a size such as 512m, 1g or a number of bytes")
     return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+
+
+def parse_engine_user(value: object) -> EngineUser:
+    """Parse a numeric `uid:gid` (or take an `EngineUser`)."""
+    if isinstance(value, EngineUser):
+        return value
+    match = _ENGINE_USER.fullmatch(str(value).strip())
+    if match is None:
+        raise ValueError(
+            "expected a numeric uid:gid such as 65534:65534 (names are not accepted: "
+            "they resolve inside each image, and the state directory is given to the ids)"
+        )
+    uid, gid = int(match.group(1)), int(match.group(2))
+    if uid > _MAX_ID or gid > _MAX_ID:
+        raise ValueError(f"expected ids of at most {_MAX_ID}")
+    return EngineUser(uid, gid)
 
 
 def _split_csv(value: object) -> object:
@@ -205,6 +224,14 @@ class Settings(BaseModel):
     engine_cpus: float = Field(default=1.0, gt=0, le=1024)
     engine_pids: int = Field(default=256, ge=16, le=1_000_000)
     engine_read_only: bool = False
+    # nobody:nogroup on Debian: an unprivileged user that owns nothing else.
+    engine_user: Annotated[EngineUser, BeforeValidator(parse_engine_user)] = EngineUser(
+        65534, 65534
+    )
+    engine_log_max_size: Annotated[int, BeforeValidator(parse_size), Field(ge=64 * 1024)] = (
+        10 * 1024 * 1024
+    )
+    engine_log_max_files: int = Field(default=3, ge=1, le=100)
     remove_state_on_cleanup: bool = False
     container_labels: Annotated[dict[str, str], BeforeValidator(_parse_labels)] = {}
 

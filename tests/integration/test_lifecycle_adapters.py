@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import docker
 import psycopg
@@ -20,38 +23,46 @@ from rtmanager.adapters.redis.leases import RedisGameLeases
 from rtmanager.domain.errors import ErrorCode
 from rtmanager.domain.operation import OpKind, OpSource
 from rtmanager.domain.runtime import RuntimeStatus
+from rtmanager.lifecycle.cleanup import CleanupService
 from rtmanager.lifecycle.common import LifecycleDeps, LifecycleSettings
 from rtmanager.lifecycle.leasing import GameLock
 from rtmanager.lifecycle.reconcile import Reconciler
 from rtmanager.lifecycle.recorder import OperationRecorder
 from rtmanager.lifecycle.start import StartRequest, StartService
 from rtmanager.lifecycle.stop import StopRequest, StopService
-from rtmanager.ports import PullPolicy
+from rtmanager.ports import EngineUser, PullPolicy
 from rtmanager.telemetry import Telemetry
 from tests.conftest import DOCKER_HOST, POSTGRES_DSN, REDIS_URL, TEST_LABEL
 
 pytestmark = pytest.mark.integration
 
 STUB = "galaxy/engine-stub:1.0.0"
+ENGINE_MEMORY = 64 * 1024 * 1024
 
 
 @dataclass
 class Wired:
     start: StartService
     stop: StopService
+    cleanup: CleanupService
     reconciler: Reconciler
     leases: RedisGameLeases
     schema: str
+    settings: LifecycleSettings
+
+
+# Wires the services again with some settings changed.
+Rewire = Callable[..., Wired]
 
 
 @pytest.fixture
-def wired(
+def rewire(
     pg_schema: str,
     redis_prefix: str,
     cluster: str,
     state_root: Path,
     docker_cleanup: str,
-) -> Iterator[Wired]:
+) -> Iterator[Rewire]:
     apply_migrations(POSTGRES_DSN, pg_schema, Path("migrations"))
     pool = create_pool(POSTGRES_DSN, pg_schema, max_size=4, timeout=timedelta(seconds=5))
     client = redis.Redis.from_url(REDIS_URL)
@@ -70,27 +81,43 @@ def wired(
             engine_state_mount=Path("/var/lib/galaxy-game"),
             image_allowlist=("galaxy/",),
             image_pull_policy=PullPolicy.NEVER,
-            engine_memory=64 * 1024 * 1024,
+            engine_memory=ENGINE_MEMORY,
             engine_cpus=0.5,
             engine_pids=64,
+            engine_user=EngineUser(65534, 65534),
+            engine_log_max_size=1024 * 1024,
+            engine_log_max_files=2,
             start_timeout=timedelta(seconds=20),
             stop_timeout=timedelta(seconds=5),
             start_settle=timedelta(milliseconds=300),
             container_labels={TEST_LABEL: docker_cleanup},
         ),
     )
-    try:
-        yield Wired(
-            StartService(deps),
-            StopService(deps),
-            Reconciler(deps, telemetry=telemetry),
+
+    def wire(**changes: Any) -> Wired:
+        rewired = replace(deps, settings=replace(deps.settings, **changes))
+        start, stop = StartService(rewired), StopService(rewired)
+        return Wired(
+            start,
+            stop,
+            CleanupService(rewired, stop=stop),
+            Reconciler(rewired, telemetry=telemetry),
             leases,
             pg_schema,
+            rewired.settings,
         )
+
+    try:
+        yield wire
     finally:
         pool.close()
         client.close()
         engine.close()
+
+
+@pytest.fixture
+def wired(rewire: Rewire) -> Wired:
+    return rewire()
 
 
 def rows(schema: str, game_id: str) -> list[tuple[str, str, str]]:
@@ -152,3 +179,47 @@ def test_an_observed_exit_marks_only_the_records_current_container_stopped(
     assert result.record.status is RuntimeStatus.STOPPED
     assert rows(wired.schema, "real-3")[-1] == (str(OpKind.STOP), "success", "")
     assert wired.reconciler.run_pass().actions == ()
+
+
+def wait_for_file(path: Path, timeout: float = 10.0) -> os.stat_result:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} did not appear in {timeout}s"
+        time.sleep(0.05)
+    return path.stat()
+
+
+@pytest.mark.parametrize("read_only", [False, True])
+def test_a_started_engine_is_hardened_as_configured_and_writes_its_state_as_its_user(
+    rewire: Rewire, docker_client: docker.DockerClient, test_id: str, read_only: bool
+) -> None:
+    wired = rewire(engine_read_only=read_only)
+    game = f"hard-{test_id}"  # container names are shared by every test on the host
+
+    started = wired.start.handle(StartRequest(game, STUB, OpSource.GM_REST))
+
+    assert started.ok and started.record is not None, started.failure
+    attrs = docker_client.containers.get(started.record.current_container_id).attrs
+    config, host = attrs["Config"], attrs["HostConfig"]
+    assert config["User"] == "65534:65534"
+    assert host["Memory"] == ENGINE_MEMORY
+    assert host["MemorySwap"] == ENGINE_MEMORY  # no swap
+    assert host["LogConfig"] == {
+        "Type": "json-file",
+        "Config": {"max-size": str(1024 * 1024), "max-file": "2"},
+    }
+    assert host["ReadonlyRootfs"] is read_only
+    assert ("/tmp" in (host.get("Tmpfs") or {})) is read_only
+    assert host["CapDrop"] == ["ALL"]
+    assert host["SecurityOpt"] == ["no-new-privileges:true"]
+    assert host["Privileged"] is False
+    assert host["PidsLimit"] == 64
+    assert host["NanoCpus"] == 500_000_000
+    assert host["Init"] is True
+    assert host["RestartPolicy"]["Name"] == "no"
+    assert attrs["State"]["Running"] is True
+    # The state directory was given to the engine's user, who wrote into it.
+    state_dir = wired.settings.state_dir(game)
+    assert (state_dir.stat().st_uid, state_dir.stat().st_gid) == (65534, 65534)
+    written = wait_for_file(state_dir / "started")
+    assert (written.st_uid, written.st_gid) == (65534, 65534)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from rtmanager.config import ConfigError, load_settings, parse_duration
-from rtmanager.ports import PullPolicy
+from rtmanager.ports import EngineUser, PullPolicy
 
 
 @pytest.fixture(autouse=True)
@@ -335,6 +335,73 @@ def test_invalid_engine_network_names_are_rejected(name: str) -> None:
     ],
 )
 def test_bad_values_name_the_variable_and_the_value(variable: str, value: str) -> None:
+    assert f"{variable}={value!r}" in config_error({variable: value})
+
+
+# --- engine hardening -------------------------------------------------------------------
+
+
+def test_engines_run_unprivileged_with_rotated_logs_by_default() -> None:
+    settings = load_settings({})
+
+    assert settings.engine_user == EngineUser(65534, 65534)
+    assert settings.engine_log_max_size == 10 * 1024 * 1024
+    assert settings.engine_log_max_files == 3
+    assert settings.engine_read_only is False
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("1000:1000", EngineUser(1000, 1000)),
+        (" 1000:50 ", EngineUser(1000, 50)),
+        ("0:0", EngineUser(0, 0)),
+        ("4294967294:4294967294", EngineUser(4294967294, 4294967294)),
+    ],
+)
+def test_engine_user_is_a_numeric_uid_and_gid(text: str, expected: EngineUser) -> None:
+    assert load_settings({"RTMANAGER_ENGINE_USER": text}).engine_user == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "nobody", "nobody:nogroup", "1000", "1000:", ":1000", "-1:0", "1000:1000:1", "1e3:0"],
+)
+def test_engine_user_other_than_uid_colon_gid_is_refused(text: str) -> None:
+    message = config_error({"RTMANAGER_ENGINE_USER": text})
+
+    assert f"RTMANAGER_ENGINE_USER={text!r}" in message
+    assert "numeric uid:gid" in message
+
+
+def test_engine_user_ids_beyond_what_chown_takes_are_refused() -> None:
+    message = config_error({"RTMANAGER_ENGINE_USER": "4294967295:0"})
+
+    assert "RTMANAGER_ENGINE_USER='4294967295:0'" in message
+    assert "at most 4294967294" in message
+
+
+def test_engine_log_rotation_is_read_as_a_size_and_a_count() -> None:
+    settings = load_settings(
+        {"RTMANAGER_ENGINE_LOG_MAX_SIZE": "50m", "RTMANAGER_ENGINE_LOG_MAX_FILES": "5"}
+    )
+
+    assert settings.engine_log_max_size == 50 * 1024 * 1024
+    assert settings.engine_log_max_files == 5
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("RTMANAGER_ENGINE_LOG_MAX_SIZE", "lots"),
+        ("RTMANAGER_ENGINE_LOG_MAX_SIZE", "0"),
+        ("RTMANAGER_ENGINE_LOG_MAX_SIZE", "1k"),
+        ("RTMANAGER_ENGINE_LOG_MAX_FILES", "0"),
+        ("RTMANAGER_ENGINE_LOG_MAX_FILES", "101"),
+        ("RTMANAGER_ENGINE_LOG_MAX_FILES", "few"),
+    ],
+)
+def test_unbounded_or_malformed_engine_log_rotation_is_refused(variable: str, value: str) -> None:
     assert f"{variable}={value!r}" in config_error({variable: value})
 
 
