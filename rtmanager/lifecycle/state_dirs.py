@@ -1,13 +1,19 @@
-"""A game's state directory on the host, made the engine user's on start.
+"""A game's state directory on the host: made the engine user's on start, removed on cleanup.
 
-The state directory is bind-mounted into the engine, so it must exist, and
-belong to the user the engine runs as, before the engine is created.
+Both lifecycles act on the host's file system directly: the state
+directory is bind-mounted into the engine, so it must exist, and belong to
+the user the engine runs as, before the engine is created.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
+import sys
 from pathlib import Path
+from types import TracebackType
+from typing import Any
 
 from rtmanager.domain.errors import InternalError
 from rtmanager.ports import EngineUser
@@ -49,3 +55,38 @@ def _give_tree(path: Path, user: EngineUser) -> None:
     for parent, directories, files in os.walk(path, onerror=refuse):
         for name in (*directories, *files):
             os.chown(os.path.join(parent, name), user.uid, user.gid, follow_symlinks=False)
+
+
+def remove_state_dir(path: Path) -> list[str]:
+    """Remove the state directory with everything in it; say what remains.
+
+    Returns one line per path that could not be removed, with the reason
+    (an immutable or append-only file, a read-only file system, files
+    rtmanager may not remove when it does not run as root, ...); an empty
+    list when nothing remains, also when there was nothing to remove. A
+    directory left only because something in it remains is not listed
+    itself.
+    """
+    failures: list[tuple[str, OSError]] = []
+
+    def collect(failed: str, error: BaseException | None) -> None:
+        if isinstance(error, FileNotFoundError):
+            return  # already gone
+        if not isinstance(error, OSError):
+            error = OSError(errno.EIO, str(error))
+        failures.append((failed, error))
+
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(path, onexc=lambda _func, failed, error: collect(failed, error))
+    else:
+
+        def on_error(
+            _func: Any,
+            failed: str,
+            info: tuple[type[BaseException], BaseException, TracebackType | None],
+        ) -> None:
+            collect(failed, info[1])
+
+        shutil.rmtree(path, onerror=on_error)
+    causes = [(failed, error) for failed, error in failures if error.errno != errno.ENOTEMPTY]
+    return [f"{failed}: {error.strerror or error}" for failed, error in causes or failures]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -23,7 +25,7 @@ from rtmanager.adapters.redis.leases import RedisGameLeases
 from rtmanager.domain.errors import ErrorCode
 from rtmanager.domain.operation import OpKind, OpSource
 from rtmanager.domain.runtime import RuntimeStatus
-from rtmanager.lifecycle.cleanup import CleanupService
+from rtmanager.lifecycle.cleanup import CleanupRequest, CleanupService
 from rtmanager.lifecycle.common import LifecycleDeps, LifecycleSettings
 from rtmanager.lifecycle.leasing import GameLock
 from rtmanager.lifecycle.reconcile import Reconciler
@@ -181,6 +183,15 @@ def test_an_observed_exit_marks_only_the_records_current_container_stopped(
     assert wired.reconciler.run_pass().actions == ()
 
 
+def status_of(schema: str, game_id: str) -> str:
+    with psycopg.connect(POSTGRES_DSN) as conn:
+        row = conn.execute(
+            f'SELECT status FROM "{schema}".runtime_records WHERE game_id = %s', (game_id,)
+        ).fetchone()
+    assert row is not None
+    return str(row[0])
+
+
 def wait_for_file(path: Path, timeout: float = 10.0) -> os.stat_result:
     deadline = time.monotonic() + timeout
     while not path.exists():
@@ -223,3 +234,53 @@ def test_a_started_engine_is_hardened_as_configured_and_writes_its_state_as_its_
     assert (state_dir.stat().st_uid, state_dir.stat().st_gid) == (65534, 65534)
     written = wait_for_file(state_dir / "started")
     assert (written.st_uid, written.st_gid) == (65534, 65534)
+
+
+CHATTR = shutil.which("chattr")
+
+
+def chattr(flag: str, path: Path) -> bool:
+    assert CHATTR is not None
+    return (
+        subprocess.run([CHATTR, flag, str(path)], capture_output=True, check=False).returncode == 0
+    )
+
+
+@pytest.mark.skipif(CHATTR is None, reason="needs chattr (e2fsprogs)")
+def test_cleanup_with_state_removal_names_an_immutable_file_it_could_not_remove(
+    rewire: Rewire, docker_client: docker.DockerClient, test_id: str
+) -> None:
+    # Tests run as root, whom permissions do not stop: an immutable file
+    # stops even root.
+    wired = rewire(remove_state_on_cleanup=True)
+    game = f"keep-{test_id}"
+    started = wired.start.handle(StartRequest(game, STUB, OpSource.GM_REST))
+    assert started.ok and started.record is not None, started.failure
+    assert wired.stop.handle(StopRequest(game, OpSource.GM_REST)).ok
+    state_dir = wired.settings.state_dir(game)
+    wait_for_file(state_dir / "started")
+    (state_dir / "saves").mkdir()
+    locked = state_dir / "saves" / "locked.dat"
+    locked.write_text("turn 42")
+    if not chattr("+i", locked):
+        pytest.skip(f"the file system of {state_dir} has no immutable files")
+    try:
+        result = wired.cleanup.handle(CleanupRequest(game, OpSource.ADMIN_REST))
+
+        assert result.failure is not None
+        assert result.failure.code is ErrorCode.INTERNAL
+        assert f"{locked}: Operation not permitted" in result.failure.message
+        assert "the runtime was removed" in result.failure.message
+        assert locked.read_text() == "turn 42"
+        assert not (state_dir / "started").exists()
+    finally:
+        chattr("-i", locked)
+    assert status_of(wired.schema, game) == "removed"
+    with pytest.raises(docker.errors.NotFound):
+        docker_client.containers.get(started.record.current_container_id)
+    assert rows(wired.schema, game) == [
+        ("start", "success", ""),
+        ("stop", "success", ""),
+        ("cleanup_container", "success", ""),
+        ("cleanup_container", "failure", "internal"),
+    ]
