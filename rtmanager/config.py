@@ -6,10 +6,12 @@ once, naming the variable, the value and what is expected (`ConfigError`).
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import socket
 import sys
+from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -49,6 +51,22 @@ RPC_THREAD_HEADROOM = 4
 # commit), not while it waits on Docker or Redis, so several calls share one
 # connection with waits far below the pool timeout.
 CALLS_PER_CONNECTION = 8
+
+
+# RTMANAGER_* variables that are deliberately not settings of the server:
+# they are read by other programs of this repository and may be in the
+# environment `rtmanager serve` or `migrate` inherits (an operator's shell,
+# the test runner's), so they are not refused as unknown.
+NOT_SETTINGS: Mapping[str, str] = {
+    "RTMANAGER_CTL_ADDR": "rtmanager ctl: the server to call",
+    "RTMANAGER_CTL_TOKEN": "rtmanager ctl: the bearer token to send",
+    "RTMANAGER_TEST_POSTGRES_DSN": "tests: the PostgreSQL to test against",
+    "RTMANAGER_TEST_REDIS_URL": "tests: the Redis to test against",
+    "RTMANAGER_TEST_DOCKER_HOST": "tests: the Docker daemon to test against",
+    "RTMANAGER_TEST_PG_BIN": "tests: PostgreSQL's binaries, for private servers",
+    "RTMANAGER_TEST_WORKERS": "scripts/test.sh: parallel pytest workers",
+    "RTMANAGER_SOAK_SECONDS": "scripts/test.sh: length of the chaos soak (0 skips it)",
+}
 
 
 class ConfigError(ValueError):
@@ -369,22 +387,46 @@ def load_settings(environ: dict[str, str] | None = None, **overrides: Any) -> Se
     what is expected.
     """
     source = os.environ if environ is None else environ
-    values: dict[str, Any] = {
-        key[len(ENV_PREFIX) :].lower(): value
-        for key, value in source.items()
-        if key.upper().startswith(ENV_PREFIX)
-    }
+    names = [key for key in source if key.upper().startswith(ENV_PREFIX)]
+    values: dict[str, Any] = {key[len(ENV_PREFIX) :].lower(): source[key] for key in names}
     values.update(overrides)
     known = set(Settings.model_fields)
+    # Only `source` is read, so tests and production share one path. An
+    # unknown RTMANAGER_* name is refused: a misspelt setting would
+    # otherwise leave its default in force without a word.
+    problems = [
+        _unknown(name)
+        for name in sorted(names)
+        if name[len(ENV_PREFIX) :].lower() not in known and name.upper() not in NOT_SETTINGS
+    ]
     try:
-        # Only `source` is read, so tests and production share one path;
-        # unknown RTMANAGER_* names are ignored.
-        return Settings.model_validate({k: v for k, v in values.items() if k in known})
+        settings = Settings.model_validate({k: v for k, v in values.items() if k in known})
     except ValidationError as error:
-        raise ConfigError(_describe(error, values)) from None
+        problems.extend(_describe(error, values))
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+    return settings
 
 
-def _describe(error: ValidationError, values: dict[str, Any]) -> str:
+def setting_names() -> list[str]:
+    """The variable name of every setting."""
+    return [f"{ENV_PREFIX}{field.upper()}" for field in Settings.model_fields]
+
+
+def _unknown(name: str) -> str:
+    """The complaint about an unknown RTMANAGER_* variable, with the closest known name.
+
+    Its value is not shown: it may be a secret meant for a misspelt setting.
+    """
+    suffix = name[len(ENV_PREFIX) :].upper()
+    candidates = {known[len(ENV_PREFIX) :]: known for known in [*setting_names(), *NOT_SETTINGS]}
+    close = difflib.get_close_matches(suffix, list(candidates), n=1)
+    if close:
+        return f"{name}: unknown variable; did you mean {candidates[close[0]]}?"
+    return f"{name}: unknown variable (README.md lists every setting under Configuration)"
+
+
+def _describe(error: ValidationError, values: dict[str, Any]) -> list[str]:
     lines = []
     for problem in error.errors():
         message = str(problem["msg"]).removeprefix("Value error, ")
@@ -399,4 +441,4 @@ def _describe(error: ValidationError, values: dict[str, Any]) -> str:
         if known is not None and not known.repr:  # secrets: tokens, the DSN's password
             shown = "<redacted>"
         lines.append(f"{variable}={shown!r}: {message}")
-    return "invalid configuration:\n  " + "\n  ".join(lines)
+    return lines
