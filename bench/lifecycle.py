@@ -26,6 +26,7 @@ count needs the adapter's client; the floor counts its own client's.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -34,7 +35,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import docker
 import docker.errors
-from docker.types import Mount
+from docker.types import LogConfig, Mount
 
 from bench.common import (
     CLUSTER_LABEL,
@@ -71,10 +72,13 @@ FLOOR_PHASES = {
 }
 CALL_TIMEOUT = 60.0
 STOP_TIMEOUT_SECONDS = 10  # RTMANAGER_STOP_TIMEOUT default
-# RTMANAGER_ENGINE_MEMORY / _CPUS / _PIDS defaults.
+# RTMANAGER_ENGINE_MEMORY / _CPUS / _PIDS / _USER / _LOG_MAX_SIZE / _LOG_MAX_FILES defaults.
 ENGINE_MEMORY = 512 * 1024 * 1024
 ENGINE_NANO_CPUS = 1_000_000_000
 ENGINE_PIDS = 256
+ENGINE_UID = ENGINE_GID = 65534
+ENGINE_LOG_MAX_BYTES = 10 * 1024 * 1024
+ENGINE_LOG_MAX_FILES = 3
 ENGINE_PORT = 8080
 STATE_MOUNT = "/var/lib/galaxy-game"
 
@@ -218,7 +222,11 @@ class DockerPyCycle:
 def create_engine_container(
     client: docker.DockerClient, *, name: str, state: Path, network: str, labels: dict[str, str]
 ) -> Any:
-    """`containers.create` with the options rtmanager gives an engine container."""
+    """`containers.create` with the options rtmanager gives an engine container.
+
+    Like rtmanager's start, it first gives the state directory to the engine's user.
+    """
+    os.chown(state, ENGINE_UID, ENGINE_GID)
     endpoint = client.api.create_endpoint_config(aliases=[name])
     return client.containers.create(
         ENGINE_IMAGE,
@@ -232,12 +240,18 @@ def create_engine_container(
         },
         init=True,
         restart_policy=cast("_RestartPolicy", {"Name": "no"}),
+        user=f"{ENGINE_UID}:{ENGINE_GID}",
         cap_drop=["ALL"],
         security_opt=["no-new-privileges:true"],
         privileged=False,
         pids_limit=ENGINE_PIDS,
         mem_limit=ENGINE_MEMORY,
+        memswap_limit=ENGINE_MEMORY,
         nano_cpus=ENGINE_NANO_CPUS,
+        log_config=LogConfig(
+            type=LogConfig.types.JSON,
+            config={"max-size": str(ENGINE_LOG_MAX_BYTES), "max-file": str(ENGINE_LOG_MAX_FILES)},
+        ),
         mounts=[Mount(target=STATE_MOUNT, source=str(state), type="bind", read_only=False)],
         network=network,
         networking_config={network: endpoint},

@@ -6,10 +6,12 @@ once, naming the variable, the value and what is expected (`ConfigError`).
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import socket
 import sys
+from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -25,7 +27,7 @@ from pydantic import (
     model_validator,
 )
 
-from rtmanager.ports import PullPolicy
+from rtmanager.ports import EngineUser, PullPolicy
 
 ENV_PREFIX = "RTMANAGER_"
 # Every Redis command's reply is awaited this long (blocking reads included).
@@ -38,6 +40,9 @@ _SIZE = re.compile(r"^(\d+)([kmg]?)b?$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9_.-]{0,61}[a-z0-9])?$")
 _SQL_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_ENGINE_USER = re.compile(r"^(\d{1,10}):(\d{1,10})$")
+# The largest id chown takes: (uid_t)-1 means "leave unchanged".
+_MAX_ID = 2**32 - 2
 # Server threads kept free of lifecycle calls and watches, for health checks
 # and reflection.
 RPC_THREAD_HEADROOM = 4
@@ -46,6 +51,22 @@ RPC_THREAD_HEADROOM = 4
 # commit), not while it waits on Docker or Redis, so several calls share one
 # connection with waits far below the pool timeout.
 CALLS_PER_CONNECTION = 8
+
+
+# RTMANAGER_* variables that are deliberately not settings of the server:
+# they are read by other programs of this repository and may be in the
+# environment `rtmanager serve` or `migrate` inherits (an operator's shell,
+# the test runner's), so they are not refused as unknown.
+NOT_SETTINGS: Mapping[str, str] = {
+    "RTMANAGER_CTL_ADDR": "rtmanager ctl: the server to call",
+    "RTMANAGER_CTL_TOKEN": "rtmanager ctl: the bearer token to send",
+    "RTMANAGER_TEST_POSTGRES_DSN": "tests: the PostgreSQL to test against",
+    "RTMANAGER_TEST_REDIS_URL": "tests: the Redis to test against",
+    "RTMANAGER_TEST_DOCKER_HOST": "tests: the Docker daemon to test against",
+    "RTMANAGER_TEST_PG_BIN": "tests: PostgreSQL's binaries, for private servers",
+    "RTMANAGER_TEST_WORKERS": "scripts/test.sh: parallel pytest workers",
+    "RTMANAGER_SOAK_SECONDS": "scripts/test.sh: length of the chaos soak (0 skips it)",
+}
 
 
 class ConfigError(ValueError):
@@ -81,6 +102,22 @@ def parse_size(value: object) -> int:
     if match is None:
         raise ValueError("expected a size such as 512m, 1g or a number of bytes")
     return int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+
+
+def parse_engine_user(value: object) -> EngineUser:
+    """Parse a numeric `uid:gid` (or take an `EngineUser`)."""
+    if isinstance(value, EngineUser):
+        return value
+    match = _ENGINE_USER.fullmatch(str(value).strip())
+    if match is None:
+        raise ValueError(
+            "expected a numeric uid:gid such as 65534:65534 (names are not accepted: "
+            "they resolve inside each image, and the state directory is given to the ids)"
+        )
+    uid, gid = int(match.group(1)), int(match.group(2))
+    if uid > _MAX_ID or gid > _MAX_ID:
+        raise ValueError(f"expected ids of at most {_MAX_ID}")
+    return EngineUser(uid, gid)
 
 
 def _split_csv(value: object) -> object:
@@ -205,6 +242,14 @@ class Settings(BaseModel):
     engine_cpus: float = Field(default=1.0, gt=0, le=1024)
     engine_pids: int = Field(default=256, ge=16, le=1_000_000)
     engine_read_only: bool = False
+    # nobody:nogroup on Debian: an unprivileged user that owns nothing else.
+    engine_user: Annotated[EngineUser, BeforeValidator(parse_engine_user)] = EngineUser(
+        65534, 65534
+    )
+    engine_log_max_size: Annotated[int, BeforeValidator(parse_size), Field(ge=64 * 1024)] = (
+        10 * 1024 * 1024
+    )
+    engine_log_max_files: int = Field(default=3, ge=1, le=100)
     remove_state_on_cleanup: bool = False
     container_labels: Annotated[dict[str, str], BeforeValidator(_parse_labels)] = {}
 
@@ -342,22 +387,46 @@ def load_settings(environ: dict[str, str] | None = None, **overrides: Any) -> Se
     what is expected.
     """
     source = os.environ if environ is None else environ
-    values: dict[str, Any] = {
-        key[len(ENV_PREFIX) :].lower(): value
-        for key, value in source.items()
-        if key.upper().startswith(ENV_PREFIX)
-    }
+    names = [key for key in source if key.upper().startswith(ENV_PREFIX)]
+    values: dict[str, Any] = {key[len(ENV_PREFIX) :].lower(): source[key] for key in names}
     values.update(overrides)
     known = set(Settings.model_fields)
+    # Only `source` is read, so tests and production share one path. An
+    # unknown RTMANAGER_* name is refused: a misspelt setting would
+    # otherwise leave its default in force without a word.
+    problems = [
+        _unknown(name)
+        for name in sorted(names)
+        if name[len(ENV_PREFIX) :].lower() not in known and name.upper() not in NOT_SETTINGS
+    ]
     try:
-        # Only `source` is read, so tests and production share one path;
-        # unknown RTMANAGER_* names are ignored.
-        return Settings.model_validate({k: v for k, v in values.items() if k in known})
+        settings = Settings.model_validate({k: v for k, v in values.items() if k in known})
     except ValidationError as error:
-        raise ConfigError(_describe(error, values)) from None
+        problems.extend(_describe(error, values))
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+    return settings
 
 
-def _describe(error: ValidationError, values: dict[str, Any]) -> str:
+def setting_names() -> list[str]:
+    """The variable name of every setting."""
+    return [f"{ENV_PREFIX}{field.upper()}" for field in Settings.model_fields]
+
+
+def _unknown(name: str) -> str:
+    """The complaint about an unknown RTMANAGER_* variable, with the closest known name.
+
+    Its value is not shown: it may be a secret meant for a misspelt setting.
+    """
+    suffix = name[len(ENV_PREFIX) :].upper()
+    candidates = {known[len(ENV_PREFIX) :]: known for known in [*setting_names(), *NOT_SETTINGS]}
+    close = difflib.get_close_matches(suffix, list(candidates), n=1)
+    if close:
+        return f"{name}: unknown variable; did you mean {candidates[close[0]]}?"
+    return f"{name}: unknown variable (README.md lists every setting under Configuration)"
+
+
+def _describe(error: ValidationError, values: dict[str, Any]) -> list[str]:
     lines = []
     for problem in error.errors():
         message = str(problem["msg"]).removeprefix("Value error, ")
@@ -372,4 +441,4 @@ def _describe(error: ValidationError, values: dict[str, Any]) -> str:
         if known is not None and not known.repr:  # secrets: tokens, the DSN's password
             shown = "<redacted>"
         lines.append(f"{variable}={shown!r}: {message}")
-    return "invalid configuration:\n  " + "\n  ".join(lines)
+    return lines

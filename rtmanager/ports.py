@@ -388,8 +388,30 @@ class PullPolicy(StrEnum):
 
 
 @dataclass(frozen=True)
+class EngineUser:
+    """The numeric user and group an engine runs as, which also own its state directory.
+
+    Numeric on purpose: a name would be resolved in each image's own
+    /etc/passwd, and the host, which gives the state directory to the same
+    ids, could not know what it resolves to.
+    """
+
+    uid: int
+    gid: int
+
+    def __str__(self) -> str:
+        """Docker's `User` form, `uid:gid`."""
+        return f"{self.uid}:{self.gid}"
+
+
+@dataclass(frozen=True)
 class ContainerSpec:
-    """Everything needed to create one engine container."""
+    """Everything needed to create one engine container.
+
+    Besides what the fields say, every engine is hardened the same way: all
+    capabilities dropped, no new privileges, not privileged, no swap beyond
+    `memory_bytes`, Docker's init, restart policy `no`.
+    """
 
     name: str
     image_ref: str
@@ -402,6 +424,10 @@ class ContainerSpec:
     memory_bytes: int
     nano_cpus: int
     pids_limit: int
+    user: EngineUser
+    # json-file log rotation: at most this many files of at most this many bytes.
+    log_max_bytes: int
+    log_max_files: int
     read_only_rootfs: bool = False
 
 

@@ -5,16 +5,27 @@ unless `force`, which stops it first (an inner stop under the same lease,
 whose row names the cleanup as its parent). A removed runtime is an
 idempotent success. The state directory is kept unless the deployment is
 configured to remove it: game data is never lost by default.
+
+The state directory is removed only once the runtime's removal is
+committed (a failed cleanup keeps the data: the runtime may be started
+again). So when something in it cannot be removed (an immutable file, a
+read-only file system), the runtime is already removed and its
+`cleanup_container` row already written; the operation then ends as a
+failure with code `internal` and a second `cleanup_container` row, whose
+message says that the runtime was removed and which paths remain. A
+failure, not a success with a note: whoever asked for the cleanup, and the
+operation metrics, must not be told "removed" while the game's data is
+still on the host. Retrying does not help (the runtime is removed); the
+paths must be dealt with by hand.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
 from dataclasses import dataclass
 from datetime import datetime
 
-from rtmanager.domain.errors import Conflict, RuntimeManagerError
+from rtmanager.domain.errors import Conflict, InternalError, RuntimeManagerError
 from rtmanager.domain.operation import OpKind, OpSource
 from rtmanager.domain.runtime import RuntimeStatus
 from rtmanager.lifecycle.common import (
@@ -25,10 +36,14 @@ from rtmanager.lifecycle.common import (
     ours_to_act_on,
 )
 from rtmanager.lifecycle.recorder import Operation, OperationResult
+from rtmanager.lifecycle.state_dirs import remove_state_dir
 from rtmanager.lifecycle.stop import StopService
 from rtmanager.ports import StatusChange
 
 log = logging.getLogger(__name__)
+
+# Paths left behind named in a failure's message; the log line has them all.
+_LEFTOVERS_SHOWN = 10
 
 
 @dataclass(frozen=True)
@@ -111,5 +126,24 @@ class CleanupService(LifecycleService):
         result = op.commit(lambda uow: uow.records.update_status(change))
         # Only once the removal is committed: a failed cleanup keeps the data.
         if self._settings.remove_state_on_cleanup:
-            shutil.rmtree(self._settings.state_dir(op.game_id), ignore_errors=True)
+            self._remove_state(op.game_id)
         return result
+
+    def _remove_state(self, game_id: str) -> None:
+        """Remove the game's state directory; raise `InternalError` naming what remains."""
+        state_dir = self._settings.state_dir(game_id)
+        leftovers = remove_state_dir(state_dir)
+        if not leftovers:
+            return
+        log.error(
+            "state directory not fully removed",
+            extra={"game_id": game_id, "state_path": str(state_dir), "leftovers": leftovers},
+        )
+        shown = "; ".join(leftovers[:_LEFTOVERS_SHOWN])
+        more = len(leftovers) - _LEFTOVERS_SHOWN
+        raise InternalError(
+            f"the runtime was removed, but not all of its state directory {state_dir}: "
+            f"{len(leftovers)} path(s) could not be removed: {shown}"
+            f"{f' (and {more} more, in the log)' if more > 0 else ''}; remove them by hand",
+            metadata={"state_path": str(state_dir), "leftovers": str(len(leftovers))},
+        )

@@ -15,7 +15,7 @@ from rtmanager.domain.runtime import RuntimeRecord, RuntimeStatus
 from rtmanager.domain.timeutil import utc_now
 from rtmanager.lifecycle.leasing import GameLock
 from rtmanager.lifecycle.recorder import OperationRecorder
-from rtmanager.ports import ContainerInfo, DockerEngine, PullPolicy, UnitOfWork
+from rtmanager.ports import ContainerInfo, DockerEngine, EngineUser, PullPolicy, UnitOfWork
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,10 @@ class LifecycleSettings:
     engine_memory: int
     engine_cpus: float
     engine_pids: int
+    # Who the engine runs as; its state directory is given to them.
+    engine_user: EngineUser
+    engine_log_max_size: int
+    engine_log_max_files: int
     start_timeout: timedelta
     stop_timeout: timedelta
     start_settle: timedelta = timedelta(seconds=1)

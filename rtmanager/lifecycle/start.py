@@ -35,6 +35,7 @@ from rtmanager.lifecycle.common import (
     owned_container,
 )
 from rtmanager.lifecycle.recorder import Operation, OperationResult
+from rtmanager.lifecycle.state_dirs import prepare_state_dir
 from rtmanager.ports import ContainerSpec, UnitOfWork
 
 log = logging.getLogger(__name__)
@@ -159,7 +160,7 @@ class StartService(LifecycleService):
         require_time_left("pulling the engine image")
         self._docker.ensure_image(image_ref, settings.image_pull_policy)
         state_dir = settings.state_dir(game_id)
-        state_dir.mkdir(parents=True, exist_ok=True)
+        prepare_state_dir(state_dir, settings.engine_user)
         network_labels = labels.engine_labels(
             cluster=settings.cluster, game_id="", image_ref="", extra=settings.container_labels
         )
@@ -212,6 +213,9 @@ class StartService(LifecycleService):
             memory_bytes=settings.engine_memory,
             nano_cpus=int(settings.engine_cpus * 1_000_000_000),
             pids_limit=settings.engine_pids,
+            user=settings.engine_user,
+            log_max_bytes=settings.engine_log_max_size,
+            log_max_files=settings.engine_log_max_files,
             read_only_rootfs=settings.engine_read_only,
         )
 

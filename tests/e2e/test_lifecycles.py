@@ -66,11 +66,20 @@ def test_start_creates_a_hardened_labelled_engine_container(
     assert any(opt.startswith("no-new-privileges") for opt in host["SecurityOpt"])
     assert host["Privileged"] is False
     assert host["PidsLimit"] > 0 and host["Memory"] > 0 and host["NanoCpus"] > 0
+    # On by default: an unprivileged user, no swap, rotated logs.
+    assert config["User"] == "65534:65534"
+    assert host["MemorySwap"] == host["Memory"]
+    assert host["LogConfig"] == {
+        "Type": "json-file",
+        "Config": {"max-size": str(10 * 1024 * 1024), "max-file": "3"},
+    }
+    assert host["ReadonlyRootfs"] is False
     endpoint = attrs["NetworkSettings"]["Networks"][network]
     assert "galaxy-game-alpha" in endpoint["Aliases"]
     assert docker_client.networks.get(network).attrs["Internal"] is True
-    # The engine wrote into its state directory through the bind mount.
-    assert (state_dir / "started").exists()
+    # The engine wrote into its state directory through the bind mount, as its user.
+    written = (state_dir / "started").stat()
+    assert (written.st_uid, written.st_gid) == (65534, 65534)
 
 
 def test_start_replay_is_idempotent_and_stop_stops(

@@ -208,6 +208,33 @@ def test_bad_configuration_is_reported_per_variable(server_environment: dict[str
     assert "RTMANAGER_ENGINE_PORT='99999'" in result.stderr
 
 
+def test_a_misspelt_variable_stops_serve_and_migrate_with_the_name_meant(
+    server_environment: dict[str, str],
+) -> None:
+    env = dict(server_environment)
+    env["RTMANAGER_STOP_TIMOUT"] = "5s"
+    for command in ("serve", "migrate"):
+        result = run_cli(env, command, timeout=30)
+        assert result.returncode == 2, result.stderr
+        assert (
+            "RTMANAGER_STOP_TIMOUT: unknown variable; did you mean RTMANAGER_STOP_TIMEOUT?"
+            in result.stderr
+        )
+
+
+def test_variables_of_the_test_scripts_and_the_client_do_not_stop_the_server(
+    server_environment: dict[str, str],
+) -> None:
+    env = {
+        **server_environment,
+        "RTMANAGER_TEST_WORKERS": "3",
+        "RTMANAGER_SOAK_SECONDS": "0",
+        "RTMANAGER_CTL_TOKEN": "a-token",
+    }
+    result = run_cli(env, "migrate", timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
 def test_sigterm_drains_and_exits_cleanly(server: ServerProcess) -> None:
     assert server.stop() == 0
     assert '"message": "stopped"' in server.log()

@@ -33,7 +33,7 @@ from rtmanager.domain.errors import (
     ImagePullFailed,
     ServiceUnavailable,
 )
-from rtmanager.ports import ContainerEvent, ContainerInfo, ContainerSpec, PullPolicy
+from rtmanager.ports import ContainerEvent, ContainerInfo, ContainerSpec, EngineUser, PullPolicy
 from tests.conftest import CRASH_IMAGE, DOCKER_HOST, ENGINE_IMAGE, TEST_LABEL
 
 pytestmark = pytest.mark.integration
@@ -43,6 +43,9 @@ STATE_MOUNT = "/var/lib/galaxy-game"
 MEMORY_BYTES = 64 * 1024 * 1024
 NANO_CPUS = 500_000_000
 PIDS_LIMIT = 64
+ENGINE_USER = EngineUser(65534, 65534)
+LOG_MAX_BYTES = 2 * 1024 * 1024
+LOG_MAX_FILES = 2
 
 T = TypeVar("T")
 
@@ -94,9 +97,8 @@ def network(engine: DockerEngineAdapter, test_id: str) -> str:
 def state_dir(tmp_path: Path) -> Path:
     path = tmp_path / "state"
     path.mkdir()
-    # The engine runs as root without CAP_DAC_OVERRIDE: let it write whoever
-    # owns the directory on the host.
-    path.chmod(0o777)
+    # The engine's own, as the start lifecycle makes it.
+    os.chown(path, ENGINE_USER.uid, ENGINE_USER.gid)
     return path
 
 
@@ -126,6 +128,9 @@ def make_spec(
         memory_bytes=MEMORY_BYTES,
         nano_cpus=NANO_CPUS,
         pids_limit=PIDS_LIMIT,
+        user=ENGINE_USER,
+        log_max_bytes=LOG_MAX_BYTES,
+        log_max_files=LOG_MAX_FILES,
         read_only_rootfs=read_only_rootfs,
     )
 
@@ -192,6 +197,9 @@ def test_create_and_start_runs_a_hardened_engine_on_the_internal_network_with_it
     started = wait_for((state_dir / "started").exists, what="the engine's file in the state dir")
     assert started
     assert "version=1.0.0" in (state_dir / "started").read_text()
+    # Written by the engine's user, through the bind mount.
+    written = (state_dir / "started").stat()
+    assert (written.st_uid, written.st_gid) == (ENGINE_USER.uid, ENGINE_USER.gid)
 
     raw = cast(dict[str, Any], client.api.inspect_container(container_id))
     config, host = raw["Config"], raw["HostConfig"]
@@ -208,6 +216,7 @@ def test_create_and_start_runs_a_hardened_engine_on_the_internal_network_with_it
     assert mounts[0]["Type"] == "bind"
     assert mounts[0]["Source"] == str(state_dir)
     assert mounts[0]["RW"] is True
+    assert config["User"] == "65534:65534"
     assert host["Init"] is True
     assert host["RestartPolicy"]["Name"] == "no"
     assert host["CapDrop"] == ["ALL"]
@@ -215,7 +224,12 @@ def test_create_and_start_runs_a_hardened_engine_on_the_internal_network_with_it
     assert host["Privileged"] is False
     assert host["PidsLimit"] == PIDS_LIMIT
     assert host["Memory"] == MEMORY_BYTES
+    assert host["MemorySwap"] == MEMORY_BYTES  # no swap
     assert host["NanoCpus"] == NANO_CPUS
+    assert host["LogConfig"] == {
+        "Type": "json-file",
+        "Config": {"max-size": str(LOG_MAX_BYTES), "max-file": str(LOG_MAX_FILES)},
+    }
     assert host["ReadonlyRootfs"] is False
     (network_info,) = networks_named(client, network)
     # Attached by the id ensure_network settled on, not by the (ambiguous) name.

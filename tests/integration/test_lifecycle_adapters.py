@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import docker
 import psycopg
@@ -21,6 +26,7 @@ from rtmanager.deadlines import deadline_scope
 from rtmanager.domain.errors import ErrorCode
 from rtmanager.domain.operation import OpKind, OpSource
 from rtmanager.domain.runtime import RuntimeStatus
+from rtmanager.lifecycle.cleanup import CleanupRequest, CleanupService
 from rtmanager.lifecycle.common import LifecycleDeps, LifecycleSettings
 from rtmanager.lifecycle.leasing import GameLock
 from rtmanager.lifecycle.reconcile import Reconciler
@@ -28,33 +34,40 @@ from rtmanager.lifecycle.recorder import OperationRecorder
 from rtmanager.lifecycle.restart import RecreateService, RestartRequest, RestartService
 from rtmanager.lifecycle.start import StartRequest, StartService
 from rtmanager.lifecycle.stop import StopRequest, StopService
-from rtmanager.ports import PullPolicy
+from rtmanager.ports import EngineUser, PullPolicy
 from rtmanager.telemetry import Telemetry
 from tests.conftest import DOCKER_HOST, POSTGRES_DSN, REDIS_URL, TEST_LABEL
 
 pytestmark = pytest.mark.integration
 
 STUB = "galaxy/engine-stub:1.0.0"
+ENGINE_MEMORY = 64 * 1024 * 1024
 
 
 @dataclass
 class Wired:
     start: StartService
     stop: StopService
+    cleanup: CleanupService
     reconciler: Reconciler
     leases: RedisGameLeases
     schema: str
+    settings: LifecycleSettings
     restart: RestartService
 
 
+# Wires the services again with some settings changed.
+Rewire = Callable[..., Wired]
+
+
 @pytest.fixture
-def wired(
+def rewire(
     pg_schema: str,
     redis_prefix: str,
     cluster: str,
     state_root: Path,
     docker_cleanup: str,
-) -> Iterator[Wired]:
+) -> Iterator[Rewire]:
     apply_migrations(POSTGRES_DSN, pg_schema, Path("migrations"))
     pool = create_pool(POSTGRES_DSN, pg_schema, max_size=4, timeout=timedelta(seconds=5))
     client = redis.Redis.from_url(REDIS_URL)
@@ -73,29 +86,44 @@ def wired(
             engine_state_mount=Path("/var/lib/galaxy-game"),
             image_allowlist=("galaxy/",),
             image_pull_policy=PullPolicy.NEVER,
-            engine_memory=64 * 1024 * 1024,
+            engine_memory=ENGINE_MEMORY,
             engine_cpus=0.5,
             engine_pids=64,
+            engine_user=EngineUser(65534, 65534),
+            engine_log_max_size=1024 * 1024,
+            engine_log_max_files=2,
             start_timeout=timedelta(seconds=20),
             stop_timeout=timedelta(seconds=5),
             start_settle=timedelta(milliseconds=300),
             container_labels={TEST_LABEL: docker_cleanup},
         ),
     )
-    start, stop = StartService(deps), StopService(deps)
-    try:
-        yield Wired(
+
+    def wire(**changes: Any) -> Wired:
+        rewired = replace(deps, settings=replace(deps.settings, **changes))
+        start, stop = StartService(rewired), StopService(rewired)
+        return Wired(
             start,
             stop,
-            Reconciler(deps, telemetry=telemetry),
+            CleanupService(rewired, stop=stop),
+            Reconciler(rewired, telemetry=telemetry),
             leases,
             pg_schema,
-            RestartService(RecreateService(deps, stop=stop, start=start)),
+            rewired.settings,
+            RestartService(RecreateService(rewired, stop=stop, start=start)),
         )
+
+    try:
+        yield wire
     finally:
         pool.close()
         client.close()
         engine.close()
+
+
+@pytest.fixture
+def wired(rewire: Rewire) -> Wired:
+    return rewire()
 
 
 def rows(schema: str, game_id: str) -> list[tuple[str, str, str]]:
@@ -190,3 +218,106 @@ def test_an_observed_exit_marks_only_the_records_current_container_stopped(
     assert result.record.status is RuntimeStatus.STOPPED
     assert rows(wired.schema, "real-3")[-1] == (str(OpKind.STOP), "success", "")
     assert wired.reconciler.run_pass().actions == ()
+
+
+def status_of(schema: str, game_id: str) -> str:
+    with psycopg.connect(POSTGRES_DSN) as conn:
+        row = conn.execute(
+            f'SELECT status FROM "{schema}".runtime_records WHERE game_id = %s', (game_id,)
+        ).fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def wait_for_file(path: Path, timeout: float = 10.0) -> os.stat_result:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} did not appear in {timeout}s"
+        time.sleep(0.05)
+    return path.stat()
+
+
+@pytest.mark.parametrize("read_only", [False, True])
+def test_a_started_engine_is_hardened_as_configured_and_writes_its_state_as_its_user(
+    rewire: Rewire, docker_client: docker.DockerClient, test_id: str, read_only: bool
+) -> None:
+    wired = rewire(engine_read_only=read_only)
+    game = f"hard-{test_id}"  # container names are shared by every test on the host
+
+    started = wired.start.handle(StartRequest(game, STUB, OpSource.GM_REST))
+
+    assert started.ok and started.record is not None, started.failure
+    attrs = docker_client.containers.get(started.record.current_container_id).attrs
+    config, host = attrs["Config"], attrs["HostConfig"]
+    assert config["User"] == "65534:65534"
+    assert host["Memory"] == ENGINE_MEMORY
+    assert host["MemorySwap"] == ENGINE_MEMORY  # no swap
+    assert host["LogConfig"] == {
+        "Type": "json-file",
+        "Config": {"max-size": str(1024 * 1024), "max-file": "2"},
+    }
+    assert host["ReadonlyRootfs"] is read_only
+    assert ("/tmp" in (host.get("Tmpfs") or {})) is read_only
+    assert host["CapDrop"] == ["ALL"]
+    assert host["SecurityOpt"] == ["no-new-privileges:true"]
+    assert host["Privileged"] is False
+    assert host["PidsLimit"] == 64
+    assert host["NanoCpus"] == 500_000_000
+    assert host["Init"] is True
+    assert host["RestartPolicy"]["Name"] == "no"
+    assert attrs["State"]["Running"] is True
+    # The state directory was given to the engine's user, who wrote into it.
+    state_dir = wired.settings.state_dir(game)
+    assert (state_dir.stat().st_uid, state_dir.stat().st_gid) == (65534, 65534)
+    written = wait_for_file(state_dir / "started")
+    assert (written.st_uid, written.st_gid) == (65534, 65534)
+
+
+CHATTR = shutil.which("chattr")
+
+
+def chattr(flag: str, path: Path) -> bool:
+    assert CHATTR is not None
+    return (
+        subprocess.run([CHATTR, flag, str(path)], capture_output=True, check=False).returncode == 0
+    )
+
+
+@pytest.mark.skipif(CHATTR is None, reason="needs chattr (e2fsprogs)")
+def test_cleanup_with_state_removal_names_an_immutable_file_it_could_not_remove(
+    rewire: Rewire, docker_client: docker.DockerClient, test_id: str
+) -> None:
+    # Tests run as root, whom permissions do not stop: an immutable file
+    # stops even root.
+    wired = rewire(remove_state_on_cleanup=True)
+    game = f"keep-{test_id}"
+    started = wired.start.handle(StartRequest(game, STUB, OpSource.GM_REST))
+    assert started.ok and started.record is not None, started.failure
+    assert wired.stop.handle(StopRequest(game, OpSource.GM_REST)).ok
+    state_dir = wired.settings.state_dir(game)
+    wait_for_file(state_dir / "started")
+    (state_dir / "saves").mkdir()
+    locked = state_dir / "saves" / "locked.dat"
+    locked.write_text("turn 42")
+    if not chattr("+i", locked):
+        pytest.skip(f"the file system of {state_dir} has no immutable files")
+    try:
+        result = wired.cleanup.handle(CleanupRequest(game, OpSource.ADMIN_REST))
+
+        assert result.failure is not None
+        assert result.failure.code is ErrorCode.INTERNAL
+        assert f"{locked}: Operation not permitted" in result.failure.message
+        assert "the runtime was removed" in result.failure.message
+        assert locked.read_text() == "turn 42"
+        assert not (state_dir / "started").exists()
+    finally:
+        chattr("-i", locked)
+    assert status_of(wired.schema, game) == "removed"
+    with pytest.raises(docker.errors.NotFound):
+        docker_client.containers.get(started.record.current_container_id)
+    assert rows(wired.schema, game) == [
+        ("start", "success", ""),
+        ("stop", "success", ""),
+        ("cleanup_container", "success", ""),
+        ("cleanup_container", "failure", "internal"),
+    ]

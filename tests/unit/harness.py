@@ -7,6 +7,7 @@ containers) and read back the audit rows.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
@@ -23,7 +24,7 @@ from rtmanager.lifecycle.recorder import OperationRecorder, OperationResult
 from rtmanager.lifecycle.restart import RecreateService, RestartService
 from rtmanager.lifecycle.start import StartService
 from rtmanager.lifecycle.stop import StopService
-from rtmanager.ports import PullPolicy, RuntimeEvent
+from rtmanager.ports import EngineUser, PullPolicy, RuntimeEvent
 from rtmanager.telemetry import Telemetry
 from tests.unit.fakes import FakeDocker, FakeLeases, FakeStore, FakeUnitOfWorkFactory
 
@@ -40,6 +41,11 @@ STOP_TIMEOUT = timedelta(seconds=7)
 MEMORY = 512 * 1024 * 1024
 CPUS = 1.5
 PIDS = 256
+# The test process's own ids, so starts may give state directories to them
+# without being root; the tests of that giving choose other ids.
+ENGINE_USER = EngineUser(os.getuid(), os.getgid())
+LOG_MAX_BYTES = 5 * 1024 * 1024
+LOG_MAX_FILES = 4
 EXTRA_LABELS = {"com.example.team": "galaxy"}
 
 
@@ -56,6 +62,9 @@ def lifecycle_settings(state_root: Path, **changes: Any) -> LifecycleSettings:
         engine_memory=MEMORY,
         engine_cpus=CPUS,
         engine_pids=PIDS,
+        engine_user=ENGINE_USER,
+        engine_log_max_size=LOG_MAX_BYTES,
+        engine_log_max_files=LOG_MAX_FILES,
         start_timeout=timedelta(milliseconds=150),
         stop_timeout=STOP_TIMEOUT,
         start_settle=timedelta(0),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import socket
 import sys
 from collections.abc import Iterator
@@ -12,8 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from rtmanager.config import ConfigError, load_settings, parse_duration
-from rtmanager.ports import PullPolicy
+from rtmanager import cli
+from rtmanager.config import (
+    NOT_SETTINGS,
+    REPOSITORY_ROOT,
+    ConfigError,
+    load_settings,
+    parse_duration,
+    setting_names,
+)
+from rtmanager.ports import EngineUser, PullPolicy
 
 
 @pytest.fixture(autouse=True)
@@ -149,11 +158,116 @@ def test_settings_are_read_from_the_given_variables() -> None:
     assert settings.metrics_addr == ""
 
 
-def test_unknown_rtmanager_variables_are_ignored() -> None:
-    settings = load_settings(
-        {"RTMANAGER_NO_SUCH_SETTING": "whatever", "RTMANAGER_TEST_REDIS_URL": "redis://x"}
+# --- unknown variables ------------------------------------------------------------------
+
+
+def test_a_misspelt_setting_is_refused_with_the_closest_name() -> None:
+    message = config_error({"RTMANAGER_STOP_TIMOUT": "5s"})
+
+    assert (
+        "RTMANAGER_STOP_TIMOUT: unknown variable; did you mean RTMANAGER_STOP_TIMEOUT?" in message
     )
-    assert settings.redis_url == "redis://127.0.0.1:6379/0"
+
+
+@pytest.mark.parametrize(
+    ("typo", "meant"),
+    [
+        ("RTMANAGER_ENGINE_USR", "RTMANAGER_ENGINE_USER"),
+        ("RTMANAGER_POSTGRES_DNS", "RTMANAGER_POSTGRES_DSN"),
+        ("RTMANAGER_REMOVE_STATE_ON_CLEANUPS", "RTMANAGER_REMOVE_STATE_ON_CLEANUP"),
+        ("RTMANAGER_ENGINE_LOG_MAX_FILE", "RTMANAGER_ENGINE_LOG_MAX_FILES"),
+        ("RTMANAGER_CTL_TOKN", "RTMANAGER_CTL_TOKEN"),
+    ],
+)
+def test_misspelt_settings_are_matched_to_what_was_meant(typo: str, meant: str) -> None:
+    assert f"did you mean {meant}?" in config_error({typo: "x"})
+
+
+def test_an_unknown_variable_without_a_close_name_points_to_the_settings_list() -> None:
+    message = config_error({"RTMANAGER_NO_SUCH_SETTING": "whatever"})
+
+    assert "RTMANAGER_NO_SUCH_SETTING: unknown variable" in message
+    assert "did you mean" not in message
+    assert "Configuration" in message
+
+
+def test_the_value_of_an_unknown_variable_is_not_shown_as_it_may_be_a_secret() -> None:
+    message = config_error({"RTMANAGER_AUTH_TOKEN": "admin=s3cret-token"})
+
+    assert "did you mean RTMANAGER_AUTH_TOKENS?" in message
+    assert "s3cret" not in message
+
+
+def test_unknown_variables_are_reported_with_the_bad_values() -> None:
+    message = config_error(
+        {
+            "RTMANAGER_STOP_TIMOUT": "5s",
+            "RTMANAGER_CLUSTR": "prod",
+            "RTMANAGER_ENGINE_PORT": "http",
+        }
+    )
+
+    lines = message.splitlines()
+    assert len(lines) == 4  # a heading and one line per problem
+    assert "did you mean RTMANAGER_STOP_TIMEOUT?" in message
+    assert "did you mean RTMANAGER_CLUSTER?" in message
+    assert "RTMANAGER_ENGINE_PORT='http'" in message
+
+
+@pytest.mark.parametrize("command", ["serve", "migrate"])
+def test_serve_and_migrate_exit_2_naming_an_unknown_variable_before_doing_anything(
+    command: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("RTMANAGER_STOP_TIMOUT", "5s")
+
+    def reached(_settings: object) -> int:
+        pytest.fail(f"rtmanager {command} ran despite the unknown variable")
+
+    monkeypatch.setattr(cli, f"_{command}", reached)
+
+    assert cli.main([command]) == 2
+
+    error = capsys.readouterr().err
+    assert "RTMANAGER_STOP_TIMOUT: unknown variable; did you mean RTMANAGER_STOP_TIMEOUT?" in error
+
+
+@pytest.mark.parametrize("name", sorted(NOT_SETTINGS))
+def test_variables_of_the_client_and_the_test_scripts_are_not_refused(name: str) -> None:
+    assert load_settings({name: "1"}).cluster == "default"
+
+
+def test_every_rtmanager_name_in_the_repository_is_a_setting_or_deliberately_not_one() -> None:
+    # Names spelt wrong on purpose, by the tests of the refusal.
+    deliberately_unknown = {
+        "RTMANAGER_AUTH_TOKEN",
+        "RTMANAGER_CLUSTR",
+        "RTMANAGER_CTL_TOKN",
+        "RTMANAGER_ENGINE_LOG_MAX_FILE",
+        "RTMANAGER_ENGINE_USR",
+        "RTMANAGER_NO_SUCH_SETTING",
+        "RTMANAGER_POSTGRES_DNS",
+        "RTMANAGER_REMOVE_STATE_ON_CLEANUPS",
+        "RTMANAGER_STOP_TIMOUT",
+    }
+    known = {*setting_names(), *NOT_SETTINGS}
+    files = [
+        path
+        for path in REPOSITORY_ROOT.rglob("*")
+        if path.is_file()
+        and (path.suffix in {".py", ".sh", ".md", ".toml"} or path.name in {"Dockerfile", "run"})
+        and not {".venv", ".git", "node_modules"} & set(path.relative_to(REPOSITORY_ROOT).parts)
+    ]
+    used = {
+        name
+        for path in files
+        for name in re.findall(r"RTMANAGER_[A-Z0-9_]+", path.read_text(errors="replace"))
+        # A family (`RTMANAGER_STREAM_*`) or the prefix itself is not a name.
+        if not name.endswith("_")
+    }
+
+    assert len(files) > 50
+    assert sorted(used - known - deliberately_unknown) == []
+    assert "RTMANAGER_STOP_TIMEOUT" in used
 
 
 def test_variables_without_the_prefix_are_ignored() -> None:
@@ -335,6 +449,73 @@ def test_invalid_engine_network_names_are_rejected(name: str) -> None:
     ],
 )
 def test_bad_values_name_the_variable_and_the_value(variable: str, value: str) -> None:
+    assert f"{variable}={value!r}" in config_error({variable: value})
+
+
+# --- engine hardening -------------------------------------------------------------------
+
+
+def test_engines_run_unprivileged_with_rotated_logs_by_default() -> None:
+    settings = load_settings({})
+
+    assert settings.engine_user == EngineUser(65534, 65534)
+    assert settings.engine_log_max_size == 10 * 1024 * 1024
+    assert settings.engine_log_max_files == 3
+    assert settings.engine_read_only is False
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("1000:1000", EngineUser(1000, 1000)),
+        (" 1000:50 ", EngineUser(1000, 50)),
+        ("0:0", EngineUser(0, 0)),
+        ("4294967294:4294967294", EngineUser(4294967294, 4294967294)),
+    ],
+)
+def test_engine_user_is_a_numeric_uid_and_gid(text: str, expected: EngineUser) -> None:
+    assert load_settings({"RTMANAGER_ENGINE_USER": text}).engine_user == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "nobody", "nobody:nogroup", "1000", "1000:", ":1000", "-1:0", "1000:1000:1", "1e3:0"],
+)
+def test_engine_user_other_than_uid_colon_gid_is_refused(text: str) -> None:
+    message = config_error({"RTMANAGER_ENGINE_USER": text})
+
+    assert f"RTMANAGER_ENGINE_USER={text!r}" in message
+    assert "numeric uid:gid" in message
+
+
+def test_engine_user_ids_beyond_what_chown_takes_are_refused() -> None:
+    message = config_error({"RTMANAGER_ENGINE_USER": "4294967295:0"})
+
+    assert "RTMANAGER_ENGINE_USER='4294967295:0'" in message
+    assert "at most 4294967294" in message
+
+
+def test_engine_log_rotation_is_read_as_a_size_and_a_count() -> None:
+    settings = load_settings(
+        {"RTMANAGER_ENGINE_LOG_MAX_SIZE": "50m", "RTMANAGER_ENGINE_LOG_MAX_FILES": "5"}
+    )
+
+    assert settings.engine_log_max_size == 50 * 1024 * 1024
+    assert settings.engine_log_max_files == 5
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("RTMANAGER_ENGINE_LOG_MAX_SIZE", "lots"),
+        ("RTMANAGER_ENGINE_LOG_MAX_SIZE", "0"),
+        ("RTMANAGER_ENGINE_LOG_MAX_SIZE", "1k"),
+        ("RTMANAGER_ENGINE_LOG_MAX_FILES", "0"),
+        ("RTMANAGER_ENGINE_LOG_MAX_FILES", "101"),
+        ("RTMANAGER_ENGINE_LOG_MAX_FILES", "few"),
+    ],
+)
+def test_unbounded_or_malformed_engine_log_rotation_is_refused(variable: str, value: str) -> None:
     assert f"{variable}={value!r}" in config_error({variable: value})
 
 

@@ -28,7 +28,14 @@ from rtmanager.domain.runtime import (
     RuntimeStatus,
 )
 from rtmanager.domain.timeutil import utc_now
-from rtmanager.ports import AnswerOutcome, ContainerSpec, OperationFilter, PullPolicy, StatusChange
+from rtmanager.ports import (
+    AnswerOutcome,
+    ContainerSpec,
+    EngineUser,
+    OperationFilter,
+    PullPolicy,
+    StatusChange,
+)
 from tests.unit.fakes import (
     CRASHES,
     DELETED_REASON,
@@ -323,6 +330,9 @@ def spec(name: str = "galaxy-game-game-1", image_ref: str = "galaxy/engine:1.0.0
         memory_bytes=1,
         nano_cpus=1,
         pids_limit=1,
+        user=EngineUser(65534, 65534),
+        log_max_bytes=1024,
+        log_max_files=1,
     )
 
 

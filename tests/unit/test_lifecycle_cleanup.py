@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 from datetime import timedelta
 from pathlib import Path
 
@@ -98,6 +100,93 @@ def test_cleanup_with_remove_state_on_cleanup_deletes_the_state_directory(
     assert not state_dir.exists()
     assert neighbour.is_dir()
     assert h.settings.state_root.is_dir()
+
+
+def refuse_to_unlink(monkeypatch: pytest.MonkeyPatch, *names: str) -> None:
+    """Make the host refuse to remove files of these names, as an immutable file would.
+
+    Tests run as root, whom permissions do not stop; the integration tests
+    use a real immutable file (`chattr +i`).
+    """
+    unlink = os.unlink
+
+    def refusing(path: str, *, dir_fd: int | None = None) -> None:
+        if os.path.basename(path) in names:
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+        unlink(path, dir_fd=dir_fd)
+
+    monkeypatch.setattr(os, "unlink", refusing)
+
+
+def test_cleanup_whose_state_directory_cannot_be_fully_removed_fails_naming_what_remains(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = make_harness(tmp_path, remove_state_on_cleanup=True)
+    h.seed_stopped(GAME)
+    state_dir = with_state(h)
+    (state_dir / "saves").mkdir()
+    (state_dir / "saves" / "turn-41.dat").write_text("turn 41")
+    (state_dir / "saves" / "turn-40.dat").write_text("turn 40")
+    refuse_to_unlink(monkeypatch, "turn-41.dat")
+
+    result = cleanup(h)
+
+    assert failure_code(result) == ErrorCode.INTERNAL
+    assert result.failure is not None
+    message = result.failure.message
+    assert message.startswith(
+        f"the runtime was removed, but not all of its state directory {state_dir}"
+    )
+    assert (
+        f"1 path(s) could not be removed: {state_dir}/saves/turn-41.dat: Operation not permitted;"
+        in message
+    )
+    assert message.endswith("remove them by hand")
+    assert result.failure.metadata == {"state_path": str(state_dir), "leftovers": "1"}
+    # The runtime is removed all the same, and audited so; the failure follows it.
+    assert h.record(GAME).status is RuntimeStatus.REMOVED
+    assert h.kinds(GAME) == [
+        (OpKind.CLEANUP_CONTAINER, "success"),
+        (OpKind.CLEANUP_CONTAINER, "failure"),
+    ]
+    assert h.rows(GAME)[-1].error_message == message
+    assert h.rows(GAME)[-1].error_code == ErrorCode.INTERNAL
+    # Everything else is gone.
+    assert sorted(p.name for p in state_dir.rglob("*")) == ["saves", "turn-41.dat"]
+    assert h.leases.all_released
+
+
+def test_a_long_list_of_leftovers_is_cut_short_in_the_failure_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = make_harness(tmp_path, remove_state_on_cleanup=True)
+    h.seed_stopped(GAME)
+    state_dir = with_state(h)
+    names = [f"chunk-{i:02}.dat" for i in range(12)]
+    for name in names:
+        (state_dir / name).write_text("x")
+    refuse_to_unlink(monkeypatch, *names)
+
+    result = cleanup(h)
+
+    assert result.failure is not None
+    message = result.failure.message
+    assert "12 path(s) could not be removed" in message
+    assert message.count(": Operation not permitted") == 10
+    assert "(and 2 more, in the log)" in message
+    assert result.failure.metadata["leftovers"] == "12"
+
+
+def test_cleanup_with_state_removal_of_a_game_without_state_directory_succeeds(
+    tmp_path: Path,
+) -> None:
+    h = make_harness(tmp_path, remove_state_on_cleanup=True)
+    h.seed_stopped(GAME)
+
+    result = cleanup(h)
+
+    assert result.ok, result.failure
+    assert h.kinds(GAME) == [(OpKind.CLEANUP_CONTAINER, "success")]
 
 
 def test_cleanup_of_running_runtime_without_force_is_conflict_and_touches_nothing(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -15,16 +16,20 @@ from rtmanager.domain.runtime import RuntimeStatus
 from rtmanager.domain.timeutil import utc_now
 from rtmanager.lifecycle.recorder import OperationResult
 from rtmanager.lifecycle.start import StartRequest
-from rtmanager.ports import ContainerSpec, PullPolicy
+from rtmanager.lifecycle.stop import StopRequest
+from rtmanager.ports import ContainerSpec, EngineUser, PullPolicy
 from tests.unit.fakes import CRASHES, HEALTHY, NEVER_HEALTHY, UNHEALTHY, EngineBehaviour
 from tests.unit.harness import (
     CLUSTER,
     CPUS,
+    ENGINE_USER,
     EXTRA_LABELS,
     IMAGE,
     IMAGE_MISSING,
     IMAGE_PATCH,
     IMAGE_PULLABLE,
+    LOG_MAX_BYTES,
+    LOG_MAX_FILES,
     MEMORY,
     NETWORK,
     PIDS,
@@ -55,6 +60,18 @@ def created_spec(h: Harness) -> ContainerSpec:
     spec = call.args[0]
     assert isinstance(spec, ContainerSpec)
     return spec
+
+
+# Another user than the test process's own.
+OTHER = EngineUser(65534, 65534)
+
+
+def owner(path: Path) -> EngineUser:
+    status = path.lstat()
+    return EngineUser(status.st_uid, status.st_gid)
+
+
+needs_root = pytest.mark.skipif(os.getuid() != 0, reason="giving files away needs root")
 
 
 # --- a new game ---------------------------------------------------------------------
@@ -101,7 +118,25 @@ def test_start_creates_container_with_engine_name_labels_env_mount_and_limits(h:
     assert spec.memory_bytes == MEMORY
     assert spec.nano_cpus == int(CPUS * 1_000_000_000)
     assert spec.pids_limit == PIDS
+    assert spec.user == ENGINE_USER
+    assert spec.log_max_bytes == LOG_MAX_BYTES
+    assert spec.log_max_files == LOG_MAX_FILES
     assert spec.read_only_rootfs is False
+
+
+@needs_root
+def test_start_runs_the_engine_as_the_configured_user_with_the_configured_log_rotation(
+    tmp_path: Path,
+) -> None:
+    h = make_harness(
+        tmp_path, engine_user=OTHER, engine_log_max_size=20 * 1024 * 1024, engine_log_max_files=7
+    )
+
+    assert start(h).ok
+
+    spec = created_spec(h)
+    assert str(spec.user) == "65534:65534"
+    assert (spec.log_max_bytes, spec.log_max_files) == (20 * 1024 * 1024, 7)
 
 
 def test_start_with_read_only_setting_asks_for_read_only_root_filesystem(tmp_path: Path) -> None:
@@ -141,6 +176,77 @@ def test_start_keeps_an_existing_state_directory_and_its_files(h: Harness) -> No
     assert start(h).ok
 
     assert (state_dir / "world.dat").read_text() == "turn 42"
+
+
+# --- the state directory belongs to the engine's user ---------------------------------
+
+
+@needs_root
+def test_start_gives_a_new_state_directory_to_the_engine_user(tmp_path: Path) -> None:
+    h = make_harness(tmp_path, engine_user=OTHER)
+
+    assert start(h).ok
+
+    state_dir = h.settings.state_dir(GAME)
+    assert owner(state_dir) == OTHER
+    assert owner(h.settings.state_root) == EngineUser(0, 0)
+    # A directory already theirs is not walked again on the next start.
+    (state_dir / "put-there-by-root").write_text("x")
+    assert h.stop.handle(StopRequest(game_id=GAME, op_source=OpSource.GM_REST)).ok
+    assert start(h).ok
+    assert owner(state_dir / "put-there-by-root") == EngineUser(0, 0)
+
+
+@needs_root
+def test_start_gives_the_engine_user_what_engines_of_another_user_left_in_the_state_directory(
+    tmp_path: Path,
+) -> None:
+    h = make_harness(tmp_path, engine_user=OTHER)
+    state_dir = h.settings.state_dir(GAME)
+    (state_dir / "saves").mkdir(parents=True)
+    (state_dir / "saves" / "turn-41.dat").write_text("turn 41")
+    (state_dir / "world.dat").write_text("turn 42")
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not the game's")
+    # An engine could leave a link to anything: the link is given, never its target.
+    (state_dir / "link").symlink_to(outside)
+    (state_dir / "dir-link").symlink_to(tmp_path)
+
+    assert start(h).ok
+
+    for path in (
+        state_dir,
+        state_dir / "saves",
+        state_dir / "saves" / "turn-41.dat",
+        state_dir / "world.dat",
+        state_dir / "link",
+        state_dir / "dir-link",
+    ):
+        assert owner(path) == OTHER, path
+    assert owner(outside) == owner(tmp_path) == EngineUser(0, 0)
+    assert (state_dir / "world.dat").read_text() == "turn 42"
+
+
+def test_start_whose_state_directory_cannot_be_given_to_the_engine_user_fails_before_docker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = make_harness(tmp_path, engine_user=OTHER)
+
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "chown", refuse)
+
+    result = start(h)
+
+    assert failure_code(result) == ErrorCode.INTERNAL
+    assert result.failure is not None
+    message = result.failure.message
+    assert str(h.settings.state_dir(GAME)) in message
+    assert "engine user 65534:65534" in message
+    assert "Operation not permitted" in message
+    assert h.docker.call_names("create_container") == []
+    assert h.kinds(GAME) == [(OpKind.START, "failure")]
 
 
 def test_start_ensures_the_engine_network_with_owner_and_cluster_labels(h: Harness) -> None:

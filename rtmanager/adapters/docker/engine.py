@@ -26,7 +26,7 @@ import docker
 import docker.errors
 import requests.exceptions
 import urllib3.exceptions
-from docker.types import CancellableStream, Mount
+from docker.types import CancellableStream, LogConfig, Mount
 
 from rtmanager.domain import labels as galaxy_labels
 from rtmanager.domain.errors import (
@@ -525,12 +525,25 @@ class DockerEngineAdapter:
                     # behind its back would confuse records and the reconciler.
                     # (The stubs' Literal omits "no", which the API accepts.)
                     restart_policy=cast("_RestartPolicy", {"Name": "no"}),
+                    user=str(spec.user),
                     cap_drop=["ALL"],
                     security_opt=["no-new-privileges:true"],
                     privileged=False,
                     pids_limit=spec.pids_limit if spec.pids_limit > 0 else None,
                     mem_limit=spec.memory_bytes if spec.memory_bytes > 0 else None,
+                    # Memory plus swap equal to memory: no swap at all.
+                    memswap_limit=spec.memory_bytes if spec.memory_bytes > 0 else None,
                     nano_cpus=spec.nano_cpus if spec.nano_cpus > 0 else None,
+                    # Bounded whatever the daemon's default: a chatty engine
+                    # must not fill the host's disk. json-file, because the
+                    # log tail of a failed start is read back through Docker.
+                    log_config=LogConfig(
+                        type=LogConfig.types.JSON,
+                        config={
+                            "max-size": str(spec.log_max_bytes),
+                            "max-file": str(spec.log_max_files),
+                        },
+                    ),
                     read_only=True if spec.read_only_rootfs else None,
                     # A path inside the container, not a host temp file.
                     tmpfs={"/tmp": _TMPFS_OPTIONS} if spec.read_only_rootfs else None,  # noqa: S108
