@@ -18,6 +18,9 @@
 #   settings: `docker run --rm -e RTMANAGER_POSTGRES_DSN=... galaxy/rtmanager migrate`.
 # - The state root must be the same path inside and outside, and writable by
 #   uid 10001: engines bind-mount host paths that the service creates.
+#   Engines run as the service's own uid (RTMANAGER_ENGINE_USER=10001:10001)
+#   so that they can write the state directories it makes: a non-root
+#   service cannot give them to another user.
 # - Off loopback, tokens are only accepted over TLS: without RTMANAGER_TLS_*
 #   the server refuses to start unless RTMANAGER_ALLOW_CLEARTEXT_TOKENS=true
 #   says the network in front of it is trusted (TLS ending at a proxy).
@@ -50,7 +53,8 @@ ENV PATH=/opt/rtmanager/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
     RTMANAGER_MIGRATIONS_DIR=/app/migrations \
     RTMANAGER_GRPC_ADDR=0.0.0.0:50051 \
-    RTMANAGER_METRICS_ADDR=0.0.0.0:9464
+    RTMANAGER_METRICS_ADDR=0.0.0.0:9464 \
+    RTMANAGER_ENGINE_USER=10001:10001
 RUN useradd --system --uid 10001 --user-group --no-create-home --home-dir /nonexistent \
         --shell /usr/sbin/nologin rtmanager
 COPY --from=build /opt/rtmanager /opt/rtmanager

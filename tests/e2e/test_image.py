@@ -159,6 +159,10 @@ def test_the_image_runs_as_a_non_root_user_turns_healthy_and_serves_game_master(
         assert started.status is RuntimeStatus.RUNNING
         engine = docker_client.containers.get(started.current_container_id)
         assert engine.status == "running"
+        # Not root, and able to write the state directory the service made.
+        assert engine.attrs["Config"]["User"] == f"{SERVICE_UID}:{SERVICE_UID}"
+        assert (state_root / "imaged").stat().st_uid == SERVICE_UID
+        assert (state_root / "imaged" / "started").stat().st_uid == SERVICE_UID
         stopped = client.stop_runtime("imaged")
         assert stopped.status is RuntimeStatus.STOPPED
 
