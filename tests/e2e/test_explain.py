@@ -142,22 +142,22 @@ def test_a_busy_game_shows_its_lease_holder_and_the_lobby_jobs_waiting_for_it(
 ) -> None:
     env = server.env
     # Another replica holds the game, with a token like the server's own.
-    lease_key = f"{env['RTMANAGER_REDIS_PREFIX']}lease:game:busy"
+    lease_key = f"{env['RTMANAGER_REDIS_PREFIX']}lease:game:held"
     lobby.set(lease_key, f"other-replica/{secrets.token_urlsafe(24)}", px=30_000)
     start_id = lobby.xadd(
-        env["RTMANAGER_START_JOBS_STREAM"], {"game_id": "busy", "image_ref": STUB}
+        env["RTMANAGER_START_JOBS_STREAM"], {"game_id": "held", "image_ref": STUB}
     )
 
     def start_delivered() -> RuntimeExplanation | None:
-        explained = client.explain_runtime("busy")
+        explained = client.explain_runtime("held")
         jobs = explained.pending_jobs
         return explained if jobs and jobs[0].delivered else None
 
     eventually(start_delivered, within=30)
     # The consumer holds the start (retrying behind the lease) and no more.
-    stop_id = lobby.xadd(env["RTMANAGER_STOP_JOBS_STREAM"], {"game_id": "busy"})
+    stop_id = lobby.xadd(env["RTMANAGER_STOP_JOBS_STREAM"], {"game_id": "held"})
 
-    explained = client.explain_runtime("busy")
+    explained = client.explain_runtime("held")
 
     assert explained.lease is not None
     assert explained.lease.instance_id == "other-replica"
@@ -169,7 +169,7 @@ def test_a_busy_game_shows_its_lease_holder_and_the_lobby_jobs_waiting_for_it(
         (JobKind.START, start_id, env["RTMANAGER_INSTANCE_ID"], 1),
         (JobKind.STOP, stop_id, "", 0),
     ]
-    assert explained.pending_jobs[0].fields == {"game_id": "busy", "image_ref": STUB}
+    assert explained.pending_jobs[0].fields == {"game_id": "held", "image_ref": STUB}
     assert explained.pending_jobs[0].idle is not None
     assert explained.pending_jobs[1].idle is None
     assert explained.pending_jobs_truncated is False
