@@ -22,33 +22,46 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 docker_up() { timeout 5 docker version --format '{{.Server.Version}}' >/dev/null 2>&1; }
 
-# The pid of the running dockerd (its pid file, else by name); fails when none runs.
+# Whether pid is the machine's own dockerd: a dockerd in this network
+# namespace with the default data root. Other daemons on the machine (the
+# nodes of a multi-node swarm test, each in a namespace of its own with its
+# own data root, socket and pid file) are never taken for it.
+is_host_dockerd() {
+  local pid=$1
+  pid_alive "$pid" && [[ $(cat "/proc/$pid/comm" 2>/dev/null) == dockerd ]] || return 1
+  [[ $(readlink "/proc/$pid/ns/net" 2>/dev/null) == "$(readlink /proc/self/ns/net)" ]] || return 1
+  ! tr '\0' '\n' <"/proc/$pid/cmdline" 2>/dev/null | grep -qE '^--(data-root|pidfile|exec-root)(=|$)'
+}
+
+# The pid of the machine's running dockerd (its pid file, else by name and
+# namespace); fails when none runs.
 dockerd_pid() {
   local pid
   if [[ -f $DOCKERD_PIDFILE ]]; then
     pid=$(cat "$DOCKERD_PIDFILE")
-    if pid_alive "$pid" && [[ $(cat "/proc/$pid/comm" 2>/dev/null) == dockerd ]]; then
+    if is_host_dockerd "$pid"; then
       echo "$pid"
       return 0
     fi
   fi
-  pgrep -x dockerd | head -n 1 | grep .
+  for pid in $(pgrep -x dockerd); do
+    if is_host_dockerd "$pid"; then
+      echo "$pid"
+      return 0
+    fi
+  done
+  return 1
 }
 
 start_docker() {
   docker_up && return 0
   local pid
-  if [[ -f $DOCKERD_PIDFILE ]]; then
-    pid=$(cat "$DOCKERD_PIDFILE")
-    if pid_alive "$pid"; then
-      # A live dockerd that does not answer yet: give it time before giving up.
-      wait_for 60 "the running dockerd" docker_up
-      return 0
-    fi
-    rm -f "$DOCKERD_PIDFILE"
+  if dockerd_pid >/dev/null; then
+    # A live dockerd that does not answer yet: give it time before giving up.
+    wait_for 60 "the running dockerd" docker_up
+    return 0
   fi
-  pgrep -x dockerd >/dev/null && { wait_for 60 "the running dockerd" docker_up; return 0; }
-  rm -f /var/run/docker.sock
+  rm -f "$DOCKERD_PIDFILE" /var/run/docker.sock
   # The managed containerd of a killed dockerd may linger or leave its files.
   if [[ -f $CONTAINERD_PIDFILE ]]; then
     pid=$(cat "$CONTAINERD_PIDFILE")
@@ -104,4 +117,7 @@ main() {
   esac
 }
 
-main "$@"
+# Sourced (by a test of is_host_dockerd), it only defines the functions.
+if [[ ${BASH_SOURCE[0]} == "$0" ]]; then
+  main "$@"
+fi
