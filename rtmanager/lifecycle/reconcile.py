@@ -253,7 +253,7 @@ class Reconciler(LifecycleService):
                     record = load_record(uow, game_id)
                 if record is None or not _claims(record, container_id):
                     return None
-                info = self._docker.inspect_container(container_id)
+                info = self._engine.inspect(container_id)
                 if info is not None and info.running:
                     return None
                 action = ReconcileAction(
@@ -277,7 +277,7 @@ class Reconciler(LifecycleService):
     def _plan(self) -> tuple[list[ReconcileAction], dict[str, list[ContainerInfo]]]:
         """The steps of a pass, and the owned containers by game they were planned from."""
         containers: dict[str, list[ContainerInfo]] = {}
-        for info in self._docker.list_owned_containers():
+        for info in self._engine.list_owned():
             if is_valid_game_id(info.game_id):
                 containers.setdefault(info.game_id, []).append(info)
         with self._recorder.unit_of_work() as uow:
@@ -345,7 +345,7 @@ class Reconciler(LifecycleService):
             if not key or key in asked:
                 continue
             asked.add(key)
-            info = self._docker.inspect_container(key)
+            info = self._engine.inspect(key)
             if info is None:
                 continue
             asked.add(info.id)
