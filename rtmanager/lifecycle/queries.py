@@ -204,4 +204,6 @@ def container_state(info: ContainerInfo) -> ContainerState:
         started_at=info.started_at,
         finished_at=info.finished_at,
         restart_count=info.restart_count,
+        node_id=info.node_id,
+        node_hostname=info.node_hostname,
     )

@@ -77,6 +77,10 @@ class ReconcileAction:
     exit_code: int | None = None
     applied: bool = False
     skipped_reason: str = ""
+    # Where the container is placed, as the backend reported it (an
+    # adoption writes it on the record; empty on a single host).
+    node_id: str = ""
+    node_hostname: str = ""
 
 
 @dataclass(frozen=True)
@@ -148,6 +152,8 @@ def _action(kind: ActionKind, game_id: str, container: ContainerInfo) -> Reconci
         image_ref=container.image_ref,
         container_running=container.running,
         exit_code=container.exit_code,
+        node_id=container.node_id,
+        node_hostname=container.node_hostname,
     )
 
 
@@ -448,6 +454,8 @@ class Reconciler(LifecycleService):
                 current_image_ref=image_ref,
                 started_at=now,
                 stopped_at=None if action.container_running else now,
+                node_id=action.node_id,
+                node_hostname=action.node_hostname,
             )
         elif record.status is status:
             adopted = replace(
@@ -455,12 +463,16 @@ class Reconciler(LifecycleService):
                 current_container_id=action.container_id,
                 current_image_ref=image_ref,
                 last_op_at=max(now, record.last_op_at),
+                node_id=action.node_id,
+                node_hostname=action.node_hostname,
             )
         else:
             adopted = replace(
                 record.with_status(status, max(now, record.last_op_at)),
                 current_container_id=action.container_id,
                 current_image_ref=image_ref,
+                node_id=action.node_id,
+                node_hostname=action.node_hostname,
             )
         uow.records.upsert(adopted)
         return adopted

@@ -1,7 +1,7 @@
 """Start: create and start a game's engine workload and record it running.
 
-The record takes the container id from what the backend reports for the
-started engine (`EngineBackend.start`, then `inspect`).
+The record takes the container id and the node from what the backend
+reports for the started engine (`EngineBackend.start`, then `inspect`).
 
 `handle` is the entry point: validate, take the game's lease, run. `run`
 assumes the caller already holds the lease (restart and patch run it as
@@ -143,6 +143,8 @@ class StartService(LifecycleService):
             current_container_id=container_id,
             current_image_ref=image_ref,
             started_at=now,
+            node_id=started.node_id,
+            node_hostname=started.node_hostname,
         )
         try:
             return op.commit(lambda uow: _install(uow, existing, record))
