@@ -40,7 +40,7 @@ import redis
 from psycopg import sql
 
 from rtmanager.adapters.docker.engine import DockerEngineAdapter
-from rtmanager.adapters.docker.instrumented import InstrumentedDocker
+from rtmanager.adapters.instrumented import InstrumentedBackend
 from rtmanager.adapters.postgres.pool import create_pool
 from rtmanager.adapters.postgres.unit_of_work import PostgresUnitOfWorkFactory
 from rtmanager.adapters.redis.client import create_redis
@@ -334,7 +334,7 @@ def in_process_lifecycles(
                 PostgresUnitOfWorkFactory(pool), telemetry, lease_check=lock.check
             ),
             lock=lock,
-            docker=InstrumentedDocker(adapter, telemetry),
+            engine=InstrumentedBackend(adapter, telemetry),
             settings=lifecycle_settings(settings),
         )
         start, stop = StartService(deps), StopService(deps)

@@ -11,11 +11,12 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import timedelta
+from typing import Protocol
 
 import grpc
 
 from rtmanager.adapters.docker.engine import DockerEngineAdapter
-from rtmanager.adapters.docker.instrumented import InstrumentedDocker
+from rtmanager.adapters.instrumented import InstrumentedBackend
 from rtmanager.adapters.postgres.event_feed import PostgresRuntimeFeed
 from rtmanager.adapters.postgres.migrations import (
     SchemaVersionError,
@@ -45,8 +46,9 @@ from rtmanager.lifecycle.restart import RecreateService, RestartService
 from rtmanager.lifecycle.start import StartService
 from rtmanager.lifecycle.stop import StopService
 from rtmanager.lifecycle.watch import WatchService
+from rtmanager.ports import EngineBackend
 from rtmanager.telemetry import TelemetryExport
-from rtmanager.workers.docker_events import DockerEventsListener
+from rtmanager.workers.engine_events import EngineEventsListener
 from rtmanager.workers.periodic import PeriodicWorker
 from rtmanager.workers.stream_consumer import ConsumerNameTaken, ConsumerSettings, StreamConsumer
 from rtmanager.workers.supervisor import Workers
@@ -65,6 +67,27 @@ _FEED_STOP_SECONDS = 5.0
 
 class StartupError(RuntimeError):
     """The service cannot start as configured; the message says why."""
+
+
+class ClosableBackend(EngineBackend, Protocol):
+    """An engine backend adapter that holds connections until closed."""
+
+    def close(self) -> None:
+        """Release the adapter's connections."""
+        ...
+
+
+def engine_backend(settings: Settings) -> ClosableBackend:
+    """The engine backend the settings ask for: the one place backends are chosen.
+
+    Only the single-host Docker backend exists today; another backend is
+    one more branch here, with its own adapter package and settings.
+    """
+    return DockerEngineAdapter(
+        base_url=settings.docker_host,
+        cluster=settings.cluster,
+        timeout=settings.docker_timeout,
+    )
 
 
 def lifecycle_settings(settings: Settings) -> LifecycleSettings:
@@ -210,12 +233,8 @@ class Application:
         self.leases = RedisGameLeases(
             self.redis, prefix=settings.redis_prefix, instance_id=settings.instance_id
         )
-        self._docker_adapter = DockerEngineAdapter(
-            base_url=settings.docker_host,
-            cluster=settings.cluster,
-            timeout=settings.docker_timeout,
-        )
-        self.docker = InstrumentedDocker(self._docker_adapter, telemetry)
+        self._backend = engine_backend(settings)
+        self.engine = InstrumentedBackend(self._backend, telemetry)
         self.lock = GameLock(
             self.leases, settings.game_lease_ttl, on_acquire_latency=telemetry.lease_acquired
         )
@@ -224,7 +243,7 @@ class Application:
         )
         lifecycle = lifecycle_settings(settings)
         deps = LifecycleDeps(
-            recorder=self.recorder, lock=self.lock, docker=self.docker, settings=lifecycle
+            recorder=self.recorder, lock=self.lock, engine=self.engine, settings=lifecycle
         )
         start = StartService(deps)
         stop = StopService(deps)
@@ -241,7 +260,7 @@ class Application:
             cleanup=cleanup,
             reconciler=self.reconciler,
             watch=WatchService(self.feed, heartbeat=settings.watch_heartbeat),
-            explainer=RuntimeExplainer(self.units_of_work, self.docker, self.leases, job_streams),
+            explainer=RuntimeExplainer(self.units_of_work, self.engine, self.leases, job_streams),
         )
         self.stream_consumer = StreamConsumer(
             job_streams,
@@ -253,7 +272,7 @@ class Application:
         ttl_cleanup = TtlCleanup(self.units_of_work, cleanup, ttl=settings.container_ttl)
         self.workers = Workers(
             reconciler=self.reconciler,
-            events=DockerEventsListener(self.docker, self.reconciler),
+            events=EngineEventsListener(self.engine, self.reconciler),
             periodic=[
                 PeriodicWorker("reconciler", self.reconciler.run_pass, settings.reconcile_interval),
                 PeriodicWorker("ttl-cleanup", ttl_cleanup.run_once, settings.cleanup_interval),
@@ -264,7 +283,7 @@ class Application:
             {
                 "postgres": self._check_postgres,
                 "redis": self._check_redis,
-                "docker": self.docker.ping,
+                "docker": self.engine.ping,
             },
             services=SERVICE_NAMES,
         )
@@ -436,7 +455,7 @@ class Application:
         self.feed.stop(_FEED_STOP_SECONDS)
         self.pool.close()
         self.redis.close()
-        self._docker_adapter.close()
+        self._backend.close()
         self.export.shutdown()
 
 

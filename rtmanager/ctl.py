@@ -136,6 +136,7 @@ errors are printed to stderr as 'rtmanager ctl: <code>: <message>'.
 """
 
 _CONTAINER_ID_WIDTH = 12
+_NODE_ID_WIDTH = 12
 
 
 class UsageError(Exception):
@@ -267,17 +268,18 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
-RECORD_HEADERS = ("GAME ID", "STATUS", "IMAGE", "CONTAINER", "ENDPOINT", "LAST OP")
+RECORD_HEADERS = ("GAME ID", "STATUS", "IMAGE", "CONTAINER", "NODE", "ENDPOINT", "LAST OP")
 OPERATION_HEADERS = ("ID", "TIME", "GAME", "KIND", "SOURCE", "OUTCOME", "ERROR", "SOURCE REF")
 
 
 def record_row(record: RuntimeRecord) -> list[str]:
-    """The table cells of one record (the container id cut to 12 characters)."""
+    """The table cells of one record (the container and node ids cut to 12 characters)."""
     return [
         record.game_id,
         str(record.status),
         record.current_image_ref,
         record.current_container_id[:_CONTAINER_ID_WIDTH],
+        record.node_id[:_NODE_ID_WIDTH],
         record.engine_endpoint,
         _short_time(record.last_op_at),
     ]
@@ -311,6 +313,7 @@ def record_details(record: RuntimeRecord) -> str:
             ("status", str(record.status)),
             ("image", record.current_image_ref),
             ("container", record.current_container_id),
+            ("node", node_text(record.node_id, record.node_hostname)),
             ("endpoint", record.engine_endpoint),
             ("state path", record.state_path),
             ("network", record.docker_network),
@@ -323,12 +326,19 @@ def record_details(record: RuntimeRecord) -> str:
     )
 
 
+def node_text(node_id: str, node_hostname: str) -> str:
+    """A node as `hostname (id)`; empty when there is none (a single host)."""
+    if not node_id:
+        return ""
+    return f"{node_hostname} ({node_id})" if node_hostname else node_id
+
+
 def _seconds(value: timedelta | None) -> str:
     return "-" if value is None else f"{value.total_seconds():.1f}s"
 
 
 def container_details(container: ContainerState) -> str:
-    """What Docker reports of a container, one field per line."""
+    """What the backend reports of a container, one field per line."""
     exit_code = "-" if container.exit_code is None else str(container.exit_code)
     return details(
         [
@@ -341,6 +351,7 @@ def container_details(container: ContainerState) -> str:
             ("started at", _short_time(container.started_at)),
             ("finished at", _short_time(container.finished_at)),
             ("restart count", str(container.restart_count)),
+            ("node", node_text(container.node_id, container.node_hostname)),
             ("image", container.image_ref),
             ("image id", container.image_id),
             ("ours", "yes" if container.owned else "no (not this deployment's: never touched)"),
@@ -451,6 +462,7 @@ def _streamed_record_row(runtime: pb.RuntimeRecord) -> list[str]:
         _pb_name(convert.STATUS_FROM_PB, runtime.status),
         runtime.current_image_ref,
         runtime.current_container_id[:_CONTAINER_ID_WIDTH],
+        runtime.node_id[:_NODE_ID_WIDTH],
         runtime.engine_endpoint,
         _pb_time(runtime, "last_op_at"),
     ]
@@ -476,6 +488,8 @@ def watch_line(message: pb.WatchRuntimesResponse) -> str | None:
             f"op={event.operation_id}",
             f"cursor={event.cursor}",
         ]
+        if event.runtime.node_id:  # on a cluster backend: where the engine is placed
+            cells.insert(-2, f"node={event.runtime.node_id[:_NODE_ID_WIDTH]}")
         if event.parent_operation_id:  # an inner step of a restart, patch or cleanup
             parent = convert.OP_KIND_FROM_PB.get(event.parent_op_kind)
             cells.insert(-2, f"part-of={parent or '-'}:{event.parent_operation_id}")

@@ -1,4 +1,4 @@
-"""The ports: what the lifecycle layer needs from PostgreSQL, Redis and Docker.
+"""The ports: what the lifecycle layer needs from PostgreSQL, Redis and the engine backend.
 
 Each port is a `typing.Protocol` whose docstring is its contract. Adapters in
 `rtmanager.adapters` implement them against the real systems; tests exercise
@@ -406,11 +406,13 @@ class EngineUser:
 
 @dataclass(frozen=True)
 class ContainerSpec:
-    """Everything needed to create one engine container.
+    """Everything needed to create one game's engine workload.
 
     Besides what the fields say, every engine is hardened the same way: all
     capabilities dropped, no new privileges, not privileged, no swap beyond
-    `memory_bytes`, Docker's init, restart policy `no`.
+    `memory_bytes`, Docker's init, restart policy `no`. `state_host_path`
+    is the game's state directory on a backend with `host_state_dirs`; a
+    backend keeping state in storage of its own names that by the game.
     """
 
     name: str
@@ -433,15 +435,20 @@ class ContainerSpec:
 
 @dataclass(frozen=True)
 class ContainerInfo:
-    """What Docker says about one container.
+    """What the backend says about one engine container.
 
-    `owned` is True only when the container carries the owner label and
-    belongs to this deployment's cluster (a missing cluster label counts as
-    `default`). `image_ref` is the reference the engine was started from,
-    `image_id` the id of the image it runs (`sha256:...`). `exit_code` is
-    None until the container has exited; `oom_killed` says the kernel
-    killed it for memory; `health` is None when the container has no
-    health check; `restart_count` counts restarts by Docker itself.
+    `id` is the container's id: on the single-host backend the container's
+    own, on a cluster backend the container of the game's workload (the
+    running task's). `owned` is True only when the container carries the
+    owner label and belongs to this deployment's cluster (a missing
+    cluster label counts as `default`). `image_ref` is the reference the
+    engine was started from, `image_id` the id of the image it runs
+    (`sha256:...`). `exit_code` is None until the container has exited;
+    `oom_killed` says the kernel killed it for memory; `health` is None
+    when the container has no health check; `restart_count` counts restarts
+    by the container runtime itself. `node_id` and `node_hostname` name the
+    cluster node the container is placed on; both are empty on a backend
+    with one host.
     """
 
     id: str
@@ -459,11 +466,13 @@ class ContainerInfo:
     oom_killed: bool = False
     restart_count: int = 0
     image_id: str = ""
+    node_id: str = ""
+    node_hostname: str = ""
 
 
 @dataclass(frozen=True)
 class ContainerEvent:
-    """One Docker container event of an owned container."""
+    """One event of an owned engine container, as the backend delivers it."""
 
     action: str
     container_id: str
@@ -480,11 +489,58 @@ class EventStream(Protocol):
     def close(self) -> None: ...
 
 
-class DockerEngine(Protocol):
-    """The Docker engine as the service uses it."""
+@dataclass(frozen=True)
+class BackendCapabilities:
+    """What a backend declares about itself where backends truly differ.
+
+    The lifecycles read these instead of asking which backend they run on.
+
+    `host_state_dirs`: True when a game's state is the host directory
+    `ContainerSpec.state_host_path`, bind-mounted into the engine, which the
+    service itself creates and gives to the engine's user before `create`
+    (and removes on cleanup when told to): the single-host backend. False
+    when the backend keeps each game's state in storage it manages itself
+    (a named volume per game on a cluster, SPEC §10), which the service
+    neither creates nor removes.
+    """
+
+    host_state_dirs: bool
+
+
+class EngineBackend(Protocol):
+    """Where game engines run: one engine workload per game, in workload terms.
+
+    A *workload* is what the backend runs for one game, named
+    `ContainerSpec.name` (`galaxy-game-{game_id}`): on the single-host
+    backend (`adapters/docker/`) a container, on a cluster backend a
+    replicated service of one replica whose running task's container is the
+    engine. Either way the engine is one container, and the runtime record
+    keeps that container's id (`current_container_id`).
+
+    Ids: `create` returns the workload's id; `start` returns the id of the
+    running container. Every other method taking an id accepts either, or
+    the id of any container `inspect` or `list_owned` reported, and acts on
+    the workload that id belongs to. On the single-host backend all of them
+    are the one container id.
+
+    Ownership: a workload is *ours* only when labelled
+    `com.galaxy.owner=rtmanager` and of this deployment's
+    `RTMANAGER_CLUSTER` (a missing cluster label counts as `default`).
+    The backend reports others (`inspect` with `owned=False`) but never
+    lists, follows, stops or removes them on its own; the lifecycles refuse
+    to act on them.
+
+    Every method raises `ServiceUnavailable` when the backend's daemon is
+    unreachable or times out.
+    """
+
+    @property
+    def capabilities(self) -> BackendCapabilities:
+        """What this backend declares about itself (fixed for its lifetime)."""
+        ...
 
     def ping(self) -> None:
-        """Raise `ServiceUnavailable` unless the daemon answers."""
+        """Raise `ServiceUnavailable` unless the backend's daemon answers."""
         ...
 
     def ensure_image(self, image_ref: str, policy: PullPolicy) -> None:
@@ -495,56 +551,79 @@ class DockerEngine(Protocol):
         """Create the engine network (internal, with `labels`) unless it exists."""
         ...
 
-    def create_container(self, spec: ContainerSpec) -> str:
-        """Create (not start) the container and return its id.
+    def create(self, spec: ContainerSpec) -> str:
+        """Create (not start) the game's workload and return the workload's id.
 
-        Raises `Conflict` when a container of that name already exists.
+        Raises `Conflict` when a workload of that name already exists,
+        `ImagePullFailed` when the image is absent and `ContainerStartFailed`
+        when the backend refuses the configuration.
         """
         ...
 
-    def start_container(self, container_id: str) -> None:
-        """Start a created container; raise `ContainerStartFailed` if Docker refuses."""
-        ...
+    def start(self, workload_id: str) -> str:
+        """Start a created workload and return the id of its running container.
 
-    def stop_container(self, container_id: str, timeout: timedelta) -> None:
-        """Stop gracefully, killing after `timeout`; a container already gone is fine."""
-        ...
-
-    def remove_container(self, container_id: str, *, force: bool = False) -> None:
-        """Remove the container; a container already gone is fine."""
-        ...
-
-    def inspect_container(self, id_or_name: str) -> ContainerInfo | None:
-        """Return what Docker says about a container, owned or not, or None if absent."""
-        ...
-
-    def owns_container(self, container_id: str) -> bool | None:
-        """Whether the container with this full id is this deployment's; None if Docker has none.
-
-        Ownership never changes for an id (labels are fixed when a container
-        is created, ids are never reused), so an adapter may answer True
-        without asking Docker when it has seen the container owned before;
-        the container may be gone by then, which `stop_container` and
-        `remove_container` take as done.
+        On the single-host backend that is `workload_id` itself; on a
+        cluster backend, the container of the task it placed. Raises
+        `ContainerStartFailed` if the backend refuses. Whether the engine
+        then stays up (and turns healthy) is for the caller to watch through
+        `inspect`.
         """
         ...
 
-    def list_owned_containers(self) -> list[ContainerInfo]:
-        """Return every container owned by this deployment, running or not.
+    def stop(self, container_id: str, timeout: timedelta) -> None:
+        """Stop the engine gracefully, killing it after `timeout`; one already gone is fine."""
+        ...
+
+    def remove(self, container_id: str, *, force: bool = False) -> None:
+        """Remove the workload the id belongs to; one already gone is fine.
+
+        Raises `Conflict` when it still runs and `force` is not set.
+        """
+        ...
+
+    def inspect(self, id_or_name: str) -> ContainerInfo | None:
+        """Return what the backend says about an engine container, owned or not.
+
+        `id_or_name` is an id (see the class docstring) or a workload name;
+        None when there is no such container. Has everything
+        `ContainerInfo` describes: state, exit code, health, OOM kill,
+        restart count, image id, start and finish times, and the node.
+        """
+        ...
+
+    def owns(self, container_id: str) -> bool | None:
+        """Whether the container with this full id is this deployment's; None if there is none.
+
+        Ownership never changes for an id (labels are fixed when a workload
+        is created, ids are never reused), so a backend may answer True
+        without asking its daemon when it has seen the id owned before; the
+        container may be gone by then, which `stop` and `remove` take as done.
+        """
+        ...
+
+    def list_owned(self) -> list[ContainerInfo]:
+        """Return the container of every workload owned by this deployment, running or not.
 
         From one listing: `exit_code`, `health`, `started_at`,
         `finished_at`, `oom_killed` and `restart_count` are not part of a
-        listing and are None, False and 0 here; `inspect_container` of one
-        container has them.
+        listing and are None, False and 0 here (`inspect` of one container
+        has them); the node is reported.
         """
         ...
 
-    def container_logs_tail(self, container_id: str, lines: int = 20) -> str:
-        """Return the last lines of a container's output (empty when unavailable)."""
+    def logs_tail(self, container_id: str, lines: int = 20) -> str:
+        """Return the last lines of an engine's output (empty when unavailable)."""
         ...
 
     def follow_events(self, since: datetime | None = None) -> EventStream:
-        """Stream events of owned containers from `since` (or now) on."""
+        """Stream events of owned engine containers from `since` (or now) on.
+
+        Actions are Docker's container actions (`start`, `die` with its
+        exit code, `oom`, `destroy`, `health_status: <status>`, ...), named
+        by the container's id and game; consumers are idempotent, since a
+        resumed stream may repeat an event.
+        """
         ...
 
 

@@ -137,6 +137,8 @@ def record_to_pb(record: RuntimeRecord) -> pb.RuntimeRecord:
         engine_endpoint=record.engine_endpoint,
         state_path=record.state_path,
         docker_network=record.docker_network,
+        node_id=record.node_id,
+        node_hostname=record.node_hostname,
         **_stamps(
             started_at=record.started_at,
             stopped_at=record.stopped_at,
@@ -242,6 +244,8 @@ def record_from_pb(message: pb.RuntimeRecord) -> RuntimeRecord:
         started_at=timestamp_from_pb(message, "started_at"),
         stopped_at=timestamp_from_pb(message, "stopped_at"),
         removed_at=timestamp_from_pb(message, "removed_at"),
+        node_id=message.node_id,
+        node_hostname=message.node_hostname,
     )
 
 
@@ -350,6 +354,8 @@ def container_state_to_pb(state: ContainerState) -> pb.ContainerState:
         oom_killed=state.oom_killed,
         health=state.health or "",
         restart_count=state.restart_count,
+        node_id=state.node_id,
+        node_hostname=state.node_hostname,
         **_stamps(started_at=state.started_at, finished_at=state.finished_at),
     )
 
@@ -370,6 +376,8 @@ def container_state_from_pb(message: pb.ContainerState) -> ContainerState:
         started_at=timestamp_from_pb(message, "started_at"),
         finished_at=timestamp_from_pb(message, "finished_at"),
         restart_count=message.restart_count,
+        node_id=message.node_id,
+        node_hostname=message.node_hostname,
     )
 
 

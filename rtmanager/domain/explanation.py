@@ -37,7 +37,8 @@ class ContainerState:
     `image_ref` is the reference the engine was started from, `image_id`
     the image it runs. `exit_code` is None until it has exited; `health`
     None without a health check; `restart_count` counts restarts Docker
-    made (rtmanager asks for none).
+    made (rtmanager asks for none). `node_id` and `node_hostname` name the
+    cluster node it is placed on (empty on a single host).
     """
 
     id: str
@@ -53,6 +54,8 @@ class ContainerState:
     started_at: datetime | None = None
     finished_at: datetime | None = None
     restart_count: int = 0
+    node_id: str = ""
+    node_hostname: str = ""
 
 
 @dataclass(frozen=True)

@@ -52,8 +52,13 @@ class InvalidRuntimeRecord(ValueError):
 class RuntimeRecord:
     """The durable record of one game's engine runtime.
 
-    Empty strings stand for SQL NULL in `current_container_id` and
-    `current_image_ref`.
+    `node_id` and `node_hostname` name the cluster node the record's
+    container was placed on, as the engine backend reported it when the
+    container was started or adopted; they stay while the record is
+    stopped or removed (a game's data may live on that node). Both are
+    empty on the single-host backend. Empty strings stand for SQL NULL in
+    `current_container_id`, `current_image_ref`, `node_id` and
+    `node_hostname`.
     """
 
     game_id: str
@@ -68,6 +73,8 @@ class RuntimeRecord:
     started_at: datetime | None = None
     stopped_at: datetime | None = None
     removed_at: datetime | None = None
+    node_id: str = ""
+    node_hostname: str = ""
 
     def validate(self) -> None:
         """Raise `InvalidRuntimeRecord` unless every record invariant holds."""
@@ -81,6 +88,8 @@ class RuntimeRecord:
         for name in ("engine_endpoint", "state_path", "docker_network"):
             if not getattr(self, name).strip():
                 raise bad(f"{name.replace('_', ' ')} must not be empty")
+        if self.node_hostname and not self.node_id:
+            raise bad("node hostname must come with a node id")
         require_utc("last op at", self.last_op_at, bad)
         require_utc("created at", self.created_at, bad)
         for name in ("started_at", "stopped_at", "removed_at"):

@@ -112,9 +112,9 @@ class CleanupService(LifecycleService):
                     stopped.failure, prefix="inner stop failed: "
                 )
         container_id = record.current_container_id
-        if ours_to_act_on(self._docker, container_id):
+        if ours_to_act_on(self._engine, container_id):
             self._lock.check(op.game_id)
-            self._docker.remove_container(container_id, force=True)
+            self._engine.remove(container_id, force=True)
         change = StatusChange(
             game_id=op.game_id,
             expected_from=RuntimeStatus.STOPPED,
@@ -125,7 +125,8 @@ class CleanupService(LifecycleService):
         )
         result = op.commit(lambda uow: uow.records.update_status(change))
         # Only once the removal is committed: a failed cleanup keeps the data.
-        if self._settings.remove_state_on_cleanup:
+        # A backend keeping state in storage of its own manages it itself.
+        if self._settings.remove_state_on_cleanup and self._engine.capabilities.host_state_dirs:
             self._remove_state(op.game_id)
         return result
 

@@ -15,7 +15,7 @@ from rtmanager.domain.runtime import RuntimeRecord, RuntimeStatus
 from rtmanager.domain.timeutil import utc_now
 from rtmanager.lifecycle.leasing import GameLock
 from rtmanager.lifecycle.recorder import OperationRecorder
-from rtmanager.ports import ContainerInfo, DockerEngine, EngineUser, PullPolicy, UnitOfWork
+from rtmanager.ports import ContainerInfo, EngineBackend, EngineUser, PullPolicy, UnitOfWork
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ class LifecycleDeps:
 
     recorder: OperationRecorder
     lock: GameLock
-    docker: DockerEngine
+    engine: EngineBackend
     settings: LifecycleSettings
     clock: Callable[[], datetime] = utc_now
 
@@ -73,7 +73,7 @@ class LifecycleService:
     def __init__(self, deps: LifecycleDeps) -> None:
         self._recorder = deps.recorder
         self._lock = deps.lock
-        self._docker = deps.docker
+        self._engine = deps.engine
         self._settings = deps.settings
         self._clock = deps.clock
 
@@ -135,33 +135,33 @@ def load_record(uow: UnitOfWork, game_id: str) -> RuntimeRecord | None:
         return None
 
 
-def owned_container(docker: DockerEngine, container_id: str) -> ContainerInfo | None:
-    """What Docker says about one of our containers; None when it is gone.
+def owned_container(engine: EngineBackend, container_id: str) -> ContainerInfo | None:
+    """What the backend says about one of our containers; None when it is gone.
 
     Raises `Conflict` when the id names a container this deployment does not
     own: such containers are never touched.
     """
     if not container_id:
         return None
-    info = docker.inspect_container(container_id)
+    info = engine.inspect(container_id)
     if info is not None and not info.owned:
         raise Conflict(f"container {container_id[:12]} is not owned by this rtmanager deployment")
     return info
 
 
-def ours_to_act_on(docker: DockerEngine, container_id: str) -> bool:
+def ours_to_act_on(engine: EngineBackend, container_id: str) -> bool:
     """Whether a stop or removal of one of our containers has anything to act on.
 
-    False without an id or when Docker has no such container; True when it
+    False without an id or when the backend has no such container; True when it
     is ours (it may be gone by the time of the call, which stop and remove
-    take as done). Unlike `owned_container` this asks Docker nothing when
+    take as done). Unlike `owned_container` this asks the backend nothing when
     the adapter already knows the container is ours (`owns_container`).
     Raises `Conflict` when the id names a container this deployment does
     not own: such containers are never touched.
     """
     if not container_id:
         return False
-    owned = docker.owns_container(container_id)
+    owned = engine.owns(container_id)
     if owned is False:
         raise Conflict(f"container {container_id[:12]} is not owned by this rtmanager deployment")
     return owned is True

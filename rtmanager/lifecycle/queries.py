@@ -13,7 +13,7 @@ from rtmanager.domain.operation import OperationEntry
 from rtmanager.domain.runtime import RuntimeRecord, RuntimeStatus
 from rtmanager.ports import (
     ContainerInfo,
-    DockerEngine,
+    EngineBackend,
     GameLeases,
     JobStreams,
     OperationFilter,
@@ -113,14 +113,14 @@ class RuntimeExplainer:
     def __init__(
         self,
         units_of_work: UnitOfWorkFactory,
-        docker: DockerEngine,
+        engine: EngineBackend,
         leases: GameLeases,
         job_streams: JobStreams,
         *,
         timeout: timedelta = timedelta(seconds=10),
     ) -> None:
         self._units_of_work = units_of_work
-        self._docker = docker
+        self._engine = engine
         self._leases = leases
         self._job_streams = job_streams
         self._timeout = timeout
@@ -174,10 +174,10 @@ class RuntimeExplainer:
     def _container_of(self, game_id: str, record: RuntimeRecord | None) -> ContainerState | None:
         """The record's container, else whatever container bears the game's name."""
         if record is not None and record.current_container_id:
-            info = self._docker.inspect_container(record.current_container_id)
+            info = self._engine.inspect(record.current_container_id)
             if info is not None:
                 return container_state(info)
-        info = self._docker.inspect_container(container_name(game_id))
+        info = self._engine.inspect(container_name(game_id))
         return None if info is None else container_state(info)
 
 
@@ -204,4 +204,6 @@ def container_state(info: ContainerInfo) -> ContainerState:
         started_at=info.started_at,
         finished_at=info.finished_at,
         restart_count=info.restart_count,
+        node_id=info.node_id,
+        node_hostname=info.node_hostname,
     )

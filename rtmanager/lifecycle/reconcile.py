@@ -77,6 +77,10 @@ class ReconcileAction:
     exit_code: int | None = None
     applied: bool = False
     skipped_reason: str = ""
+    # Where the container is placed, as the backend reported it (an
+    # adoption writes it on the record; empty on a single host).
+    node_id: str = ""
+    node_hostname: str = ""
 
 
 @dataclass(frozen=True)
@@ -148,6 +152,8 @@ def _action(kind: ActionKind, game_id: str, container: ContainerInfo) -> Reconci
         image_ref=container.image_ref,
         container_running=container.running,
         exit_code=container.exit_code,
+        node_id=container.node_id,
+        node_hostname=container.node_hostname,
     )
 
 
@@ -253,7 +259,7 @@ class Reconciler(LifecycleService):
                     record = load_record(uow, game_id)
                 if record is None or not _claims(record, container_id):
                     return None
-                info = self._docker.inspect_container(container_id)
+                info = self._engine.inspect(container_id)
                 if info is not None and info.running:
                     return None
                 action = ReconcileAction(
@@ -277,7 +283,7 @@ class Reconciler(LifecycleService):
     def _plan(self) -> tuple[list[ReconcileAction], dict[str, list[ContainerInfo]]]:
         """The steps of a pass, and the owned containers by game they were planned from."""
         containers: dict[str, list[ContainerInfo]] = {}
-        for info in self._docker.list_owned_containers():
+        for info in self._engine.list_owned():
             if is_valid_game_id(info.game_id):
                 containers.setdefault(info.game_id, []).append(info)
         with self._recorder.unit_of_work() as uow:
@@ -345,7 +351,7 @@ class Reconciler(LifecycleService):
             if not key or key in asked:
                 continue
             asked.add(key)
-            info = self._docker.inspect_container(key)
+            info = self._engine.inspect(key)
             if info is None:
                 continue
             asked.add(info.id)
@@ -448,6 +454,8 @@ class Reconciler(LifecycleService):
                 current_image_ref=image_ref,
                 started_at=now,
                 stopped_at=None if action.container_running else now,
+                node_id=action.node_id,
+                node_hostname=action.node_hostname,
             )
         elif record.status is status:
             adopted = replace(
@@ -455,12 +463,16 @@ class Reconciler(LifecycleService):
                 current_container_id=action.container_id,
                 current_image_ref=image_ref,
                 last_op_at=max(now, record.last_op_at),
+                node_id=action.node_id,
+                node_hostname=action.node_hostname,
             )
         else:
             adopted = replace(
                 record.with_status(status, max(now, record.last_op_at)),
                 current_container_id=action.container_id,
                 current_image_ref=image_ref,
+                node_id=action.node_id,
+                node_hostname=action.node_hostname,
             )
         uow.records.upsert(adopted)
         return adopted

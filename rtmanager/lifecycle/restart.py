@@ -115,9 +115,9 @@ class RecreateService(LifecycleService):
         stopped = self._stop.run(op)
         _raise_unless_ok(stopped, "inner stop failed: ")
         container_id = record.current_container_id
-        if ours_to_act_on(self._docker, container_id):
+        if ours_to_act_on(self._engine, container_id):
             self._lock.check(op.game_id)
-            self._docker.remove_container(container_id, force=True)
+            self._engine.remove(container_id, force=True)
         if container_id:
             removed.append(container_id)
         started = self._start.run(op, image_ref)

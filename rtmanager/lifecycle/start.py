@@ -1,4 +1,7 @@
-"""Start: create and start a game's engine container and record it running.
+"""Start: create and start a game's engine workload and record it running.
+
+The record takes the container id and the node from what the backend
+reports for the started engine (`EngineBackend.start`, then `inspect`).
 
 `handle` is the entry point: validate, take the game's lease, run. `run`
 assumes the caller already holds the lease (restart and patch run it as
@@ -36,7 +39,7 @@ from rtmanager.lifecycle.common import (
 )
 from rtmanager.lifecycle.recorder import Operation, OperationResult
 from rtmanager.lifecycle.state_dirs import prepare_state_dir
-from rtmanager.ports import ContainerSpec, UnitOfWork
+from rtmanager.ports import ContainerInfo, ContainerSpec, UnitOfWork
 
 log = logging.getLogger(__name__)
 
@@ -120,12 +123,13 @@ class StartService(LifecycleService):
                         f"runtime of game {op.game_id} runs {existing.current_image_ref}; "
                         "use PatchRuntime to change its image"
                     )
-                current = owned_container(self._docker, existing.current_container_id)
+                current = owned_container(self._engine, existing.current_container_id)
                 if current is not None and current.running:
                     # A replayed start: the engine already runs as asked.
                     op.container_id = current.id
                     return op.commit(record=existing)
-        container_id = self._create_and_start(op.game_id, image_ref, existing, removed)
+        started = self._create_and_start(op.game_id, image_ref, existing, removed)
+        container_id = started.id
         op.container_id = container_id
         now = op_time(self._clock, existing)
         record = RuntimeRecord(
@@ -139,6 +143,8 @@ class StartService(LifecycleService):
             current_container_id=container_id,
             current_image_ref=image_ref,
             started_at=now,
+            node_id=started.node_id,
+            node_hostname=started.node_hostname,
         )
         try:
             return op.commit(lambda uow: _install(uow, existing, record))
@@ -149,45 +155,46 @@ class StartService(LifecycleService):
 
     def _create_and_start(
         self, game_id: str, image_ref: str, existing: RuntimeRecord | None, removed: list[str]
-    ) -> str:
+    ) -> ContainerInfo:
+        """Create and start the game's engine; return the backend's report of it, up."""
         settings = self._settings
         name = container_name(game_id)
-        occupant = self._docker.inspect_container(name)
+        occupant = self._engine.inspect(name)
         if occupant is not None and not occupant.owned:
             raise Conflict(
                 f"a container named {name} that this rtmanager does not own is in the way"
             )
         require_time_left("pulling the engine image")
-        self._docker.ensure_image(image_ref, settings.image_pull_policy)
+        self._engine.ensure_image(image_ref, settings.image_pull_policy)
         state_dir = settings.state_dir(game_id)
-        prepare_state_dir(state_dir, settings.engine_user)
+        if self._engine.capabilities.host_state_dirs:
+            prepare_state_dir(state_dir, settings.engine_user)
         network_labels = labels.engine_labels(
             cluster=settings.cluster, game_id="", image_ref="", extra=settings.container_labels
         )
         network_labels.pop(labels.GAME_ID)
         network_labels.pop(labels.IMAGE_REF)
-        self._docker.ensure_network(settings.engine_network, network_labels)
+        self._engine.ensure_network(settings.engine_network, network_labels)
         # The previous container of this game (the record's, or an orphan of
         # an interrupted operation that holds the name) makes way.
         if occupant is not None:
             self._lock.check(game_id)
-            self._docker.remove_container(occupant.id, force=True)
+            self._engine.remove(occupant.id, force=True)
         if existing is not None and existing.current_container_id:
-            if owned_container(self._docker, existing.current_container_id) is not None:
+            if owned_container(self._engine, existing.current_container_id) is not None:
                 self._lock.check(game_id)
-                self._docker.remove_container(existing.current_container_id, force=True)
+                self._engine.remove(existing.current_container_id, force=True)
             removed.append(existing.current_container_id)
         require_time_left("creating the engine container")
         self._lock.check(game_id)
-        container_id = self._docker.create_container(self._spec(game_id, image_ref, state_dir))
+        workload_id = self._engine.create(self._spec(game_id, image_ref, state_dir))
         try:
             self._lock.check(game_id)
-            self._docker.start_container(container_id)
-            self._wait_until_up(container_id)
+            container_id = self._engine.start(workload_id)
+            return self._wait_until_up(container_id)
         except RuntimeManagerError:
-            self._discard(container_id)
+            self._discard(workload_id)
             raise
-        return container_id
 
     def _spec(self, game_id: str, image_ref: str, state_dir: Path) -> ContainerSpec:
         settings = self._settings
@@ -219,8 +226,8 @@ class StartService(LifecycleService):
             read_only_rootfs=settings.engine_read_only,
         )
 
-    def _wait_until_up(self, container_id: str) -> None:
-        """Wait until the container runs (healthy, if it has a health check).
+    def _wait_until_up(self, container_id: str) -> ContainerInfo:
+        """Wait until the container runs (healthy, if it has a health check); return its report.
 
         Without a health check it must keep running for the settle period,
         so an engine that dies at once is caught here, not later.
@@ -231,7 +238,7 @@ class StartService(LifecycleService):
         started = time.monotonic()
         deadline = started + timeout
         while True:
-            info = self._docker.inspect_container(container_id)
+            info = self._engine.inspect(container_id)
             if info is None:
                 raise ContainerStartFailed("the engine container vanished while starting")
             if not info.running:
@@ -245,7 +252,7 @@ class StartService(LifecycleService):
                 )
             now = time.monotonic()
             if info.health == "healthy" or (info.health is None and now - started >= settle):
-                return
+                return info
             if now >= deadline:
                 if cut_by_deadline(self._settings.start_timeout):
                     raise ServiceUnavailable(
@@ -259,14 +266,14 @@ class StartService(LifecycleService):
 
     def _log_tail(self, container_id: str) -> str:
         try:
-            tail = self._docker.container_logs_tail(container_id, _LOG_TAIL_LINES).strip()
+            tail = self._engine.logs_tail(container_id, _LOG_TAIL_LINES).strip()
         except RuntimeManagerError:
             return ""
         return f"; last output:\n{tail}" if tail else ""
 
     def _discard(self, container_id: str) -> None:
         try:
-            self._docker.remove_container(container_id, force=True)
+            self._engine.remove(container_id, force=True)
         except RuntimeManagerError as error:
             log.error(
                 "could not remove a half-started engine container",

@@ -73,9 +73,9 @@ class StopService(LifecycleService):
             return op.commit(record=record)
         container_id = record.current_container_id
         # A container already gone counts as stopped.
-        if ours_to_act_on(self._docker, container_id):
+        if ours_to_act_on(self._engine, container_id):
             self._lock.check(op.game_id)
-            self._docker.stop_container(container_id, self._settings.stop_timeout)
+            self._engine.stop(container_id, self._settings.stop_timeout)
         change = StatusChange(
             game_id=op.game_id,
             expected_from=RuntimeStatus.RUNNING,

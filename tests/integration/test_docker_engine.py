@@ -1,4 +1,4 @@
-"""The DockerEngine port against the real daemon and the local test images.
+"""The EngineBackend port against the real daemon and the local test images.
 
 Needs the images of scripts/build-engine-images.sh. Every container and
 network carries `com.galaxy.test=<test_id>` (or the test's cluster label), so
@@ -137,7 +137,7 @@ def make_spec(
 
 def wait_running(engine: DockerEngineAdapter, container_id: str) -> ContainerInfo:
     def probe() -> ContainerInfo | None:
-        info = engine.inspect_container(container_id)
+        info = engine.inspect(container_id)
         return info if info is not None and info.running else None
 
     return wait_for(probe, what=f"{container_id[:12]} to run")
@@ -145,7 +145,7 @@ def wait_running(engine: DockerEngineAdapter, container_id: str) -> ContainerInf
 
 def wait_exited(engine: DockerEngineAdapter, container_id: str) -> ContainerInfo:
     def probe() -> ContainerInfo | None:
-        info = engine.inspect_container(container_id)
+        info = engine.inspect(container_id)
         return info if info is not None and info.state == "exited" else None
 
     return wait_for(probe, what=f"{container_id[:12]} to exit")
@@ -177,8 +177,8 @@ def test_create_and_start_runs_a_hardened_engine_on_the_internal_network_with_it
     cluster: str,
 ) -> None:
     spec = make_spec(test_id=test_id, cluster=cluster, network=network, state_dir=state_dir)
-    container_id = engine.create_container(spec)
-    engine.start_container(container_id)
+    container_id = engine.create(spec)
+    engine.start(container_id)
 
     info = wait_running(engine, container_id)
     assert info.id == container_id
@@ -256,8 +256,8 @@ def test_read_only_rootfs_gets_a_tmpfs_and_the_engine_still_writes_its_state(
         state_dir=state_dir,
         read_only_rootfs=True,
     )
-    container_id = engine.create_container(spec)
-    engine.start_container(container_id)
+    container_id = engine.create(spec)
+    engine.start(container_id)
     wait_running(engine, container_id)
     wait_for((state_dir / "started").exists, what="the engine's state file")
 
@@ -270,52 +270,52 @@ def test_stop_with_timeout_stops_promptly_and_stop_or_remove_of_a_vanished_conta
     engine: DockerEngineAdapter, network: str, state_dir: Path, test_id: str, cluster: str
 ) -> None:
     spec = make_spec(test_id=test_id, cluster=cluster, network=network, state_dir=state_dir)
-    container_id = engine.create_container(spec)
-    engine.start_container(container_id)
+    container_id = engine.create(spec)
+    engine.start(container_id)
     wait_running(engine, container_id)
 
     began = time.monotonic()
-    engine.stop_container(container_id, timedelta(seconds=10))
+    engine.stop(container_id, timedelta(seconds=10))
     assert time.monotonic() - began < 5, "the engine should stop on SIGTERM, not be killed"
 
-    info = engine.inspect_container(container_id)
+    info = engine.inspect(container_id)
     assert info is not None
     assert info.running is False
     assert info.state == "exited"
     assert info.exit_code == 0
     assert info.finished_at is not None
 
-    engine.stop_container(container_id, timedelta(seconds=1))  # already stopped: 304
-    engine.remove_container(container_id)
-    assert engine.inspect_container(container_id) is None
-    engine.stop_container(container_id, timedelta(seconds=1))
-    engine.remove_container(container_id)
-    engine.remove_container(container_id, force=True)
-    assert engine.container_logs_tail(container_id) == ""
+    engine.stop(container_id, timedelta(seconds=1))  # already stopped: 304
+    engine.remove(container_id)
+    assert engine.inspect(container_id) is None
+    engine.stop(container_id, timedelta(seconds=1))
+    engine.remove(container_id)
+    engine.remove(container_id, force=True)
+    assert engine.logs_tail(container_id) == ""
 
 
 def test_remove_of_a_running_container_needs_force(
     engine: DockerEngineAdapter, network: str, state_dir: Path, test_id: str, cluster: str
 ) -> None:
     spec = make_spec(test_id=test_id, cluster=cluster, network=network, state_dir=state_dir)
-    container_id = engine.create_container(spec)
-    engine.start_container(container_id)
+    container_id = engine.create(spec)
+    engine.start(container_id)
     wait_running(engine, container_id)
 
     with pytest.raises(Conflict):
-        engine.remove_container(container_id)
-    engine.remove_container(container_id, force=True)
-    assert engine.inspect_container(container_id) is None
+        engine.remove(container_id)
+    engine.remove(container_id, force=True)
+    assert engine.inspect(container_id) is None
 
 
 def test_create_with_a_duplicate_name_raises_conflict(
     engine: DockerEngineAdapter, network: str, state_dir: Path, test_id: str, cluster: str
 ) -> None:
     spec = make_spec(test_id=test_id, cluster=cluster, network=network, state_dir=state_dir)
-    first = engine.create_container(spec)
+    first = engine.create(spec)
     with pytest.raises(Conflict, match=spec.name):
-        engine.create_container(spec)
-    info = engine.inspect_container(spec.name)
+        engine.create(spec)
+    info = engine.inspect(spec.name)
     assert info is not None and info.id == first
 
 
@@ -326,7 +326,7 @@ def test_create_with_a_missing_state_dir_is_refused_as_container_start_failed(
         test_id=test_id, cluster=cluster, network=network, state_dir=tmp_path / "missing"
     )
     with pytest.raises(ContainerStartFailed):
-        engine.create_container(spec)
+        engine.create(spec)
     assert not (tmp_path / "missing").exists()
 
 
@@ -342,7 +342,7 @@ def test_start_of_a_container_docker_cannot_run_raises_container_start_failed(
     )
     assert container.id is not None
     with pytest.raises(ContainerStartFailed, match="no/such/engine"):
-        engine.start_container(container.id)
+        engine.start(container.id)
 
 
 def test_crash_image_exits_with_code_3_and_its_logs_tail_has_the_fatal_line(
@@ -351,8 +351,8 @@ def test_crash_image_exits_with_code_3_and_its_logs_tail_has_the_fatal_line(
     spec = make_spec(
         test_id=test_id, cluster=cluster, network=network, state_dir=state_dir, image=CRASH_IMAGE
     )
-    container_id = engine.create_container(spec)
-    engine.start_container(container_id)
+    container_id = engine.create(spec)
+    engine.start(container_id)
 
     info = wait_exited(engine, container_id)
     assert info.running is False
@@ -361,8 +361,8 @@ def test_crash_image_exits_with_code_3_and_its_logs_tail_has_the_fatal_line(
     # (Docker may stamp FinishedAt a hair before StartedAt for a process this
     # short-lived, so their order is not asserted.)
     assert info.started_at is not None
-    assert "engine-crash: fatal: refusing to start" in engine.container_logs_tail(container_id)
-    assert engine.container_logs_tail(container_id, lines=0) == ""
+    assert "engine-crash: fatal: refusing to start" in engine.logs_tail(container_id)
+    assert engine.logs_tail(container_id, lines=0) == ""
 
 
 def test_inspect_reports_an_engine_killed_for_memory_and_the_image_it_ran(
@@ -390,7 +390,7 @@ def test_inspect_reports_an_engine_killed_for_memory_and_the_image_it_ran(
     assert (info.exit_code, info.oom_killed, info.restart_count) == (137, True, 0)
     assert info.image_id == client.images.get(STUB_IMAGE).id
     assert info.image_id.startswith("sha256:")
-    (listed,) = [c for c in engine.list_owned_containers() if c.id == container.id]
+    (listed,) = [c for c in engine.list_owned() if c.id == container.id]
     assert listed.image_id == info.image_id
     assert (listed.oom_killed, listed.restart_count) == (False, 0)  # not in a listing
 
@@ -410,7 +410,7 @@ def test_inspect_counts_the_restarts_docker_made_and_a_plain_crash_is_no_oom_kil
     container.start()
 
     def restarted_twice() -> ContainerInfo | None:
-        info = engine.inspect_container(container.id or "")
+        info = engine.inspect(container.id or "")
         done = info is not None and info.state == "exited" and info.restart_count == 2
         return info if done else None
 
@@ -505,8 +505,8 @@ def _replicas_start_engines(
                 state_dir=Path(state_dir),
                 game_id=game_id,
             )
-            container_id = adapter.create_container(spec)
-            adapter.start_container(container_id)
+            container_id = adapter.create(spec)
+            adapter.start(container_id)
             with lock:
                 started.append(container_id)
         except BaseException as exc:
@@ -597,8 +597,8 @@ def test_container_without_owner_label_is_never_listed_and_inspects_as_not_owned
         f"galaxy-game-x{test_id}",
         {galaxy_labels.CLUSTER: cluster, galaxy_labels.GAME_ID: f"x{test_id}"},
     )
-    assert foreign not in {c.id for c in engine.list_owned_containers()}
-    info = engine.inspect_container(f"galaxy-game-x{test_id}")
+    assert foreign not in {c.id for c in engine.list_owned()}
+    info = engine.inspect(f"galaxy-game-x{test_id}")
     assert info is not None
     assert info.id == foreign
     assert info.owned is False
@@ -607,7 +607,7 @@ def test_container_without_owner_label_is_never_listed_and_inspects_as_not_owned
 
     default = DockerEngineAdapter(base_url=DOCKER_HOST, cluster=galaxy_labels.DEFAULT_CLUSTER)
     try:
-        assert foreign not in {c.id for c in default.list_owned_containers()}
+        assert foreign not in {c.id for c in default.list_owned()}
     finally:
         default.close()
 
@@ -627,17 +627,17 @@ def test_container_of_another_cluster_is_listed_only_by_that_cluster(
         galaxy_labels.engine_labels(cluster=cluster, game_id=f"m{test_id}", image_ref=STUB_IMAGE),
     )
 
-    listed = {c.id: c for c in engine.list_owned_containers()}
+    listed = {c.id: c for c in engine.list_owned()}
     assert theirs not in listed
     assert ours in listed
     assert listed[ours].owned is True
     assert listed[ours].game_id == f"m{test_id}"
-    info = engine.inspect_container(theirs)
+    info = engine.inspect(theirs)
     assert info is not None and info.owned is False
 
     other = DockerEngineAdapter(base_url=DOCKER_HOST, cluster=other_cluster)
     try:
-        other_listed = {c.id for c in other.list_owned_containers()}
+        other_listed = {c.id for c in other.list_owned()}
     finally:
         other.close()
     assert theirs in other_listed
@@ -657,19 +657,19 @@ def test_container_without_cluster_label_is_owned_only_by_the_default_cluster(
             galaxy_labels.IMAGE_REF: STUB_IMAGE,
         },
     )
-    assert legacy not in {c.id for c in engine.list_owned_containers()}
-    info = engine.inspect_container(legacy)
+    assert legacy not in {c.id for c in engine.list_owned()}
+    info = engine.inspect(legacy)
     assert info is not None and info.owned is False
 
     # A default deployment also sees other tests' default containers: only
     # membership of ours is asserted.
     default = DockerEngineAdapter(base_url=DOCKER_HOST, cluster=galaxy_labels.DEFAULT_CLUSTER)
     try:
-        listed = {c.id: c for c in default.list_owned_containers()}
+        listed = {c.id: c for c in default.list_owned()}
         assert legacy in listed
         assert listed[legacy].owned is True
         assert listed[legacy].game_id == f"l{test_id}"
-        default_info = default.inspect_container(legacy)
+        default_info = default.inspect(legacy)
         assert default_info is not None and default_info.owned is True
     finally:
         default.close()
@@ -701,7 +701,7 @@ def test_a_listing_is_one_request_whatever_the_number_of_containers(
     }
     requests = count_requests(engine)
 
-    assert {c.id for c in engine.list_owned_containers()} == ours
+    assert {c.id for c in engine.list_owned()} == ours
     assert len(requests) == 1
     assert requests[0].startswith("GET /") and requests[0].endswith("/containers/json")
 
@@ -730,7 +730,7 @@ def test_a_listing_says_what_an_inspect_says_but_the_exit_code_health_and_times(
     crashed = engine_container(f"x{test_id}", CRASH_IMAGE, start=True)
 
     def state_of(container_id: str) -> str:
-        info = engine.inspect_container(container_id)
+        info = engine.inspect(container_id)
         return info.state if info is not None else ""
 
     wait_for(lambda: state_of(running) == "running", what="the engine running")
@@ -738,14 +738,14 @@ def test_a_listing_says_what_an_inspect_says_but_the_exit_code_health_and_times(
     client.api.pause(paused)
     wait_for(lambda: state_of(crashed) == "exited", what="the crash engine exited")
 
-    listed = {c.id: c for c in engine.list_owned_containers()}
+    listed = {c.id: c for c in engine.list_owned()}
     for container_id, state, is_running in (
         (created, "created", False),
         (running, "running", True),
         (paused, "paused", True),
         (crashed, "exited", False),
     ):
-        inspected = engine.inspect_container(container_id)
+        inspected = engine.inspect(container_id)
         assert inspected is not None
         summary = listed[container_id]
         assert (summary.state, summary.running) == (state, is_running)
@@ -763,7 +763,7 @@ def test_a_listing_says_what_an_inspect_says_but_the_exit_code_health_and_times(
             None,
             None,
         )
-    crashed_info = engine.inspect_container(crashed)
+    crashed_info = engine.inspect(crashed)
     assert crashed_info is not None and crashed_info.exit_code == 3
     client.api.unpause(paused)
 
@@ -776,7 +776,7 @@ def test_owns_container_asks_docker_only_about_containers_not_yet_seen_owned(
     test_id: str,
     cluster: str,
 ) -> None:
-    created = engine.create_container(
+    created = engine.create(
         make_spec(test_id=test_id, cluster=cluster, network=network, state_dir=state_dir)
     )
     foreign = raw_container(
@@ -784,15 +784,15 @@ def test_owns_container_asks_docker_only_about_containers_not_yet_seen_owned(
     )
     requests = count_requests(engine)
 
-    assert engine.owns_container(created) is True
+    assert engine.owns(created) is True
     assert requests == []  # it created the container
-    assert engine.owns_container(foreign) is False
-    assert engine.owns_container("0" * 64) is None
+    assert engine.owns(foreign) is False
+    assert engine.owns("0" * 64) is None
     assert len(requests) == 2 and all(r.endswith("/json") for r in requests)
 
-    engine.remove_container(created)
+    engine.remove(created)
     requests.clear()
-    assert engine.owns_container(created) is None  # forgotten once removed
+    assert engine.owns(created) is None  # forgotten once removed
     assert len(requests) == 1
 
     fresh = DockerEngineAdapter(base_url=DOCKER_HOST, cluster=cluster)
@@ -805,9 +805,9 @@ def test_owns_container_asks_docker_only_about_containers_not_yet_seen_owned(
                 cluster=cluster, game_id=f"s{test_id}", image_ref=STUB_IMAGE
             ),
         )
-        assert seen in {c.id for c in fresh.list_owned_containers()}
+        assert seen in {c.id for c in fresh.list_owned()}
         fresh_requests = count_requests(fresh)
-        assert fresh.owns_container(seen) is True
+        assert fresh.owns(seen) is True
         assert fresh_requests == []  # a listing showed it owned
     finally:
         fresh.close()
@@ -867,8 +867,8 @@ def test_follow_events_reports_a_killed_engine_as_die_and_close_ends_the_stream(
     # A container without the owner label dies too; it must never show up.
     foreign = raw_container(client, test_id, f"galaxy-game-f{test_id}", {})
     spec = make_spec(test_id=test_id, cluster=cluster, network=network, state_dir=state_dir)
-    container_id = engine.create_container(spec)
-    engine.start_container(container_id)
+    container_id = engine.create(spec)
+    engine.start(container_id)
     wait_running(engine, container_id)
     client.api.start(foreign)
     client.api.kill(foreign)
@@ -1077,9 +1077,9 @@ def test_adapter_on_a_missing_socket_reports_service_unavailable(test_id: str) -
         with pytest.raises(ServiceUnavailable):
             adapter.ping()
         with pytest.raises(ServiceUnavailable):
-            adapter.list_owned_containers()
+            adapter.list_owned()
         with pytest.raises(ServiceUnavailable):
-            adapter.inspect_container("galaxy-game-x")
+            adapter.inspect("galaxy-game-x")
         with pytest.raises(ServiceUnavailable):
             adapter.ensure_image(STUB_IMAGE, PullPolicy.IF_MISSING)
         with pytest.raises(ServiceUnavailable):

@@ -417,6 +417,25 @@ def test_events_carry_their_operations_source_ref_and_parent_live_and_replayed(
         assert replayed.ids == live.ids == db.stored_ids()
 
 
+def test_events_and_the_snapshot_carry_the_node_of_the_record(db: Database) -> None:
+    placed = replace(record("g"), node_id="node-7x2k9q4w1e5r8t3y6u0", node_hostname="worker-2")
+    with db.uow() as work:
+        work.records.upsert(placed)
+        work.events.append(work.operations.append(entry("g")), placed)
+        work.commit()
+    write(db, "h")  # a record of the single host: no node
+
+    with running_feed(db) as feed:
+        stored = feed.events_after(0, 10)
+        records, _ = feed.snapshot()
+
+    assert [(e.record.node_id, e.record.node_hostname) for e in stored] == [
+        ("node-7x2k9q4w1e5r8t3y6u0", "worker-2"),
+        ("", ""),
+    ]
+    assert records == [placed]
+
+
 # --- order under concurrent writers -------------------------------------------------
 
 

@@ -77,7 +77,7 @@ def rewire(
     deps = LifecycleDeps(
         recorder=OperationRecorder(PostgresUnitOfWorkFactory(pool), telemetry),
         lock=GameLock(leases, timedelta(seconds=10)),
-        docker=engine,
+        engine=engine,
         settings=LifecycleSettings(
             cluster=cluster,
             engine_network=f"galaxy-{cluster}",

@@ -276,6 +276,34 @@ def test_an_operation_log_from_before_parents_upgrades_with_rows_naming_none(
         ).fetchall() == [("stop", None, None)]
 
 
+def test_runtime_records_from_before_nodes_upgrade_with_no_node(
+    pg_schema: str, tmp_path: Path
+) -> None:
+    before = tmp_path / "before"
+    before.mkdir()
+    for migration in sorted(MIGRATIONS.glob("000[1-5]_*.sql")):
+        shutil.copy(migration, before)
+    apply_migrations(POSTGRES_DSN, pg_schema, before)
+    with connect(pg_schema) as conn:
+        _insert_record(conn, _record())
+
+    assert apply_migrations(POSTGRES_DSN, pg_schema, MIGRATIONS) == [6]
+    with connect(pg_schema) as conn:
+        assert conn.execute(
+            "SELECT game_id, node_id, node_hostname FROM runtime_records"
+        ).fetchall() == [("g1", None, None)]
+        conn.execute(
+            "INSERT INTO operation_log (game_id, op_kind, op_source, outcome, started_at)"
+            " VALUES ('g1', 'start', 'gm_rest', 'success', now())"
+        )
+        conn.execute(
+            "INSERT INTO runtime_events (operation_id, game_id, status, engine_endpoint,"
+            " state_path, docker_network, last_op_at, created_at, node_id, node_hostname)"
+            " SELECT max(id), 'g1', 'running', 'e', 's', 'n', now(), now(), 'node-1', 'w1'"
+            " FROM operation_log"
+        )
+
+
 def test_concurrent_claims_of_two_clusters_leave_exactly_one_owner(pg_schema: str) -> None:
     apply_migrations(POSTGRES_DSN, pg_schema, MIGRATIONS)
     clusters = ["blue", "green"] * 4
@@ -318,7 +346,7 @@ def test_the_owner_table_holds_one_row(pg_schema: str) -> None:
 
 
 def test_known_versions_of_the_shipped_files() -> None:
-    assert known_versions(MIGRATIONS)[0] == 1
+    assert known_versions(MIGRATIONS) == [1, 2, 3, 4, 5, 6]
 
 
 @pytest.mark.parametrize(
@@ -358,6 +386,7 @@ _RECORD_COLUMNS = (
     "game_id, status, current_container_id, current_image_ref, engine_endpoint, state_path,"
     " docker_network, started_at, stopped_at, removed_at, last_op_at, created_at"
 )
+_NODE_COLUMNS = ("node_id", "node_hostname")
 _T0 = "2025-01-01 00:00:00+00"
 _T1 = "2025-01-01 00:01:00+00"
 
@@ -396,11 +425,18 @@ def _operation(**overrides: object) -> dict[str, object]:
 
 
 def _insert_record(conn: psycopg.Connection[tuple[object, ...]], row: dict[str, object]) -> None:
+    # The node columns (0006) only when the row sets them: older schemas lack them.
+    nodes = [column for column in _NODE_COLUMNS if column in row]
     conn.execute(
-        "INSERT INTO runtime_records (" + _RECORD_COLUMNS + ") VALUES ("
+        "INSERT INTO runtime_records ("
+        + _RECORD_COLUMNS
+        + "".join(f", {column}" for column in nodes)
+        + ") VALUES ("
         "%(game_id)s, %(status)s, %(current_container_id)s, %(current_image_ref)s,"
         " %(engine_endpoint)s, %(state_path)s, %(docker_network)s, %(started_at)s,"
-        " %(stopped_at)s, %(removed_at)s, %(last_op_at)s, %(created_at)s)",
+        " %(stopped_at)s, %(removed_at)s, %(last_op_at)s, %(created_at)s"
+        + "".join(f", %({column})s" for column in nodes)
+        + ")",
         row,
     )
 
@@ -431,6 +467,8 @@ def test_valid_raw_rows_are_accepted(migrated_conn: psycopg.Connection[tuple[obj
         migrated_conn,
         _record(game_id="g3", status="removed", current_container_id=None, removed_at=_T1),
     )
+    _insert_record(migrated_conn, _record(game_id="g4", node_id="node-1", node_hostname="w1"))
+    _insert_record(migrated_conn, _record(game_id="g5", node_id="node-1", node_hostname=None))
     _insert_operation(migrated_conn, _operation())
     _insert_operation(migrated_conn, _operation(outcome="failure", error_code="conflict"))
 
@@ -459,6 +497,9 @@ def test_valid_raw_rows_are_accepted(migrated_conn: psycopg.Connection[tuple[obj
         ({"started_at": "2024-12-31 23:59:59+00"}, "runtime_records_started_after_created"),
         ({"stopped_at": "2024-12-31 23:59:59+00"}, "runtime_records_stopped_after_started"),
         ({"removed_at": "2024-12-31 23:59:59+00"}, "runtime_records_removed_after_created"),
+        ({"node_id": ""}, "runtime_records_node_id_not_empty"),
+        ({"node_id": "node-1", "node_hostname": ""}, "runtime_records_node_hostname_not_empty"),
+        ({"node_id": None, "node_hostname": "w1"}, "runtime_records_node_hostname_with_id"),
     ],
 )
 def test_runtime_records_checks_reject_rule_breaking_rows(

@@ -136,6 +136,37 @@ def test_upsert_inserts_then_overwrites_every_column(uow: PostgresUnitOfWorkFact
     assert load(uow, "g1") == second
 
 
+def test_a_record_keeps_its_node_through_upsert_get_list_and_status_changes(
+    uow: PostgresUnitOfWorkFactory,
+) -> None:
+    placed = running("g1", node_id="node-7x2k9q4w1e5r8t3y6u0", node_hostname="worker-2")
+    save(uow, placed, running("g2"))
+    assert load(uow, "g1") == placed
+    with uow() as work:
+        listed = work.records.list().items
+        stopped_record = work.records.update_status(
+            StatusChange("g1", RUNNING, STOPPED, T0 + timedelta(minutes=1))
+        )
+        work.commit()
+    assert [(r.node_id, r.node_hostname) for r in listed] == [
+        ("node-7x2k9q4w1e5r8t3y6u0", "worker-2"),
+        ("", ""),
+    ]
+    assert (stopped_record.node_id, stopped_record.node_hostname) == (
+        "node-7x2k9q4w1e5r8t3y6u0",
+        "worker-2",
+    )
+    assert load(uow, "g1") == stopped_record
+    # A later start on the single host clears it.
+    save(uow, replace(placed, node_id="", node_hostname="", last_op_at=T0 + timedelta(minutes=2)))
+    assert (load(uow, "g1").node_id, load(uow, "g1").node_hostname) == ("", "")
+
+
+def test_a_node_hostname_without_a_node_id_is_refused(uow: PostgresUnitOfWorkFactory) -> None:
+    with uow() as work, pytest.raises(InvalidRuntimeRecord, match="node"):
+        work.records.upsert(running("g1", node_hostname="worker-2"))
+
+
 def test_upsert_rejects_an_invalid_record_before_the_database() -> None:
     broken = running("g1", current_container_id="")
     with pytest.raises(InvalidRuntimeRecord, match="container id"):
@@ -531,6 +562,7 @@ def valid_records(draw: st.DrawFn) -> RuntimeRecord:
         stopped_at = (started_at or created_at) + draw(_offsets)
     removed_at = created_at + draw(_offsets) if status is REMOVED or draw(st.booleans()) else None
     needs_container = status is RUNNING
+    node_id = draw(st.one_of(st.just(""), _text))
     needs_image = status is not REMOVED
     return RuntimeRecord(
         game_id=draw(st.from_regex(GAME_ID_PATTERN, fullmatch=True)),
@@ -545,6 +577,8 @@ def valid_records(draw: st.DrawFn) -> RuntimeRecord:
         removed_at=removed_at,
         last_op_at=created_at + draw(_offsets),
         created_at=created_at,
+        node_id=node_id,
+        node_hostname=draw(st.one_of(st.just(""), _text)) if node_id else "",
     )
 
 

@@ -7,7 +7,7 @@
   committing discards them.
 - `FakeLeases` is `GameLeases` on a dict, with games held by "another
   holder" and an outage switch; it records every call.
-- `FakeDocker` is `DockerEngine` on a dict of containers, with per-image
+- `FakeBackend` is `EngineBackend` on a dict of containers, with per-image
   engine behaviours (crash, unhealthy, never healthy, ...), pull policies,
   failure injection per method, hooks run before a method, and a call log.
 - `FakeRedisStreams` is a Redis holding Lobby's job streams: one consumer
@@ -59,6 +59,7 @@ from rtmanager.domain.runtime import (
 from rtmanager.domain.timeutil import utc_now
 from rtmanager.ports import (
     AnswerOutcome,
+    BackendCapabilities,
     ContainerInfo,
     ContainerSpec,
     EventStream,
@@ -81,7 +82,7 @@ T = TypeVar("T")
 
 if TYPE_CHECKING:
     from rtmanager.ports import (
-        DockerEngine,
+        EngineBackend,
         GameLeases,
         JobStreams,
         UnitOfWork,
@@ -667,6 +668,14 @@ NEVER_HEALTHY = EngineBehaviour(health="starting", logs="still warming up")
 HEALTHY = EngineBehaviour(health="healthy")
 
 
+@dataclass(frozen=True)
+class FakeNode:
+    """A cluster node a fake backend can place engines on."""
+
+    id: str
+    hostname: str
+
+
 @dataclass
 class FakeContainer:
     """One container of the fake Docker engine."""
@@ -685,6 +694,8 @@ class FakeContainer:
     finished_at: datetime | None = None
     oom_killed: bool = False
     restart_count: int = 0
+    # The cluster node it was placed on; None on a single host.
+    node: FakeNode | None = None
 
     @property
     def image_id(self) -> str:
@@ -698,16 +709,20 @@ class FakeContainer:
 
 
 class Call(NamedTuple):
-    """One call of a `FakeDocker` method: its name and arguments."""
+    """One call of a `FakeBackend` method: its name and arguments."""
 
     method: str
     args: tuple[object, ...]
 
 
-class FakeDocker:
-    """`DockerEngine` in memory for deployment `cluster`.
+class FakeBackend:
+    """`EngineBackend` in memory for deployment `cluster`: the single-host
+    backend by default, a cluster backend's report of nodes when `node` is set.
 
-    `images` are present locally; `pullable` can be pulled; `behaviours`
+    Each workload is one container, whose id `start` returns. Engines
+    started (or put there) while `node` is set are placed on that node and
+    report it; `host_state_dirs=False` declares state kept by the backend
+    (no host directories). `images` are present locally; `pullable` can be pulled; `behaviours`
     maps an image to how its engines behave (default `RUNS`). `fail(method)`
     makes the next call(s) of a method raise; `before(method, fn)` runs `fn`
     with the call's arguments before every call of the method (to simulate
@@ -722,8 +737,13 @@ class FakeDocker:
         cluster: str = galaxy_labels.DEFAULT_CLUSTER,
         images: Iterable[str] = (),
         pullable: Iterable[str] = (),
+        host_state_dirs: bool = True,
     ) -> None:
         self.cluster = cluster
+        self.capabilities = BackendCapabilities(host_state_dirs=host_state_dirs)
+        # Where the next engines are placed (started or put there); None: a
+        # single host, which reports no node.
+        self.node: FakeNode | None = None
         self.containers: dict[str, FakeContainer] = {}
         self.images: set[str] = set(images)
         self.pullable: set[str] = set(pullable)
@@ -743,7 +763,7 @@ class FakeDocker:
     ) -> None:
         """Make the next `times` calls of `method` raise `error` (default: ServiceUnavailable)."""
         if not hasattr(self, method):
-            raise AttributeError(f"FakeDocker has no method {method}")
+            raise AttributeError(f"FakeBackend has no method {method}")
         failure = error or ServiceUnavailable(f"docker: {method}: daemon unreachable (injected)")
         self._failures.setdefault(method, []).extend([failure] * times)
 
@@ -775,6 +795,7 @@ class FakeDocker:
             behaviour=behaviour,
             logs=behaviour.logs,
             started_at=utc_now(),
+            node=self.node,
         )
         self.containers[container.id] = container
         return container.id
@@ -799,7 +820,7 @@ class FakeDocker:
 
     def method_calls(self, *methods: str) -> list[Call]:
         """The calls of `methods` (default: all but inspect and log reads), in order."""
-        quiet = {"inspect_container", "owns_container", "container_logs_tail"}
+        quiet = {"inspect", "owns", "logs_tail"}
         return [
             c for c in self.calls if (c.method in methods if methods else c.method not in quiet)
         ]
@@ -812,10 +833,10 @@ class FakeDocker:
         """Calls that change the host (everything but ping, inspect, list and logs)."""
         reads = {
             "ping",
-            "inspect_container",
-            "owns_container",
-            "list_owned_containers",
-            "container_logs_tail",
+            "inspect",
+            "owns",
+            "list_owned",
+            "logs_tail",
         }
         return [c for c in self.calls if c.method not in reads]
 
@@ -870,9 +891,9 @@ class FakeDocker:
         self._enter("ensure_network", name, dict(labels))
         self.networks.setdefault(name, dict(labels))
 
-    def create_container(self, spec: ContainerSpec) -> str:
+    def create(self, spec: ContainerSpec) -> str:
         """Create the container; `Conflict` on a taken name, `ImagePullFailed` without image."""
-        self._enter("create_container", spec)
+        self._enter("create", spec)
         if self.named(spec.name) is not None:
             raise Conflict(f"the container name /{spec.name} is already in use")
         if spec.image_ref not in self.images:
@@ -890,9 +911,13 @@ class FakeDocker:
         self.containers[container.id] = container
         return container.id
 
-    def start_container(self, container_id: str) -> None:
-        """Start it; `ContainerStartFailed` when it is missing or its image refuses."""
-        self._enter("start_container", container_id)
+    def start(self, workload_id: str) -> str:
+        """Start it and return its id; `ContainerStartFailed` when it is missing or refused.
+
+        Placed on `node` (when set), as a cluster backend reports it.
+        """
+        self._enter("start", workload_id)
+        container_id = workload_id
         container = self.containers.get(container_id)
         if container is None:
             raise ContainerStartFailed(f"no such container: {container_id}")
@@ -905,19 +930,21 @@ class FakeDocker:
         container.exit_code = None
         container.inspects_since_start = 0
         container.started_at = utc_now()
+        container.node = self.node
+        return container_id
 
-    def stop_container(self, container_id: str, timeout: timedelta) -> None:
+    def stop(self, container_id: str, timeout: timedelta) -> None:
         """Stop it (exit code 0); a missing container is fine."""
-        self._enter("stop_container", container_id, timeout)
+        self._enter("stop", container_id, timeout)
         container = self.containers.get(container_id)
         if container is not None and container.running:
             container.state = "exited"
             container.exit_code = 0
             container.finished_at = utc_now()
 
-    def remove_container(self, container_id: str, *, force: bool = False) -> None:
+    def remove(self, container_id: str, *, force: bool = False) -> None:
         """Remove it; `Conflict` when it runs without `force`; a missing one is fine."""
-        self._enter("remove_container", container_id, force)
+        self._enter("remove", container_id, force)
         container = self.containers.get(container_id)
         if container is None:
             return
@@ -925,9 +952,9 @@ class FakeDocker:
             raise Conflict(f"cannot remove container {container_id}: it is running")
         del self.containers[container_id]
 
-    def inspect_container(self, id_or_name: str) -> ContainerInfo | None:
+    def inspect(self, id_or_name: str) -> ContainerInfo | None:
         """What Docker says about it (advancing its engine behaviour), or None."""
-        self._enter("inspect_container", id_or_name)
+        self._enter("inspect", id_or_name)
         container = self._find(id_or_name)
         if container is None:
             return None
@@ -962,21 +989,23 @@ class FakeDocker:
             oom_killed=container.oom_killed,
             restart_count=container.restart_count,
             image_id=container.image_id,
+            node_id=container.node.id if container.node else "",
+            node_hostname=container.node.hostname if container.node else "",
         )
 
-    def owns_container(self, container_id: str) -> bool | None:
+    def owns(self, container_id: str) -> bool | None:
         """Whether it is owned, asked afresh every time (None when it is gone)."""
-        self._enter("owns_container", container_id)
+        self._enter("owns", container_id)
         container = self.containers.get(container_id)
         return None if container is None else galaxy_labels.is_owned(container.labels, self.cluster)
 
-    def list_owned_containers(self) -> list[ContainerInfo]:
+    def list_owned(self) -> list[ContainerInfo]:
         """Every owned container, running or not, as a listing shows it.
 
         Like Docker's listing, without what only an inspect reports: exit
         code, health and times are None, no OOM kill and no restarts.
         """
-        self._enter("list_owned_containers")
+        self._enter("list_owned")
         infos = [
             replace(
                 self._info(c),
@@ -991,9 +1020,9 @@ class FakeDocker:
         ]
         return [info for info in infos if info.owned]
 
-    def container_logs_tail(self, container_id: str, lines: int = 20) -> str:
+    def logs_tail(self, container_id: str, lines: int = 20) -> str:
         """The last `lines` lines of its output (empty when it is gone)."""
-        self._enter("container_logs_tail", container_id, lines)
+        self._enter("logs_tail", container_id, lines)
         container = self.containers.get(container_id)
         if container is None:
             return ""
@@ -1001,7 +1030,7 @@ class FakeDocker:
 
     def follow_events(self, since: datetime | None = None) -> EventStream:
         """Not modelled: lifecycle tests do not follow events."""
-        raise NotImplementedError("FakeDocker does not stream events")
+        raise NotImplementedError("FakeBackend does not stream events")
 
 
 # --- redis: Lobby's job streams ------------------------------------------------------
@@ -1578,7 +1607,7 @@ def _conforms_to_ports() -> None:
         factory: UnitOfWorkFactory = FakeUnitOfWorkFactory()
         unit: UnitOfWork = FakeUnitOfWork(FakeStore())
         leases: GameLeases = FakeLeases()
-        docker: DockerEngine = FakeDocker()
+        docker: EngineBackend = FakeBackend()
         streams: JobStreams = FakeJobStreams()
         del factory, unit, leases, docker, streams
 
@@ -1598,8 +1627,8 @@ __all__ = [
     "Call",
     "Commit",
     "EngineBehaviour",
+    "FakeBackend",
     "FakeContainer",
-    "FakeDocker",
     "FakeJobStreams",
     "FakeLeases",
     "FakeOperationLog",

@@ -26,7 +26,7 @@ from rtmanager.lifecycle.start import StartService
 from rtmanager.lifecycle.stop import StopService
 from rtmanager.ports import EngineUser, PullPolicy, RuntimeEvent
 from rtmanager.telemetry import Telemetry
-from tests.unit.fakes import FakeDocker, FakeLeases, FakeStore, FakeUnitOfWorkFactory
+from tests.unit.fakes import FakeBackend, FakeLeases, FakeStore, FakeUnitOfWorkFactory
 
 CLUSTER = "prod"
 NETWORK = "galaxy-engines"
@@ -80,7 +80,7 @@ class Harness:
     store: FakeStore
     units_of_work: FakeUnitOfWorkFactory
     leases: FakeLeases
-    docker: FakeDocker
+    docker: FakeBackend
     settings: LifecycleSettings
     recorder: OperationRecorder
     lock: GameLock
@@ -178,12 +178,12 @@ def make_harness(
     store = FakeStore()
     units_of_work = FakeUnitOfWorkFactory(store)
     leases = FakeLeases()
-    docker = FakeDocker(cluster=CLUSTER, images=images, pullable={IMAGE_PULLABLE})
+    docker = FakeBackend(cluster=CLUSTER, images=images, pullable={IMAGE_PULLABLE})
     settings = lifecycle_settings(state_root, **settings_changes)
     telemetry = Telemetry()
     lock = GameLock(leases, LEASE_TTL, on_acquire_latency=telemetry.lease_acquired)
     recorder = OperationRecorder(units_of_work, telemetry)
-    deps = LifecycleDeps(recorder=recorder, lock=lock, docker=docker, settings=settings)
+    deps = LifecycleDeps(recorder=recorder, lock=lock, engine=docker, settings=settings)
     start = StartService(deps)
     stop = StopService(deps)
     recreate = RecreateService(deps, stop=stop, start=start)

@@ -8,6 +8,7 @@ import socket
 import time
 from collections.abc import Iterator
 from concurrent import futures
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -499,6 +500,8 @@ def test_record_json_has_iso_timestamps_and_lower_case_enums() -> None:
         "started_at": "2024-05-01T12:00:00Z",
         "stopped_at": None,
         "removed_at": None,
+        "node_id": "",
+        "node_hostname": "",
     }
 
 
@@ -547,6 +550,7 @@ def test_record_table_shortens_the_container_id() -> None:
         "STATUS",
         "IMAGE",
         "CONTAINER",
+        "NODE",
         "ENDPOINT",
         "LAST",
         "OP",
@@ -556,11 +560,94 @@ def test_record_table_shortens_the_container_id() -> None:
         "running",
         "galaxy/engine-stub:1.0.0",
         CONTAINER[:12],
+        "-",
         "http://galaxy-game-g1:8080",
         "2024-05-01T12:05:00Z",
     ]
     assert second.split()[:2] == ["g2", "stopped"]
     assert CONTAINER[:13] not in out
+
+
+NODE_ID = "n7x2k9q4w1e5r8t3y6u0i2o4p"
+
+
+def on_node(runtime: RuntimeRecord) -> RuntimeRecord:
+    return replace(runtime, node_id=NODE_ID, node_hostname="worker-2")
+
+
+class NodeSession(StubSession):
+    """Answers `get` with a record placed on a cluster node."""
+
+    def get_runtime(self, game_id: str, *, timeout: float | None = None) -> RuntimeRecord:
+        self._called("get", game_id)
+        return on_node(record(game_id))
+
+
+def test_a_record_on_a_node_shows_it_in_the_list_table_and_json() -> None:
+    session = StubSession(pages=[Page([on_node(record("g1")), record("g2")], "")])
+    _, out, _ = run(["list"], session)
+    _, first, second = out.splitlines()
+    assert first.split()[3:5] == [CONTAINER[:12], NODE_ID[:12]]
+    assert second.split()[3:5] == [CONTAINER[:12], "-"]
+
+    session = StubSession(pages=[Page([on_node(record("g1")), record("g2")], "")])
+    _, out, _ = run(["--json", "list"], session)
+    listed = json.loads(out)["runtimes"]
+    assert [(r["node_id"], r["node_hostname"]) for r in listed] == [
+        (NODE_ID, "worker-2"),
+        ("", ""),
+    ]
+
+
+def test_get_shows_the_node_by_hostname_and_id() -> None:
+    _, out, _ = run(["get", "g1"], NodeSession())
+    assert f"node:       worker-2 ({NODE_ID})" in out.splitlines()
+    _, out, _ = run(["--json", "get", "g1"], NodeSession())
+    assert (json.loads(out)["node_id"], json.loads(out)["node_hostname"]) == (NODE_ID, "worker-2")
+    _, out, _ = run(["get", "g1"])
+    assert "node:       -" in out.splitlines()
+
+
+def test_explain_shows_the_node_of_the_record_and_of_the_container() -> None:
+    explanation = full_explanation()
+    assert explanation.record is not None and explanation.container is not None
+    explanation = replace(
+        explanation,
+        record=on_node(explanation.record),
+        container=replace(explanation.container, node_id=NODE_ID, node_hostname="worker-2"),
+    )
+    _, out, _ = run(["explain", "g1"], StubSession(explanation=explanation))
+    record_section, container_section = out.split("\n\n")[:2]
+    assert f"node:       worker-2 ({NODE_ID})" in record_section.splitlines()
+    assert f"node:          worker-2 ({NODE_ID})" in container_section.splitlines()
+    _, out, _ = run(["--json", "explain", "g1"], StubSession(explanation=explanation))
+    explained = json.loads(out)
+    assert explained["record"]["node_id"] == explained["container"]["node_id"] == NODE_ID
+    assert explained["container"]["node_hostname"] == "worker-2"
+
+
+def test_watch_shows_the_node_an_event_s_engine_is_on() -> None:
+    placed = pb.WatchRuntimesResponse(
+        event=pb.RuntimeEvent(
+            cursor="c4",
+            op_kind=pb.OP_KIND_START,
+            op_source=pb.OP_SOURCE_ADMIN,
+            outcome=pb.OUTCOME_SUCCESS,
+            runtime=convert.record_to_pb(on_node(record("g1"))),
+            operation_id=13,
+            committed_at=convert.timestamp_to_pb(T0),
+        )
+    )
+    snapshot = pb.WatchRuntimesResponse(snapshot=convert.record_to_pb(on_node(record("g2"))))
+    code, out, _ = run(["watch"], StubSession(watch=[snapshot, placed]))
+    assert code == 0
+    first, second = out.splitlines()
+    assert first.split()[4:6] == [CONTAINER[:12], NODE_ID[:12]]
+    assert second.endswith(f"node={NODE_ID[:12]}  op=13  cursor=c4")
+
+    code, out, _ = run(["--json", "watch"], StubSession(watch=[placed]))
+    runtime = json.loads(out)["event"]["runtime"]
+    assert (runtime["node_id"], runtime["node_hostname"]) == (NODE_ID, "worker-2")
 
 
 def test_list_table_shows_how_to_continue() -> None:

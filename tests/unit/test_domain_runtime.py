@@ -155,6 +155,22 @@ def test_docker_network_must_not_be_empty(value: str) -> None:
     assert_invalid(running_record(docker_network=value), "docker network")
 
 
+def test_a_record_may_name_its_node_or_none() -> None:
+    running_record().validate()
+    running_record(node_id="n7x2k9q4w1e5", node_hostname="worker-2").validate()
+    running_record(node_id="n7x2k9q4w1e5").validate()
+
+
+def test_a_node_hostname_needs_a_node_id() -> None:
+    assert_invalid(running_record(node_hostname="worker-2"), "node hostname")
+
+
+def test_a_status_change_keeps_the_node() -> None:
+    placed = running_record(node_id="n7x2k9q4w1e5", node_hostname="worker-2")
+    stopped = placed.with_status(STOPPED, at(30))
+    assert (stopped.node_id, stopped.node_hostname) == ("n7x2k9q4w1e5", "worker-2")
+
+
 def test_last_op_at_must_be_set() -> None:
     assert_invalid(running_record(last_op_at=None), "last op at")
 

@@ -39,7 +39,7 @@ from rtmanager.ports import (
 from tests.unit.fakes import (
     CRASHES,
     DELETED_REASON,
-    FakeDocker,
+    FakeBackend,
     FakeLeases,
     FakeRedisStreams,
     FakeUnitOfWorkFactory,
@@ -337,43 +337,43 @@ def spec(name: str = "galaxy-game-game-1", image_ref: str = "galaxy/engine:1.0.0
 
 
 def test_docker_creates_starts_stops_and_removes_containers() -> None:
-    docker = FakeDocker(cluster="prod", images={"galaxy/engine:1.0.0"})
-    container_id = docker.create_container(spec())
+    docker = FakeBackend(cluster="prod", images={"galaxy/engine:1.0.0"})
+    container_id = docker.create(spec())
     with pytest.raises(Conflict):
-        docker.create_container(spec())
-    docker.start_container(container_id)
-    info = docker.inspect_container("galaxy-game-game-1")
+        docker.create(spec())
+    docker.start(container_id)
+    info = docker.inspect("galaxy-game-game-1")
     assert info is not None and info.running and info.owned and info.game_id == "game-1"
     with pytest.raises(Conflict):
-        docker.remove_container(container_id)
-    docker.stop_container(container_id, timedelta(seconds=1))
-    docker.remove_container(container_id)
-    docker.remove_container(container_id)
-    docker.stop_container(container_id, timedelta(seconds=1))
-    assert docker.inspect_container(container_id) is None
+        docker.remove(container_id)
+    docker.stop(container_id, timedelta(seconds=1))
+    docker.remove(container_id)
+    docker.remove(container_id)
+    docker.stop(container_id, timedelta(seconds=1))
+    assert docker.inspect(container_id) is None
 
 
 def test_docker_ownership_follows_the_cluster() -> None:
-    docker = FakeDocker(cluster="prod")
+    docker = FakeBackend(cluster="prod")
     ours = docker.add_engine("game-1", "galaxy/engine:1.0.0")
     staging = docker.add_engine("game-2", "galaxy/engine:1.0.0", cluster="staging")
-    assert [info.id for info in docker.list_owned_containers()] == [ours]
-    info = docker.inspect_container(staging)
+    assert [info.id for info in docker.list_owned()] == [ours]
+    info = docker.inspect(staging)
     assert info is not None and not info.owned
 
 
 def test_docker_inspect_reports_oom_kills_restarts_and_the_image_id_a_listing_lacks() -> None:
-    docker = FakeDocker(cluster="prod")
+    docker = FakeBackend(cluster="prod")
     killed = docker.add_engine("game-1", "galaxy/engine:1.0.0", running=False)
     other = docker.add_engine("game-2", "galaxy/engine:1.0.0")
     docker.containers[killed].oom_killed = True
     docker.containers[killed].restart_count = 2
-    info = docker.inspect_container(killed)
+    info = docker.inspect(killed)
     assert info is not None
     assert (info.oom_killed, info.restart_count) == (True, 2)
     assert info.image_id.startswith("sha256:")
     assert info.image_id == docker.containers[other].image_id
-    listed = {c.id: c for c in docker.list_owned_containers()}
+    listed = {c.id: c for c in docker.list_owned()}
     assert (listed[killed].oom_killed, listed[killed].restart_count) == (False, 0)
     assert listed[killed].image_id == info.image_id
 
@@ -391,7 +391,7 @@ def test_docker_inspect_reports_oom_kills_restarts_and_the_image_id_a_listing_la
     ],
 )
 def test_docker_pull_policies(policy: PullPolicy, image: str, pulled: list[str], ok: bool) -> None:
-    docker = FakeDocker(images={"present:1"}, pullable={"pullable:1"})
+    docker = FakeBackend(images={"present:1"}, pullable={"pullable:1"})
     if ok:
         docker.ensure_image(image, policy)
     else:
@@ -401,13 +401,13 @@ def test_docker_pull_policies(policy: PullPolicy, image: str, pulled: list[str],
 
 
 def test_docker_engine_behaviours_and_failure_injection() -> None:
-    docker = FakeDocker(cluster="prod", images={"galaxy/engine:1.0.0"})
+    docker = FakeBackend(cluster="prod", images={"galaxy/engine:1.0.0"})
     docker.behaviours["galaxy/engine:1.0.0"] = CRASHES
-    container_id = docker.create_container(spec())
-    docker.start_container(container_id)
-    info = docker.inspect_container(container_id)
+    container_id = docker.create(spec())
+    docker.start(container_id)
+    info = docker.inspect(container_id)
     assert info is not None and not info.running and info.exit_code == 3
-    assert "panic" in docker.container_logs_tail(container_id, 1)
+    assert "panic" in docker.logs_tail(container_id, 1)
     docker.fail("ping", times=2)
     for _ in range(2):
         with pytest.raises(ServiceUnavailable):

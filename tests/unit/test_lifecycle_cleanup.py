@@ -49,7 +49,7 @@ def test_cleanup_of_stopped_runtime_removes_container_and_records_removed_withou
     result = cleanup(h)
 
     assert result.ok, result.failure
-    assert h.docker.method_calls("remove_container")[0].args == (
+    assert h.docker.method_calls("remove")[0].args == (
         before.current_container_id,
         True,
     )
@@ -214,8 +214,8 @@ def test_cleanup_of_running_runtime_with_force_stops_it_first_then_removes_it(
 
     assert result.ok, result.failure
     assert [(c.method, c.args) for c in h.docker.mutating_calls()] == [
-        ("stop_container", (before.current_container_id, STOP_TIMEOUT)),
-        ("remove_container", (before.current_container_id, True)),
+        ("stop", (before.current_container_id, STOP_TIMEOUT)),
+        ("remove", (before.current_container_id, True)),
     ]
     assert h.record(GAME).status is RuntimeStatus.REMOVED
     assert h.kinds(GAME) == [
@@ -242,7 +242,7 @@ def test_forced_cleanup_whose_inner_stop_fails_reports_its_code_and_keeps_the_ru
     h: Harness,
 ) -> None:
     before = h.seed_running(GAME)
-    h.docker.fail("stop_container")
+    h.docker.fail("stop")
 
     result = cleanup(h, force=True)
 
@@ -250,7 +250,7 @@ def test_forced_cleanup_whose_inner_stop_fails_reports_its_code_and_keeps_the_ru
     assert result.failure is not None
     assert result.failure.message.startswith("inner stop failed: ")
     assert h.record(GAME) == before
-    assert h.docker.call_names("remove_container") == []
+    assert h.docker.call_names("remove") == []
     assert h.kinds(GAME) == [(OpKind.STOP, "failure"), (OpKind.CLEANUP_CONTAINER, "failure")]
 
 
@@ -294,7 +294,7 @@ def test_cleanup_of_stopped_runtime_whose_container_is_gone_records_removed(
     result = cleanup(h)
 
     assert result.ok, result.failure
-    assert h.docker.call_names("remove_container") == []
+    assert h.docker.call_names("remove") == []
     assert h.record(GAME).status is RuntimeStatus.REMOVED
 
 
@@ -306,8 +306,8 @@ def test_a_cleanup_asks_docker_only_whether_the_container_is_ours_then_removes_i
     assert cleanup(h).ok
 
     assert h.docker.calls == [
-        Call("owns_container", (cid,)),
-        Call("remove_container", (cid, True)),
+        Call("owns", (cid,)),
+        Call("remove", (cid, True)),
     ]
 
 
@@ -340,7 +340,7 @@ def test_cleanup_when_docker_fails_is_service_unavailable_and_keeps_the_record(
     h: Harness,
 ) -> None:
     before = h.seed_stopped(GAME)
-    h.docker.fail("remove_container")
+    h.docker.fail("remove")
 
     result = cleanup(h)
 
@@ -477,7 +477,7 @@ def test_a_forced_cleanup_whose_removal_fails_ends_with_a_failed_cleanup_event(
     h: Harness,
 ) -> None:
     h.seed_running(GAME)
-    h.docker.fail("remove_container")
+    h.docker.fail("remove")
 
     result = cleanup(h, force=True)
 

@@ -217,7 +217,7 @@ def test_an_unreachable_source_makes_the_answer_service_unavailable(
     h: Harness, explainer: RuntimeExplainer, streams: FakeJobStreams
 ) -> None:
     h.seed_running(GAME)
-    h.docker.fail("inspect_container")
+    h.docker.fail("inspect")
     with pytest.raises(ServiceUnavailable):
         explainer.explain(GAME)
     h.leases.go_down("holder")

@@ -111,7 +111,7 @@ def test_a_replayed_start_of_an_engine_already_running_still_advances_the_mark(
 
     assert result.ok and not result.replayed
     assert h.store.job_marks[GAME].job == start_job("100-0")
-    assert h.docker.call_names("create_container") == []
+    assert h.docker.call_names("create") == []
 
 
 def test_a_mark_is_not_written_when_the_audit_row_cannot_be(h: Harness) -> None:
@@ -137,7 +137,7 @@ def test_a_jobs_final_failure_that_cannot_be_recorded_is_reported_unrecorded(h: 
 def test_a_mark_is_not_written_when_the_commit_fails(h: Harness) -> None:
     h.seed_running(GAME)
     # Once the engine is stopped, the next unit of work (the commit) fails.
-    h.docker.before("stop_container", lambda *_: h.units_of_work.fail_next(1, at="commit"))
+    h.docker.before("stop", lambda *_: h.units_of_work.fail_next(1, at="commit"))
 
     result = stop(h, stop_job("100-0"))
 
@@ -201,7 +201,7 @@ def test_a_failed_starts_record_change_is_written_before_the_lease_is_given_back
 ) -> None:
     old = h.seed_running(GAME)
     h.docker.containers[old.current_container_id].state = "exited"
-    h.docker.fail("start_container")
+    h.docker.fail("start")
     records_at_release: list[RuntimeStatus] = []
     release = h.leases.release
 
@@ -237,7 +237,7 @@ def test_an_older_start_whose_game_a_newer_job_settled_meanwhile_lands_nothing(
     def newer_job_applied(*_: object) -> None:
         h.store.job_marks[GAME] = newer
 
-    h.docker.before("start_container", newer_job_applied)
+    h.docker.before("start", newer_job_applied)
 
     result = start(h, start_job("100-0"))
 
@@ -358,7 +358,7 @@ def test_the_job_of_the_mark_seen_again_repeats_its_outcome_without_acting(h: Ha
     assert again.operation_id == first.operation_id
     assert again.record == h.record(GAME)
     assert (len(h.rows()), len(h.docker.containers)) == (rows, containers)
-    assert h.docker.call_names("create_container") == ["create_container"]
+    assert h.docker.call_names("create") == ["create"]
 
 
 def test_a_failed_job_seen_again_repeats_its_failure(h: Harness) -> None:

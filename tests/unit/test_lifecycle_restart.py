@@ -57,14 +57,12 @@ def test_restart_stops_removes_and_starts_in_that_order_under_one_lease(h: Harne
     result = restart(h)
 
     assert result.ok, result.failure
-    steps = h.docker.method_calls(
-        "stop_container", "remove_container", "create_container", "start_container"
-    )
+    steps = h.docker.method_calls("stop", "remove", "create", "start")
     assert [step.method for step in steps] == [
-        "stop_container",
-        "remove_container",
-        "create_container",
-        "start_container",
+        "stop",
+        "remove",
+        "create",
+        "start",
     ]
     assert steps[0].args == (old_id, STOP_TIMEOUT)
     assert steps[1].args == (old_id, True)
@@ -147,7 +145,7 @@ def test_restart_of_stopped_runtime_skips_docker_stop_and_starts_it_again(h: Har
     result = restart(h)
 
     assert result.ok, result.failure
-    assert h.docker.call_names("stop_container") == []
+    assert h.docker.call_names("stop") == []
     assert before.current_container_id not in h.docker.containers
     assert h.record(GAME).status is RuntimeStatus.RUNNING
     assert h.kinds(GAME) == [
@@ -167,8 +165,8 @@ def test_restart_of_stopped_runtime_whose_container_is_foreign_removes_nothing(
 
     assert failure_code(result) == ErrorCode.CONFLICT
     assert before.current_container_id in h.docker.containers
-    assert h.docker.call_names("remove_container") == []
-    assert h.docker.call_names("create_container") == []
+    assert h.docker.call_names("remove") == []
+    assert h.docker.call_names("create") == []
 
 
 def test_restart_of_stopped_runtime_without_container_creates_one(h: Harness) -> None:
@@ -177,7 +175,7 @@ def test_restart_of_stopped_runtime_without_container_creates_one(h: Harness) ->
     result = restart(h)
 
     assert result.ok, result.failure
-    assert h.docker.call_names("remove_container") == []
+    assert h.docker.call_names("remove") == []
     assert h.record(GAME).current_container_id in h.docker.containers
 
 
@@ -260,7 +258,7 @@ def test_restart_whose_inner_stop_fails_reports_its_code_and_leaves_the_engine(
     h: Harness,
 ) -> None:
     before = h.seed_running(GAME)
-    h.docker.fail("stop_container")
+    h.docker.fail("stop")
 
     result = restart(h)
 
@@ -268,7 +266,7 @@ def test_restart_whose_inner_stop_fails_reports_its_code_and_leaves_the_engine(
     assert result.failure is not None
     assert result.failure.message.startswith("inner stop failed: ")
     assert h.record(GAME) == before
-    assert h.docker.call_names("remove_container", "create_container") == []
+    assert h.docker.call_names("remove", "create") == []
     assert h.kinds(GAME) == [(OpKind.STOP, "failure"), (OpKind.RESTART, "failure")]
     assert h.rows(GAME)[-1].error_code == "service_unavailable"
     assert h.leases.all_released
@@ -280,7 +278,7 @@ def test_restart_whose_inner_stop_loses_a_race_keeps_the_race_flag(h: Harness) -
     def another_replica_recreates_the_engine(*_: object) -> None:
         h.store.records[GAME] = replace(before, current_container_id="f" * 64)
 
-    h.docker.before("stop_container", another_replica_recreates_the_engine)
+    h.docker.before("stop", another_replica_recreates_the_engine)
 
     result = restart(h)
 
@@ -292,7 +290,7 @@ def test_restart_whose_container_removal_fails_is_service_unavailable_and_keeps_
     h: Harness,
 ) -> None:
     before = h.seed_running(GAME)
-    h.docker.fail("remove_container")
+    h.docker.fail("remove")
 
     result = restart(h)
 
@@ -301,7 +299,7 @@ def test_restart_whose_container_removal_fails_is_service_unavailable_and_keeps_
     assert record.status is RuntimeStatus.STOPPED
     assert record.current_container_id == before.current_container_id
     assert before.current_container_id in h.docker.containers
-    assert h.docker.call_names("create_container") == []
+    assert h.docker.call_names("create") == []
     assert h.kinds(GAME) == [(OpKind.STOP, "success"), (OpKind.RESTART, "failure")]
 
 
@@ -405,7 +403,7 @@ def test_a_restart_whose_container_removal_fails_ends_with_a_failed_restart_even
     h: Harness,
 ) -> None:
     h.seed_running(GAME)
-    h.docker.fail("remove_container")
+    h.docker.fail("remove")
 
     result = restart(h)
 
@@ -457,7 +455,7 @@ def test_a_restart_whose_id_cannot_be_drawn_runs_no_inner_step(h: Harness) -> No
     result = restart(h)
 
     assert failure_code(result) == ErrorCode.SERVICE_UNAVAILABLE
-    assert h.docker.call_names("stop_container", "remove_container") == []
+    assert h.docker.call_names("stop", "remove") == []
     assert h.record(GAME) == before
     (row,) = h.rows(GAME)
     assert (row.op_kind, row.outcome) == (OpKind.RESTART, Outcome.FAILURE)

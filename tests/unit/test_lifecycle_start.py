@@ -56,7 +56,7 @@ def start(
 
 
 def created_spec(h: Harness) -> ContainerSpec:
-    (call,) = h.docker.method_calls("create_container")
+    (call,) = h.docker.method_calls("create")
     spec = call.args[0]
     assert isinstance(spec, ContainerSpec)
     return spec
@@ -245,7 +245,7 @@ def test_start_whose_state_directory_cannot_be_given_to_the_engine_user_fails_be
     assert str(h.settings.state_dir(GAME)) in message
     assert "engine user 65534:65534" in message
     assert "Operation not permitted" in message
-    assert h.docker.call_names("create_container") == []
+    assert h.docker.call_names("create") == []
     assert h.kinds(GAME) == [(OpKind.START, "failure")]
 
 
@@ -265,8 +265,8 @@ def test_start_acts_on_docker_in_order_pull_network_create_start(h: Harness) -> 
     assert h.docker.call_names() == [
         "ensure_image",
         "ensure_network",
-        "create_container",
-        "start_container",
+        "create",
+        "start",
     ]
 
 
@@ -363,9 +363,9 @@ def test_start_of_stopped_runtime_recreates_container_removes_old_one_and_keeps_
     assert record.started_at is not None and record.started_at > before.stopped_at  # type: ignore[operator]
     assert record.stopped_at is None
     assert record.engine_endpoint == before.engine_endpoint
-    assert h.docker.call_names("remove_container", "create_container") == [
-        "remove_container",
-        "create_container",
+    assert h.docker.call_names("remove", "create") == [
+        "remove",
+        "create",
     ]
 
 
@@ -376,7 +376,7 @@ def test_start_of_stopped_runtime_without_container_creates_one(h: Harness) -> N
 
     assert result.ok, result.failure
     assert h.record(GAME).status is RuntimeStatus.RUNNING
-    assert h.docker.call_names("remove_container") == []
+    assert h.docker.call_names("remove") == []
     assert len(h.docker.containers) == 1
 
 
@@ -400,7 +400,7 @@ def test_start_of_running_runtime_whose_container_is_gone_recreates_it(h: Harnes
     assert record.current_container_id != before.current_container_id
     assert h.docker.containers[record.current_container_id].running
     assert record.created_at == before.created_at
-    assert h.docker.call_names("create_container") == ["create_container"]
+    assert h.docker.call_names("create") == ["create"]
 
 
 def test_start_of_running_runtime_whose_container_exited_replaces_it(h: Harness) -> None:
@@ -422,7 +422,7 @@ def test_start_removes_an_orphan_container_of_ours_holding_the_name(h: Harness) 
 
     assert result.ok, result.failure
     assert orphan not in h.docker.containers
-    assert ("remove_container", (orphan, True)) in h.docker.calls
+    assert ("remove", (orphan, True)) in h.docker.calls
 
 
 @pytest.mark.parametrize(
@@ -521,7 +521,7 @@ def test_start_of_image_that_cannot_be_pulled_is_image_pull_failed_and_creates_n
     result = start(h, image_ref=IMAGE_MISSING)
 
     assert failure_code(result) == ErrorCode.IMAGE_PULL_FAILED
-    assert h.docker.call_names("create_container") == []
+    assert h.docker.call_names("create") == []
     assert h.docker.containers == {}
     assert GAME not in h.store.records
     assert h.only_row(GAME).error_code == "image_pull_failed"
@@ -601,7 +601,7 @@ def test_start_without_health_check_succeeds_once_the_engine_outlives_the_settle
     result = start(h)
 
     assert result.ok, result.failure
-    assert len(h.docker.method_calls("inspect_container")) >= 2
+    assert len(h.docker.method_calls("inspect")) >= 2
 
 
 def test_start_of_unhealthy_engine_is_container_start_failed(h: Harness) -> None:
@@ -637,7 +637,7 @@ def test_start_waits_for_the_engine_to_become_healthy(h: Harness) -> None:
     result = start(h)
 
     assert result.ok, result.failure
-    assert len(h.docker.method_calls("inspect_container")) >= 2
+    assert len(h.docker.method_calls("inspect")) >= 2
 
 
 def test_start_of_healthy_engine_succeeds_at_once(h: Harness) -> None:
@@ -655,14 +655,14 @@ def test_start_refused_by_docker_is_container_start_failed_and_container_removed
 
     assert failure_code(result) == ErrorCode.CONTAINER_START_FAILED
     assert h.docker.containers == {}
-    assert h.docker.call_names()[-1] == "remove_container"
+    assert h.docker.call_names()[-1] == "remove"
 
 
 def test_start_still_fails_cleanly_when_the_failed_container_cannot_be_removed(
     h: Harness,
 ) -> None:
     h.docker.behaviours[IMAGE] = CRASHES
-    h.docker.fail("remove_container")
+    h.docker.fail("remove")
 
     result = start(h)
 
@@ -697,9 +697,7 @@ def test_start_when_redis_is_down_is_service_unavailable(h: Harness) -> None:
     assert h.only_row(GAME).error_code == "service_unavailable"
 
 
-@pytest.mark.parametrize(
-    "method", ["inspect_container", "ensure_image", "ensure_network", "create_container"]
-)
+@pytest.mark.parametrize("method", ["inspect", "ensure_image", "ensure_network", "create"])
 def test_start_when_docker_fails_before_the_container_exists_is_service_unavailable(
     h: Harness, method: str
 ) -> None:
@@ -714,7 +712,7 @@ def test_start_when_docker_fails_before_the_container_exists_is_service_unavaila
 
 
 def test_start_when_docker_fails_starting_the_container_removes_it(h: Harness) -> None:
-    h.docker.fail("start_container")
+    h.docker.fail("start")
 
     result = start(h)
 
@@ -732,7 +730,7 @@ def test_start_whose_record_commit_fails_removes_the_container_and_reports_failu
 
     assert failure_code(result) == ErrorCode.SERVICE_UNAVAILABLE
     assert h.docker.containers == {}
-    assert h.docker.call_names()[-1] == "remove_container"
+    assert h.docker.call_names()[-1] == "remove"
     assert GAME not in h.store.records
     assert h.kinds(GAME) == [(OpKind.START, "failure")]
     assert h.leases.all_released
@@ -757,7 +755,7 @@ def test_start_losing_a_race_for_the_record_removes_its_container_and_is_conflic
     def someone_records_the_game_meanwhile(container_id: str) -> None:
         h.store.put(h.running_record(GAME, other))
 
-    h.docker.before("start_container", someone_records_the_game_meanwhile)
+    h.docker.before("start", someone_records_the_game_meanwhile)
 
     result = start(h)
 

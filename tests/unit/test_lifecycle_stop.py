@@ -77,7 +77,7 @@ def test_stop_of_running_runtime_stops_container_with_configured_timeout_and_rec
     result = stop(h)
 
     assert result.ok, result.failure
-    assert h.docker.method_calls("stop_container")[0].args == (container_id, STOP_TIMEOUT)
+    assert h.docker.method_calls("stop")[0].args == (container_id, STOP_TIMEOUT)
     assert not h.docker.containers[container_id].running
     record = h.record(GAME)
     assert record == result.record
@@ -93,7 +93,7 @@ def test_stop_keeps_the_container_for_a_later_start(h: Harness) -> None:
 
     stop(h)
 
-    assert h.docker.call_names("remove_container") == []
+    assert h.docker.call_names("remove") == []
     assert before.current_container_id in h.docker.containers
 
 
@@ -122,7 +122,7 @@ def test_stop_of_running_runtime_whose_container_is_gone_still_records_stopped(
 
     assert result.ok, result.failure
     assert h.record(GAME).status is RuntimeStatus.STOPPED
-    assert h.docker.call_names("stop_container") == []
+    assert h.docker.call_names("stop") == []
 
 
 def test_a_stop_asks_docker_only_whether_the_container_is_ours_then_stops_it(
@@ -134,8 +134,8 @@ def test_a_stop_asks_docker_only_whether_the_container_is_ours_then_stops_it(
     assert stop(h).ok
 
     assert h.docker.calls == [
-        Call("owns_container", (cid,)),
-        Call("stop_container", (cid, STOP_TIMEOUT)),
+        Call("owns", (cid,)),
+        Call("stop", (cid, STOP_TIMEOUT)),
     ]
 
 
@@ -160,7 +160,7 @@ def test_stop_losing_the_cas_race_is_conflict_race_and_changes_nothing(h: Harnes
     def another_replica_recreates_the_engine(*_: object) -> None:
         h.store.records[GAME] = replaced
 
-    h.docker.before("stop_container", another_replica_recreates_the_engine)
+    h.docker.before("stop", another_replica_recreates_the_engine)
 
     result = stop(h)
 
@@ -197,7 +197,7 @@ def test_stop_when_docker_fails_is_service_unavailable_and_the_record_stays_runn
     h: Harness,
 ) -> None:
     before = h.seed_running(GAME)
-    h.docker.fail("stop_container")
+    h.docker.fail("stop")
 
     result = stop(h)
 

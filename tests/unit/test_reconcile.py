@@ -28,7 +28,7 @@ def h(tmp_path: Path) -> Harness:
 
 
 def reconciler_of(h: Harness) -> Reconciler:
-    deps = LifecycleDeps(recorder=h.recorder, lock=h.lock, docker=h.docker, settings=h.settings)
+    deps = LifecycleDeps(recorder=h.recorder, lock=h.lock, engine=h.docker, settings=h.settings)
     return Reconciler(deps, telemetry=Telemetry())
 
 
@@ -68,7 +68,7 @@ def test_an_adoption_does_not_overwrite_a_change_committed_after_its_plan(h: Har
                 replace(h.running_record(GAME, theirs), last_op_at=h.record(GAME).last_op_at)
             )
 
-    h.docker.before("inspect_container", meanwhile)
+    h.docker.before("inspect", meanwhile)
 
     report = reconciler_of(h).run_pass()
 
@@ -101,7 +101,7 @@ def test_a_pass_over_games_that_need_nothing_is_one_listing_and_no_inspect(h: Ha
     report = reconciler_of(h).run_pass()
 
     assert report.actions == ()
-    assert h.docker.calls == [Call("list_owned_containers", ())]
+    assert h.docker.calls == [Call("list_owned", ())]
 
 
 def test_a_steps_recheck_inspects_only_its_games_container_once(h: Harness) -> None:
@@ -114,7 +114,7 @@ def test_a_steps_recheck_inspects_only_its_games_container_once(h: Harness) -> N
     assert [(a.kind, a.container_id, a.applied) for a in report.actions] == [
         (ActionKind.ADOPT, adoptee, True)
     ]
-    assert h.docker.calls == [Call("list_owned_containers", ()), Call("inspect_container", (NAME,))]
+    assert h.docker.calls == [Call("list_owned", ()), Call("inspect", (NAME,))]
 
 
 def test_an_exited_container_is_marked_stopped_with_the_exit_code_of_its_inspect(
@@ -135,7 +135,7 @@ def test_an_exited_container_is_marked_stopped_with_the_exit_code_of_its_inspect
         OpSource.AUTO_RECONCILE,
         "reconcile:exit=137",
     )
-    assert h.docker.calls == [Call("list_owned_containers", ()), Call("inspect_container", (NAME,))]
+    assert h.docker.calls == [Call("list_owned", ()), Call("inspect", (NAME,))]
 
 
 def test_a_dispose_is_rechecked_by_the_games_name_and_the_records_container(h: Harness) -> None:
@@ -146,9 +146,9 @@ def test_a_dispose_is_rechecked_by_the_games_name_and_the_records_container(h: H
     assert (action.kind, action.applied) == (ActionKind.DISPOSE, True)
     assert h.record(GAME).status is RuntimeStatus.REMOVED
     assert h.docker.calls == [
-        Call("list_owned_containers", ()),
-        Call("inspect_container", (NAME,)),
-        Call("inspect_container", (record.current_container_id,)),
+        Call("list_owned", ()),
+        Call("inspect", (NAME,)),
+        Call("inspect", (record.current_container_id,)),
     ]
 
 
@@ -162,7 +162,7 @@ def test_a_container_created_for_the_game_after_the_listing_is_bound_not_dispose
         if not created:
             created.append(h.docker.add_engine(GAME, IMAGE))
 
-    h.docker.before("inspect_container", an_engine_appears)
+    h.docker.before("inspect", an_engine_appears)
 
     (action,) = reconciler_of(h).run_pass().actions
 
@@ -191,7 +191,7 @@ def test_a_foreign_container_of_the_games_name_is_not_counted_by_the_recheck(h: 
 def test_a_container_gone_before_the_recheck_gets_its_record_disposed(h: Harness) -> None:
     record = h.seed_running(GAME)
     exited(h, record.current_container_id)
-    h.docker.before("inspect_container", lambda key: h.docker.containers.clear())
+    h.docker.before("inspect", lambda key: h.docker.containers.clear())
 
     (action,) = reconciler_of(h).run_pass().actions
 
@@ -206,7 +206,7 @@ def test_a_container_running_again_before_the_recheck_is_left_running(h: Harness
     def revive(key: object) -> None:
         h.docker.containers[record.current_container_id].state = "running"
 
-    h.docker.before("inspect_container", revive)
+    h.docker.before("inspect", revive)
 
     (action,) = reconciler_of(h).run_pass().actions
 
@@ -270,7 +270,7 @@ def test_an_exit_caused_by_a_stop_of_this_process_is_left_to_it_without_contendi
         observed.append(observer)
         time.sleep(0.4)
 
-    h.docker.before("stop_container", exit_seen_while_stopping)
+    h.docker.before("stop", exit_seen_while_stopping)
 
     assert h.stop.handle(StopRequest(GAME, OpSource.GM_REST)).ok
     observer = observed.pop(0)

@@ -40,6 +40,8 @@ def records(draw: st.DrawFn) -> RuntimeRecord:
         started_at=draw(optional),
         stopped_at=draw(optional),
         removed_at=draw(optional),
+        node_id=draw(TEXT),
+        node_hostname=draw(TEXT),
     )
 
 
@@ -57,6 +59,12 @@ def test_list_reply_is_the_bytes_protobuf_writes(page: list[RuntimeRecord], toke
     wire = convert.list_runtimes_reply(page, token)
     assert wire == expected.SerializeToString()
     assert pb.ListRuntimesResponse.FromString(wire) == expected
+
+
+@given(records())
+def test_a_reply_carries_every_field_of_the_record(record: RuntimeRecord) -> None:
+    reply = pb.GetRuntimeResponse.FromString(convert.get_runtime_reply(record))
+    assert convert.record_from_pb(reply.runtime) == record
 
 
 def test_timestamps_keep_microseconds_before_and_after_the_epoch() -> None:

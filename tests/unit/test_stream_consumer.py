@@ -184,7 +184,7 @@ class Cluster:
         h = self.h
         lock = GameLock(leases or h.leases, LEASE_TTL)
         recorder = OperationRecorder(h.units_of_work, Telemetry())
-        deps = LifecycleDeps(recorder=recorder, lock=lock, docker=h.docker, settings=h.settings)
+        deps = LifecycleDeps(recorder=recorder, lock=lock, engine=h.docker, settings=h.settings)
         return StartService(deps), StopService(deps)
 
     def consumer(
@@ -361,7 +361,7 @@ def test_a_stop_taken_before_its_older_start_leaves_the_game_stopped(
     assert json.loads(superseded["record"])["status"] == "stopped"
     assert rows_of(h, GAME, start) == []
     assert h.record(GAME).status is RuntimeStatus.STOPPED
-    assert h.docker.call_names("create_container", "start_container") == []
+    assert h.docker.call_names("create", "start") == []
     assert h.store.job_marks[GAME].job == stop
 
 
@@ -514,7 +514,7 @@ def test_a_start_whose_commit_fails_is_retried_and_leaves_one_engine(
     eventually("the answer", lambda: answered(redis, job))
 
     assert redis.answer_of(job)["outcome"] == "success"
-    assert h.docker.call_names("create_container") == ["create_container"] * 2
+    assert h.docker.call_names("create") == ["create"] * 2
     assert engines(h, GAME) == ["running"]
     assert len(success_rows(h, GAME, job)) == 1
 
@@ -528,16 +528,16 @@ def test_an_answer_that_cannot_be_published_is_retried_without_applying_the_job_
     def lose_redis(container_id: str) -> None:
         replica.streams.down = True
 
-    h.docker.before("start_container", lose_redis)
+    h.docker.before("start", lose_redis)
     replica.consumer.register()
     replica.consumer.start()
     eventually("two failed answers", lambda: replica.streams.calls.count("answer") >= 2)
-    h.docker.before("start_container", None)
+    h.docker.before("start", None)
     replica.streams.down = False
     eventually("the answer", lambda: answered(redis, job))
 
     assert redis.answer_of(job)["outcome"] == "success"
-    assert h.docker.call_names("create_container") == ["create_container"]
+    assert h.docker.call_names("create") == ["create"]
     assert len(rows_of(h, GAME, job)) == 1
 
 
@@ -578,7 +578,7 @@ def test_a_job_applied_before_a_crash_is_answered_with_its_stored_outcome_and_no
     assert (answer["outcome"], answer["operation_id"]) == ("success", str(first.operation_id))
     record = json.loads(answer["record"])
     assert record["current_container_id"] == first.record.current_container_id
-    assert h.docker.call_names("create_container") == ["create_container"]
+    assert h.docker.call_names("create") == ["create"]
     assert len(h.rows(GAME)) == 1
     assert redis.deliveries_of(job) == 2
 
@@ -627,7 +627,7 @@ def test_an_answered_job_delivered_again_is_acknowledged_without_a_second_answer
         ("rtm-1", AnswerOutcome.ALREADY_ANSWERED),
     ]
     assert len(redis.answers_of(job)) == 1
-    assert h.docker.call_names("create_container") == ["create_container"]
+    assert h.docker.call_names("create") == ["create"]
     assert len(h.rows(GAME)) == 1
 
 
@@ -635,7 +635,7 @@ def test_a_consumer_whose_presence_expired_loses_its_job_to_another_and_its_answ
     h: Harness, redis: FakeRedisStreams, cluster: Cluster
 ) -> None:
     blocker = Blocker()
-    h.docker.before("create_container", blocker)
+    h.docker.before("create", blocker)
     cluster.on_teardown(blocker.release)
     job = redis.add_start(GAME, IMAGE)
     a = cluster.replica("rtm-a")
@@ -668,7 +668,7 @@ def test_a_consumer_whose_presence_expired_loses_its_job_to_another_and_its_answ
     (row,) = success_rows(h, GAME, job)
     assert (answer["outcome"], answer["operation_id"]) == ("success", str(row.id))
     assert engines(h, GAME) == ["running"]
-    assert h.docker.call_names("create_container") == ["create_container"]
+    assert h.docker.call_names("create") == ["create"]
 
 
 def test_entries_of_a_live_consumer_are_never_taken_over(
@@ -794,7 +794,7 @@ def test_draining_lets_the_running_job_finish_and_leaves_unstarted_jobs_pending(
     h: Harness, redis: FakeRedisStreams, cluster: Cluster
 ) -> None:
     blocker = Blocker("galaxy-game-game-1")
-    h.docker.before("create_container", blocker)
+    h.docker.before("create", blocker)
     cluster.on_teardown(blocker.release)
     running = redis.add_start("game-1", IMAGE)
     queued = redis.add_start("game-2", IMAGE)

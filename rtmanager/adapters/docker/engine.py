@@ -1,4 +1,8 @@
-"""The `DockerEngine` port over docker-py.
+"""The single-host engine backend: the `EngineBackend` port on one Docker daemon, over docker-py.
+
+Each game's workload is one container; `start` returns the id it was
+given, containers report no node, and a game's state is a host directory
+the service prepares (`host_state_dirs`).
 
 Error policy, in one place (`_docker_call`):
 
@@ -36,7 +40,14 @@ from rtmanager.domain.errors import (
     InternalError,
     ServiceUnavailable,
 )
-from rtmanager.ports import ContainerEvent, ContainerInfo, ContainerSpec, EventStream, PullPolicy
+from rtmanager.ports import (
+    BackendCapabilities,
+    ContainerEvent,
+    ContainerInfo,
+    ContainerSpec,
+    EventStream,
+    PullPolicy,
+)
 
 if TYPE_CHECKING:
     from docker.api.container import _RestartPolicy
@@ -51,6 +62,9 @@ logger = logging.getLogger(__name__)
 INTERESTING_EVENT_ACTIONS = frozenset(
     {"create", "start", "restart", "die", "oom", "kill", "stop", "destroy", "pause", "unpause"}
 )
+
+# One host: state directories on it, prepared by the service.
+_CAPABILITIES = BackendCapabilities(host_state_dirs=True)
 
 # /tmp of a read-only engine: writable scratch space, no setuid files or devices.
 _TMPFS_OPTIONS = "rw,nosuid,nodev,size=64m"
@@ -242,7 +256,7 @@ class DockerEventStream:
 
 
 class DockerEngineAdapter:
-    """The `DockerEngine` port on a Docker daemon, through docker-py.
+    """The `EngineBackend` port on one Docker daemon, through docker-py.
 
     The docker-py client is built on first use: building it asks the daemon
     for its API version, and a daemon that is down at construction must not
@@ -267,7 +281,7 @@ class DockerEngineAdapter:
         # Engine network name -> the id `ensure_network` settled on.
         self._network_ids: dict[str, str] = {}
         # Ids of containers seen owned (created, inspected or listed as ours),
-        # so `owns_container` need not ask Docker again; see there.
+        # so `owns` need not ask Docker again; see there.
         self._owned_lock = threading.Lock()
         self._owned_ids: set[str] = set()
 
@@ -304,7 +318,12 @@ class DockerEngineAdapter:
     def _api(self) -> docker.APIClient:
         return self._docker().api
 
-    # -- DockerEngine -----------------------------------------------------
+    # -- EngineBackend ----------------------------------------------------
+
+    @property
+    def capabilities(self) -> BackendCapabilities:
+        """State lives in host directories the service prepares and bind-mounts."""
+        return _CAPABILITIES
 
     def ping(self) -> None:
         """Raise `ServiceUnavailable` unless the daemon answers `/_ping`."""
@@ -387,7 +406,7 @@ class DockerEngineAdapter:
           listings over `_NETWORK_QUIET_SECONDS` for anyone else's, since
           its creator may still yield it and Docker removes a network on
           which containers are only created); engines are then created on it
-          by id (`create_container`), so a duplicate appearing later never
+          by id (`create`), so a duplicate appearing later never
           splits them;
         - a creator whose listing after its own create shows any other
           network of the name yields: it removes its own (no engine can be
@@ -499,7 +518,7 @@ class DockerEngineAdapter:
         found = cast("list[dict[str, Any]]", api.networks(names=[name]) or [])
         return [n for n in found if n.get("Name") == name]
 
-    def create_container(self, spec: ContainerSpec) -> str:
+    def create(self, spec: ContainerSpec) -> str:
         """Create (not start) the engine container of `spec` and return its id.
 
         Raises `Conflict` when the name is taken, `ImagePullFailed` when the
@@ -588,8 +607,8 @@ class DockerEngineAdapter:
             self._remember_owned([container_id])
         return container_id
 
-    def start_container(self, container_id: str) -> None:
-        """Start a created container; `ContainerStartFailed` if Docker refuses.
+    def start(self, workload_id: str) -> str:
+        """Start a created container and return its id; `ContainerStartFailed` if Docker refuses.
 
         Any error answer of the daemon (bad command, missing mount, vanished
         container, ...) is a start failure; only an unreachable daemon is
@@ -602,11 +621,12 @@ class DockerEngineAdapter:
         take to go.
         """
         give_up = time.monotonic() + _NETWORK_CROWDED_SECONDS
+        container_id = workload_id
         with _docker_call(f"start container {container_id}"):
             while True:
                 try:
                     self._api().start(container_id)
-                    return
+                    return container_id
                 except docker.errors.APIError as exc:
                     if "is ambiguous" in _explain(exc) and time.monotonic() < give_up:
                         time.sleep(random.uniform(0.05, 0.25))
@@ -616,7 +636,7 @@ class DockerEngineAdapter:
                         metadata={"container_id": container_id},
                     ) from exc
 
-    def stop_container(self, container_id: str, timeout: timedelta) -> None:
+    def stop(self, container_id: str, timeout: timedelta) -> None:
         """Stop gracefully (SIGTERM), killing after `timeout`; a gone container is fine.
 
         docker-py extends the HTTP read timeout of the call by the stop
@@ -630,7 +650,7 @@ class DockerEngineAdapter:
             except docker.errors.NotFound:
                 return
 
-    def remove_container(self, container_id: str, *, force: bool = False) -> None:
+    def remove(self, container_id: str, *, force: bool = False) -> None:
         """Remove the container (killing it first when `force`); a gone one is fine.
 
         Raises `Conflict` when it still runs and `force` is not set.
@@ -650,8 +670,11 @@ class DockerEngineAdapter:
         with self._owned_lock:
             self._owned_ids.discard(container_id)
 
-    def inspect_container(self, id_or_name: str) -> ContainerInfo | None:
-        """Return what Docker says about a container, owned or not; None if absent."""
+    def inspect(self, id_or_name: str) -> ContainerInfo | None:
+        """Return what Docker says about a container, owned or not; None if absent.
+
+        One host: the node is never reported (empty).
+        """
         with _docker_call(f"inspect container {id_or_name}"):
             try:
                 data = cast("dict[str, Any]", self._api().inspect_container(id_or_name))
@@ -662,7 +685,7 @@ class DockerEngineAdapter:
             self._remember_owned([info.id])
         return info
 
-    def owns_container(self, container_id: str) -> bool | None:
+    def owns(self, container_id: str) -> bool | None:
         """Whether the container is this deployment's (None when Docker has none).
 
         Answered without a call for an id this adapter has seen owned: it
@@ -674,7 +697,7 @@ class DockerEngineAdapter:
         with self._owned_lock:
             if container_id in self._owned_ids:
                 return True
-        info = self.inspect_container(container_id)
+        info = self.inspect(container_id)
         return None if info is None else info.owned
 
     def _remember_owned(self, container_ids: list[str], *, every_one: bool = False) -> None:
@@ -716,7 +739,7 @@ class DockerEngineAdapter:
             image_id=str(data.get("Image") or ""),
         )
 
-    def list_owned_containers(self) -> list[ContainerInfo]:
+    def list_owned(self) -> list[ContainerInfo]:
         """Return every container of this deployment, running or not.
 
         One listing, narrowed by label on the daemon (owner, and the cluster
@@ -758,7 +781,7 @@ class DockerEngineAdapter:
             image_id=str(entry.get("ImageID") or ""),
         )
 
-    def container_logs_tail(self, container_id: str, lines: int = 20) -> str:
+    def logs_tail(self, container_id: str, lines: int = 20) -> str:
         """Return the last `lines` lines of stdout and stderr ("" when unavailable)."""
         if lines <= 0:
             return ""
@@ -796,8 +819,8 @@ class DockerEngineAdapter:
 
 
 if TYPE_CHECKING:
-    from rtmanager.ports import DockerEngine
+    from rtmanager.ports import EngineBackend
 
-    def _implements_port(adapter: DockerEngineAdapter) -> DockerEngine:
+    def _implements_port(adapter: DockerEngineAdapter) -> EngineBackend:
         # mypy proves here that the adapter satisfies the port's protocol.
         return adapter

@@ -44,11 +44,12 @@ _APPEND: LiteralString = (
     "hashtextextended('rtmanager.events:' || current_schema(), 0))),"
     " inserted AS (INSERT INTO runtime_events (operation_id, game_id, status,"
     " current_container_id, current_image_ref, engine_endpoint, state_path, docker_network,"
-    " started_at, stopped_at, removed_at, last_op_at, created_at)"
+    " started_at, stopped_at, removed_at, last_op_at, created_at, node_id, node_hostname)"
     " SELECT %(operation_id)s, %(game_id)s, %(status)s, %(current_container_id)s,"
     " %(current_image_ref)s, %(engine_endpoint)s, %(state_path)s, %(docker_network)s,"
     " %(started_at)s::timestamptz, %(stopped_at)s::timestamptz, %(removed_at)s::timestamptz,"
-    " %(last_op_at)s::timestamptz, %(created_at)s::timestamptz FROM locked"
+    " %(last_op_at)s::timestamptz, %(created_at)s::timestamptz, %(node_id)s, %(node_hostname)s"
+    " FROM locked"
     " RETURNING id)"
     " SELECT id, pg_notify('rtmanager_events_' || left(md5(current_schema()), 16), id::text)"
     " FROM inserted"
@@ -64,14 +65,15 @@ _SELECT_AFTER: LiteralString = (
     "SELECT e.id, e.operation_id, e.committed_at, o.op_kind, o.op_source, o.outcome,"
     " o.source_ref, o.parent_op_kind, o.parent_operation_id, e.game_id, e.status,"
     " e.current_container_id, e.current_image_ref, e.engine_endpoint, e.state_path,"
-    " e.docker_network, e.started_at, e.stopped_at, e.removed_at, e.last_op_at, e.created_at"
+    " e.docker_network, e.started_at, e.stopped_at, e.removed_at, e.last_op_at, e.created_at,"
+    " e.node_id, e.node_hostname"
     " FROM runtime_events e JOIN operation_log o ON o.id = e.operation_id"
     " WHERE e.id > %s ORDER BY e.id LIMIT %s"
 )
 _SELECT_RECORDS: LiteralString = (
     "SELECT game_id, status, current_container_id, current_image_ref, engine_endpoint,"
-    " state_path, docker_network, started_at, stopped_at, removed_at, last_op_at, created_at"
-    " FROM runtime_records ORDER BY game_id"
+    " state_path, docker_network, started_at, stopped_at, removed_at, last_op_at, created_at,"
+    " node_id, node_hostname FROM runtime_records ORDER BY game_id"
 )
 
 
@@ -127,7 +129,8 @@ _SELECT_AFTER_WITH_EDGE: LiteralString = (
     " SELECT e.id, e.operation_id, e.committed_at, o.op_kind, o.op_source, o.outcome,"
     " o.source_ref, o.parent_op_kind, o.parent_operation_id, e.game_id, e.status,"
     " e.current_container_id, e.current_image_ref, e.engine_endpoint, e.state_path,"
-    " e.docker_network, e.started_at, e.stopped_at, e.removed_at, e.last_op_at, e.created_at"
+    " e.docker_network, e.started_at, e.stopped_at, e.removed_at, e.last_op_at, e.created_at,"
+    " e.node_id, e.node_hostname"
     " FROM runtime_events e JOIN operation_log o ON o.id = e.operation_id"
     " WHERE e.id > %s ORDER BY e.id LIMIT %s"
     ") page ON true ORDER BY page.id"

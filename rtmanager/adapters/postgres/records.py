@@ -28,20 +28,23 @@ from rtmanager.ports import Page, StatusChange
 
 _COLUMNS: LiteralString = (
     "game_id, status, current_container_id, current_image_ref, engine_endpoint, "
-    "state_path, docker_network, started_at, stopped_at, removed_at, last_op_at, created_at"
+    "state_path, docker_network, started_at, stopped_at, removed_at, last_op_at, created_at, "
+    "node_id, node_hostname"
 )
 _SELECT: LiteralString = (
     "SELECT game_id, status, current_container_id, current_image_ref, engine_endpoint,"
-    " state_path, docker_network, started_at, stopped_at, removed_at, last_op_at, created_at"
+    " state_path, docker_network, started_at, stopped_at, removed_at, last_op_at, created_at,"
+    " node_id, node_hostname"
     " FROM runtime_records"
 )
 _UPSERT: LiteralString = (
     "INSERT INTO runtime_records (game_id, status, current_container_id, current_image_ref,"
     " engine_endpoint, state_path, docker_network, started_at, stopped_at, removed_at,"
-    " last_op_at, created_at) VALUES "
+    " last_op_at, created_at, node_id, node_hostname) VALUES "
     "(%(game_id)s, %(status)s, %(current_container_id)s, %(current_image_ref)s,"
     " %(engine_endpoint)s, %(state_path)s, %(docker_network)s, %(started_at)s,"
-    " %(stopped_at)s, %(removed_at)s, %(last_op_at)s, %(created_at)s)"
+    " %(stopped_at)s, %(removed_at)s, %(last_op_at)s, %(created_at)s, %(node_id)s,"
+    " %(node_hostname)s)"
     " ON CONFLICT (game_id) DO UPDATE SET"
     " status = EXCLUDED.status,"
     " current_container_id = EXCLUDED.current_container_id,"
@@ -53,7 +56,9 @@ _UPSERT: LiteralString = (
     " stopped_at = EXCLUDED.stopped_at,"
     " removed_at = EXCLUDED.removed_at,"
     " last_op_at = EXCLUDED.last_op_at,"
-    " created_at = EXCLUDED.created_at"
+    " created_at = EXCLUDED.created_at,"
+    " node_id = EXCLUDED.node_id,"
+    " node_hostname = EXCLUDED.node_hostname"
 )
 
 
@@ -108,6 +113,8 @@ def record_from_columns(row: tuple[Any, ...]) -> RuntimeRecord:
         removed_at,
         last_op_at,
         created_at,
+        node_id,
+        node_hostname,
     ) = row
     return RuntimeRecord(
         game_id=game_id,
@@ -122,6 +129,8 @@ def record_from_columns(row: tuple[Any, ...]) -> RuntimeRecord:
         removed_at=_utc_or_none(removed_at),
         last_op_at=_as_utc(last_op_at),
         created_at=_as_utc(created_at),
+        node_id=node_id or "",
+        node_hostname=node_hostname or "",
     )
 
 
@@ -148,6 +157,8 @@ def record_params(record: RuntimeRecord) -> dict[str, Any]:
         "removed_at": record.removed_at,
         "last_op_at": record.last_op_at,
         "created_at": record.created_at,
+        "node_id": _null_if_empty(record.node_id),
+        "node_hostname": _null_if_empty(record.node_hostname),
     }
 
 

@@ -231,6 +231,8 @@ class RuntimeRecord(_message.Message):
     REMOVED_AT_FIELD_NUMBER: _builtins.int
     LAST_OP_AT_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    NODE_HOSTNAME_FIELD_NUMBER: _builtins.int
     game_id: _builtins.str
     status: Global___RuntimeStatus.ValueType
     current_container_id: _builtins.str
@@ -241,6 +243,13 @@ class RuntimeRecord(_message.Message):
     state_path: _builtins.str
     """Host directory bind-mounted into the engine."""
     docker_network: _builtins.str
+    node_id: _builtins.str
+    """The cluster node the record's container was placed on, as the engine
+    backend reported it at start or adoption; kept while stopped or
+    removed. Empty on the single-host backend.
+    """
+    node_hostname: _builtins.str
+    """That node's hostname (nodes may share one: tell them apart by id)."""
     @_builtins.property
     def started_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -266,10 +275,12 @@ class RuntimeRecord(_message.Message):
         removed_at: _timestamp_pb2.Timestamp | None = ...,
         last_op_at: _timestamp_pb2.Timestamp | None = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
+        node_id: _builtins.str = ...,
+        node_hostname: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "last_op_at", b"last_op_at", "removed_at", b"removed_at", "started_at", b"started_at", "stopped_at", b"stopped_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "current_container_id", b"current_container_id", "current_image_ref", b"current_image_ref", "docker_network", b"docker_network", "engine_endpoint", b"engine_endpoint", "game_id", b"game_id", "last_op_at", b"last_op_at", "removed_at", b"removed_at", "started_at", b"started_at", "state_path", b"state_path", "status", b"status", "stopped_at", b"stopped_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "current_container_id", b"current_container_id", "current_image_ref", b"current_image_ref", "docker_network", b"docker_network", "engine_endpoint", b"engine_endpoint", "game_id", b"game_id", "last_op_at", b"last_op_at", "node_hostname", b"node_hostname", "node_id", b"node_id", "removed_at", b"removed_at", "started_at", b"started_at", "state_path", b"state_path", "status", b"status", "stopped_at", b"stopped_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1148,6 +1159,8 @@ class ContainerState(_message.Message):
     STARTED_AT_FIELD_NUMBER: _builtins.int
     FINISHED_AT_FIELD_NUMBER: _builtins.int
     RESTART_COUNT_FIELD_NUMBER: _builtins.int
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    NODE_HOSTNAME_FIELD_NUMBER: _builtins.int
     container_id: _builtins.str
     name: _builtins.str
     status: _builtins.str
@@ -1167,6 +1180,9 @@ class ContainerState(_message.Message):
     """starting, healthy or unhealthy; empty without a health check."""
     restart_count: _builtins.int
     """Restarts made by Docker itself (rtmanager asks for none)."""
+    node_id: _builtins.str
+    """The cluster node it is placed on; empty on the single-host backend."""
+    node_hostname: _builtins.str
     @_builtins.property
     def started_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -1187,10 +1203,12 @@ class ContainerState(_message.Message):
         started_at: _timestamp_pb2.Timestamp | None = ...,
         finished_at: _timestamp_pb2.Timestamp | None = ...,
         restart_count: _builtins.int = ...,
+        node_id: _builtins.str = ...,
+        node_hostname: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "exit_code", b"exit_code", "finished_at", b"finished_at", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "container_id", b"container_id", "exit_code", b"exit_code", "finished_at", b"finished_at", "health", b"health", "image_id", b"image_id", "image_ref", b"image_ref", "name", b"name", "oom_killed", b"oom_killed", "owned", b"owned", "restart_count", b"restart_count", "running", b"running", "started_at", b"started_at", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code", "container_id", b"container_id", "exit_code", b"exit_code", "finished_at", b"finished_at", "health", b"health", "image_id", b"image_id", "image_ref", b"image_ref", "name", b"name", "node_hostname", b"node_hostname", "node_id", b"node_id", "oom_killed", b"oom_killed", "owned", b"owned", "restart_count", b"restart_count", "running", b"running", "started_at", b"started_at", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__exit_code: _TypeAlias = _typing.Literal["exit_code"]  # noqa: Y015
     _WhichOneofArgType__exit_code: _TypeAlias = _typing.Literal["_exit_code", b"_exit_code"]  # noqa: Y015

@@ -1,10 +1,11 @@
-"""The Docker events listener: notices an engine dying within a second.
+"""The engine events listener: notices an engine dying within a second.
 
-Follows Docker's event stream for this deployment's containers. A `die` (or
+Follows the engine backend's event stream (`EngineBackend.follow_events`)
+for this deployment's containers. A `die` (or
 an `oom` that left the container stopped) of a running record's current
 container marks the record stopped, with op_kind `stop`, op_source
 `auto_reconcile` and a source_ref naming the event and exit code. When
-Docker goes away the listener reconnects with backoff, resuming from the
+the backend goes away the listener reconnects with backoff, resuming from the
 last event it saw, and runs a reconcile pass after every reconnect because
 events may have been missed meanwhile.
 
@@ -28,7 +29,7 @@ from datetime import datetime, timedelta
 from rtmanager.backoff import Backoff
 from rtmanager.domain.errors import RuntimeManagerError
 from rtmanager.lifecycle.reconcile import Reconciler
-from rtmanager.ports import ContainerEvent, DockerEngine, EventStream
+from rtmanager.ports import ContainerEvent, EngineBackend, EventStream
 
 log = logging.getLogger(__name__)
 
@@ -36,19 +37,19 @@ log = logging.getLogger(__name__)
 _EXIT_THREADS = 4
 
 
-class DockerEventsListener:
-    """Owns one thread that follows Docker's events."""
+class EngineEventsListener:
+    """Owns one thread that follows the engine backend's events."""
 
     def __init__(
         self,
-        docker: DockerEngine,
+        engine: EngineBackend,
         reconciler: Reconciler,
         *,
         backoff_base: timedelta = timedelta(milliseconds=500),
         backoff_max: timedelta = timedelta(seconds=10),
         on_reconnect: Callable[[], object] | None = None,
     ) -> None:
-        self._docker = docker
+        self._engine = engine
         self._reconciler = reconciler
         self._reconnect = Backoff(backoff_base, backoff_max)
         self._on_reconnect = on_reconnect or reconciler.run_pass
@@ -93,7 +94,7 @@ class DockerEventsListener:
         first = True
         while not self._stop.is_set():
             try:
-                stream = self._docker.follow_events(since=since)
+                stream = self._engine.follow_events(since=since)
                 with self._lock:
                     if self._stop.is_set():
                         stream.close()
@@ -141,7 +142,7 @@ class DockerEventsListener:
         try:
             if event.action == "oom":
                 # An OOM kill of one process may leave the engine running.
-                info = self._docker.inspect_container(event.container_id)
+                info = self._engine.inspect(event.container_id)
                 if info is not None and info.running:
                     return
             self._reconciler.observe_exit(

@@ -10,8 +10,8 @@ from typing import Any, cast
 
 from rtmanager.domain.errors import ServiceUnavailable
 from rtmanager.lifecycle.reconcile import Reconciler
-from rtmanager.ports import ContainerEvent, ContainerInfo, DockerEngine
-from rtmanager.workers.docker_events import DockerEventsListener
+from rtmanager.ports import ContainerEvent, ContainerInfo, EngineBackend
+from rtmanager.workers.engine_events import EngineEventsListener
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -38,7 +38,7 @@ class ScriptedStream:
         self._closed.set()
 
 
-class ScriptedDocker:
+class ScriptedBackend:
     """follow_events hands out the scripted streams in turn; the first calls may fail."""
 
     def __init__(self, streams: list[ScriptedStream | ServiceUnavailable]) -> None:
@@ -53,7 +53,7 @@ class ScriptedDocker:
             raise item
         return item
 
-    def inspect_container(self, cid: str) -> ContainerInfo | None:
+    def inspect(self, cid: str) -> ContainerInfo | None:
         return ContainerInfo(id=cid, name="n", state="x", running=cid in self.running, owned=True)
 
 
@@ -89,9 +89,9 @@ class RecordingReconciler:
         self.passes += 1
 
 
-def listen(docker: ScriptedDocker, reconciler: RecordingReconciler) -> DockerEventsListener:
-    listener = DockerEventsListener(
-        cast(DockerEngine, docker),
+def listen(docker: ScriptedBackend, reconciler: RecordingReconciler) -> EngineEventsListener:
+    listener = EngineEventsListener(
+        cast(EngineBackend, docker),
         cast(Reconciler, reconciler),
         backoff_base=timedelta(milliseconds=10),
         backoff_max=timedelta(milliseconds=40),
@@ -108,7 +108,7 @@ def wait_for(condition: Any, within: float = 5.0) -> None:
 
 
 def test_a_die_is_passed_on_with_its_exit_code_and_other_actions_are_ignored() -> None:
-    docker = ScriptedDocker(
+    docker = ScriptedBackend(
         [ScriptedStream([event("start"), event("die", code=3), event("kill")], then_fail=False)]
     )
     reconciler = RecordingReconciler()
@@ -122,7 +122,7 @@ def test_a_die_is_passed_on_with_its_exit_code_and_other_actions_are_ignored() -
 
 
 def test_an_oom_counts_only_when_it_left_the_engine_stopped() -> None:
-    docker = ScriptedDocker(
+    docker = ScriptedBackend(
         [
             ScriptedStream(
                 [event("oom", cid="alive", code=None), event("oom", cid="dead", code=None)],
@@ -142,7 +142,7 @@ def test_an_oom_counts_only_when_it_left_the_engine_stopped() -> None:
 
 
 def test_events_without_a_game_are_ignored() -> None:
-    docker = ScriptedDocker([ScriptedStream([event("die", game="")], then_fail=False)])
+    docker = ScriptedBackend([ScriptedStream([event("die", game="")], then_fail=False)])
     reconciler = RecordingReconciler()
     listener = listen(docker, reconciler)
     try:
@@ -154,7 +154,7 @@ def test_events_without_a_game_are_ignored() -> None:
 
 
 def test_a_lost_stream_is_reconnected_from_the_last_event_and_followed_by_a_reconcile() -> None:
-    docker = ScriptedDocker(
+    docker = ScriptedBackend(
         [
             ScriptedStream([event("die")], then_fail=True),
             ServiceUnavailable("docker: daemon down"),
@@ -173,7 +173,7 @@ def test_a_lost_stream_is_reconnected_from_the_last_event_and_followed_by_a_reco
 
 
 def test_stop_ends_a_listener_waiting_on_a_quiet_stream() -> None:
-    docker = ScriptedDocker([ScriptedStream([], then_fail=False)])
+    docker = ScriptedBackend([ScriptedStream([], then_fail=False)])
     listener = listen(docker, RecordingReconciler())
     wait_for(listener.connected.is_set)
     started = time.monotonic()
@@ -182,7 +182,7 @@ def test_stop_ends_a_listener_waiting_on_a_quiet_stream() -> None:
 
 
 def test_an_exit_waiting_for_its_games_operation_holds_up_neither_other_exits_nor_repeats() -> None:
-    docker = ScriptedDocker(
+    docker = ScriptedBackend(
         [
             ScriptedStream(
                 [event("die", game="busy"), event("die", game="busy"), event("die", game="g2")],
@@ -207,7 +207,7 @@ def test_an_exit_waiting_for_its_games_operation_holds_up_neither_other_exits_no
 
 
 def test_stop_gives_up_exits_still_waiting_for_their_games_operation() -> None:
-    docker = ScriptedDocker([ScriptedStream([event("die", game="busy")], then_fail=False)])
+    docker = ScriptedBackend([ScriptedStream([event("die", game="busy")], then_fail=False)])
     reconciler = RecordingReconciler()
     reconciler.hold.add("busy")
     listener = listen(docker, reconciler)
