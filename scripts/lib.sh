@@ -13,4 +13,13 @@ wait_for() { # wait_for SECONDS DESCRIPTION COMMAND...
   done
 }
 
-pid_alive() { [[ -n "${1:-}" ]] && kill -0 "$1" 2>/dev/null; }
+# Whether the process runs. A zombie does not: an exited daemon whose parent
+# has not reaped it yet (pid 1 may reap orphans late) holds its pid but
+# nothing else, and must not be waited for or taken for a live daemon.
+pid_alive() {
+  [[ -n "${1:-}" ]] && kill -0 "$1" 2>/dev/null || return 1
+  local stat
+  stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+  stat=${stat##*) }
+  [[ ${stat%% *} != Z ]]
+}

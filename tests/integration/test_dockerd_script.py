@@ -84,3 +84,36 @@ def test_a_process_that_is_not_dockerd_is_never_taken_for_it() -> None:
     finally:
         process.kill()
         process.wait()
+
+
+def pid_alive(pid: int) -> bool:
+    script = REPO / "scripts" / "lib.sh"
+    checked = subprocess.run(
+        ["bash", "-c", f'source "{script}"; pid_alive {pid}'], check=False, timeout=10
+    )
+    return checked.returncode == 0
+
+
+def test_an_exited_process_not_yet_reaped_is_not_alive() -> None:
+    # A daemon's managed containerd, once it exits, may stay a zombie until
+    # pid 1 reaps it: the scripts must not wait for it or take it for live.
+    process = subprocess.Popen(["true"])
+    stat = Path(f"/proc/{process.pid}/stat")
+    deadline = time.monotonic() + 10
+    while stat.read_text().rsplit(") ", 1)[1].split()[0] != "Z":
+        assert time.monotonic() < deadline, "the child did not exit"
+        time.sleep(0.02)
+    try:
+        assert not pid_alive(process.pid)
+    finally:
+        process.wait()
+
+
+def test_a_running_process_is_alive_and_a_missing_one_is_not() -> None:
+    process = subprocess.Popen(["sleep", "60"])
+    try:
+        assert pid_alive(process.pid)
+    finally:
+        process.kill()
+        process.wait()
+    assert not pid_alive(process.pid)
