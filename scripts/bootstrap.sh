@@ -30,6 +30,7 @@ install_packages() {
   [[ -x /usr/bin/busybox ]] || missing+=(busybox-static)
   command -v npm >/dev/null || missing+=(npm)
   command -v debootstrap >/dev/null || missing+=(debootstrap)
+  command -v ip >/dev/null || missing+=(iproute2)
   python3.11 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3.11-venv)
   ((${#missing[@]} == 0)) && return 0
   log "installing ${missing[*]}"
