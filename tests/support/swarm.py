@@ -71,7 +71,9 @@ the run still exists (empty after a clean teardown).
 
 A run whose owner was killed (kill -9, a lost CI job) leaves all of that
 behind; `SwarmCluster.cleanup_stale()` removes every run under the prefix
-whose owner process is gone, and `start()` calls it first. The owner is a
+whose owner process is gone, and `start()` calls it first. (A run's owner
+is found through prefix -> root, so a `root` other than the default needs a
+`prefix` of its own.) The owner is a
 pid plus its start time, so a reused pid is not mistaken for the owner.
 
 Processes killed with SIGKILL whose parent died with them are reparented
@@ -120,7 +122,7 @@ DEFAULT_IMAGES: tuple[str, ...] = (
     "galaxy/engine-crash:1.0.0",
 )
 DEFAULT_PREFIX = "rtmsw"
-DEFAULT_ROOT = Path(os.environ.get("RTMANAGER_SWARM_ROOT", "/tmp/rtmsw"))
+DEFAULT_ROOT = Path("/tmp/rtmsw")
 DEFAULT_SUBNET = "10.213.0.0/24"
 HOST_DOCKER = "unix:///var/run/docker.sock"
 REQUIRED_TOOLS = ("ip", "nsenter", "unshare", "dockerd", "docker", "umount", "hostname")
@@ -483,6 +485,10 @@ class SwarmCluster:
     ) -> None:
         if nodes < 1 or not 1 <= managers <= nodes:
             raise ValueError("need 1 <= managers <= nodes")
+        if (prefix == DEFAULT_PREFIX) != (root == DEFAULT_ROOT):
+            # cleanup_stale finds a run's owner through prefix -> root; two
+            # roots under one prefix would see each other's runs as stale.
+            raise ValueError("a root of its own needs a prefix of its own (and vice versa)")
         network = ipaddress.ip_network(subnet)
         if network.num_addresses < nodes + 12:
             raise ValueError(f"subnet {subnet} is too small for {nodes} nodes")
