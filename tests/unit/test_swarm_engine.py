@@ -6,6 +6,7 @@ from datetime import timedelta
 from typing import Any
 
 from rtmanager.adapters.swarm.engine import (
+    SwarmTaskEventStream,
     current_task,
     service_create_args,
     task_changes,
@@ -151,3 +152,36 @@ def test_polls_turn_into_start_and_die_events() -> None:
     assert sorted(task_changes(before, after)) == [("die", b, "g2", 0), ("start", c, "g3", None)]
     assert task_changes({a: ("g1", True)}, {}) == [("die", a, "g1", None)]
     assert task_changes({}, {a: ("g1", False, 3)}) == []
+
+
+class _Polls:
+    """Stands in for the adapter: hands out prepared polls, then closes the stream."""
+
+    def __init__(self, *polls: dict[str, tuple[str, bool, int | None]]) -> None:
+        self.polls = list(polls)
+        self.last: dict[str, tuple[str, bool, int | None]] = {}
+        self.stream: SwarmTaskEventStream | None = None
+
+    def task_snapshot(self) -> dict[str, tuple[str, bool, int | None]]:
+        if self.polls:
+            self.last = self.polls.pop(0)
+        elif self.stream is not None:
+            self.stream.close()  # nothing changes in this last poll
+        return self.last
+
+
+def test_the_task_poll_streams_engines_starting_and_ending_until_closed() -> None:
+    a, b = "a" * 64, "b" * 64
+    polls = _Polls(
+        {a: ("g1", True, None), b: ("g2", False, None)},
+        {a: ("g1", False, None), b: ("g2", True, None)},
+        {b: ("g2", False, 3)},
+    )
+    stream = SwarmTaskEventStream(polls, {a: ("g1", True, None)}, interval=0.0)  # type: ignore[arg-type]
+    polls.stream = stream
+    events = [(e.action, e.container_id, e.game_id, e.exit_code) for e in stream]
+    assert events == [
+        ("die", a, "g1", None),  # e.g. its node went down
+        ("start", b, "g2", None),
+        ("die", b, "g2", 3),
+    ]

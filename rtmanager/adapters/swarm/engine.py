@@ -20,6 +20,10 @@ services and tasks.
   away leaves its task reported `running` with desired state `shutdown`.
 - `stop` scales to 0 (the task gets SIGTERM, then SIGKILL after the stop
   grace period fixed at `create`) and waits for the task to end.
+- Health: a task of an image with a health check stays `starting` until
+  the check passes (and fails when it fails), so a running task is a
+  healthy one; the swarm does not report the check itself, and `inspect`
+  gives `health=None`.
 - State lives in a named volume per game, `galaxy-state-{game_id}`, created
   by the node that runs the task (`host_state_dirs=False`); a `local`
   volume stays on that node.
