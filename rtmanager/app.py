@@ -28,6 +28,7 @@ from rtmanager.adapters.postgres.unit_of_work import PostgresUnitOfWorkFactory
 from rtmanager.adapters.redis.client import create_redis
 from rtmanager.adapters.redis.job_streams import JobStreamsConfig, RedisJobStreams
 from rtmanager.adapters.redis.leases import RedisGameLeases
+from rtmanager.adapters.swarm.engine import SwarmEngineAdapter
 from rtmanager.api.auth import Authenticator, is_loopback_address, parse_auth_tokens
 from rtmanager.api.health import HealthMonitor
 from rtmanager.api.limits import CallLimiter
@@ -35,6 +36,7 @@ from rtmanager.api.server import SERVICE_NAMES, build_server
 from rtmanager.api.servicers import Lifecycles, RuntimeAdminServicer, RuntimeServicer
 from rtmanager.backoff import Backoff
 from rtmanager.config import REDIS_COMMAND_TIMEOUT, Settings
+from rtmanager.domain.errors import ServiceUnavailable
 from rtmanager.lifecycle.cleanup import CleanupService
 from rtmanager.lifecycle.common import LifecycleDeps, LifecycleSettings
 from rtmanager.lifecycle.leasing import GameLock
@@ -46,7 +48,7 @@ from rtmanager.lifecycle.restart import RecreateService, RestartService
 from rtmanager.lifecycle.start import StartService
 from rtmanager.lifecycle.stop import StopService
 from rtmanager.lifecycle.watch import WatchService
-from rtmanager.ports import EngineBackend
+from rtmanager.ports import BackendMismatch, EngineBackend
 from rtmanager.telemetry import TelemetryExport
 from rtmanager.workers.engine_events import EngineEventsListener
 from rtmanager.workers.periodic import PeriodicWorker
@@ -78,11 +80,17 @@ class ClosableBackend(EngineBackend, Protocol):
 
 
 def engine_backend(settings: Settings) -> ClosableBackend:
-    """The engine backend the settings ask for: the one place backends are chosen.
-
-    Only the single-host Docker backend exists today; another backend is
-    one more branch here, with its own adapter package and settings.
-    """
+    """The engine backend the settings ask for: the one place backends are chosen."""
+    if settings.backend == "swarm":
+        return SwarmEngineAdapter(
+            base_url=settings.docker_host,
+            cluster=settings.cluster,
+            constraints=settings.swarm_constraints,
+            volume_driver=settings.swarm_volume_driver,
+            stop_grace=settings.stop_timeout,
+            start_wait=settings.start_timeout,
+            timeout=settings.docker_timeout,
+        )
     return DockerEngineAdapter(
         base_url=settings.docker_host,
         cluster=settings.cluster,
@@ -344,6 +352,8 @@ class Application:
 
     def _start_up(self) -> None:
         try:
+            if not self._check_backend():
+                return
             if not self._wait_for_schema():
                 return
             self.stream_consumer.register(self._draining)
@@ -371,6 +381,23 @@ class Application:
             log.exception("start-up failed")
             self.startup_error = error
             self.startup_failed.set()
+
+    def _check_backend(self) -> bool:
+        """Refuse to start on an engine endpoint the backend cannot use; False then.
+
+        E.g. `RTMANAGER_BACKEND=swarm` with an engine that is no swarm
+        manager. An endpoint that does not answer yet is not refused: health
+        reports it until it does.
+        """
+        try:
+            self.engine.ping()
+        except BackendMismatch as error:
+            self.startup_error = StartupError(error.message)
+            self.startup_failed.set()
+            return False
+        except ServiceUnavailable as error:
+            log.warning("engine backend not reachable yet", extra={"problem": error.message})
+        return True
 
     def _wait_for_schema(self) -> bool:
         """Wait until the database answers with the schema this build knows.

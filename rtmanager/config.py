@@ -40,6 +40,9 @@ _SIZE = re.compile(r"^(\d+)([kmg]?)b?$", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9_.-]{0,61}[a-z0-9])?$")
 _SQL_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+# A swarm placement constraint: an attribute, == or !=, a value (no commas).
+_CONSTRAINT = re.compile(r"^[A-Za-z0-9_.-]+\s*(==|!=)\s*[^,\s]+$")
+_VOLUME_DRIVER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_./:-]{0,127}$")
 _ENGINE_USER = re.compile(r"^(\d{1,10}):(\d{1,10})$")
 # The largest id chown takes: (uid_t)-1 means "leave unchanged".
 _MAX_ID = 2**32 - 2
@@ -228,7 +231,13 @@ class Settings(BaseModel):
     instance_id: str = Field(default_factory=default_instance_id)
     cluster: str = "default"
 
+    # Where engines run: one Docker host, or a Docker Swarm through a manager (SPEC §10).
+    backend: Literal["docker", "swarm"] = "docker"
     docker_host: str = "unix:///var/run/docker.sock"
+    # Swarm only: placement constraints of every engine service, and the
+    # driver of each game's state volume.
+    swarm_constraints: Annotated[list[str], BeforeValidator(_split_csv)] = []
+    swarm_volume_driver: str = "local"
     docker_timeout: PositiveDuration = timedelta(seconds=30)
     engine_network: str = "galaxy-engines"
     engine_port: int = Field(default=8080, ge=1, le=65535)
@@ -337,7 +346,25 @@ class Settings(BaseModel):
             return self.grpc_max_concurrent_rpcs
         return min(CALLS_PER_CONNECTION * self.postgres_pool_size, self._rpc_threads)
 
-    @field_validator("log_level", "log_format", "image_pull_policy", mode="before")
+    @field_validator("swarm_constraints")
+    @classmethod
+    def _constraints(cls, value: list[str]) -> list[str]:
+        for constraint in value:
+            if _CONSTRAINT.fullmatch(constraint) is None:
+                raise ValueError(
+                    "expected comma-separated swarm constraints such as "
+                    "node.labels.galaxy.engines==true or node.role!=manager"
+                )
+        return value
+
+    @field_validator("swarm_volume_driver")
+    @classmethod
+    def _driver(cls, value: str) -> str:
+        if _VOLUME_DRIVER.fullmatch(value) is None:
+            raise ValueError("expected a volume driver name such as local")
+        return value
+
+    @field_validator("log_level", "log_format", "image_pull_policy", "backend", mode="before")
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value

@@ -18,6 +18,7 @@ from enum import StrEnum
 from types import TracebackType
 from typing import Generic, Protocol, Self, TypeVar
 
+from rtmanager.domain.errors import ServiceUnavailable
 from rtmanager.domain.explanation import LeaseHolder
 from rtmanager.domain.jobs import JobKind, JobMark, LobbyJob, PendingJob
 from rtmanager.domain.operation import OperationEntry, OpKind, OpSource, Outcome
@@ -487,6 +488,15 @@ class EventStream(Protocol):
     def __iter__(self) -> Iterator[ContainerEvent]: ...
 
     def close(self) -> None: ...
+
+
+class BackendMismatch(ServiceUnavailable):
+    """The backend's endpoint answers but is not what the backend needs.
+
+    E.g. `RTMANAGER_BACKEND=swarm` pointed at a Docker engine that is not a
+    swarm manager. Raised by `EngineBackend.ping`; the service refuses to
+    start on it, where a daemon that does not answer is only waited for.
+    """
 
 
 @dataclass(frozen=True)

@@ -81,6 +81,9 @@ class ReconcileAction:
     # adoption writes it on the record; empty on a single host).
     node_id: str = ""
     node_hostname: str = ""
+    # The backend's state of the container (e.g. `exited`, or `node-down`
+    # for an engine whose cluster node was lost), for the audit row.
+    container_state: str = ""
 
 
 @dataclass(frozen=True)
@@ -140,6 +143,18 @@ def plan_game(
     return None
 
 
+def _ending(exit_code: int | None, state: str) -> str:
+    """How an engine ended, for an audit row: its exit code, else what the backend said.
+
+    `exit=137`; without an exit code `exit=unknown`, followed by the
+    container's state when the backend reported one (`exit=unknown:state=node-down`
+    for an engine whose cluster node was lost).
+    """
+    if exit_code is not None:
+        return f"exit={exit_code}"
+    return f"exit=unknown:state={state}" if state else "exit=unknown"
+
+
 def _cid(record: RuntimeRecord | None) -> str:
     return record.current_container_id if record is not None else ""
 
@@ -154,6 +169,7 @@ def _action(kind: ActionKind, game_id: str, container: ContainerInfo) -> Reconci
         exit_code=container.exit_code,
         node_id=container.node_id,
         node_hostname=container.node_hostname,
+        container_state=container.state,
     )
 
 
@@ -269,9 +285,9 @@ class Reconciler(LifecycleService):
                     image_ref=record.current_image_ref,
                     exit_code=exit_code,
                 )
-                code = "unknown" if exit_code is None else str(exit_code)
+                ending = _ending(exit_code, info.state if info is not None else "")
                 return self._record(
-                    action, basis=record, source_ref=f"docker-event:{event}:exit={code}"
+                    action, basis=record, source_ref=f"docker-event:{event}:{ending}"
                 )
         except ConcurrentModification:
             log.info(
@@ -370,8 +386,7 @@ class Reconciler(LifecycleService):
             ActionKind.MARK_STOPPED: OpKind.STOP,
         }[action.kind]
         if action.kind is ActionKind.MARK_STOPPED and source_ref == "reconcile":
-            code = "unknown" if action.exit_code is None else str(action.exit_code)
-            source_ref = f"reconcile:exit={code}"
+            source_ref = f"reconcile:{_ending(action.exit_code, action.container_state)}"
         operation = self._recorder.begin(
             game_id=action.game_id,
             op_kind=kind,

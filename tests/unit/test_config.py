@@ -573,3 +573,46 @@ def test_secrets_are_redacted_in_config_errors_but_other_values_are_shown() -> N
     )
     assert "RTMANAGER_POSTGRES_DSN='<redacted>'" in message
     assert "RTMANAGER_ALLOW_CLEARTEXT_TOKENS='perhaps'" in message
+
+
+def test_the_backend_is_docker_by_default_and_swarm_takes_its_own_settings() -> None:
+    assert load_settings({}).backend == "docker"
+    settings = load_settings(
+        {
+            "RTMANAGER_BACKEND": "Swarm",
+            "RTMANAGER_SWARM_CONSTRAINTS": "node.labels.galaxy.engines==true, node.role!=manager",
+            "RTMANAGER_SWARM_VOLUME_DRIVER": "rexray/ebs",
+        }
+    )
+    assert settings.backend == "swarm"
+    assert settings.swarm_constraints == ["node.labels.galaxy.engines==true", "node.role!=manager"]
+    assert settings.swarm_volume_driver == "rexray/ebs"
+    assert load_settings({}).swarm_constraints == []
+    assert load_settings({}).swarm_volume_driver == "local"
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("RTMANAGER_BACKEND", "kubernetes"),
+        ("RTMANAGER_SWARM_CONSTRAINTS", "node.labels.galaxy"),
+        ("RTMANAGER_SWARM_CONSTRAINTS", "node.role=manager"),
+        ("RTMANAGER_SWARM_VOLUME_DRIVER", "bad driver"),
+    ],
+)
+def test_bad_backend_settings_name_the_variable(name: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=name):
+        load_settings({name: value})
+
+
+def test_the_composition_root_picks_the_backend_the_settings_name() -> None:
+    from rtmanager.adapters.docker.engine import DockerEngineAdapter
+    from rtmanager.adapters.swarm.engine import SwarmEngineAdapter
+    from rtmanager.app import engine_backend
+
+    docker_backend = engine_backend(load_settings({}))
+    swarm_backend = engine_backend(load_settings({"RTMANAGER_BACKEND": "swarm"}))
+    assert isinstance(docker_backend, DockerEngineAdapter)
+    assert isinstance(swarm_backend, SwarmEngineAdapter)
+    assert docker_backend.capabilities.host_state_dirs is True
+    assert swarm_backend.capabilities.host_state_dirs is False

@@ -138,6 +138,22 @@ def test_an_exited_container_is_marked_stopped_with_the_exit_code_of_its_inspect
     assert h.docker.calls == [Call("list_owned", ()), Call("inspect", (NAME,))]
 
 
+def test_an_engine_lost_without_an_exit_code_is_marked_stopped_with_the_backends_state(
+    h: Harness,
+) -> None:
+    # E.g. a swarm task whose node went down: no exit code, state `node-down`.
+    record = h.seed_running(GAME)
+    h.docker.containers[record.current_container_id].state = "node-down"
+
+    report = reconciler_of(h).run_pass()
+
+    assert [(a.kind, a.applied, a.container_state) for a in report.actions] == [
+        (ActionKind.MARK_STOPPED, True, "node-down")
+    ]
+    row = h.only_row(GAME)
+    assert (row.op_kind, row.source_ref) == (OpKind.STOP, "reconcile:exit=unknown:state=node-down")
+
+
 def test_a_dispose_is_rechecked_by_the_games_name_and_the_records_container(h: Harness) -> None:
     record = h.seed_running(GAME, container=False)
 
@@ -220,6 +236,18 @@ def test_a_container_running_again_before_the_recheck_is_left_running(h: Harness
 
 
 # --- observed exits --------------------------------------------------------------------
+
+
+def test_an_exit_without_a_code_is_recorded_with_the_backends_state(h: Harness) -> None:
+    record = h.seed_running(GAME)
+    h.docker.containers[record.current_container_id].state = "node-down"
+
+    result = reconciler_of(h).observe_exit(
+        GAME, record.current_container_id, event="die", exit_code=None
+    )
+
+    assert result is not None and result.ok
+    assert h.only_row(GAME).source_ref == "docker-event:die:exit=unknown:state=node-down"
 
 
 def test_an_unexpected_exit_is_recorded_stopped(h: Harness) -> None:
