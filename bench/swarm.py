@@ -69,7 +69,7 @@ from bench.lifecycle import (
 )
 from rtmanager.client import RuntimeManagerClient
 from rtmanager.domain.runtime import RuntimeStatus
-from tests.support.swarm import SwarmCluster
+from tests.support.swarm import SwarmCluster, missing_requirements
 
 NAME = "swarm"
 PHASES = ("start", "stop", "cleanup", "total")
@@ -287,6 +287,9 @@ def placement(
 def run(*, quick: bool = False) -> dict[str, Any]:
     """Alternate rtmanager and docker-py cycles, then place games; return rows and raw numbers."""
     params = QUICK if quick else DEFAULT
+    missing = missing_requirements()
+    if missing:
+        raise RuntimeError(f"the swarm harness cannot run here: {'; '.join(missing)}")
     samples: dict[str, list[Phases]] = {"rtmanager": [], "docker-py": []}
     with isolation(NAME) as iso:
         log(f"{NAME}: starting a {NODES}-node harness swarm")
