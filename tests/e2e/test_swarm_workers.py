@@ -7,7 +7,8 @@ after it. Covered: Lobby's start and stop jobs through the streams,
 restart's own event), the `Reconcile` RPC adopting a service made behind
 rtmanager's back and disposing of a running game whose service vanished
 (planned first by a dry run), and a task killed on its node turning the
-record `stopped` with the reason in the operation log.
+record `stopped` with the reason in the operation log, seen by the task
+poll or, while another replica holds the game's lease, by a reconcile.
 
 Root only; skipped where the harness's tools are missing.
 """
@@ -345,11 +346,15 @@ def test_reconcile_adopts_a_service_made_behind_its_back_and_disposes_a_vanished
     assert _replicas(manager, "galaxy-game-adoptee") == 0
 
 
+@pytest.mark.parametrize("seen_by", ["events", "reconcile"])
 def test_a_task_killed_on_its_node_makes_the_record_stopped_with_the_reason(
-    server: ServerProcess, swarm: SwarmCluster
+    server: ServerProcess, swarm: SwarmCluster, streams: redis.Redis, seen_by: str
 ) -> None:
     with RuntimeManagerClient(server.address, timeout=90) as client:
         record = client.start_runtime("killed", STUB)
+        # With another replica holding the game's lease, the task poll's exit
+        # is left to a reconcile pass (the periodic one is a minute away).
+        lease = _hold_lease(streams, server.env, "killed") if seen_by == "reconcile" else ""
         # Kill the engine on the node's own daemon, as an OOM killer or an operator would.
         on_node = swarm.node(1).client()
         try:
@@ -357,6 +362,18 @@ def test_a_task_killed_on_its_node_makes_the_record_stopped_with_the_reason(
         finally:
             on_node.close()
 
+        if seen_by == "reconcile":
+            eventually(
+                lambda: "engine exit left to the next reconcile pass: game busy" in server.log(),
+                within=30,
+                every=0.2,
+            )
+            assert client.get_runtime("killed").status is RuntimeStatus.RUNNING
+            streams.delete(lease)
+            done = client.reconcile()
+            assert [(a.kind, a.game_id, a.applied) for a in done.actions] == [
+                (pb.RECONCILE_ACTION_KIND_MARK_STOPPED, "killed", True)
+            ]
         stopped = eventually(
             lambda: (r := client.get_runtime("killed")).status is RuntimeStatus.STOPPED and r,
             within=30,
@@ -370,7 +387,7 @@ def test_a_task_killed_on_its_node_makes_the_record_stopped_with_the_reason(
             Outcome.SUCCESS,
         )
         assert latest.container_id == record.current_container_id
-        # The events poll saw the task end (or a reconcile pass did): either
-        # way the reason names the engine's exit by SIGKILL.
-        assert latest.source_ref.endswith("exit=137"), latest.source_ref
+        # The reason: the engine's exit by SIGKILL, as the task reported it.
+        expected = "docker-event:die:exit=137" if seen_by == "events" else "reconcile:exit=137"
+        assert latest.source_ref == expected
         assert client.reconcile().actions == []
