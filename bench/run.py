@@ -31,6 +31,7 @@ from bench import (
     memory,
     reconcile,
     start_concurrency,
+    swarm,
     watch_fanout,
 )
 from bench.common import cpu_count, log
@@ -44,6 +45,7 @@ BENCHMARKS: dict[str, Callable[..., dict[str, Any]]] = {
     start_concurrency.NAME: start_concurrency.run,
     lobby_jobs.NAME: lobby_jobs.run,
     watch_fanout.NAME: watch_fanout.run,
+    swarm.NAME: swarm.run,
 }
 DEFAULT_OUT = REPO / "bench" / "results.json"
 
