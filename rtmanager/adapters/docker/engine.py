@@ -105,6 +105,15 @@ def _explain(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+def _network_crowded(exc: docker.errors.APIError) -> bool:
+    """Whether a start failed on a network name that a duplicate, being removed, still shares."""
+    words = _explain(exc)
+    if "is ambiguous" in words:
+        return True
+    # An engine in swarm mode resolves the name through the swarm too.
+    return "could not attach to network" in words.lower() and "not found" in words.lower()
+
+
 def _status(exc: docker.errors.APIError) -> int:
     return exc.status_code or 0
 
@@ -617,7 +626,9 @@ class DockerEngineAdapter:
         Docker connects a starting container to its networks by name, so a
         network of the same name that a concurrent replica created, and is
         about to remove again (see `ensure_network`), makes the start fail
-        as "ambiguous": that is retried for as long as such a duplicate may
+        as "ambiguous" (or, on an engine in swarm mode, which also asks the
+        swarm for the name, as "could not attach ... not found" while that
+        duplicate goes): that is retried for as long as such a duplicate may
         take to go.
         """
         give_up = time.monotonic() + _NETWORK_CROWDED_SECONDS
@@ -628,7 +639,7 @@ class DockerEngineAdapter:
                     self._api().start(container_id)
                     return container_id
                 except docker.errors.APIError as exc:
-                    if "is ambiguous" in _explain(exc) and time.monotonic() < give_up:
+                    if _network_crowded(exc) and time.monotonic() < give_up:
                         time.sleep(random.uniform(0.05, 0.25))
                         continue
                     raise ContainerStartFailed(
