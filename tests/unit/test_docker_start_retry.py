@@ -9,7 +9,6 @@ short while; anything else fails the start at once.
 
 from __future__ import annotations
 
-
 import docker
 import pytest
 
@@ -61,9 +60,7 @@ def test_a_start_on_a_crowded_network_name_is_retried_until_it_goes(
         "Could not attach to network galaxy-engines: permission denied",
     ],
 )
-def test_any_other_start_failure_fails_at_once(
-    words: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_any_other_start_failure_fails_at_once(words: str, monkeypatch: pytest.MonkeyPatch) -> None:
     api = FlakyApi([words])
 
     with pytest.raises(ContainerStartFailed, match="could not start container"):
