@@ -71,7 +71,10 @@ start_docker() {
     rm -f /run/containerd/containerd.sock
   fi
   log "starting dockerd"
-  setsid nohup dockerd --iptables=false --ip-masq=false --bridge=none \
+  # In swarm mode (scripts/swarm-local.sh), a task of an image present here
+  # runs it as it is instead of asking a registry first: none is reachable.
+  DOCKER_SERVICE_PREFER_OFFLINE_IMAGE=1 \
+    setsid nohup dockerd --iptables=false --ip-masq=false --bridge=none \
     >>"$DOCKERD_LOG" 2>&1 </dev/null &
   wait_for 90 dockerd docker_up
 }
