@@ -102,6 +102,10 @@ leave_swarm() {
   fi
   log "leaving the swarm (node $node_id); its services and overlay networks go with it"
   timeout 60 docker swarm leave --force >/dev/null
+  # The bridge swarm made for its tasks' outside traffic stays behind otherwise.
+  if timeout 20 docker network inspect docker_gwbridge >/dev/null 2>&1; then
+    timeout 20 docker network rm docker_gwbridge >/dev/null || log "could not remove docker_gwbridge"
+  fi
 }
 
 main() {
