@@ -103,19 +103,28 @@ SERVER_ENV = {"RTMANAGER_START_SETTLE": "0s"}
 class RtmanagerCycle:
     """start + stop + cleanup of a fresh game through the server."""
 
-    def __init__(self, client: RuntimeManagerClient, run_id: str) -> None:
+    def __init__(
+        self,
+        client: RuntimeManagerClient,
+        run_id: str,
+        *,
+        prefix: str = "lc",
+        call_timeout: float = CALL_TIMEOUT,
+    ) -> None:
         self._client = client
         self._run_id = run_id
+        self._prefix = prefix  # game ids `{prefix}-{run_id}-{index}`
+        self._timeout = call_timeout
 
     def __call__(self, index: int) -> Phases:
-        game_id = f"lc-{self._run_id}-{index:03d}"
+        game_id = f"{self._prefix}-{self._run_id}-{index:03d}"
         clock = time.perf_counter
         t0 = clock()
-        started = self._client.start_runtime(game_id, ENGINE_IMAGE, timeout=CALL_TIMEOUT)
+        started = self._client.start_runtime(game_id, ENGINE_IMAGE, timeout=self._timeout)
         t1 = clock()
-        stopped = self._client.stop_runtime(game_id, timeout=CALL_TIMEOUT)
+        stopped = self._client.stop_runtime(game_id, timeout=self._timeout)
         t2 = clock()
-        removed = self._client.cleanup_runtime(game_id, timeout=CALL_TIMEOUT)
+        removed = self._client.cleanup_runtime(game_id, timeout=self._timeout)
         t3 = clock()
         statuses = (started.status, stopped.status, removed.status)
         if statuses != (RuntimeStatus.RUNNING, RuntimeStatus.STOPPED, RuntimeStatus.REMOVED):

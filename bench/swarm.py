@@ -66,6 +66,7 @@ from bench.lifecycle import (
     ENGINE_UID,
     STATE_MOUNT,
     STOP_TIMEOUT_SECONDS,
+    RtmanagerCycle,
 )
 from rtmanager.client import RuntimeManagerClient
 from rtmanager.domain.runtime import RuntimeStatus
@@ -114,29 +115,6 @@ def server_extra_env(swarm: SwarmCluster) -> dict[str, str]:
         "RTMANAGER_ENGINE_CPUS": "0.05",
         "RTMANAGER_ENGINE_MEMORY": "32m",
     }
-
-
-class RtmanagerCycle:
-    """start + stop + cleanup of a fresh game through the server."""
-
-    def __init__(self, client: RuntimeManagerClient, run_id: str) -> None:
-        self._client = client
-        self._run_id = run_id
-
-    def __call__(self, index: int) -> Phases:
-        game_id = f"sw-{self._run_id}-{index:03d}"
-        clock = time.perf_counter
-        t0 = clock()
-        started = self._client.start_runtime(game_id, ENGINE_IMAGE, timeout=CALL_TIMEOUT)
-        t1 = clock()
-        stopped = self._client.stop_runtime(game_id, timeout=CALL_TIMEOUT)
-        t2 = clock()
-        removed = self._client.cleanup_runtime(game_id, timeout=CALL_TIMEOUT)
-        t3 = clock()
-        statuses = (started.status, stopped.status, removed.status)
-        if statuses != (RuntimeStatus.RUNNING, RuntimeStatus.STOPPED, RuntimeStatus.REMOVED):
-            raise RuntimeError(f"unexpected statuses for {game_id}: {statuses}")
-        return {"start": t1 - t0, "stop": t2 - t1, "cleanup": t3 - t2, "total": t3 - t0}
 
 
 class DockerPyServiceCycle:
@@ -306,7 +284,9 @@ def run(*, quick: bool = False) -> dict[str, Any]:
                     floor = DockerPyServiceCycle(manager, iso)
                     floor.ensure_network()
                     sides: dict[str, Callable[[int], Phases]] = {
-                        "rtmanager": RtmanagerCycle(client, iso.run_id),
+                        "rtmanager": RtmanagerCycle(
+                            client, iso.run_id, prefix="sw", call_timeout=CALL_TIMEOUT
+                        ),
                         "docker-py": floor,
                     }
                     order = list(sides)
