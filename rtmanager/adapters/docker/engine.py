@@ -264,6 +264,43 @@ class DockerEventStream:
         )
 
 
+class DockerConnection:
+    """One docker-py client of an endpoint, built on first use and rebuilt after `close`.
+
+    Building it negotiates the API version (one request), so it is done
+    once, not per call. Shared by the single-host and the swarm backends.
+    """
+
+    def __init__(self, base_url: str, timeout_seconds: int) -> None:
+        self._base_url = base_url
+        self._timeout_seconds = timeout_seconds
+        self._client: docker.DockerClient | None = None
+        self._lock = threading.Lock()
+
+    def client(self) -> docker.DockerClient:
+        """The client, built now if there is none (`ServiceUnavailable` when that fails)."""
+        with self._lock:
+            if self._client is None:
+                with _docker_call("connect"):
+                    client = docker.DockerClient(
+                        base_url=self._base_url, timeout=self._timeout_seconds
+                    )
+                if self._base_url.startswith("unix://"):
+                    # requests would look up proxies and .netrc credentials in
+                    # the environment on every call; neither applies to a
+                    # unix socket, and the look-ups cost about 0.3 ms a call.
+                    client.api.trust_env = False
+                self._client = client
+            return self._client
+
+    def close(self) -> None:
+        """Release the client's connections; a later call builds a new client."""
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+
 class DockerEngineAdapter:
     """The `EngineBackend` port on one Docker daemon, through docker-py.
 
@@ -281,11 +318,8 @@ class DockerEngineAdapter:
         """Prepare an adapter for the daemon at `base_url` and deployment `cluster`."""
         if timeout <= timedelta(0):
             raise ValueError("docker timeout must be positive")
-        self._base_url = base_url
         self._cluster = cluster
-        self._timeout_seconds = max(1, math.ceil(timeout.total_seconds()))
-        self._client: docker.DockerClient | None = None
-        self._client_lock = threading.Lock()
+        self._connection = DockerConnection(base_url, max(1, math.ceil(timeout.total_seconds())))
         self._network_lock = threading.Lock()
         # Engine network name -> the id `ensure_network` settled on.
         self._network_ids: dict[str, str] = {}
@@ -301,28 +335,12 @@ class DockerEngineAdapter:
 
     def close(self) -> None:
         """Release the client's connections; a later call builds a new client."""
-        with self._client_lock:
-            client, self._client = self._client, None
-        if client is not None:
-            client.close()
+        self._connection.close()
 
     # -- plumbing ---------------------------------------------------------
 
     def _docker(self) -> docker.DockerClient:
-        """Return the client, building it (and negotiating the API version) once."""
-        with self._client_lock:
-            if self._client is None:
-                with _docker_call("connect"):
-                    client = docker.DockerClient(
-                        base_url=self._base_url, timeout=self._timeout_seconds
-                    )
-                if self._base_url.startswith("unix://"):
-                    # requests would look up proxies and .netrc credentials in
-                    # the environment on every call; neither applies to a
-                    # unix socket, and the look-ups cost about 0.3 ms a call.
-                    client.api.trust_env = False
-                self._client = client
-            return self._client
+        return self._connection.client()
 
     def _api(self) -> docker.APIClient:
         return self._docker().api

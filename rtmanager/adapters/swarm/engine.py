@@ -65,6 +65,7 @@ from docker.types import (
 )
 
 from rtmanager.adapters.docker.engine import (
+    DockerConnection,
     _docker_call,
     _explain,
     _int_or_none,
@@ -377,9 +378,7 @@ class SwarmEngineAdapter:
         self._stop_grace = stop_grace
         self._start_wait = start_wait
         self._poll_seconds = poll_interval.total_seconds()
-        self._timeout_seconds = max(1, math.ceil(timeout.total_seconds()))
-        self._client: docker.DockerClient | None = None
-        self._client_lock = threading.Lock()
+        self._connection = DockerConnection(base_url, max(1, math.ceil(timeout.total_seconds())))
         self._owned_lock = threading.Lock()
         self._owned_ids: set[str] = set()
         # Container id -> service id, as seen in tasks.
@@ -393,22 +392,10 @@ class SwarmEngineAdapter:
 
     def close(self) -> None:
         """Release the client's connections; a later call builds a new client."""
-        with self._client_lock:
-            client, self._client = self._client, None
-        if client is not None:
-            client.close()
+        self._connection.close()
 
     def _api(self) -> _SwarmApi:
-        with self._client_lock:
-            if self._client is None:
-                with _docker_call("connect"):
-                    client = docker.DockerClient(
-                        base_url=self._base_url, timeout=self._timeout_seconds
-                    )
-                if self._base_url.startswith("unix://"):
-                    client.api.trust_env = False
-                self._client = client
-            return cast("_SwarmApi", self._client.api)
+        return cast("_SwarmApi", self._connection.client().api)
 
     # -- EngineBackend ----------------------------------------------------
 
