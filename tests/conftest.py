@@ -30,6 +30,14 @@ ENGINE_IMAGE = "galaxy/engine-stub"
 CRASH_IMAGE = "galaxy/engine-crash:1.0.0"
 
 
+def needs_swarm_tools() -> pytest.MarkDecorator:
+    """Skip a test where a harness swarm cannot be built (not root, or a tool missing)."""
+    from tests.support.swarm import missing_requirements
+
+    problems = missing_requirements()
+    return pytest.mark.skipif(bool(problems), reason="; ".join(problems))
+
+
 @pytest.fixture
 def test_id() -> str:
     """A short unique id for names owned by this test."""

@@ -31,14 +31,15 @@ from rtmanager.client import (
 )
 from rtmanager.domain.operation import OpKind, OpSource, Outcome
 from rtmanager.domain.runtime import RuntimeStatus
+from tests.conftest import needs_swarm_tools
 from tests.e2e.conftest import REPO, ServerProcess, eventually, start_server
-from tests.support.swarm import SwarmCluster, missing_requirements
+from tests.support.swarm import SwarmCluster
 
 pytestmark = [
     pytest.mark.e2e,
     pytest.mark.swarm,
     pytest.mark.timeout(240),
-    pytest.mark.skipif(bool(missing_requirements()), reason="; ".join(missing_requirements())),
+    needs_swarm_tools(),
 ]
 
 STUB = "galaxy/engine-stub"

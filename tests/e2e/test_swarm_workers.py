@@ -35,16 +35,16 @@ from rtmanager.client import RuntimeManagerClient
 from rtmanager.domain import labels as galaxy_labels
 from rtmanager.domain.operation import OpKind, OpSource, Outcome
 from rtmanager.domain.runtime import RuntimeStatus
-from tests.conftest import REDIS_URL, TEST_LABEL
+from tests.conftest import REDIS_URL, TEST_LABEL, needs_swarm_tools
 from tests.e2e.conftest import ServerProcess, eventually, start_server
 from tests.e2e.test_watch import Watcher
-from tests.support.swarm import SwarmCluster, missing_requirements
+from tests.support.swarm import SwarmCluster
 
 pytestmark = [
     pytest.mark.e2e,
     pytest.mark.swarm,
     pytest.mark.timeout(120),
-    pytest.mark.skipif(bool(missing_requirements()), reason="; ".join(missing_requirements())),
+    needs_swarm_tools(),
 ]
 
 STUB = "galaxy/engine-stub:1.0.0"

@@ -35,12 +35,13 @@ from rtmanager.ports import (
     EngineUser,
     PullPolicy,
 )
-from tests.support.swarm import SwarmCluster, missing_requirements
+from tests.conftest import needs_swarm_tools
+from tests.support.swarm import SwarmCluster
 
 pytestmark = [
     pytest.mark.swarm,
     pytest.mark.timeout(180),
-    pytest.mark.skipif(bool(missing_requirements()), reason="; ".join(missing_requirements())),
+    needs_swarm_tools(),
 ]
 
 STUB = "galaxy/engine-stub:1.0.0"

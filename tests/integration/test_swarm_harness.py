@@ -29,11 +29,11 @@ import docker
 import docker.types
 import pytest
 
+from tests.conftest import needs_swarm_tools
 from tests.support.swarm import (
     DEFAULT_IMAGES,
     SwarmCluster,
     SwarmNode,
-    missing_requirements,
     run_leftovers,
     wait_until,
 )
@@ -41,7 +41,7 @@ from tests.support.swarm import (
 pytestmark = [
     pytest.mark.swarm,
     pytest.mark.timeout(240),
-    pytest.mark.skipif(bool(missing_requirements()), reason="; ".join(missing_requirements())),
+    needs_swarm_tools(),
 ]
 
 REPO = Path(__file__).resolve().parents[2]
