@@ -18,7 +18,8 @@ echo "== protobuf freshness"
 bash scripts/check-proto.sh
 echo "== pytest"
 # pytest exits 5 when it collects no test: that is a failure here too.
-.venv/bin/pytest -p no:cacheprovider -n "${RTMANAGER_TEST_WORKERS:-3}" "$@"
+# The slowest tests are listed at the end, to keep the run within its budget.
+.venv/bin/pytest -p no:cacheprovider -n "${RTMANAGER_TEST_WORKERS:-3}" --durations=25 "$@"
 echo "== chaos soak"
 # Alone and last: it restarts the shared dockerd (and runs its own private
 # PostgreSQL and Redis). RTMANAGER_SOAK_SECONDS=0 skips it.
