@@ -61,6 +61,9 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ[local_swarm_support.RUN_VARIABLE] = run
 
 
+_SWARM_OUTCOME = pytest.StashKey[str]()
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session: pytest.Session) -> None:
     """Leave the local swarm the run made, once every worker is done (also after Ctrl-C)."""
@@ -68,16 +71,20 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     run = local_swarm_support.this_run()
     if not _is_controller(config) or not local_swarm_support.used_by(DOCKER_HOST, run):
         return
-    reporter = config.pluginmanager.get_plugin("terminalreporter")
     try:
-        outcome = local_swarm_support.release(DOCKER_HOST, run)
+        config.stash[_SWARM_OUTCOME] = local_swarm_support.release(DOCKER_HOST, run)
     except Exception as exc:
-        outcome = f"could not leave the local swarm: {exc}"
+        config.stash[_SWARM_OUTCOME] = f"could not leave the local swarm: {exc}"
         if session.exitstatus == pytest.ExitCode.OK:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
-    if reporter is not None:
-        reporter.ensure_newline()
-        reporter.write_line(f"local swarm: {outcome}")
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    # Runs after pytest_sessionfinish (the terminal reporter wraps it).
+    outcome = config.stash.get(_SWARM_OUTCOME, None)
+    if outcome is not None:
+        terminalreporter.write_sep("-", "local swarm")
+        terminalreporter.write_line(outcome)
 
 
 @pytest.fixture(scope="session")

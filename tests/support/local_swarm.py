@@ -62,7 +62,7 @@ class LocalSwarm:
     node_id: str
     hostname: str
 
-    def client(self, timeout: float = 60.0) -> docker.DockerClient:
+    def client(self, timeout: int = 60) -> docker.DockerClient:
         """docker-py on the engine (manager and the only node at once); close it."""
         return docker.DockerClient(base_url=self.docker_host, timeout=timeout)
 
