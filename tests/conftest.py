@@ -195,8 +195,14 @@ def remove_labelled(docker_client: Any, labels: list[str], *, settle: float = 30
                 service.remove()
     for selector in selectors:
         for container in docker_client.containers.list(all=True, filters=selector):
-            with contextlib.suppress(docker.errors.NotFound):
+            try:
                 container.remove(force=True)
+            except docker.errors.NotFound:
+                pass
+            except docker.errors.APIError as exc:
+                # A removed service's task container: the engine is removing it already.
+                if "already in progress" not in str(exc):
+                    raise
     deadline = time.monotonic() + settle
     for selector in selectors:
         for network in docker_client.networks.list(filters=selector):
