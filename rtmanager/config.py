@@ -67,6 +67,7 @@ NOT_SETTINGS: Mapping[str, str] = {
     "RTMANAGER_TEST_REDIS_URL": "tests: the Redis to test against",
     "RTMANAGER_TEST_DOCKER_HOST": "tests: the Docker daemon to test against",
     "RTMANAGER_TEST_PG_BIN": "tests: PostgreSQL's binaries, for private servers",
+    "RTMANAGER_TEST_RUN": "tests: the pytest run a process belongs to (set by the run itself)",
     "RTMANAGER_TEST_WORKERS": "scripts/test.sh: parallel pytest workers",
     "RTMANAGER_SOAK_SECONDS": "scripts/test.sh: length of the chaos soak (0 skips it)",
 }

@@ -2,8 +2,15 @@
 
 Each test gets its own PostgreSQL schema, Redis key prefix and stream names,
 cluster name and state root, so tests run in any order and in parallel.
-Containers and networks a test creates carry the `com.galaxy.test` label
-and are removed when the test ends, even when it fails.
+Containers, swarm services, networks and volumes a test creates carry the
+`com.galaxy.test` label (or its cluster's label) and are removed when the
+test ends, even when it fails.
+
+Tests of the swarm backend on the local engine ask for `local_swarm`: the
+first of them in a run makes the engine a one-node swarm manager (unless it
+is one already), and the run's controller leaves that swarm again at the
+end (tests/support/local_swarm.py), so single-host tests run beside a
+swarm-mode engine during the run and the machine is as it was afterwards.
 
 The services are those `scripts/test.sh` starts; their addresses can be
 overridden with RTMANAGER_TEST_POSTGRES_DSN / RTMANAGER_TEST_REDIS_URL.
@@ -13,12 +20,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.support import local_swarm as local_swarm_support
 
 TEST_LABEL = "com.galaxy.test"
 POSTGRES_DSN = os.environ.get(
@@ -36,6 +46,56 @@ def needs_swarm_tools() -> pytest.MarkDecorator:
 
     problems = missing_requirements()
     return pytest.mark.skipif(bool(problems), reason="; ".join(problems))
+
+
+def _is_controller(config: pytest.Config) -> bool:
+    """Whether this process runs the session itself (not an xdist worker)."""
+    return not hasattr(config, "workerinput")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # The run's id, inherited by the xdist workers started after this hook.
+    if _is_controller(config):
+        run = local_swarm_support.process_identity(os.getpid())
+        assert run is not None
+        os.environ[local_swarm_support.RUN_VARIABLE] = run
+
+
+_SWARM_OUTCOME = pytest.StashKey[str]()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Leave the local swarm the run made, once every worker is done (also after Ctrl-C)."""
+    config = session.config
+    run = local_swarm_support.this_run()
+    if not _is_controller(config) or not local_swarm_support.used_by(DOCKER_HOST, run):
+        return
+    try:
+        config.stash[_SWARM_OUTCOME] = local_swarm_support.release(DOCKER_HOST, run)
+    except Exception as exc:
+        config.stash[_SWARM_OUTCOME] = f"could not leave the local swarm: {exc}"
+        if session.exitstatus == pytest.ExitCode.OK:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    # Runs after pytest_sessionfinish (the terminal reporter wraps it).
+    outcome = config.stash.get(_SWARM_OUTCOME, None)
+    if outcome is not None:
+        terminalreporter.write_sep("-", "local swarm")
+        terminalreporter.write_line(outcome)
+
+
+@pytest.fixture(scope="session")
+def local_swarm() -> local_swarm_support.LocalSwarm:
+    """The local engine (DOCKER_HOST) as a one-node swarm manager, for this run.
+
+    Initialised on first use by `scripts/swarm-local.sh init` (loopback
+    advertise address) unless the engine is a manager already; left again
+    by the controller's `pytest_sessionfinish` when this run made it.
+    """
+    return local_swarm_support.acquire(DOCKER_HOST, local_swarm_support.this_run())
 
 
 @pytest.fixture
@@ -103,10 +163,10 @@ def docker_client() -> Iterator[object]:
 
 @pytest.fixture
 def docker_cleanup(docker_client: object, test_id: str) -> Iterator[str]:
-    """Remove this test's containers and networks afterwards.
+    """Remove this test's services, containers, networks and volumes afterwards.
 
-    Yields the label value tests put under `com.galaxy.test`; containers and
-    networks carrying it, or the test's cluster label, are removed.
+    Yields the label value tests put under `com.galaxy.test`; whatever
+    carries it, or the test's cluster label, is removed.
     """
     import docker
 
@@ -118,16 +178,61 @@ def docker_cleanup(docker_client: object, test_id: str) -> Iterator[str]:
     )
 
 
-def remove_labelled(docker_client: Any, labels: list[str]) -> None:
-    """Remove every container, then every network, carrying any of `labels` (key=value)."""
+def remove_labelled(docker_client: Any, labels: list[str], *, settle: float = 30.0) -> None:
+    """Remove every service, container, network and volume carrying any of `labels` (key=value).
+
+    Services first (on a swarm manager; elsewhere there are none): their
+    tasks' containers go with them, and only then can their overlay
+    networks and volumes go, which the engine frees asynchronously, so
+    those removals are retried for up to `settle` seconds.
+    """
     import docker
 
     selectors: list[dict[str, Any]] = [{"label": label} for label in labels]
     for selector in selectors:
-        for container in docker_client.containers.list(all=True, filters=selector):
+        for service in _services(docker_client, selector):
             with contextlib.suppress(docker.errors.NotFound):
+                service.remove()
+    for selector in selectors:
+        for container in docker_client.containers.list(all=True, filters=selector):
+            try:
                 container.remove(force=True)
+            except docker.errors.NotFound:
+                pass
+            except docker.errors.APIError as exc:
+                # A removed service's task container: the engine is removing it already.
+                if "already in progress" not in str(exc):
+                    raise
+    deadline = time.monotonic() + settle
     for selector in selectors:
         for network in docker_client.networks.list(filters=selector):
-            with contextlib.suppress(docker.errors.NotFound):
-                network.remove()
+            _remove_in_time(network.remove, deadline)
+        for volume in docker_client.volumes.list(filters=selector):
+            _remove_in_time(lambda v=volume: v.remove(force=True), deadline)
+
+
+def _services(docker_client: Any, selector: dict[str, Any]) -> list[Any]:
+    import docker
+
+    try:
+        return list(docker_client.services.list(filters=selector))
+    except docker.errors.APIError as exc:
+        if exc.response is not None and exc.response.status_code == 503:
+            return []  # not a swarm manager: no services
+        raise
+
+
+def _remove_in_time(remove: Callable[[], object], deadline: float) -> None:
+    """Call `remove` until it succeeds or the thing is gone; retry while it is in use."""
+    import docker
+
+    while True:
+        try:
+            remove()
+            return
+        except docker.errors.NotFound:
+            return
+        except docker.errors.APIError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.2)

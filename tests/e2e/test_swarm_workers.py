@@ -1,31 +1,28 @@
-"""The real server's workers on a one-node harness swarm (SPEC §10, §4), as Lobby and GM use them.
+"""The real server's workers on the local engine as a one-node swarm (SPEC §10, §4).
 
-One swarm for the module (`swarm`); every test has its own server, schema,
-Redis prefix and cluster, and its services, network and volumes are removed
-after it. Covered: Lobby's start and stop jobs through the streams,
-`WatchRuntimes` (a start with its node, a restart's inner steps and the
-restart's own event), the `Reconcile` RPC adopting a service made behind
-rtmanager's back and disposing of a running game whose service vanished
-(planned first by a dry run), and a task killed on its node turning the
-record `stopped` with the reason in the operation log, seen by the task
-poll or, while another replica holds the game's lease, by a reconcile.
-
-Root only; skipped where the harness's tools are missing.
+The local engine is a one-node swarm manager for the run (`local_swarm`);
+every test has its own server, schema, Redis prefix, cluster and game ids,
+and its services, network and volumes are removed after it (even when it
+fails). Covered, as Lobby and Game Master use them: Lobby's start and stop
+jobs through the streams, `WatchRuntimes` (a start with its node, a
+restart's inner steps and the restart's own event), the `Reconcile` RPC
+adopting a service made behind rtmanager's back and disposing of a running
+game whose service vanished (planned first by a dry run), and a task
+killed on the engine turning the record `stopped` with the reason in the
+operation log, seen by the task poll or, while another replica holds the
+game's lease, by a reconcile.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import signal
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import docker
-import docker.errors
 import docker.types
 import pytest
 import redis
@@ -35,81 +32,33 @@ from rtmanager.client import RuntimeManagerClient
 from rtmanager.domain import labels as galaxy_labels
 from rtmanager.domain.operation import OpKind, OpSource, Outcome
 from rtmanager.domain.runtime import RuntimeStatus
-from tests.conftest import REDIS_URL, TEST_LABEL, needs_swarm_tools
+from tests.conftest import REDIS_URL, TEST_LABEL
 from tests.e2e.conftest import ServerProcess, eventually, start_server
 from tests.e2e.test_watch import Watcher
-from tests.support.swarm import SwarmCluster
+from tests.support.local_swarm import LocalSwarm
 
 pytestmark = [
     pytest.mark.e2e,
     pytest.mark.swarm,
     pytest.mark.timeout(120),
-    needs_swarm_tools(),
 ]
 
 STUB = "galaxy/engine-stub:1.0.0"
 
 
-@pytest.fixture(scope="module")
-def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SwarmCluster]:
-    """One one-node swarm for the whole module."""
-    log_dir = tmp_path_factory.mktemp("swarm-logs")
-    with SwarmCluster(nodes=1, images=(STUB,), log_dir=log_dir) as cluster:
-        yield cluster
-
-
-@pytest.fixture
-def manager(swarm: SwarmCluster, cluster: str, test_id: str) -> Iterator[docker.DockerClient]:
-    """docker-py on the swarm manager; this test's services, network and volumes go afterwards."""
-    client = swarm.manager_client()
-    try:
-        yield client
-    finally:
-        for label in (f"{galaxy_labels.CLUSTER}={cluster}", f"{TEST_LABEL}={test_id}"):
-            for service in client.services.list(filters={"label": label}):
-                with contextlib.suppress(docker.errors.NotFound):
-                    service.remove()
-        _remove_network_and_volumes(swarm, client, cluster)
-        client.close()
-
-
-def _remove_network_and_volumes(
-    swarm: SwarmCluster, client: docker.DockerClient, cluster: str
-) -> None:
-    # A removed service's task (and so its hold on the network) ends asynchronously.
-    deadline = time.monotonic() + 30
-    for network in client.networks.list(names=[f"galaxy-{cluster}"]):
-        while True:
-            try:
-                network.remove()
-                break
-            except docker.errors.NotFound:
-                break
-            except docker.errors.APIError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
-    node = swarm.node(1).client()
-    try:
-        for volume in node.volumes.list(filters={"label": f"{galaxy_labels.CLUSTER}={cluster}"}):
-            with contextlib.suppress(docker.errors.APIError):
-                volume.remove(force=True)
-    finally:
-        node.close()
-
-
 @pytest.fixture
 def server(
-    swarm: SwarmCluster,
-    manager: docker.DockerClient,
-    server_environment: dict[str, str],
-    tmp_path: Path,
+    local_swarm: LocalSwarm, server_environment: dict[str, str], tmp_path: Path
 ) -> Iterator[ServerProcess]:
-    """A server on the module's swarm; stopped before the test's services are removed."""
+    """A server with the swarm backend on the local engine.
+
+    Stopped before `docker_cleanup` (behind `server_environment`) removes
+    the test's services, network and volumes.
+    """
     env = {
         **server_environment,
         "RTMANAGER_BACKEND": "swarm",
-        "RTMANAGER_DOCKER_HOST": swarm.manager_url,
+        "RTMANAGER_DOCKER_HOST": local_swarm.docker_host,
         "RTMANAGER_ENGINE_CPUS": "0.05",
         "RTMANAGER_ENGINE_MEMORY": "32m",
     }
@@ -120,6 +69,12 @@ def server(
         code = handle.stop()
         if code not in (0, -signal.SIGTERM):
             sys.stderr.write(handle.log()[-4000:])
+
+
+@pytest.fixture
+def manager(local_swarm: LocalSwarm, docker_client: docker.DockerClient) -> docker.DockerClient:
+    """docker-py on the local engine, the swarm's manager and only node."""
+    return docker_client
 
 
 @pytest.fixture
@@ -160,38 +115,41 @@ def test_lobby_start_and_stop_jobs_on_a_swarm(
     server: ServerProcess,
     streams: redis.Redis,
     manager: docker.DockerClient,
-    swarm: SwarmCluster,
+    local_swarm: LocalSwarm,
+    test_id: str,
 ) -> None:
     env = server.env
     results = env["RTMANAGER_JOB_RESULTS_STREAM"]
+    game = f"lobby-{test_id}"
+    name = f"galaxy-game-{game}"
 
     def answer(job_id: str) -> dict[str, str] | None:
         return next((f for _id, f in streams.xrange(results) if f["job_id"] == job_id), None)
 
     start_id = streams.xadd(
-        env["RTMANAGER_START_JOBS_STREAM"], {"game_id": "lobby-sw", "image_ref": STUB}
+        env["RTMANAGER_START_JOBS_STREAM"], {"game_id": game, "image_ref": STUB}
     )
     started = eventually(lambda: answer(start_id), within=60, every=0.2)
     assert started["outcome"] == "success", started
     record = json.loads(started["record"])
     assert record["status"] == "running"
-    assert _running_container(manager, "galaxy-game-lobby-sw") == record["current_container_id"]
-    assert _replicas(manager, "galaxy-game-lobby-sw") == 1
+    assert _running_container(manager, name) == record["current_container_id"]
+    assert _replicas(manager, name) == 1
 
     stop_id = streams.xadd(
-        env["RTMANAGER_STOP_JOBS_STREAM"], {"game_id": "lobby-sw", "reason": "game_finished"}
+        env["RTMANAGER_STOP_JOBS_STREAM"], {"game_id": game, "reason": "game_finished"}
     )
     stopped = eventually(lambda: answer(stop_id), within=60, every=0.2)
     assert stopped["outcome"] == "success", stopped
     assert json.loads(stopped["record"])["status"] == "stopped"
-    assert _replicas(manager, "galaxy-game-lobby-sw") == 0
-    assert _running_container(manager, "galaxy-game-lobby-sw") == ""
+    assert _replicas(manager, name) == 0
+    assert _running_container(manager, name) == ""
 
     with RuntimeManagerClient(server.address) as client:
-        final = client.get_runtime("lobby-sw")
+        final = client.get_runtime(game)
         assert final.status is RuntimeStatus.STOPPED
-        assert final.node_id == swarm.node(1).node_id
-        rows = list(client.iter_operations(game_id="lobby-sw"))
+        assert final.node_id == local_swarm.node_id
+        rows = list(client.iter_operations(game_id=game))
     assert {(r.op_kind, r.op_source, r.source_ref, r.outcome) for r in rows} == {
         (OpKind.START, OpSource.LOBBY_STREAM, start_id, Outcome.SUCCESS),
         (OpKind.STOP, OpSource.LOBBY_STREAM, stop_id, Outcome.SUCCESS),
@@ -199,17 +157,18 @@ def test_lobby_start_and_stop_jobs_on_a_swarm(
 
 
 def test_watchers_see_a_start_with_its_node_and_a_restart_with_its_inner_steps(
-    server: ServerProcess, swarm: SwarmCluster, watchers: list[Watcher]
+    server: ServerProcess, local_swarm: LocalSwarm, watchers: list[Watcher], test_id: str
 ) -> None:
-    node = swarm.node(1)
+    node = local_swarm
+    game = f"watched-{test_id}"
     watcher = Watcher(server.address, pb.WatchRuntimesRequest(initial_snapshot=True))
     watchers.append(watcher)
     watcher.next("snapshot_complete")
     with RuntimeManagerClient(server.address, timeout=90) as client:
-        record = client.start_runtime("watched", STUB)
+        record = client.start_runtime(game, STUB)
         (start,) = watcher.events(1, within=60)
         assert (start.op_kind, start.outcome) == (pb.OP_KIND_START, pb.OUTCOME_SUCCESS)
-        assert start.runtime.game_id == "watched"
+        assert start.runtime.game_id == game
         assert start.runtime.status == pb.RUNTIME_STATUS_RUNNING
         assert start.runtime.current_container_id == record.current_container_id
         assert (start.runtime.node_id, start.runtime.node_hostname) == (
@@ -218,7 +177,7 @@ def test_watchers_see_a_start_with_its_node_and_a_restart_with_its_inner_steps(
         )
         assert start.parent_operation_id == 0
 
-        restarted = client.restart_runtime("watched", source_ref="gm-restart-1")
+        restarted = client.restart_runtime(game, source_ref="gm-restart-1")
     stop, inner_start, restart = watcher.events(3, within=60)
     assert (stop.op_kind, stop.runtime.status) == (pb.OP_KIND_STOP, pb.RUNTIME_STATUS_STOPPED)
     assert stop.runtime.current_container_id == record.current_container_id
@@ -250,89 +209,90 @@ def _hold_lease(streams: redis.Redis, env: dict[str, str], game_id: str) -> str:
 def test_reconcile_adopts_a_service_made_behind_its_back_and_disposes_a_vanished_one(
     server: ServerProcess,
     manager: docker.DockerClient,
-    swarm: SwarmCluster,
+    local_swarm: LocalSwarm,
     streams: redis.Redis,
     cluster: str,
     test_id: str,
 ) -> None:
     env = server.env
-    node = swarm.node(1)
+    node = local_swarm
+    doomed_id, adoptee_id = f"doomed-{test_id}", f"adoptee-{test_id}"
     with RuntimeManagerClient(server.address, timeout=90) as client:
-        doomed = client.start_runtime("doomed", STUB)
+        doomed = client.start_runtime(doomed_id, STUB)
         assert doomed.status is RuntimeStatus.RUNNING
-        stock = _service(manager, "galaxy-game-doomed")
+        stock = _service(manager, f"galaxy-game-{doomed_id}")
         assert stock is not None
 
         # A service of this deployment made behind rtmanager's back, labelled
         # as the backend labels its own (service and container).
         labels = {
             **stock["Spec"]["Labels"],
-            galaxy_labels.GAME_ID: "adoptee",
+            galaxy_labels.GAME_ID: adoptee_id,
             TEST_LABEL: test_id,
         }
         labels.pop("com.galaxy.rtmanager.last_container", None)
         assert labels[galaxy_labels.CLUSTER] == cluster
         manager.services.create(
             STUB,
-            name="galaxy-game-adoptee",
+            name=f"galaxy-game-{adoptee_id}",
             labels=labels,
             container_labels=labels,
             networks=[
                 docker.types.NetworkAttachmentConfig(
-                    f"galaxy-{cluster}", aliases=["galaxy-game-adoptee"]
+                    f"galaxy-{cluster}", aliases=[f"galaxy-game-{adoptee_id}"]
                 )
             ],
             mode=docker.types.ServiceMode("replicated", replicas=1),
             restart_policy=docker.types.RestartPolicy(condition="none"),
         )
         adoptee = eventually(
-            lambda: _running_container(manager, "galaxy-game-adoptee"), within=60, every=0.2
+            lambda: _running_container(manager, f"galaxy-game-{adoptee_id}"), within=60, every=0.2
         )
 
         # The doomed game's service goes while another replica holds its lease:
         # the events listener cannot record the exit, so the record stays running.
-        lease = _hold_lease(streams, env, "doomed")
-        manager.services.get("galaxy-game-doomed").remove()
+        lease = _hold_lease(streams, env, doomed_id)
+        manager.services.get(f"galaxy-game-{doomed_id}").remove()
         eventually(
             lambda: "engine exit left to the next reconcile pass: game busy" in server.log(),
             within=30,
             every=0.2,
         )
-        assert client.get_runtime("doomed").status is RuntimeStatus.RUNNING
+        assert client.get_runtime(doomed_id).status is RuntimeStatus.RUNNING
 
         plan = client.reconcile(dry_run=True)
         assert plan.dry_run
         assert sorted((a.kind, a.game_id, a.applied) for a in plan.actions) == [
-            (pb.RECONCILE_ACTION_KIND_ADOPT, "adoptee", False),
-            (pb.RECONCILE_ACTION_KIND_DISPOSE, "doomed", False),
+            (pb.RECONCILE_ACTION_KIND_ADOPT, adoptee_id, False),
+            (pb.RECONCILE_ACTION_KIND_DISPOSE, doomed_id, False),
         ]
         assert (plan.adopted, plan.disposed) == (1, 1)
-        assert [r.game_id for r in client.list_runtimes().items] == ["doomed"]
-        assert client.get_runtime("doomed").status is RuntimeStatus.RUNNING
+        assert [r.game_id for r in client.list_runtimes().items] == [doomed_id]
+        assert client.get_runtime(doomed_id).status is RuntimeStatus.RUNNING
 
         streams.delete(lease)
         done = client.reconcile()
         assert sorted((a.kind, a.game_id, a.applied) for a in done.actions) == [
-            (pb.RECONCILE_ACTION_KIND_ADOPT, "adoptee", True),
-            (pb.RECONCILE_ACTION_KIND_DISPOSE, "doomed", True),
+            (pb.RECONCILE_ACTION_KIND_ADOPT, adoptee_id, True),
+            (pb.RECONCILE_ACTION_KIND_DISPOSE, doomed_id, True),
         ]
 
-        adopted = client.get_runtime("adoptee")
+        adopted = client.get_runtime(adoptee_id)
         assert adopted.status is RuntimeStatus.RUNNING
         assert adopted.current_container_id == adoptee
         assert adopted.current_image_ref == STUB
         assert (adopted.node_id, adopted.node_hostname) == (node.node_id, node.hostname)
-        (row,) = client.iter_operations(game_id="adoptee")
+        (row,) = client.iter_operations(game_id=adoptee_id)
         assert (row.op_kind, row.op_source, row.outcome) == (
             OpKind.RECONCILE_ADOPT,
             OpSource.AUTO_RECONCILE,
             Outcome.SUCCESS,
         )
 
-        disposed = client.get_runtime("doomed")
+        disposed = client.get_runtime(doomed_id)
         assert disposed.status is RuntimeStatus.REMOVED
         assert disposed.current_container_id == ""
-        latest = next(iter(client.iter_operations(game_id="doomed")))
+        latest = next(iter(client.iter_operations(game_id=doomed_id)))
         assert (latest.op_kind, latest.op_source, latest.outcome) == (
             OpKind.RECONCILE_DISPOSE,
             OpSource.AUTO_RECONCILE,
@@ -342,25 +302,26 @@ def test_reconcile_adopts_a_service_made_behind_its_back_and_disposes_a_vanished
 
         assert client.reconcile().actions == []  # converged
         # The adopted game is rtmanager's now: it stops it like its own.
-        assert client.stop_runtime("adoptee").status is RuntimeStatus.STOPPED
-    assert _replicas(manager, "galaxy-game-adoptee") == 0
+        assert client.stop_runtime(adoptee_id).status is RuntimeStatus.STOPPED
+    assert _replicas(manager, f"galaxy-game-{adoptee_id}") == 0
 
 
 @pytest.mark.parametrize("seen_by", ["events", "reconcile"])
 def test_a_task_killed_on_its_node_makes_the_record_stopped_with_the_reason(
-    server: ServerProcess, swarm: SwarmCluster, streams: redis.Redis, seen_by: str
+    server: ServerProcess,
+    manager: docker.DockerClient,
+    streams: redis.Redis,
+    seen_by: str,
+    test_id: str,
 ) -> None:
+    game = f"killed-{test_id}"
     with RuntimeManagerClient(server.address, timeout=90) as client:
-        record = client.start_runtime("killed", STUB)
+        record = client.start_runtime(game, STUB)
         # With another replica holding the game's lease, the task poll's exit
         # is left to a reconcile pass (the periodic one is a minute away).
-        lease = _hold_lease(streams, server.env, "killed") if seen_by == "reconcile" else ""
-        # Kill the engine on the node's own daemon, as an OOM killer or an operator would.
-        on_node = swarm.node(1).client()
-        try:
-            on_node.containers.get(record.current_container_id).kill()
-        finally:
-            on_node.close()
+        lease = _hold_lease(streams, server.env, game) if seen_by == "reconcile" else ""
+        # Kill the engine behind rtmanager's back, as an OOM killer or an operator would.
+        manager.containers.get(record.current_container_id).kill()
 
         if seen_by == "reconcile":
             eventually(
@@ -368,19 +329,19 @@ def test_a_task_killed_on_its_node_makes_the_record_stopped_with_the_reason(
                 within=30,
                 every=0.2,
             )
-            assert client.get_runtime("killed").status is RuntimeStatus.RUNNING
+            assert client.get_runtime(game).status is RuntimeStatus.RUNNING
             streams.delete(lease)
             done = client.reconcile()
             assert [(a.kind, a.game_id, a.applied) for a in done.actions] == [
-                (pb.RECONCILE_ACTION_KIND_MARK_STOPPED, "killed", True)
+                (pb.RECONCILE_ACTION_KIND_MARK_STOPPED, game, True)
             ]
         stopped = eventually(
-            lambda: (r := client.get_runtime("killed")).status is RuntimeStatus.STOPPED and r,
+            lambda: (r := client.get_runtime(game)).status is RuntimeStatus.STOPPED and r,
             within=30,
             every=0.2,
         )
         assert stopped.current_container_id == record.current_container_id
-        latest = next(iter(client.iter_operations(game_id="killed")))
+        latest = next(iter(client.iter_operations(game_id=game)))
         assert (latest.op_kind, latest.op_source, latest.outcome) == (
             OpKind.STOP,
             OpSource.AUTO_RECONCILE,

@@ -164,14 +164,16 @@ def parents_and_events(schema: str, game_id: str) -> list[tuple[object, ...]]:
 def test_a_restart_draws_its_id_before_its_inner_rows_and_publishes_its_end(
     wired: Wired, deadline: float | None
 ) -> None:
-    assert wired.start.handle(StartRequest("real-r", STUB, OpSource.GM_REST)).ok
+    # One game per case: xdist may run both at once, and container names are per engine.
+    game = "real-r" if deadline is None else "real-rd"
+    assert wired.start.handle(StartRequest(game, STUB, OpSource.GM_REST)).ok
     # A caller's deadline gives every unit of work a timeout of its own (a
     # transaction begun with SET LOCAL), drawing the id included.
     with deadline_scope(deadline):
-        restarted = wired.restart.handle(RestartRequest("real-r", OpSource.GM_REST, "gm-1"))
+        restarted = wired.restart.handle(RestartRequest(game, OpSource.GM_REST, "gm-1"))
     assert restarted.ok, restarted.failure
 
-    start, outer, stop, inner_start = parents_and_events(wired.schema, "real-r")
+    start, outer, stop, inner_start = parents_and_events(wired.schema, game)
     assert (start[0], start[1]) == ("start", None)
     assert outer[:3] == ("restart", None, None) and outer[3] == restarted.operation_id
     assert stop[:3] == ("stop", "restart", outer[3])

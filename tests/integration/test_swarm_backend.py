@@ -1,15 +1,17 @@
-"""The swarm engine backend (SPEC §10) against a real one-node swarm of the harness.
+"""The swarm engine backend (SPEC §10) against the local engine as a one-node swarm.
 
-One private dockerd in a network namespace (tests/support/swarm.py) is made
-a swarm manager; the adapter talks to it through its unix socket. The
-checks follow the `EngineBackend` port: network, create (0 replicas),
-start (the running task's container), inspect by service id, name and
-container id, the container's labels and hardening on the node, logs,
-events by polling, stop (scale to 0), remove (service, not volume),
-ownership (another cluster's service and an unlabelled one are never
-listed as ours), a failing engine and the manager check of `ping`.
-
-Root only; skipped where the harness's tools are missing.
+The local engine (DOCKER_HOST) is made a one-node swarm manager for the run
+(the `local_swarm` fixture, tests/support/local_swarm.py); single-host
+tests may run on it at the same time. Each test has its own cluster,
+network, game ids (so service names) and labels, and its services,
+network and volumes are removed afterwards. The checks follow the
+`EngineBackend` port: network, create (0 replicas), start (the running
+task's container), inspect by service id, name and container id, the
+container's labels and hardening, logs, events by polling, stop (scale to
+0), remove (service, not volume), ownership (another cluster's service and
+an unlabelled one are never listed as ours), a failing engine and the
+manager check of `ping` (its refusal needs an engine outside any swarm: a
+plain dockerd of the harness, root only).
 """
 
 from __future__ import annotations
@@ -35,20 +37,18 @@ from rtmanager.ports import (
     EngineUser,
     PullPolicy,
 )
-from tests.conftest import needs_swarm_tools
+from tests.conftest import TEST_LABEL, needs_swarm_tools
+from tests.support.local_swarm import LocalSwarm
 from tests.support.swarm import SwarmCluster
 
 pytestmark = [
     pytest.mark.swarm,
     pytest.mark.timeout(180),
-    needs_swarm_tools(),
 ]
 
 STUB = "galaxy/engine-stub:1.0.0"
 CRASH = "galaxy/engine-crash:1.0.0"
-NETWORK = "galaxy-engines"
 MOUNT = "/var/lib/galaxy-game"
-CLUSTER = "swtest"
 T = TypeVar("T")
 
 
@@ -63,18 +63,11 @@ def wait_for(probe: Callable[[], T | None], *, timeout: float = 30.0, what: str 
         time.sleep(0.2)
 
 
-@pytest.fixture(scope="module")
-def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SwarmCluster]:
-    log_dir: Path = tmp_path_factory.mktemp("swarm-backend")
-    with SwarmCluster(nodes=1, log_dir=log_dir, images=(STUB, CRASH)) as cluster:
-        yield cluster
-
-
 @pytest.fixture
-def adapter(swarm: SwarmCluster) -> Iterator[SwarmEngineAdapter]:
+def adapter(local_swarm: LocalSwarm, cluster: str) -> Iterator[SwarmEngineAdapter]:
     backend = SwarmEngineAdapter(
-        base_url=swarm.manager_url,
-        cluster=CLUSTER,
+        base_url=local_swarm.docker_host,
+        cluster=cluster,
         constraints=["node.role==manager"],
         stop_grace=timedelta(seconds=5),
         start_wait=timedelta(seconds=30),
@@ -85,22 +78,34 @@ def adapter(swarm: SwarmCluster) -> Iterator[SwarmEngineAdapter]:
 
 
 @pytest.fixture
-def manager(swarm: SwarmCluster) -> Iterator[docker.DockerClient]:
-    client = swarm.manager_client()
-    yield client
-    for service in client.services.list():
-        service.remove()
-    client.close()
+def manager(
+    local_swarm: LocalSwarm, docker_client: docker.DockerClient, docker_cleanup: str
+) -> docker.DockerClient:
+    """docker-py on the local manager; the test's services, network and volumes go afterwards."""
+    return docker_client
 
 
-def spec(game_id: str, image: str = STUB, *, read_only: bool = True) -> ContainerSpec:
+@pytest.fixture
+def network(cluster: str, test_id: str) -> tuple[str, dict[str, str]]:
+    """The test's engine network and the labels it is created with (for the cleanup)."""
+    return f"galaxy-{cluster}", {galaxy_labels.CLUSTER: cluster, TEST_LABEL: test_id}
+
+
+def spec(
+    game_id: str,
+    cluster: str,
+    network: str,
+    image: str = STUB,
+    *,
+    read_only: bool = True,
+) -> ContainerSpec:
     name = f"galaxy-game-{game_id}"
     return ContainerSpec(
         name=name,
         image_ref=image,
-        network=NETWORK,
+        network=network,
         network_alias=name,
-        labels=galaxy_labels.engine_labels(cluster=CLUSTER, game_id=game_id, image_ref=image),
+        labels=galaxy_labels.engine_labels(cluster=cluster, game_id=game_id, image_ref=image),
         env={"GALAXY_GAME_ID": game_id, "GALAXY_STATE_DIR": MOUNT, "ENGINE_PORT": "8080"},
         state_host_path="",
         state_mount_path=MOUNT,
@@ -115,40 +120,54 @@ def spec(game_id: str, image: str = STUB, *, read_only: bool = True) -> Containe
 
 
 def test_the_port_on_a_one_node_swarm(
-    swarm: SwarmCluster, adapter: SwarmEngineAdapter, manager: docker.DockerClient
+    local_swarm: LocalSwarm,
+    adapter: SwarmEngineAdapter,
+    manager: docker.DockerClient,
+    network: tuple[str, dict[str, str]],
+    cluster: str,
+    test_id: str,
 ) -> None:
+    net, net_labels = network
+    game = f"g1-{test_id}"
     adapter.ping()
     assert adapter.capabilities.host_state_dirs is False
     adapter.ensure_image(STUB, PullPolicy.NEVER)
     with pytest.raises(ImagePullFailed):
         adapter.ensure_image("galaxy/absent:9.9.9", PullPolicy.NEVER)
 
-    adapter.ensure_network(NETWORK, {galaxy_labels.OWNER: galaxy_labels.OWNER_VALUE})
-    adapter.ensure_network(NETWORK, {})
-    network = manager.networks.get(NETWORK)
-    assert (network.attrs["Driver"], network.attrs["Scope"]) == ("overlay", "swarm")
-    assert network.attrs["Internal"] is True and network.attrs["Attachable"] is True
+    adapter.ensure_network(net, {galaxy_labels.OWNER: galaxy_labels.OWNER_VALUE, **net_labels})
+    adapter.ensure_network(net, {})
+    # The manager's allocator fills in the driver asynchronously (seen taking
+    # a moment on a swarm initialised a second before).
+    created_net = wait_for(
+        lambda: (n := manager.networks.get(net)).attrs["Driver"] and n, what="the allocation"
+    )
+    assert (created_net.attrs["Driver"], created_net.attrs["Scope"]) == ("overlay", "swarm")
+    assert created_net.attrs["Internal"] is True and created_net.attrs["Attachable"] is True
 
-    # Services of another cluster and without labels: never ours.
+    # Services of another cluster and without our labels: never ours.
+    foreign, bare = f"galaxy-game-foreign-{test_id}", f"galaxy-game-bare-{test_id}"
     for name, labels in (
         (
-            "galaxy-game-foreign",
-            galaxy_labels.engine_labels(cluster="other", game_id="foreign", image_ref=STUB),
+            foreign,
+            galaxy_labels.engine_labels(
+                cluster=f"other-{test_id}", game_id=f"foreign-{test_id}", image_ref=STUB
+            ),
         ),
-        ("galaxy-game-bare", {}),
+        (bare, {}),
     ):
         manager.services.create(
             STUB,
             name=name,
-            labels=labels,
-            container_labels=labels,
+            labels={**labels, TEST_LABEL: test_id},
+            container_labels={**labels, TEST_LABEL: test_id},
             mode=docker.types.ServiceMode("replicated", replicas=0),
         )
 
-    service_id = adapter.create(spec("g1"))
-    created = adapter.inspect("galaxy-game-g1")
+    service_id = adapter.create(spec(game, cluster, net))
+    created = adapter.inspect(f"galaxy-game-{game}")
     assert created is not None and created.owned and not created.running
-    assert created.id == service_id and created.game_id == "g1"
+    assert created.id == service_id and created.game_id == game
     attrs = manager.services.get(service_id).attrs["Spec"]
     assert attrs["Mode"]["Replicated"]["Replicas"] == 0
     template = attrs["TaskTemplate"]
@@ -156,49 +175,49 @@ def test_the_port_on_a_one_node_swarm(
     assert template["Placement"]["Constraints"] == ["node.role==manager"]
     assert template["Resources"]["Limits"]["MemoryBytes"] == 64 * 1024 * 1024
     assert template["Resources"]["Reservations"]["NanoCPUs"] == 100_000_000
-    assert template["Networks"][0]["Aliases"] == ["galaxy-game-g1"]
+    assert template["Networks"][0]["Aliases"] == [f"galaxy-game-{game}"]
     mount = template["ContainerSpec"]["Mounts"][0]
-    assert (mount["Type"], mount["Source"], mount["Target"]) == ("volume", "galaxy-state-g1", MOUNT)
+    assert (mount["Type"], mount["Source"], mount["Target"]) == (
+        "volume",
+        f"galaxy-state-{game}",
+        MOUNT,
+    )
 
     container_id = adapter.start(service_id)
     assert len(container_id) == 64
     info = adapter.inspect(container_id)
     assert info is not None and info.running and info.owned and info.id == container_id
-    assert info.node_id == swarm.node(1).node_id
-    assert info.node_hostname == swarm.node(1).hostname
+    assert info.node_id == local_swarm.node_id
+    assert info.node_hostname == local_swarm.hostname
     assert info.started_at is not None and info.exit_code is None
-    assert adapter.inspect(service_id) == adapter.inspect("galaxy-game-g1")
+    assert adapter.inspect(service_id) == adapter.inspect(f"galaxy-game-{game}")
     by_service = adapter.inspect(service_id)
     assert by_service is not None and by_service.id == container_id
     assert adapter.owns(container_id) is True
 
-    # The container on the node carries our labels and the hardening.
-    node_client = swarm.node(1).client()
-    try:
-        container = node_client.containers.get(container_id)
-        for key, value in spec("g1").labels.items():
-            assert container.labels[key] == value
-        host = container.attrs["HostConfig"]
-        assert host["CapDrop"] == ["ALL"]
-        assert host["ReadonlyRootfs"] is True
-        assert host["Init"] is True
-        assert host["PidsLimit"] == 64
-        assert host["LogConfig"] == {
-            "Type": "json-file",
-            "Config": {"max-file": "2", "max-size": "1048576"},
-        }
-        assert container.attrs["Config"]["User"] == "0:0"
-    finally:
-        node_client.close()
+    # The task's container on the engine carries our labels and the hardening.
+    container = manager.containers.get(container_id)
+    for key, value in spec(game, cluster, net).labels.items():
+        assert container.labels[key] == value
+    host = container.attrs["HostConfig"]
+    assert host["CapDrop"] == ["ALL"]
+    assert host["ReadonlyRootfs"] is True
+    assert host["Init"] is True
+    assert host["PidsLimit"] == 64
+    assert host["LogConfig"] == {
+        "Type": "json-file",
+        "Config": {"max-file": "2", "max-size": "1048576"},
+    }
+    assert container.attrs["Config"]["User"] == "0:0"
 
     listed = {i.game_id: i for i in adapter.list_owned()}
-    assert set(listed) == {"g1"}
-    assert listed["g1"].id == container_id and listed["g1"].running
-    assert listed["g1"].node_id == swarm.node(1).node_id
-    foreign = adapter.inspect("galaxy-game-foreign")
-    bare = adapter.inspect("galaxy-game-bare")
-    assert foreign is not None and not foreign.owned
-    assert bare is not None and not bare.owned
+    assert set(listed) == {game}
+    assert listed[game].id == container_id and listed[game].running
+    assert listed[game].node_id == local_swarm.node_id
+    foreign_info = adapter.inspect(foreign)
+    bare_info = adapter.inspect(bare)
+    assert foreign_info is not None and not foreign_info.owned
+    assert bare_info is not None and not bare_info.owned
 
     assert "engine-stub" in wait_for(
         lambda: adapter.logs_tail(container_id, 5), what="the engine's output"
@@ -218,7 +237,7 @@ def test_the_port_on_a_one_node_swarm(
     )
     stream.close()
     reader.join(5)
-    assert all(e.game_id == "g1" for e in seen)
+    assert all(e.game_id == game for e in seen)
     spec_after = manager.services.get(service_id).attrs["Spec"]
     assert spec_after["Mode"]["Replicated"]["Replicas"] == 0
     assert spec_after["Labels"][LAST_CONTAINER] == container_id
@@ -226,20 +245,27 @@ def test_the_port_on_a_one_node_swarm(
 
     adapter.remove(container_id)
     assert adapter.inspect(container_id) is None
-    assert adapter.inspect("galaxy-game-g1") is None
+    assert adapter.inspect(f"galaxy-game-{game}") is None
     adapter.remove(container_id)  # gone: fine
-    assert "galaxy-state-g1" in swarm.node(1).docker("volume", "ls", "-q").split()
+    assert manager.volumes.get(f"galaxy-state-{game}").attrs["Labels"][galaxy_labels.CLUSTER] == (
+        cluster
+    )
 
     # Others' services are untouched.
-    names = {s.name for s in manager.services.list()}
-    assert {"galaxy-game-foreign", "galaxy-game-bare"} <= names
+    names = {s.name for s in manager.services.list(filters={"label": f"{TEST_LABEL}={test_id}"})}
+    assert names == {foreign, bare}
 
 
 def test_a_crashing_engine_fails_its_start_with_its_output(
-    adapter: SwarmEngineAdapter, manager: docker.DockerClient
+    adapter: SwarmEngineAdapter,
+    manager: docker.DockerClient,
+    network: tuple[str, dict[str, str]],
+    cluster: str,
+    test_id: str,
 ) -> None:
-    adapter.ensure_network(NETWORK, {})
-    service_id = adapter.create(spec("crash", CRASH, read_only=False))
+    net, net_labels = network
+    adapter.ensure_network(net, net_labels)
+    service_id = adapter.create(spec(f"crash-{test_id}", cluster, net, CRASH, read_only=False))
     try:
         container_id = adapter.start(service_id)
     except ContainerStartFailed as failure:
@@ -254,24 +280,34 @@ def test_a_crashing_engine_fails_its_start_with_its_output(
     assert adapter.inspect(service_id) is None
 
 
-def test_a_running_engine_is_removed_only_by_force(adapter: SwarmEngineAdapter) -> None:
+def test_a_running_engine_is_removed_only_by_force(
+    adapter: SwarmEngineAdapter,
+    manager: docker.DockerClient,
+    network: tuple[str, dict[str, str]],
+    cluster: str,
+    test_id: str,
+) -> None:
     from rtmanager.domain.errors import Conflict
 
-    adapter.ensure_network(NETWORK, {})
-    container_id = adapter.start(adapter.create(spec("busy")))
+    net, net_labels = network
+    adapter.ensure_network(net, net_labels)
+    container_id = adapter.start(adapter.create(spec(f"busy-{test_id}", cluster, net)))
     with pytest.raises(Conflict):
         adapter.remove(container_id)
     adapter.remove(container_id, force=True)
-    assert adapter.inspect("galaxy-game-busy") is None
+    assert adapter.inspect(f"galaxy-game-busy-{test_id}") is None
 
 
-def test_ping_needs_a_reachable_swarm_manager(tmp_path: Path) -> None:
-    gone = SwarmEngineAdapter(base_url=f"unix://{tmp_path}/none.sock", cluster=CLUSTER)
+@needs_swarm_tools()
+def test_ping_needs_a_reachable_swarm_manager(tmp_path: Path, cluster: str) -> None:
+    gone = SwarmEngineAdapter(base_url=f"unix://{tmp_path}/none.sock", cluster=cluster)
     with pytest.raises(ServiceUnavailable) as raised:
         gone.ping()
     assert not isinstance(raised.value, BackendMismatch)
+    # An engine outside any swarm: a plain dockerd of the harness (the local
+    # engine is a manager for this run).
     with SwarmCluster(nodes=1, swarm=False, images=(), log_dir=tmp_path / "plain") as plain:
-        not_swarm = SwarmEngineAdapter(base_url=plain.manager_url, cluster=CLUSTER)
+        not_swarm = SwarmEngineAdapter(base_url=plain.manager_url, cluster=cluster)
         try:
             with pytest.raises(BackendMismatch, match="not a swarm manager"):
                 not_swarm.ping()
