@@ -28,7 +28,6 @@ from rtmanager.adapters.postgres.unit_of_work import PostgresUnitOfWorkFactory
 from rtmanager.adapters.redis.client import create_redis
 from rtmanager.adapters.redis.job_streams import JobStreamsConfig, RedisJobStreams
 from rtmanager.adapters.redis.leases import RedisGameLeases
-from rtmanager.adapters.swarm.engine import SwarmEngineAdapter
 from rtmanager.api.auth import Authenticator, is_loopback_address, parse_auth_tokens
 from rtmanager.api.health import HealthMonitor
 from rtmanager.api.limits import CallLimiter
@@ -82,6 +81,9 @@ class ClosableBackend(EngineBackend, Protocol):
 def engine_backend(settings: Settings) -> ClosableBackend:
     """The engine backend the settings ask for: the one place backends are chosen."""
     if settings.backend == "swarm":
+        # Imported only for the backend that uses it.
+        from rtmanager.adapters.swarm.engine import SwarmEngineAdapter
+
         return SwarmEngineAdapter(
             base_url=settings.docker_host,
             cluster=settings.cluster,

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from types import FrameType
 from typing import NoReturn
 
-from rtmanager import ctl, probe
+from rtmanager import probe
 from rtmanager.config import ConfigError, Settings, load_settings
 from rtmanager.logs import configure_logging
 
@@ -28,15 +28,25 @@ _SHUTDOWN_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 _SIGNAL_POLL_SECONDS = 0.2
 
 
+CTL_HELP = "call a running server: start, stop, get, list, ops, explain, ... (a human client)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["ctl"]:
+        # A client: needs no server settings, and its modules (the typed
+        # client, protobuf's JSON rendering) are loaded for it alone, not
+        # into a server.
+        from rtmanager import ctl
+
+        ctl_parser = ctl.build_parser()
+        return ctl.run(ctl_parser.parse_args(argv[1:]), parser=ctl_parser)
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
-    if args.command == "ctl":  # a client: needs no server settings
-        return ctl.run(args)
     if args.command == "health":  # a probe: needs only the address
         return probe.run(args)
     try:
@@ -57,7 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.add_parser("serve", help="run the gRPC server with every worker")
     commands.add_parser("migrate", help="apply pending database migrations")
-    ctl.add_ctl_parser(commands)
+    # Listed here; `main` hands `rtmanager ctl ...` to `ctl.build_parser`.
+    commands.add_parser("ctl", help=CTL_HELP)
     probe.add_health_parser(commands)
     return parser
 

@@ -1,7 +1,12 @@
 """Settings from `RTMANAGER_*` environment variables: the one place config is read.
 
-Parsing and validation use pydantic; every bad value is reported
-once, naming the variable, the value and what is expected (`ConfigError`).
+Each setting is a field of the frozen `Settings` dataclass with a parser
+(`_PARSERS`) that turns the variable's text (or a typed value handed to
+`load_settings`) into its value. Every bad value is reported once, naming
+the variable, the value and what is expected (`ConfigError`); the rules
+across settings are checked when every value is valid. (Plain code rather
+than pydantic: the server's only use of pydantic was this model, and
+importing and building it cost 8-10 MiB of the server's memory.)
 """
 
 from __future__ import annotations
@@ -11,21 +16,12 @@ import os
 import re
 import socket
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
 from datetime import timedelta
+from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, Literal
-
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from typing import Any, Literal
 
 from rtmanager.ports import EngineUser, PullPolicy
 
@@ -124,15 +120,19 @@ def parse_engine_user(value: object) -> EngineUser:
     return EngineUser(uid, gid)
 
 
-def _split_csv(value: object) -> object:
+def _split_csv(value: object) -> list[str]:
     if isinstance(value, str):
         return [part.strip() for part in value.split(",") if part.strip()]
-    return value
+    if isinstance(value, list | tuple) and all(isinstance(item, str) for item in value):
+        return list(value)
+    raise ValueError("Input should be a valid list")
 
 
-def _parse_labels(value: object) -> object:
+def _parse_labels(value: object) -> dict[str, str]:
+    if isinstance(value, Mapping):
+        return {str(key): str(label) for key, label in value.items()}
     if not isinstance(value, str):
-        return value
+        raise ValueError("Input should be a valid dictionary")
     labels: dict[str, str] = {}
     for part in filter(None, (item.strip() for item in value.split(","))):
         key, sep, label = part.partition("=")
@@ -165,12 +165,6 @@ def _absolute_path(value: Path) -> Path:
     return value
 
 
-Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
-PositiveDuration = Annotated[timedelta, BeforeValidator(parse_duration), AfterValidator(_positive)]
-HostPort = Annotated[str, AfterValidator(_host_port)]
-AbsolutePath = Annotated[Path, AfterValidator(_absolute_path)]
-
-
 def default_instance_id() -> str:
     """This replica's default name: the host name, stable across restarts.
 
@@ -180,25 +174,35 @@ def default_instance_id() -> str:
     return socket.gethostname()
 
 
-class Settings(BaseModel):
-    """Every setting of the service, with developer-machine defaults."""
+_NOBODY = EngineUser(65534, 65534)
 
-    model_config = ConfigDict(extra="ignore", frozen=True)
 
-    grpc_addr: HostPort = "127.0.0.1:50051"
-    grpc_max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024)
-    grpc_max_workers: int = Field(default=64, ge=8, le=1024)
+def _default_log_format() -> Literal["json", "text"]:
+    return "text" if sys.stderr.isatty() else "json"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting of the service, with developer-machine defaults.
+
+    Build it with `load_settings`, which parses and checks each value
+    (`_PARSERS`) and the rules across settings (`_cross_checks`).
+    """
+
+    grpc_addr: str = "127.0.0.1:50051"
+    grpc_max_message_bytes: int = 4 * 1024 * 1024
+    grpc_max_workers: int = 64
     # None: derived from the pool size (see `max_concurrent_rpcs`).
-    grpc_max_concurrent_rpcs: int | None = Field(default=None, ge=1, le=1024)
+    grpc_max_concurrent_rpcs: int | None = None
     reflection: bool = True
-    shutdown_grace: PositiveDuration = timedelta(seconds=30)
+    shutdown_grace: timedelta = timedelta(seconds=30)
 
-    postgres_dsn: str = Field(
+    postgres_dsn: str = field(
         default="postgresql://rtmanager:rtmanager@127.0.0.1:5432/rtmanager", repr=False
     )
     postgres_schema: str = "rtmanager"
-    postgres_pool_size: int = Field(default=10, ge=1, le=1000)
-    migrations_dir: AbsolutePath = REPOSITORY_ROOT / "migrations"
+    postgres_pool_size: int = 10
+    migrations_dir: Path = REPOSITORY_ROOT / "migrations"
 
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = ""
@@ -208,28 +212,22 @@ class Settings(BaseModel):
     job_results_stream: str = "runtime:job_results"
     dead_letter_stream: str = "runtime:dead_letter"
     stream_group: str = "rtmanager"
-    stream_max_deliveries: int = Field(default=5, ge=1, le=1000)
-    stream_workers: int = Field(default=4, ge=1, le=256)
-    stream_claim_idle: PositiveDuration = timedelta(seconds=30)
-    stream_block: PositiveDuration = timedelta(milliseconds=500)
-    stream_batch: int = Field(default=64, ge=1, le=10_000)
-    stream_max_buffered: int = Field(default=256, ge=1, le=100_000)
-    stream_retry_base: PositiveDuration = timedelta(milliseconds=200)
-    stream_retry_max: PositiveDuration = timedelta(seconds=5)
-    stream_retry_for: PositiveDuration = timedelta(minutes=10)
-    stream_results_maxlen: int = Field(default=100_000, ge=1)
-    stream_dead_letter_maxlen: int = Field(default=100_000, ge=1)
-    stream_presence_ttl: PositiveDuration = timedelta(seconds=10)
-    stream_consumer_expiry: PositiveDuration = timedelta(hours=1)
-    stream_answered_ttl: PositiveDuration = timedelta(hours=24)
+    stream_max_deliveries: int = 5
+    stream_workers: int = 4
+    stream_claim_idle: timedelta = timedelta(seconds=30)
+    stream_block: timedelta = timedelta(milliseconds=500)
+    stream_batch: int = 64
+    stream_max_buffered: int = 256
+    stream_retry_base: timedelta = timedelta(milliseconds=200)
+    stream_retry_max: timedelta = timedelta(seconds=5)
+    stream_retry_for: timedelta = timedelta(minutes=10)
+    stream_results_maxlen: int = 100_000
+    stream_dead_letter_maxlen: int = 100_000
+    stream_presence_ttl: timedelta = timedelta(seconds=10)
+    stream_consumer_expiry: timedelta = timedelta(hours=1)
+    stream_answered_ttl: timedelta = timedelta(hours=24)
 
-    @property
-    def stream_retry_window(self) -> timedelta:
-        """How long a transiently failing Lobby job is retried: `RTMANAGER_STREAM_RETRY_FOR`,
-        but never less than a dead holder's lease plus the wait before its job is taken over."""
-        return max(self.stream_retry_for, self.game_lease_ttl + self.stream_claim_idle)
-
-    instance_id: str = Field(default_factory=default_instance_id)
+    instance_id: str = field(default_factory=default_instance_id)
     cluster: str = "default"
 
     # Where engines run: one Docker host, or a Docker Swarm through a manager (SPEC §10).
@@ -237,41 +235,35 @@ class Settings(BaseModel):
     docker_host: str = "unix:///var/run/docker.sock"
     # Swarm only: placement constraints of every engine service, and the
     # driver of each game's state volume.
-    swarm_constraints: Annotated[list[str], BeforeValidator(_split_csv)] = []
+    swarm_constraints: list[str] = field(default_factory=list)
     swarm_volume_driver: str = "local"
-    docker_timeout: PositiveDuration = timedelta(seconds=30)
+    docker_timeout: timedelta = timedelta(seconds=30)
     engine_network: str = "galaxy-engines"
-    engine_port: int = Field(default=8080, ge=1, le=65535)
-    state_root: AbsolutePath = Path("/var/lib/galaxy/games")
-    engine_state_mount: AbsolutePath = Path("/var/lib/galaxy-game")
-    image_allowlist: Annotated[list[str], BeforeValidator(_split_csv)] = ["galaxy/"]
+    engine_port: int = 8080
+    state_root: Path = Path("/var/lib/galaxy/games")
+    engine_state_mount: Path = Path("/var/lib/galaxy-game")
+    image_allowlist: list[str] = field(default_factory=lambda: ["galaxy/"])
     image_pull_policy: PullPolicy = PullPolicy.IF_MISSING
-    engine_memory: Annotated[int, BeforeValidator(parse_size), Field(ge=4 * 1024 * 1024)] = (
-        512 * 1024 * 1024
-    )
-    engine_cpus: float = Field(default=1.0, gt=0, le=1024)
-    engine_pids: int = Field(default=256, ge=16, le=1_000_000)
+    engine_memory: int = 512 * 1024 * 1024
+    engine_cpus: float = 1.0
+    engine_pids: int = 256
     engine_read_only: bool = False
     # nobody:nogroup on Debian: an unprivileged user that owns nothing else.
-    engine_user: Annotated[EngineUser, BeforeValidator(parse_engine_user)] = EngineUser(
-        65534, 65534
-    )
-    engine_log_max_size: Annotated[int, BeforeValidator(parse_size), Field(ge=64 * 1024)] = (
-        10 * 1024 * 1024
-    )
-    engine_log_max_files: int = Field(default=3, ge=1, le=100)
+    engine_user: EngineUser = _NOBODY
+    engine_log_max_size: int = 10 * 1024 * 1024
+    engine_log_max_files: int = 3
     remove_state_on_cleanup: bool = False
-    container_labels: Annotated[dict[str, str], BeforeValidator(_parse_labels)] = {}
+    container_labels: dict[str, str] = field(default_factory=dict)
 
-    game_lease_ttl: PositiveDuration = timedelta(seconds=60)
-    start_timeout: PositiveDuration = timedelta(seconds=30)
-    start_settle: Duration = timedelta(seconds=1)
-    stop_timeout: PositiveDuration = timedelta(seconds=10)
-    container_ttl: PositiveDuration = timedelta(hours=24)
-    cleanup_interval: PositiveDuration = timedelta(minutes=5)
-    reconcile_interval: PositiveDuration = timedelta(seconds=60)
+    game_lease_ttl: timedelta = timedelta(seconds=60)
+    start_timeout: timedelta = timedelta(seconds=30)
+    start_settle: timedelta = timedelta(seconds=1)
+    stop_timeout: timedelta = timedelta(seconds=10)
+    container_ttl: timedelta = timedelta(hours=24)
+    cleanup_interval: timedelta = timedelta(minutes=5)
+    reconcile_interval: timedelta = timedelta(seconds=60)
 
-    auth_tokens: str = Field(default="", repr=False)
+    auth_tokens: str = field(default="", repr=False)
     # Tokens over plaintext on a non-loopback address are refused unless
     # the operator says the network is trusted (e.g. TLS ends at a sidecar).
     allow_cleartext_tokens: bool = False
@@ -279,57 +271,21 @@ class Settings(BaseModel):
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
 
-    metrics_addr: Annotated[str, AfterValidator(_optional_host_port)] = "127.0.0.1:9464"
+    metrics_addr: str = "127.0.0.1:9464"
     otlp_endpoint: str = ""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    log_format: Literal["json", "text"] = Field(
-        default_factory=lambda: "text" if sys.stderr.isatty() else "json"
-    )
+    log_format: Literal["json", "text"] = field(default_factory=_default_log_format)
 
-    watch_max_subscribers: int = Field(default=32, ge=1, le=1000)
-    watch_queue_size: int = Field(default=1000, ge=10, le=1_000_000)
-    watch_heartbeat: PositiveDuration = timedelta(seconds=15)
-    watch_retention: PositiveDuration = timedelta(days=7)
+    watch_max_subscribers: int = 32
+    watch_queue_size: int = 1000
+    watch_heartbeat: timedelta = timedelta(seconds=15)
+    watch_retention: timedelta = timedelta(days=7)
 
-    @model_validator(mode="after")
-    def _watchers_leave_threads_for_calls(self) -> Settings:
-        # Each watch holds one server thread for its whole life.
-        if self.watch_max_subscribers > self.grpc_max_workers - 8:
-            raise ValueError(
-                "RTMANAGER_WATCH_MAX_SUBSCRIBERS must be at most RTMANAGER_GRPC_MAX_WORKERS - 8 "
-                f"({self.grpc_max_workers - 8}), so watchers cannot starve other calls"
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _stream_timings_fit(self) -> Settings:
-        problems = []
-        if self.stream_block > REDIS_COMMAND_TIMEOUT - timedelta(seconds=1):
-            problems.append(
-                "RTMANAGER_STREAM_BLOCK must be at most "
-                f"{(REDIS_COMMAND_TIMEOUT - timedelta(seconds=1)).total_seconds():g}s, "
-                "below the Redis command timeout, or idle reads would time out"
-            )
-        if self.stream_retry_max < self.stream_retry_base:
-            problems.append(
-                "RTMANAGER_STREAM_RETRY_MAX must not be below RTMANAGER_STREAM_RETRY_BASE"
-            )
-        if problems:
-            raise ValueError("; ".join(problems))
-        return self
-
-    @model_validator(mode="after")
-    def _concurrent_calls_have_threads(self) -> Settings:
-        # A call admitted beyond the free server threads would queue unseen
-        # in the executor instead of being answered RESOURCE_EXHAUSTED.
-        room = self._rpc_threads
-        if self.grpc_max_concurrent_rpcs is not None and self.grpc_max_concurrent_rpcs > room:
-            raise ValueError(
-                "RTMANAGER_GRPC_MAX_CONCURRENT_RPCS must be at most RTMANAGER_GRPC_MAX_WORKERS - "
-                f"RTMANAGER_WATCH_MAX_SUBSCRIBERS - {RPC_THREAD_HEADROOM} ({room}), so every "
-                "admitted call has a server thread"
-            )
-        return self
+    @property
+    def stream_retry_window(self) -> timedelta:
+        """How long a transiently failing Lobby job is retried: `RTMANAGER_STREAM_RETRY_FOR`,
+        but never less than a dead holder's lease plus the wait before its job is taken over."""
+        return max(self.stream_retry_for, self.game_lease_ttl + self.stream_claim_idle)
 
     @property
     def _rpc_threads(self) -> int:
@@ -347,65 +303,277 @@ class Settings(BaseModel):
             return self.grpc_max_concurrent_rpcs
         return min(CALLS_PER_CONNECTION * self.postgres_pool_size, self._rpc_threads)
 
-    @field_validator("swarm_constraints")
-    @classmethod
-    def _constraints(cls, value: list[str]) -> list[str]:
-        for constraint in value:
-            if _CONSTRAINT.fullmatch(constraint) is None:
+
+def _cross_checks(settings: Settings) -> list[str]:
+    """The first rule across settings that does not hold, as a message naming its variables."""
+    # Each watch holds one server thread for its whole life.
+    if settings.watch_max_subscribers > settings.grpc_max_workers - 8:
+        return [
+            "RTMANAGER_WATCH_MAX_SUBSCRIBERS must be at most RTMANAGER_GRPC_MAX_WORKERS - 8 "
+            f"({settings.grpc_max_workers - 8}), so watchers cannot starve other calls"
+        ]
+    timings = []
+    if settings.stream_block > REDIS_COMMAND_TIMEOUT - timedelta(seconds=1):
+        timings.append(
+            "RTMANAGER_STREAM_BLOCK must be at most "
+            f"{(REDIS_COMMAND_TIMEOUT - timedelta(seconds=1)).total_seconds():g}s, "
+            "below the Redis command timeout, or idle reads would time out"
+        )
+    if settings.stream_retry_max < settings.stream_retry_base:
+        timings.append("RTMANAGER_STREAM_RETRY_MAX must not be below RTMANAGER_STREAM_RETRY_BASE")
+    if timings:
+        return ["; ".join(timings)]
+    # A call admitted beyond the free server threads would queue unseen
+    # in the executor instead of being answered RESOURCE_EXHAUSTED.
+    room = settings._rpc_threads
+    if settings.grpc_max_concurrent_rpcs is not None and settings.grpc_max_concurrent_rpcs > room:
+        return [
+            "RTMANAGER_GRPC_MAX_CONCURRENT_RPCS must be at most RTMANAGER_GRPC_MAX_WORKERS - "
+            f"RTMANAGER_WATCH_MAX_SUBSCRIBERS - {RPC_THREAD_HEADROOM} ({room}), so every "
+            "admitted call has a server thread"
+        ]
+    return []
+
+
+# -- parsers: a variable's text (or a typed value) to a setting's value --------
+
+Parser = Callable[[object], object]
+
+# An integer, with underscores between digits, or with a fraction of zeros.
+_INTEGER = re.compile(r"([+-]?\d+(?:_\d+)*)(?:\.0*)?")
+
+
+def _integer(*, ge: int | None = None, le: int | None = None) -> Parser:
+    def parse(value: object) -> int:
+        number: int
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise ValueError("Input should be a valid integer")
+        if isinstance(value, int):
+            number = value
+        else:
+            match = _INTEGER.fullmatch(value.strip())
+            if match is None:
                 raise ValueError(
-                    "expected comma-separated swarm constraints such as "
-                    "node.labels.galaxy.engines==true or node.role!=manager"
+                    "Input should be a valid integer, unable to parse string as an integer"
                 )
+            number = int(match.group(1))
+        if ge is not None and number < ge:
+            raise ValueError(f"Input should be greater than or equal to {ge}")
+        if le is not None and number > le:
+            raise ValueError(f"Input should be less than or equal to {le}")
+        return number
+
+    return parse
+
+
+def _optional(parse: Parser) -> Parser:
+    return lambda value: None if value is None else parse(value)
+
+
+def _number(*, gt: float, le: float) -> Parser:
+    def parse(value: object) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise ValueError("Input should be a valid number")
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError(
+                "Input should be a valid number, unable to parse string as a number"
+            ) from None
+        if not number <= le:
+            raise ValueError(f"Input should be less than or equal to {le:g}")
+        if not number > gt:
+            raise ValueError(f"Input should be greater than {gt:g}")
+        return number
+
+    return parse
+
+
+_TRUE = frozenset({"1", "on", "t", "true", "y", "yes"})
+_FALSE = frozenset({"0", "off", "f", "false", "n", "no"})
+
+
+def _boolean(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).lower() if isinstance(value, str | int) else ""
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError("Input should be a valid boolean, unable to interpret input")
+
+
+def _text(*checks: Callable[[str], str]) -> Parser:
+    def parse(value: object) -> str:
+        if not isinstance(value, str):
+            raise ValueError("Input should be a valid string")
+        for check in checks:
+            value = check(value)
         return value
 
-    @field_validator("swarm_volume_driver")
-    @classmethod
-    def _driver(cls, value: str) -> str:
-        if _VOLUME_DRIVER.fullmatch(value) is None:
-            raise ValueError("expected a volume driver name such as local")
+    return parse
+
+
+def _choice(*choices: str) -> Parser:
+    expected = ", ".join(f"{choice!r}" for choice in choices[:-1]) + f" or {choices[-1]!r}"
+
+    def parse(value: object) -> str:
+        text = value.strip().lower() if isinstance(value, str) else None
+        if text not in choices:
+            raise ValueError(f"Input should be {expected}")
+        return text
+
+    return parse
+
+
+def _member(enum: type[StrEnum]) -> Parser:
+    choose = _choice(*(member.value for member in enum))
+    return lambda value: enum(str(choose(value)))
+
+
+def _path(*checks: Callable[[Path], Path]) -> Parser:
+    def parse(value: object) -> Path:
+        if not isinstance(value, str | Path):
+            raise ValueError("Input is not a valid path")
+        path = Path(value)
+        for check in checks:
+            path = check(path)
+        return path
+
+    return parse
+
+
+def _duration(value: object) -> timedelta:
+    return parse_duration(value)
+
+
+def _positive_duration(value: object) -> timedelta:
+    return _positive(parse_duration(value))
+
+
+def _size(*, ge: int) -> Parser:
+    at_least = _integer(ge=ge)
+    return lambda value: at_least(parse_size(value))
+
+
+def _matching(pattern: re.Pattern[str], message: str) -> Callable[[str], str]:
+    def check(value: str) -> str:
+        if pattern.fullmatch(value) is None:
+            raise ValueError(message)
         return value
 
-    @field_validator("log_level", "log_format", "image_pull_policy", "backend", mode="before")
-    @classmethod
-    def _lower(cls, value: Any) -> Any:
-        return value.strip().lower() if isinstance(value, str) else value
+    return check
 
-    @field_validator("cluster", "stream_group", "engine_network")
-    @classmethod
-    def _name(cls, value: str) -> str:
-        if _NAME.fullmatch(value) is None:
-            raise ValueError("expected 1-63 characters of a-z, 0-9, '_', '.', '-'")
-        return value
 
-    @field_validator("postgres_schema")
-    @classmethod
-    def _schema(cls, value: str) -> str:
-        if _SQL_IDENTIFIER.fullmatch(value) is None:
-            raise ValueError("expected a lower-case SQL identifier (a-z, 0-9, '_')")
-        return value
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("expected a non-empty value")
+    return value
 
-    @field_validator("image_allowlist")
-    @classmethod
-    def _allowlist(cls, value: list[str]) -> list[str]:
-        if not value:
-            raise ValueError("expected at least one repository prefix, e.g. galaxy/")
-        return value
 
-    @field_validator(
-        "start_jobs_stream",
-        "stop_jobs_stream",
-        "job_results_stream",
-        "dead_letter_stream",
-        "instance_id",
-        "postgres_dsn",
-        "redis_url",
-        "docker_host",
-    )
-    @classmethod
-    def _not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("expected a non-empty value")
-        return value
+def _constraints(value: object) -> list[str]:
+    constraints = _split_csv(value)
+    for constraint in constraints:
+        if _CONSTRAINT.fullmatch(constraint) is None:
+            raise ValueError(
+                "expected comma-separated swarm constraints such as "
+                "node.labels.galaxy.engines==true or node.role!=manager"
+            )
+    return constraints
+
+
+def _allowlist(value: object) -> list[str]:
+    prefixes = _split_csv(value)
+    if not prefixes:
+        raise ValueError("expected at least one repository prefix, e.g. galaxy/")
+    return prefixes
+
+
+_NAME_RULE = _matching(_NAME, "expected 1-63 characters of a-z, 0-9, '_', '.', '-'")
+
+_PARSERS: Mapping[str, Parser] = {
+    "grpc_addr": _text(_host_port),
+    "grpc_max_message_bytes": _integer(ge=1024, le=64 * 1024 * 1024),
+    "grpc_max_workers": _integer(ge=8, le=1024),
+    "grpc_max_concurrent_rpcs": _optional(_integer(ge=1, le=1024)),
+    "reflection": _boolean,
+    "shutdown_grace": _positive_duration,
+    "postgres_dsn": _text(_not_blank),
+    "postgres_schema": _text(
+        _matching(_SQL_IDENTIFIER, "expected a lower-case SQL identifier (a-z, 0-9, '_')")
+    ),
+    "postgres_pool_size": _integer(ge=1, le=1000),
+    "migrations_dir": _path(_absolute_path),
+    "redis_url": _text(_not_blank),
+    "redis_prefix": _text(),
+    "start_jobs_stream": _text(_not_blank),
+    "stop_jobs_stream": _text(_not_blank),
+    "job_results_stream": _text(_not_blank),
+    "dead_letter_stream": _text(_not_blank),
+    "stream_group": _text(_NAME_RULE),
+    "stream_max_deliveries": _integer(ge=1, le=1000),
+    "stream_workers": _integer(ge=1, le=256),
+    "stream_claim_idle": _positive_duration,
+    "stream_block": _positive_duration,
+    "stream_batch": _integer(ge=1, le=10_000),
+    "stream_max_buffered": _integer(ge=1, le=100_000),
+    "stream_retry_base": _positive_duration,
+    "stream_retry_max": _positive_duration,
+    "stream_retry_for": _positive_duration,
+    "stream_results_maxlen": _integer(ge=1),
+    "stream_dead_letter_maxlen": _integer(ge=1),
+    "stream_presence_ttl": _positive_duration,
+    "stream_consumer_expiry": _positive_duration,
+    "stream_answered_ttl": _positive_duration,
+    "instance_id": _text(_not_blank),
+    "cluster": _text(_NAME_RULE),
+    "backend": _choice("docker", "swarm"),
+    "docker_host": _text(_not_blank),
+    "swarm_constraints": _constraints,
+    "swarm_volume_driver": _text(
+        _matching(_VOLUME_DRIVER, "expected a volume driver name such as local")
+    ),
+    "docker_timeout": _positive_duration,
+    "engine_network": _text(_NAME_RULE),
+    "engine_port": _integer(ge=1, le=65535),
+    "state_root": _path(_absolute_path),
+    "engine_state_mount": _path(_absolute_path),
+    "image_allowlist": _allowlist,
+    "image_pull_policy": _member(PullPolicy),
+    "engine_memory": _size(ge=4 * 1024 * 1024),
+    "engine_cpus": _number(gt=0, le=1024),
+    "engine_pids": _integer(ge=16, le=1_000_000),
+    "engine_read_only": _boolean,
+    "engine_user": parse_engine_user,
+    "engine_log_max_size": _size(ge=64 * 1024),
+    "engine_log_max_files": _integer(ge=1, le=100),
+    "remove_state_on_cleanup": _boolean,
+    "container_labels": _parse_labels,
+    "game_lease_ttl": _positive_duration,
+    "start_timeout": _positive_duration,
+    "start_settle": _duration,
+    "stop_timeout": _positive_duration,
+    "container_ttl": _positive_duration,
+    "cleanup_interval": _positive_duration,
+    "reconcile_interval": _positive_duration,
+    "auth_tokens": _text(),
+    "allow_cleartext_tokens": _boolean,
+    "tls_cert": _optional(_path()),
+    "tls_key": _optional(_path()),
+    "tls_client_ca": _optional(_path()),
+    "metrics_addr": _text(_optional_host_port),
+    "otlp_endpoint": _text(),
+    "log_level": _choice("debug", "info", "warning", "error"),
+    "log_format": _choice("json", "text"),
+    "watch_max_subscribers": _integer(ge=1, le=1000),
+    "watch_queue_size": _integer(ge=10, le=1_000_000),
+    "watch_heartbeat": _positive_duration,
+    "watch_retention": _positive_duration,
+}
+
+# Settings whose values are never shown: tokens, the DSN's password.
+_SECRETS = frozenset(f.name for f in fields(Settings) if not f.repr)
 
 
 def load_settings(environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
@@ -418,7 +586,7 @@ def load_settings(environ: dict[str, str] | None = None, **overrides: Any) -> Se
     names = [key for key in source if key.upper().startswith(ENV_PREFIX)]
     values: dict[str, Any] = {key[len(ENV_PREFIX) :].lower(): source[key] for key in names}
     values.update(overrides)
-    known = set(Settings.model_fields)
+    known = set(_PARSERS)
     # Only `source` is read, so tests and production share one path. An
     # unknown RTMANAGER_* name is refused: a misspelt setting would
     # otherwise leave its default in force without a word.
@@ -427,10 +595,18 @@ def load_settings(environ: dict[str, str] | None = None, **overrides: Any) -> Se
         for name in sorted(names)
         if name[len(ENV_PREFIX) :].lower() not in known and name.upper() not in NOT_SETTINGS
     ]
-    try:
-        settings = Settings.model_validate({k: v for k, v in values.items() if k in known})
-    except ValidationError as error:
-        problems.extend(_describe(error, values))
+    parsed: dict[str, Any] = {}
+    for name, parse in _PARSERS.items():
+        if name not in values:
+            continue
+        try:
+            parsed[name] = parse(values[name])
+        except ValueError as error:
+            shown = "<redacted>" if name in _SECRETS else values[name]
+            problems.append(f"{ENV_PREFIX}{name.upper()}={shown!r}: {error}")
+    if not problems:
+        settings = Settings(**parsed)
+        problems.extend(_cross_checks(settings))
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
     return settings
@@ -438,7 +614,7 @@ def load_settings(environ: dict[str, str] | None = None, **overrides: Any) -> Se
 
 def setting_names() -> list[str]:
     """The variable name of every setting."""
-    return [f"{ENV_PREFIX}{field.upper()}" for field in Settings.model_fields]
+    return [f"{ENV_PREFIX}{name.upper()}" for name in _PARSERS]
 
 
 def _unknown(name: str) -> str:
@@ -452,21 +628,3 @@ def _unknown(name: str) -> str:
     if close:
         return f"{name}: unknown variable; did you mean {candidates[close[0]]}?"
     return f"{name}: unknown variable (README.md lists every setting under Configuration)"
-
-
-def _describe(error: ValidationError, values: dict[str, Any]) -> list[str]:
-    lines = []
-    for problem in error.errors():
-        message = str(problem["msg"]).removeprefix("Value error, ")
-        if not problem["loc"]:
-            # A rule across several settings: its message names them.
-            lines.append(message)
-            continue
-        field = str(problem["loc"][0])
-        variable = f"{ENV_PREFIX}{field.upper()}"
-        shown = values.get(field, problem.get("input"))
-        known = Settings.model_fields.get(field)
-        if known is not None and not known.repr:  # secrets: tokens, the DSN's password
-            shown = "<redacted>"
-        lines.append(f"{variable}={shown!r}: {message}")
-    return lines

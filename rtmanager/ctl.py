@@ -827,17 +827,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_ctl_parser(commands: Any) -> argparse.ArgumentParser:
-    """Register `ctl` on the subparsers action of the `rtmanager` command."""
-    parser: argparse.ArgumentParser = commands.add_parser(
-        "ctl",
-        help="call a running server: start, stop, get, list, ops, explain, ... (a human client)",
-        description="Call a running rtmanager server (a human client).",
-    )
-    configure_parser(parser)
-    return parser
-
-
 # --------------------------------------------------------------------------
 # Running
 

@@ -554,19 +554,31 @@ class EngineBackend(Protocol):
         ...
 
     def ensure_image(self, image_ref: str, policy: PullPolicy) -> None:
-        """Make the image present per the pull policy; raise `ImagePullFailed` if not."""
+        """Make the image present per the pull policy; raise `ImagePullFailed` if not.
+
+        A backend may take an image it has seen present as present without
+        asking (except under `ALWAYS`); if it is gone, `create` raises
+        `ImagePullFailed` and forgets it, and a second call asks.
+        """
         ...
 
     def ensure_network(self, name: str, labels: dict[str, str]) -> None:
-        """Create the engine network (internal, with `labels`) unless it exists."""
+        """Create the engine network (internal, with `labels`) unless it exists.
+
+        A backend may remember the network it settled on and answer later
+        calls without asking; if that network is removed behind its back,
+        `create` or `start` raises `EngineNetworkGone` and forgets it, and a
+        second call settles again.
+        """
         ...
 
     def create(self, spec: ContainerSpec) -> str:
         """Create (not start) the game's workload and return the workload's id.
 
         Raises `Conflict` when a workload of that name already exists,
-        `ImagePullFailed` when the image is absent and `ContainerStartFailed`
-        when the backend refuses the configuration.
+        `ImagePullFailed` when the image is absent, `EngineNetworkGone`
+        when the remembered engine network is gone, and `ContainerStartFailed`
+        when the backend refuses the configuration otherwise.
         """
         ...
 
@@ -575,7 +587,8 @@ class EngineBackend(Protocol):
 
         On the single-host backend that is `workload_id` itself; on a
         cluster backend, the container of the task it placed. Raises
-        `ContainerStartFailed` if the backend refuses. Whether the engine
+        `ContainerStartFailed` if the backend refuses (`EngineNetworkGone`
+        when that is because the engine network is gone). Whether the engine
         then stays up (and turns healthy) is for the caller to watch through
         `inspect`.
         """

@@ -123,6 +123,14 @@ class ContainerStartFailed(RuntimeManagerError):
     code = ErrorCode.CONTAINER_START_FAILED
 
 
+class EngineNetworkGone(ContainerStartFailed):
+    """The engine network a backend remembered was removed behind its back.
+
+    The backend has forgotten it; ensuring the network again and retrying
+    can succeed. Left unhandled it is a start failure.
+    """
+
+
 class ServiceUnavailable(RuntimeManagerError):
     """Docker, PostgreSQL or Redis is unreachable or timing out."""
 

@@ -22,6 +22,8 @@ from rtmanager.domain.errors import (
     ConcurrentModification,
     Conflict,
     ContainerStartFailed,
+    EngineNetworkGone,
+    ImagePullFailed,
     RuntimeManagerError,
     ServiceUnavailable,
 )
@@ -156,45 +158,93 @@ class StartService(LifecycleService):
     def _create_and_start(
         self, game_id: str, image_ref: str, existing: RuntimeRecord | None, removed: list[str]
     ) -> ContainerInfo:
-        """Create and start the game's engine; return the backend's report of it, up."""
+        """Create and start the game's engine; return the backend's report of it, up.
+
+        The backend may answer `ensure_image` and `ensure_network` from what
+        it remembers, and `create` is what finds the name taken: each of
+        those is settled once, by asking again, here (`_settle`).
+        """
         settings = self._settings
-        name = container_name(game_id)
-        occupant = self._engine.inspect(name)
-        if occupant is not None and not occupant.owned:
-            raise Conflict(
-                f"a container named {name} that this rtmanager does not own is in the way"
-            )
         require_time_left("pulling the engine image")
         self._engine.ensure_image(image_ref, settings.image_pull_policy)
         state_dir = settings.state_dir(game_id)
         if self._engine.capabilities.host_state_dirs:
             prepare_state_dir(state_dir, settings.engine_user)
+        self._ensure_network()
+        # The record's previous container makes way (an orphan of an
+        # interrupted operation holding the name does so on `create`'s Conflict).
+        if existing is not None and existing.current_container_id:
+            if owned_container(self._engine, existing.current_container_id) is not None:
+                self._lock.check(game_id)
+                self._engine.remove(existing.current_container_id, force=True)
+            removed.append(existing.current_container_id)
+        spec = self._spec(game_id, image_ref, state_dir)
+        settled: set[type[RuntimeManagerError]] = set()
+        while True:
+            require_time_left("creating the engine container")
+            self._lock.check(game_id)
+            try:
+                workload_id = self._engine.create(spec)
+            except (Conflict, ImagePullFailed, EngineNetworkGone) as error:
+                self._settle(error, settled, game_id, image_ref)
+                continue
+            try:
+                self._lock.check(game_id)
+                container_id = self._engine.start(workload_id)
+                return self._wait_until_up(container_id)
+            except EngineNetworkGone as error:
+                self._discard(workload_id)
+                self._settle(error, settled, game_id, image_ref)
+            except RuntimeManagerError:
+                self._discard(workload_id)
+                raise
+
+    def _settle(
+        self,
+        error: RuntimeManagerError,
+        settled: set[type[RuntimeManagerError]],
+        game_id: str,
+        image_ref: str,
+    ) -> None:
+        """Deal with what `create` or `start` found, once per kind; re-raise what remains.
+
+        - the name is taken (`Conflict`): by a container this deployment
+          does not own, which is refused; or by an orphan of ours, left by
+          an interrupted operation, which is removed;
+        - the image is absent (`ImagePullFailed`), though the backend had
+          seen it present: the pull policy decides again;
+        - the engine network is gone (`EngineNetworkGone`): it is ensured
+          again.
+        """
+        kind = type(error)
+        if kind in settled:
+            raise error
+        settled.add(kind)
+        if isinstance(error, Conflict):
+            name = container_name(game_id)
+            occupant = self._engine.inspect(name)
+            if occupant is None:
+                return  # gone meanwhile
+            if not occupant.owned:
+                raise Conflict(
+                    f"a container named {name} that this rtmanager does not own is in the way"
+                ) from error
+            self._lock.check(game_id)
+            self._engine.remove(occupant.id, force=True)
+        elif isinstance(error, ImagePullFailed):
+            require_time_left("pulling the engine image")
+            self._engine.ensure_image(image_ref, self._settings.image_pull_policy)
+        else:
+            self._ensure_network()
+
+    def _ensure_network(self) -> None:
+        settings = self._settings
         network_labels = labels.engine_labels(
             cluster=settings.cluster, game_id="", image_ref="", extra=settings.container_labels
         )
         network_labels.pop(labels.GAME_ID)
         network_labels.pop(labels.IMAGE_REF)
         self._engine.ensure_network(settings.engine_network, network_labels)
-        # The previous container of this game (the record's, or an orphan of
-        # an interrupted operation that holds the name) makes way.
-        if occupant is not None:
-            self._lock.check(game_id)
-            self._engine.remove(occupant.id, force=True)
-        if existing is not None and existing.current_container_id:
-            if owned_container(self._engine, existing.current_container_id) is not None:
-                self._lock.check(game_id)
-                self._engine.remove(existing.current_container_id, force=True)
-            removed.append(existing.current_container_id)
-        require_time_left("creating the engine container")
-        self._lock.check(game_id)
-        workload_id = self._engine.create(self._spec(game_id, image_ref, state_dir))
-        try:
-            self._lock.check(game_id)
-            container_id = self._engine.start(workload_id)
-            return self._wait_until_up(container_id)
-        except RuntimeManagerError:
-            self._discard(workload_id)
-            raise
 
     def _spec(self, game_id: str, image_ref: str, state_dir: Path) -> ContainerSpec:
         settings = self._settings

@@ -30,6 +30,7 @@ from rtmanager.domain import labels as galaxy_labels
 from rtmanager.domain.errors import (
     Conflict,
     ContainerStartFailed,
+    EngineNetworkGone,
     ImagePullFailed,
     ServiceUnavailable,
 )
@@ -446,6 +447,41 @@ def test_ensure_image_if_missing_on_a_present_image_does_not_pull_and_always_doe
         client.images.remove(ref)
 
 
+@pytest.mark.parametrize("policy", [PullPolicy.IF_MISSING, PullPolicy.NEVER])
+def test_an_image_seen_present_is_not_asked_about_again_until_a_create_finds_it_gone(
+    engine: DockerEngineAdapter,
+    client: docker.DockerClient,
+    network: str,
+    state_dir: Path,
+    test_id: str,
+    cluster: str,
+    policy: PullPolicy,
+) -> None:
+    repository = f"127.0.0.1:1/galaxy/seen-{test_id}"
+    ref = f"{repository}:1.0.0"
+    assert client.images.get(STUB_IMAGE).tag(repository, "1.0.0")
+    try:
+        engine.ensure_image(ref, policy)
+        requests = count_requests(engine)
+        engine.ensure_image(ref, policy)
+        assert requests == []
+
+        client.images.remove(ref)  # behind the adapter's back
+        spec = make_spec(
+            test_id=test_id, cluster=cluster, network=network, state_dir=state_dir, image=ref
+        )
+        with pytest.raises(ImagePullFailed, match="not present"):
+            engine.create(spec)
+        # Forgotten: the policy decides again (the registry is unreachable).
+        with pytest.raises(
+            ImagePullFailed, match="never" if policy is PullPolicy.NEVER else "pull"
+        ):
+            engine.ensure_image(ref, policy)
+    finally:
+        with contextlib.suppress(docker.errors.ImageNotFound):
+            client.images.remove(ref)
+
+
 def test_ensure_image_if_missing_of_an_unreachable_registry_image_fails_fast(
     engine: DockerEngineAdapter,
 ) -> None:
@@ -478,6 +514,36 @@ def test_ensure_network_is_idempotent_and_creates_an_internal_bridge_network(
     assert network["Driver"] == "bridge"
     assert network["Internal"] is True
     assert network["Labels"] == {TEST_LABEL: test_id, "purpose": "engines"}
+
+
+def test_a_settled_network_is_not_asked_about_again_until_a_start_finds_it_gone(
+    engine: DockerEngineAdapter,
+    client: docker.DockerClient,
+    state_dir: Path,
+    test_id: str,
+    cluster: str,
+) -> None:
+    name = f"galaxy-t-{test_id}"
+    engine.ensure_network(name, {TEST_LABEL: test_id})
+    requests = count_requests(engine)
+    engine.ensure_network(name, {TEST_LABEL: test_id})
+    assert requests == []
+
+    (gone,) = networks_named(client, name)
+    client.api.remove_network(gone["Id"])  # behind the adapter's back
+    spec = make_spec(test_id=test_id, cluster=cluster, network=name, state_dir=state_dir)
+    stale = engine.create(spec)
+    with pytest.raises(EngineNetworkGone):
+        engine.start(stale)
+    engine.remove(stale, force=True)
+
+    # Forgotten: settled again, on a new network, which the engine joins.
+    engine.ensure_network(name, {TEST_LABEL: test_id})
+    (again,) = networks_named(client, name)
+    assert again["Id"] != gone["Id"]
+    container_id = engine.start(engine.create(spec))
+    networks = client.api.inspect_container(container_id)["NetworkSettings"]["Networks"]
+    assert [n["NetworkID"] for n in networks.values()] == [again["Id"]]
 
 
 def _replicas_start_engines(

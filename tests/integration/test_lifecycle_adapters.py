@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -23,6 +25,7 @@ from rtmanager.adapters.postgres.pool import create_pool
 from rtmanager.adapters.postgres.unit_of_work import PostgresUnitOfWorkFactory
 from rtmanager.adapters.redis.leases import RedisGameLeases
 from rtmanager.deadlines import deadline_scope
+from rtmanager.domain import labels
 from rtmanager.domain.errors import ErrorCode
 from rtmanager.domain.operation import OpKind, OpSource
 from rtmanager.domain.runtime import RuntimeStatus
@@ -54,6 +57,7 @@ class Wired:
     schema: str
     settings: LifecycleSettings
     restart: RestartService
+    engine: DockerEngineAdapter
 
 
 # Wires the services again with some settings changed.
@@ -111,6 +115,7 @@ def rewire(
             pg_schema,
             rewired.settings,
             RestartService(RecreateService(rewired, stop=stop, start=start)),
+            engine,
         )
 
     try:
@@ -162,18 +167,18 @@ def parents_and_events(schema: str, game_id: str) -> list[tuple[object, ...]]:
 
 @pytest.mark.parametrize("deadline", [None, 5.0], ids=["no-deadline", "caller-deadline"])
 def test_a_restart_draws_its_id_before_its_inner_rows_and_publishes_its_end(
-    wired: Wired, deadline: float | None
+    wired: Wired, deadline: float | None, test_id: str
 ) -> None:
-    # One game per case: xdist may run both at once, and container names are per engine.
-    game = "real-r" if deadline is None else "real-rd"
-    assert wired.start.handle(StartRequest(game, STUB, OpSource.GM_REST)).ok
+    # A game of its own: both cases may run at once, and container names are global.
+    game_id = f"real-r{test_id}"
+    assert wired.start.handle(StartRequest(game_id, STUB, OpSource.GM_REST)).ok
     # A caller's deadline gives every unit of work a timeout of its own (a
     # transaction begun with SET LOCAL), drawing the id included.
     with deadline_scope(deadline):
-        restarted = wired.restart.handle(RestartRequest(game, OpSource.GM_REST, "gm-1"))
+        restarted = wired.restart.handle(RestartRequest(game_id, OpSource.GM_REST, "gm-1"))
     assert restarted.ok, restarted.failure
 
-    start, outer, stop, inner_start = parents_and_events(wired.schema, game)
+    start, outer, stop, inner_start = parents_and_events(wired.schema, game_id)
     assert (start[0], start[1]) == ("start", None)
     assert outer[:3] == ("restart", None, None) and outer[3] == restarted.operation_id
     assert stop[:3] == ("stop", "restart", outer[3])
@@ -323,3 +328,154 @@ def test_cleanup_with_state_removal_names_an_immutable_file_it_could_not_remove(
         ("cleanup_container", "success", ""),
         ("cleanup_container", "failure", "internal"),
     ]
+
+
+# --- a start asks Docker only what it does not know ---------------------------------
+
+
+def docker_requests(engine: DockerEngineAdapter) -> list[str]:
+    """Record "METHOD path" of every request the adapter's client sends from now on."""
+    seen: list[str] = []
+
+    def record(response: Any, *args: object, **kwargs: object) -> None:
+        request = response.request
+        path = re.sub(r"^/v[\d.]+/", "/", request.path_url.split("?")[0])
+        seen.append(f"{request.method} {re.sub(r'/[0-9a-f]{64}(?=/|$)', '/{id}', path)}")
+
+    engine._api().hooks["response"].append(record)
+    return seen
+
+
+def start_and_remove(wired: Wired, game_id: str, image_ref: str = STUB) -> None:
+    started = wired.start.handle(StartRequest(game_id, image_ref, OpSource.GM_REST))
+    assert started.ok, started.failure
+    assert wired.cleanup.handle(CleanupRequest(game_id, OpSource.GM_REST, force=True)).ok
+
+
+def test_a_start_after_the_first_sends_docker_a_create_a_start_and_one_inspect(
+    rewire: Rewire, test_id: str
+) -> None:
+    # With settle 0s a start returns at the first inspect that shows it running.
+    wired = rewire(start_settle=timedelta(0))
+    start_and_remove(wired, f"q{test_id}")  # the image is seen, the network settled
+    requests = docker_requests(wired.engine)
+
+    assert wired.start.handle(StartRequest(f"r{test_id}", STUB, OpSource.GM_REST)).ok
+
+    assert requests == [
+        "POST /containers/create",
+        "POST /containers/{id}/start",
+        "GET /containers/{id}/json",
+    ]
+
+
+def tag_stub(client: docker.DockerClient, ref: str) -> None:
+    repository, _, tag = ref.rpartition(":")
+    assert client.images.get(STUB).tag(repository, tag)
+
+
+@pytest.mark.parametrize(
+    ("policy", "code"),
+    [(PullPolicy.NEVER, ErrorCode.IMAGE_PULL_FAILED), (PullPolicy.IF_MISSING, None)],
+    ids=["never", "if-missing"],
+)
+def test_a_start_whose_image_was_removed_since_the_last_start_follows_the_pull_policy(
+    rewire: Rewire,
+    docker_client: docker.DockerClient,
+    monkeypatch: pytest.MonkeyPatch,
+    test_id: str,
+    policy: PullPolicy,
+    code: ErrorCode | None,
+) -> None:
+    wired = rewire(image_pull_policy=policy)
+    ref = f"galaxy/remembered-{test_id}:1.0.0"
+    tag_stub(docker_client, ref)
+    pulls: list[str] = []
+
+    def pull(image_ref: str) -> None:
+        # No registry here: a pull puts the image back as a registry would.
+        pulls.append(image_ref)
+        tag_stub(docker_client, image_ref)
+
+    monkeypatch.setattr(wired.engine, "_pull", pull)
+    try:
+        start_and_remove(wired, f"a{test_id}", ref)
+        docker_client.images.remove(ref)  # behind rtmanager's back
+
+        result = wired.start.handle(StartRequest(f"b{test_id}", ref, OpSource.GM_REST))
+
+        if code is None:
+            assert result.ok, result.failure
+            assert pulls == [ref]
+        else:
+            assert result.failure is not None and result.failure.code is code
+            assert "never" in result.failure.message
+            assert pulls == []
+            assert (
+                docker_client.containers.list(all=True, filters={"name": f"galaxy-game-b{test_id}"})
+                == []
+            )
+    finally:
+        with contextlib.suppress(docker.errors.ImageNotFound):
+            docker_client.images.remove(ref)
+
+
+def test_a_start_after_the_engine_network_was_removed_creates_it_again(
+    wired: Wired, docker_client: docker.DockerClient, test_id: str
+) -> None:
+    network = wired.settings.engine_network
+    start_and_remove(wired, f"a{test_id}")
+    before = docker_client.networks.get(network)
+    before.remove()  # behind rtmanager's back
+
+    started = wired.start.handle(StartRequest(f"b{test_id}", STUB, OpSource.GM_REST))
+
+    assert started.ok, started.failure
+    assert started.record is not None
+    (after,) = docker_client.networks.list(names=[network])
+    assert after.id != before.id
+    container = docker_client.containers.get(started.record.current_container_id)
+    assert list(container.attrs["NetworkSettings"]["Networks"]) == [network]
+    assert container.attrs["NetworkSettings"]["Networks"][network]["NetworkID"] == after.id
+
+
+def test_a_start_whose_name_is_held_by_a_container_of_no_rtmanager_is_conflict(
+    wired: Wired, docker_client: docker.DockerClient, test_id: str
+) -> None:
+    start_and_remove(wired, f"a{test_id}")  # the image is seen, the network settled
+    game_id = f"b{test_id}"
+    foreign = docker_client.containers.create(
+        STUB, name=f"galaxy-game-{game_id}", labels={TEST_LABEL: test_id}, network_mode="none"
+    )
+
+    result = wired.start.handle(StartRequest(game_id, STUB, OpSource.GM_REST))
+
+    assert result.failure is not None
+    assert (result.failure.code, result.failure.race) == (ErrorCode.CONFLICT, False)
+    assert "does not own is in the way" in result.failure.message
+    foreign.reload()
+    assert foreign.status == "created"  # untouched
+    assert rows(wired.schema, game_id) == [("start", "failure", "conflict")]
+
+
+def test_a_start_whose_name_is_held_by_an_orphan_of_ours_removes_it_and_starts(
+    wired: Wired, docker_client: docker.DockerClient, test_id: str, cluster: str
+) -> None:
+    game_id = f"b{test_id}"
+    # Left behind by an operation interrupted before it could record it.
+    orphan = docker_client.containers.create(
+        STUB,
+        name=f"galaxy-game-{game_id}",
+        labels={
+            **labels.engine_labels(cluster=cluster, game_id=game_id, image_ref=STUB),
+            TEST_LABEL: test_id,
+        },
+        network_mode="none",
+    )
+
+    started = wired.start.handle(StartRequest(game_id, STUB, OpSource.GM_REST))
+
+    assert started.ok, started.failure
+    assert started.record is not None and started.record.current_container_id != orphan.id
+    with pytest.raises(docker.errors.NotFound):
+        docker_client.containers.get(orphan.id)

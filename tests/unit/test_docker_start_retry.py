@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import docker
 import pytest
+import requests
 
 from rtmanager.adapters.docker.engine import DockerEngineAdapter
-from rtmanager.domain.errors import ContainerStartFailed
+from rtmanager.domain.errors import ContainerStartFailed, EngineNetworkGone
 
 AMBIGUOUS = "network galaxy-engines is ambiguous (2 matches found based on name)"
 SWARM_NOT_FOUND = (
@@ -22,18 +23,24 @@ SWARM_NOT_FOUND = (
 )
 
 
-class FlakyApi:
-    """An APIClient whose start fails with `errors` first, then succeeds."""
+GONE_ID = "0e06edcd3f7c7384baa320da269b71881ab396e3f68c9eee799f9c433f079386"
 
-    def __init__(self, errors: list[str]) -> None:
+
+class FlakyApi:
+    """An APIClient whose start fails with `errors` (of `status`) first, then succeeds."""
+
+    def __init__(self, errors: list[str], status: int = 500) -> None:
         self.errors = list(errors)
+        self.status = status
         self.starts = 0
 
     def start(self, container_id: str) -> None:
         self.starts += 1
         if self.errors:
+            response = requests.Response()
+            response.status_code = self.status
             raise docker.errors.APIError(
-                "500 Server Error", response=None, explanation=self.errors.pop(0)
+                f"{self.status} Server Error", response=response, explanation=self.errors.pop(0)
             )
 
 
@@ -66,3 +73,29 @@ def test_any_other_start_failure_fails_at_once(words: str, monkeypatch: pytest.M
     with pytest.raises(ContainerStartFailed, match="could not start container"):
         adapter_over(api, monkeypatch).start("c" * 64)
     assert api.starts == 1
+
+
+@pytest.mark.parametrize(
+    ("words", "status"),
+    [
+        (f"network {GONE_ID} not found", 404),
+        ("network galaxy-engines not found", 404),
+        (
+            f"Could not attach to network {GONE_ID}: rpc error: code = NotFound "
+            f"desc = network {GONE_ID} not found",
+            500,
+        ),
+    ],
+    ids=["removed-id", "removed-name", "swarm-mode-removed-id"],
+)
+def test_a_start_on_a_removed_network_is_network_gone_at_once_and_forgets_it(
+    words: str, status: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    api = FlakyApi([words], status=status)
+    adapter = adapter_over(api, monkeypatch)
+    adapter._network_ids["galaxy-engines"] = GONE_ID
+
+    with pytest.raises(EngineNetworkGone, match="not found"):
+        adapter.start("c" * 64)
+    assert api.starts == 1
+    assert adapter._network_ids == {}

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from rtmanager.domain import labels
-from rtmanager.domain.errors import ErrorCode
+from rtmanager.domain.errors import EngineNetworkGone, ErrorCode
 from rtmanager.domain.operation import OpKind, OpSource, Outcome
 from rtmanager.domain.runtime import RuntimeStatus
 from rtmanager.domain.timeutil import utc_now
@@ -448,8 +448,10 @@ def test_start_with_foreign_container_holding_the_name_is_conflict_and_leaves_it
 
     assert failure_code(result) == ErrorCode.CONFLICT
     assert result.failure is not None and not result.failure.race
+    assert "does not own is in the way" in result.failure.message
     assert h.docker.containers[foreign].running
-    assert h.docker.mutating_calls() == []
+    # The create finds the name taken; nothing is stopped, removed or started.
+    assert h.docker.call_names() == ["ensure_image", "ensure_network", "create"]
     assert GAME not in h.store.records
     assert h.only_row(GAME).error_code == "conflict"
     assert h.leases.all_released
@@ -464,6 +466,120 @@ def test_start_of_running_runtime_whose_container_is_foreign_is_conflict(h: Harn
     assert failure_code(result) == ErrorCode.CONFLICT
     assert h.docker.mutating_calls() == []
     assert h.record(GAME) == before
+
+
+def test_start_whose_name_is_taken_again_after_removing_our_orphan_is_conflict(
+    h: Harness,
+) -> None:
+    h.docker.add_engine(GAME, IMAGE)
+    # Another orphan of ours takes the name again before the second create.
+    h.docker.before(
+        "remove", lambda *_: h.docker.before("create", lambda *_: h.docker.add_engine(GAME, IMAGE))
+    )
+
+    result = start(h)
+
+    assert failure_code(result) == ErrorCode.CONFLICT
+    assert h.docker.call_names("create", "remove") == ["create", "remove", "create"]
+    assert GAME not in h.store.records
+
+
+# --- what the backend remembered is gone --------------------------------------------
+
+
+def test_start_whose_image_was_removed_since_it_was_seen_follows_the_pull_policy(
+    h: Harness,
+) -> None:
+    # The backend took the image as present; it is gone by the create, and
+    # the registry has it.
+    h.docker.pullable.add(IMAGE)
+
+    def remove_image_once(*_: object) -> None:
+        h.docker.images.discard(IMAGE)
+        h.docker.before("create", None)
+
+    h.docker.before("create", remove_image_once)
+
+    result = start(h)
+
+    assert result.ok, result.failure
+    assert h.docker.call_names() == [
+        "ensure_image",
+        "ensure_network",
+        "create",
+        "ensure_image",
+        "create",
+        "start",
+    ]
+    assert h.docker.pulled == [IMAGE]
+
+
+def test_start_whose_image_was_removed_since_it_was_seen_under_policy_never_is_image_pull_failed(
+    tmp_path: Path,
+) -> None:
+    h = make_harness(tmp_path, image_pull_policy=PullPolicy.NEVER)
+    h.docker.before("create", lambda *_: h.docker.images.discard(IMAGE))
+
+    result = start(h)
+
+    assert failure_code(result) == ErrorCode.IMAGE_PULL_FAILED
+    assert "policy is never" in (result.failure.message if result.failure else "")
+    assert h.docker.pulled == []
+    assert h.docker.containers == {}
+    assert GAME not in h.store.records
+
+
+def test_start_whose_engine_network_is_gone_ensures_it_again_and_retries_once(
+    h: Harness,
+) -> None:
+    h.docker.fail("start", error=EngineNetworkGone("network galaxy-engines not found"))
+
+    result = start(h)
+
+    assert result.ok, result.failure
+    assert h.docker.call_names() == [
+        "ensure_image",
+        "ensure_network",
+        "create",
+        "start",
+        "remove",
+        "ensure_network",
+        "create",
+        "start",
+    ]
+    assert len(h.docker.containers) == 1
+
+
+def test_start_whose_engine_network_stays_gone_is_container_start_failed(h: Harness) -> None:
+    h.docker.fail("start", times=2, error=EngineNetworkGone("network galaxy-engines not found"))
+
+    result = start(h)
+
+    assert failure_code(result) == ErrorCode.CONTAINER_START_FAILED
+    assert h.docker.call_names("create", "start", "remove") == [
+        "create",
+        "start",
+        "remove",
+        "create",
+        "start",
+        "remove",
+    ]
+    assert h.docker.containers == {}
+    assert GAME not in h.store.records
+
+
+def test_start_whose_engine_network_is_gone_at_create_ensures_it_again(h: Harness) -> None:
+    h.docker.fail("create", error=EngineNetworkGone("network galaxy-engines not found"))
+
+    result = start(h)
+
+    assert result.ok, result.failure
+    assert h.docker.call_names("ensure_network", "create") == [
+        "ensure_network",
+        "create",
+        "ensure_network",
+        "create",
+    ]
 
 
 # --- validation ---------------------------------------------------------------------

@@ -20,6 +20,7 @@ import contextlib
 import logging
 import math
 import random
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -36,6 +37,7 @@ from rtmanager.domain import labels as galaxy_labels
 from rtmanager.domain.errors import (
     Conflict,
     ContainerStartFailed,
+    EngineNetworkGone,
     ImagePullFailed,
     InternalError,
     ServiceUnavailable,
@@ -48,9 +50,6 @@ from rtmanager.ports import (
     EventStream,
     PullPolicy,
 )
-
-if TYPE_CHECKING:
-    from docker.api.container import _RestartPolicy
 
 __all__ = ["INTERESTING_EVENT_ACTIONS", "DockerEngineAdapter", "DockerEventStream"]
 
@@ -77,6 +76,9 @@ _NETWORK_CROWDED_SECONDS = 5.0
 # How long a network another process created must be listed alone before
 # this one uses it.
 _NETWORK_QUIET_SECONDS = 2.0
+
+# How an engine in swarm mode reports a network id that no longer exists.
+_GONE_NETWORK_ID = re.compile(r"network [0-9a-f]{64} not found")
 
 # The container states (`State.Status`) in which Docker reports `State.Running`.
 _RUNNING_STATES = frozenset({"running", "paused", "restarting"})
@@ -112,6 +114,21 @@ def _network_crowded(exc: docker.errors.APIError) -> bool:
         return True
     # An engine in swarm mode resolves the name through the swarm too.
     return "could not attach to network" in words.lower() and "not found" in words.lower()
+
+
+def _network_gone(exc: docker.errors.APIError) -> bool:
+    """Whether Docker refused a container because a network it names no longer exists.
+
+    Docker 20.10 accepts a create on a removed network's id and fails the
+    start with 404 "network <id> not found"; newer engines check at create.
+    An engine in swarm mode says "could not attach to network <id>: ...
+    network <id> not found" instead, which names an id, where a name
+    crowded by a duplicate is named by its name (`_network_crowded`).
+    """
+    words = _explain(exc).lower()
+    if _status(exc) == 404 and words.startswith("network ") and words.endswith(" not found"):
+        return True
+    return _GONE_NETWORK_ID.search(words) is not None
 
 
 def _status(exc: docker.errors.APIError) -> int:
@@ -321,8 +338,11 @@ class DockerEngineAdapter:
         self._cluster = cluster
         self._connection = DockerConnection(base_url, max(1, math.ceil(timeout.total_seconds())))
         self._network_lock = threading.Lock()
-        # Engine network name -> the id `ensure_network` settled on.
+        # Engine network name -> the id `ensure_network` settled on; forgotten
+        # when a create or start finds that network gone.
         self._network_ids: dict[str, str] = {}
+        # Image references seen present; forgotten when a create finds one absent.
+        self._present_images: set[str] = set()
         # Ids of containers seen owned (created, inspected or listed as ours),
         # so `owns` need not ask Docker again; see there.
         self._owned_lock = threading.Lock()
@@ -369,19 +389,23 @@ class DockerEngineAdapter:
         fails even if an older copy is present locally: the operator asked
         for the registry's current image, and silently running a stale one
         would hide a broken registry or a retagged image.
+
+        Under `IF_MISSING` and `NEVER` an image seen present before is taken
+        as present without asking Docker: `create` reports it absent if it
+        was removed since (and forgets it), and the caller ensures it again.
         """
-        present = self._image_present(image_ref)
-        if policy is PullPolicy.NEVER:
-            if not present:
-                raise ImagePullFailed(
-                    f"image {image_ref} is not present and the pull policy is never"
-                )
+        if policy is not PullPolicy.ALWAYS and image_ref in self._present_images:
             return
-        if policy is PullPolicy.IF_MISSING and present:
+        present = self._image_present(image_ref)
+        if policy is PullPolicy.NEVER and not present:
+            raise ImagePullFailed(f"image {image_ref} is not present and the pull policy is never")
+        if policy is not PullPolicy.ALWAYS and present:
+            self._present_images.add(image_ref)
             return
         self._pull(image_ref)
         if not self._image_present(image_ref):
             raise ImagePullFailed(f"image {image_ref} is still absent after pulling it")
+        self._present_images.add(image_ref)
 
     def _image_present(self, image_ref: str) -> bool:
         with _docker_call(f"inspect image {image_ref}"):
@@ -458,21 +482,41 @@ class DockerEngineAdapter:
         are resolved by a deterministic keeper, the oldest (then the lowest
         id), the same on every replica; the others are removed when they
         carry `labels` and have no containers.
+
+        The id settled on is remembered, and later calls ask Docker nothing:
+        a network in use is never removed by a replica (see above), and
+        one removed behind rtmanager's back is found out by the next `create`
+        or `start` on it, which forgets it and raises `EngineNetworkGone`;
+        the call after that settles again.
         """
+        if name in self._network_ids:
+            return
         with self._network_lock, _docker_call(f"ensure network {name}"):
-            self._network_ids[name] = self._settle_network(self._api(), name, labels)
+            # Another thread may have settled it while this one waited.
+            if name not in self._network_ids:
+                self._network_ids[name] = self._settle_network(self._api(), name, labels)
+
+    def _forget_network(self, words: str) -> None:
+        """Forget the remembered networks Docker's `words` name (all, if they name none).
+
+        Without `_network_lock`, which a settling `ensure_network` may hold
+        for a while: single dict operations are atomic.
+        """
+        named = [
+            name
+            for name, network_id in list(self._network_ids.items())
+            if network_id in words or name in words
+        ]
+        for name in named or list(self._network_ids):
+            self._network_ids.pop(name, None)
 
     def _settle_network(self, api: docker.APIClient, name: str, labels: dict[str, str]) -> str:
-        known = self._network_ids.get(name)
         deadline = time.monotonic() + _NETWORK_SETTLE_SECONDS
         crowded_since: float | None = None
         alone: tuple[str, float] | None = None
         while True:
             found = self._networks_named(api, name)
             ids = [str(n["Id"]) for n in found]
-            if known in ids:
-                # This process already resolved the name; keep using that network.
-                return known
             if len(ids) == 1:
                 # Someone else's network: its creator may still be about to
                 # yield it (and Docker lets a network go while containers are
@@ -549,75 +593,88 @@ class DockerEngineAdapter:
         """Create (not start) the engine container of `spec` and return its id.
 
         Raises `Conflict` when the name is taken, `ImagePullFailed` when the
-        image is not present and `ContainerStartFailed` when Docker refuses
-        the container's configuration (e.g. a missing network or state dir).
+        image is not present (and forgets it was seen present),
+        `EngineNetworkGone` when the remembered engine network was removed
+        (on engines that check networks at create) and `ContainerStartFailed`
+        when Docker refuses the container's configuration otherwise (e.g. a
+        missing state dir).
+
+        One request: the low-level create, without the inspect that docker-py's
+        `containers.create` sends after it for a `Container` object.
         """
         with _docker_call(f"create container {spec.name}"):
-            client = self._docker()
-            endpoint = client.api.create_endpoint_config(aliases=[spec.network_alias])
+            api = self._api()
             # By the id `ensure_network` settled on, so that a network of the
             # same name appearing later cannot take engines elsewhere. (A dict
             # read needs no lock; `_network_lock` may be held for a while.)
             network = self._network_ids.get(spec.network, spec.network)
+            host_config = api.create_host_config(
+                init=True,
+                # rtmanager owns restarts; Docker restarting an engine
+                # behind its back would confuse records and the reconciler.
+                restart_policy={"Name": "no"},
+                cap_drop=["ALL"],
+                security_opt=["no-new-privileges:true"],
+                privileged=False,
+                pids_limit=spec.pids_limit if spec.pids_limit > 0 else None,
+                mem_limit=spec.memory_bytes if spec.memory_bytes > 0 else None,
+                # Memory plus swap equal to memory: no swap at all.
+                memswap_limit=spec.memory_bytes if spec.memory_bytes > 0 else None,
+                nano_cpus=spec.nano_cpus if spec.nano_cpus > 0 else None,
+                # Bounded whatever the daemon's default: a chatty engine
+                # must not fill the host's disk. json-file, because the
+                # log tail of a failed start is read back through Docker.
+                log_config=LogConfig(
+                    type=LogConfig.types.JSON,
+                    config={
+                        "max-size": str(spec.log_max_bytes),
+                        "max-file": str(spec.log_max_files),
+                    },
+                ),
+                read_only=True if spec.read_only_rootfs else None,
+                # A path inside the container, not a host temp file.
+                tmpfs={"/tmp": _TMPFS_OPTIONS} if spec.read_only_rootfs else None,  # noqa: S108
+                # A typed bind mount fails on a missing source instead of
+                # silently creating a root-owned directory on the host.
+                mounts=[
+                    Mount(
+                        target=spec.state_mount_path,
+                        source=spec.state_host_path,
+                        type="bind",
+                        read_only=False,
+                    )
+                ],
+                network_mode=network,
+            )
             try:
-                container = client.containers.create(
+                created = api.create_container(
                     spec.image_ref,
                     name=spec.name,
                     hostname=spec.name,
                     labels=dict(spec.labels),
                     environment=dict(spec.env),
-                    init=True,
-                    # rtmanager owns restarts; Docker restarting an engine
-                    # behind its back would confuse records and the reconciler.
-                    # (The stubs' Literal omits "no", which the API accepts.)
-                    restart_policy=cast("_RestartPolicy", {"Name": "no"}),
                     user=str(spec.user),
-                    cap_drop=["ALL"],
-                    security_opt=["no-new-privileges:true"],
-                    privileged=False,
-                    pids_limit=spec.pids_limit if spec.pids_limit > 0 else None,
-                    mem_limit=spec.memory_bytes if spec.memory_bytes > 0 else None,
-                    # Memory plus swap equal to memory: no swap at all.
-                    memswap_limit=spec.memory_bytes if spec.memory_bytes > 0 else None,
-                    nano_cpus=spec.nano_cpus if spec.nano_cpus > 0 else None,
-                    # Bounded whatever the daemon's default: a chatty engine
-                    # must not fill the host's disk. json-file, because the
-                    # log tail of a failed start is read back through Docker.
-                    log_config=LogConfig(
-                        type=LogConfig.types.JSON,
-                        config={
-                            "max-size": str(spec.log_max_bytes),
-                            "max-file": str(spec.log_max_files),
-                        },
-                    ),
-                    read_only=True if spec.read_only_rootfs else None,
-                    # A path inside the container, not a host temp file.
-                    tmpfs={"/tmp": _TMPFS_OPTIONS} if spec.read_only_rootfs else None,  # noqa: S108
-                    # A typed bind mount fails on a missing source instead of
-                    # silently creating a root-owned directory on the host.
-                    mounts=[
-                        Mount(
-                            target=spec.state_mount_path,
-                            source=spec.state_host_path,
-                            type="bind",
-                            read_only=False,
-                        )
-                    ],
-                    network=network,
-                    networking_config={network: endpoint},
+                    host_config=host_config,
+                    # What `create_networking_config` builds (its stub takes
+                    # one endpoint config, the function a dict of them).
+                    networking_config={
+                        "EndpointsConfig": {
+                            network: api.create_endpoint_config(aliases=[spec.network_alias])
+                        }
+                    },
                 )
             except docker.errors.ImageNotFound as exc:
+                self._present_images.discard(spec.image_ref)
                 raise ImagePullFailed(
                     f"image {spec.image_ref} is not present: {_explain(exc)}",
                     metadata={"image_ref": spec.image_ref},
                 ) from exc
-            except docker.errors.NotFound as exc:
-                # Also raised when the container vanished between docker-py's
-                # create and its follow-up inspect; either way nothing runs.
-                raise ContainerStartFailed(
-                    f"cannot create container {spec.name}: {_explain(exc)}"
-                ) from exc
             except docker.errors.APIError as exc:
+                if _network_gone(exc):
+                    self._forget_network(_explain(exc))
+                    raise EngineNetworkGone(
+                        f"cannot create container {spec.name}: {_explain(exc)}"
+                    ) from exc
                 if _status(exc) == 409:
                     raise Conflict(
                         f"a container named {spec.name} already exists: {_explain(exc)}"
@@ -627,7 +684,7 @@ class DockerEngineAdapter:
                         f"docker refused container {spec.name}: {_explain(exc)}"
                     ) from exc
                 raise
-        container_id = container.id
+        container_id = str(created.get("Id") or "")
         if not container_id:
             raise InternalError(f"docker created {spec.name} without reporting its id")
         if galaxy_labels.is_owned(spec.labels, self._cluster):
@@ -647,7 +704,8 @@ class DockerEngineAdapter:
         as "ambiguous" (or, on an engine in swarm mode, which also asks the
         swarm for the name, as "could not attach ... not found" while that
         duplicate goes): that is retried for as long as such a duplicate may
-        take to go.
+        take to go. A network that is gone (removed behind rtmanager's back
+        after `ensure_network` settled on it) is `EngineNetworkGone`.
         """
         give_up = time.monotonic() + _NETWORK_CROWDED_SECONDS
         container_id = workload_id
@@ -657,6 +715,12 @@ class DockerEngineAdapter:
                     self._api().start(container_id)
                     return container_id
                 except docker.errors.APIError as exc:
+                    if _network_gone(exc):
+                        self._forget_network(_explain(exc))
+                        raise EngineNetworkGone(
+                            f"docker could not start container {container_id}: {_explain(exc)}",
+                            metadata={"container_id": container_id},
+                        ) from exc
                     if _network_crowded(exc) and time.monotonic() < give_up:
                         time.sleep(random.uniform(0.05, 0.25))
                         continue
