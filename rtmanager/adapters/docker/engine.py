@@ -4,14 +4,8 @@ Each game's workload is one container; `start` returns the id it was
 given, containers report no node, and a game's state is a host directory
 the service prepares (`host_state_dirs`).
 
-Error policy, in one place (`_docker_call`):
-
-- the daemon not answering — connection refused, missing socket, read
-  timeouts, a broken stream, docker-py failing to negotiate the API version,
-  or a 5xx error that no method expects — is `ServiceUnavailable`;
-- the 4xx answers a method expects (404 of a vanished container, 409 of a
-  name conflict, ...) are handled by that method as its port docstring says;
-- any other 4xx is a bug in how we call Docker: `InternalError`.
+Docker's failures become the service's errors in `rtmanager.adapters.docker.calls`
+(`docker_call`), shared with the swarm backend.
 """
 
 from __future__ import annotations
@@ -29,10 +23,18 @@ from typing import TYPE_CHECKING, Any, cast
 
 import docker
 import docker.errors
-import requests.exceptions
-import urllib3.exceptions
 from docker.types import CancellableStream, LogConfig, Mount
 
+from rtmanager.adapters.docker.calls import (
+    TRANSPORT_ERRORS,
+    DockerConnection,
+    docker_call,
+    explain,
+    int_or_none,
+    owner_filters,
+    parse_docker_time,
+    status_code,
+)
 from rtmanager.domain import labels as galaxy_labels
 from rtmanager.domain.errors import (
     Conflict,
@@ -83,33 +85,15 @@ _GONE_NETWORK_ID = re.compile(r"network [0-9a-f]{64} not found")
 # The container states (`State.Status`) in which Docker reports `State.Running`.
 _RUNNING_STATES = frozenset({"running", "paused", "restarting"})
 
-# Docker reports "never" as the zero time of Go.
-_GO_ZERO_TIME_PREFIX = "0001-01-01"
-
-# What a broken or absent daemon looks like from docker-py's side. APIError
-# subclasses requests' HTTPError, so it must be matched before these.
-_TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
-    requests.exceptions.RequestException,
-    urllib3.exceptions.HTTPError,
-    docker.errors.StreamParseError,
-    OSError,
-)
 _STREAM_ERRORS: tuple[type[BaseException], ...] = (
-    *_TRANSPORT_ERRORS,
+    *TRANSPORT_ERRORS,
     docker.errors.DockerException,
 )
 
 
-def _explain(exc: BaseException) -> str:
-    """Return the daemon's own words for an APIError, else the exception text."""
-    if isinstance(exc, docker.errors.APIError) and exc.explanation:
-        return str(exc.explanation)
-    return str(exc) or type(exc).__name__
-
-
 def _network_crowded(exc: docker.errors.APIError) -> bool:
     """Whether a start failed on a network name that a duplicate, being removed, still shares."""
-    words = _explain(exc)
+    words = explain(exc)
     if "is ambiguous" in words:
         return True
     # An engine in swarm mode resolves the name through the swarm too.
@@ -125,61 +109,10 @@ def _network_gone(exc: docker.errors.APIError) -> bool:
     network <id> not found" instead, which names an id, where a name
     crowded by a duplicate is named by its name (`_network_crowded`).
     """
-    words = _explain(exc).lower()
-    if _status(exc) == 404 and words.startswith("network ") and words.endswith(" not found"):
+    words = explain(exc).lower()
+    if status_code(exc) == 404 and words.startswith("network ") and words.endswith(" not found"):
         return True
     return _GONE_NETWORK_ID.search(words) is not None
-
-
-def _status(exc: docker.errors.APIError) -> int:
-    return exc.status_code or 0
-
-
-@contextlib.contextmanager
-def _docker_call(what: str) -> Iterator[None]:
-    """Translate docker-py failures not handled inside the block.
-
-    Errors of the service's own vocabulary raised in the block pass through.
-    """
-    try:
-        yield
-    except docker.errors.APIError as exc:
-        if _status(exc) >= 500:
-            raise ServiceUnavailable(f"docker: {what}: daemon error: {_explain(exc)}") from exc
-        raise InternalError(f"docker: {what}: unexpected answer: {_explain(exc)}") from exc
-    except _TRANSPORT_ERRORS as exc:
-        raise ServiceUnavailable(f"docker: {what}: daemon unreachable: {_explain(exc)}") from exc
-    except docker.errors.DockerException as exc:
-        # e.g. "Error while fetching server API version" from a lazy client.
-        raise ServiceUnavailable(f"docker: {what}: {_explain(exc)}") from exc
-
-
-def _parse_docker_time(value: object) -> datetime | None:
-    """Parse Docker's RFC 3339 (nanosecond) timestamps to aware UTC datetimes.
-
-    Go's zero time ("0001-01-01T00:00:00Z"), empty or malformed values mean
-    "never" and give None.
-    """
-    if not isinstance(value, str) or not value or value.startswith(_GO_ZERO_TIME_PREFIX):
-        return None
-    text = value.strip()
-    if text.endswith(("Z", "z")):
-        text = text[:-1] + "+00:00"
-    # fromisoformat takes at most microseconds: cut nanoseconds down to six digits.
-    if "." in text:
-        head, _, rest = text.partition(".")
-        digits = ""
-        while rest and rest[0].isdigit():
-            digits, rest = digits + rest[0], rest[1:]
-        text = f"{head}.{(digits + '000000')[:6]}{rest}"
-    try:
-        parsed = datetime.fromisoformat(text)
-    except ValueError:
-        logger.warning("unparseable docker timestamp %r", value)
-        return None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return parsed.astimezone(UTC)
 
 
 def _event_time(raw: dict[str, Any]) -> datetime:
@@ -192,30 +125,6 @@ def _event_time(raw: dict[str, Any]) -> datetime:
     if isinstance(seconds, int | float):
         return epoch + timedelta(seconds=seconds)
     return datetime.now(UTC)
-
-
-def _int_or_none(value: object) -> int | None:
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str):
-        try:
-            return int(value)
-        except ValueError:
-            return None
-    return None
-
-
-def _owner_filters(cluster: str) -> list[str]:
-    """Daemon-side label filters narrowing to this deployment's containers.
-
-    The cluster label can be filtered on only when it is not the default
-    cluster, because a container without the label belongs to the default
-    one; `is_owned` stays the final judge either way.
-    """
-    selectors = [f"{galaxy_labels.OWNER}={galaxy_labels.OWNER_VALUE}"]
-    if cluster != galaxy_labels.DEFAULT_CLUSTER:
-        selectors.append(f"{galaxy_labels.CLUSTER}={cluster}")
-    return selectors
 
 
 class DockerEventStream:
@@ -246,7 +155,7 @@ class DockerEventStream:
         except _STREAM_ERRORS as exc:
             if self._closed.is_set():
                 return
-            raise ServiceUnavailable(f"docker: event stream broken: {_explain(exc)}") from exc
+            raise ServiceUnavailable(f"docker: event stream broken: {explain(exc)}") from exc
         if not self._closed.is_set():
             raise ServiceUnavailable("docker: event stream ended: the daemon closed it")
 
@@ -277,45 +186,8 @@ class DockerEventStream:
             container_id=container_id,
             game_id=attributes.get(galaxy_labels.GAME_ID, ""),
             time=_event_time(raw),
-            exit_code=_int_or_none(attributes.get("exitCode")) if action == "die" else None,
+            exit_code=int_or_none(attributes.get("exitCode")) if action == "die" else None,
         )
-
-
-class DockerConnection:
-    """One docker-py client of an endpoint, built on first use and rebuilt after `close`.
-
-    Building it negotiates the API version (one request), so it is done
-    once, not per call. Shared by the single-host and the swarm backends.
-    """
-
-    def __init__(self, base_url: str, timeout_seconds: int) -> None:
-        self._base_url = base_url
-        self._timeout_seconds = timeout_seconds
-        self._client: docker.DockerClient | None = None
-        self._lock = threading.Lock()
-
-    def client(self) -> docker.DockerClient:
-        """The client, built now if there is none (`ServiceUnavailable` when that fails)."""
-        with self._lock:
-            if self._client is None:
-                with _docker_call("connect"):
-                    client = docker.DockerClient(
-                        base_url=self._base_url, timeout=self._timeout_seconds
-                    )
-                if self._base_url.startswith("unix://"):
-                    # requests would look up proxies and .netrc credentials in
-                    # the environment on every call; neither applies to a
-                    # unix socket, and the look-ups cost about 0.3 ms a call.
-                    client.api.trust_env = False
-                self._client = client
-            return self._client
-
-    def close(self) -> None:
-        """Release the client's connections; a later call builds a new client."""
-        with self._lock:
-            client, self._client = self._client, None
-        if client is not None:
-            client.close()
 
 
 class DockerEngineAdapter:
@@ -375,7 +247,7 @@ class DockerEngineAdapter:
     def ping(self) -> None:
         """Raise `ServiceUnavailable` unless the daemon answers `/_ping`."""
         try:
-            with _docker_call("ping"):
+            with docker_call("ping"):
                 self._api().ping()
         except InternalError as exc:
             # Whatever answers there is not a usable Docker daemon.
@@ -408,22 +280,22 @@ class DockerEngineAdapter:
         self._present_images.add(image_ref)
 
     def _image_present(self, image_ref: str) -> bool:
-        with _docker_call(f"inspect image {image_ref}"):
+        with docker_call(f"inspect image {image_ref}"):
             try:
                 self._docker().images.get(image_ref)
             except docker.errors.NotFound:
                 return False
             except docker.errors.APIError as exc:
-                if _status(exc) == 400:  # e.g. "invalid reference format"
+                if status_code(exc) == 400:  # e.g. "invalid reference format"
                     raise ImagePullFailed(
-                        f"image {image_ref}: {_explain(exc)}", metadata={"image_ref": image_ref}
+                        f"image {image_ref}: {explain(exc)}", metadata={"image_ref": image_ref}
                     ) from exc
                 raise
         return True
 
     def _pull(self, image_ref: str) -> None:
         logger.info("pulling image %s", image_ref)
-        with _docker_call(f"pull {image_ref}"):
+        with docker_call(f"pull {image_ref}"):
             try:
                 # docker-py splits repository, tag and digest itself.
                 progress = self._api().pull(image_ref, stream=True, decode=True)
@@ -440,7 +312,7 @@ class DockerEngineAdapter:
                 # Registry trouble (unreachable, unknown image, denied) comes
                 # back as a 4xx/5xx of the daemon, which is up: not our outage.
                 raise ImagePullFailed(
-                    f"pull of {image_ref} failed: {_explain(exc)}",
+                    f"pull of {image_ref} failed: {explain(exc)}",
                     metadata={"image_ref": image_ref},
                 ) from exc
 
@@ -491,7 +363,7 @@ class DockerEngineAdapter:
         """
         if name in self._network_ids:
             return
-        with self._network_lock, _docker_call(f"ensure network {name}"):
+        with self._network_lock, docker_call(f"ensure network {name}"):
             # Another thread may have settled it while this one waited.
             if name not in self._network_ids:
                 self._network_ids[name] = self._settle_network(self._api(), name, labels)
@@ -556,7 +428,7 @@ class DockerEngineAdapter:
                 name, driver="bridge", internal=True, labels=dict(labels), check_duplicate=True
             )
         except docker.errors.APIError as exc:
-            if _status(exc) == 409:  # a concurrent creator's network is listed now
+            if status_code(exc) == 409:  # a concurrent creator's network is listed now
                 return ""
             raise
         return str(created.get("Id", ""))
@@ -602,7 +474,7 @@ class DockerEngineAdapter:
         One request: the low-level create, without the inspect that docker-py's
         `containers.create` sends after it for a `Container` object.
         """
-        with _docker_call(f"create container {spec.name}"):
+        with docker_call(f"create container {spec.name}"):
             api = self._api()
             # By the id `ensure_network` settled on, so that a network of the
             # same name appearing later cannot take engines elsewhere. (A dict
@@ -666,22 +538,22 @@ class DockerEngineAdapter:
             except docker.errors.ImageNotFound as exc:
                 self._present_images.discard(spec.image_ref)
                 raise ImagePullFailed(
-                    f"image {spec.image_ref} is not present: {_explain(exc)}",
+                    f"image {spec.image_ref} is not present: {explain(exc)}",
                     metadata={"image_ref": spec.image_ref},
                 ) from exc
             except docker.errors.APIError as exc:
                 if _network_gone(exc):
-                    self._forget_network(_explain(exc))
+                    self._forget_network(explain(exc))
                     raise EngineNetworkGone(
-                        f"cannot create container {spec.name}: {_explain(exc)}"
+                        f"cannot create container {spec.name}: {explain(exc)}"
                     ) from exc
-                if _status(exc) == 409:
+                if status_code(exc) == 409:
                     raise Conflict(
-                        f"a container named {spec.name} already exists: {_explain(exc)}"
+                        f"a container named {spec.name} already exists: {explain(exc)}"
                     ) from exc
-                if 400 <= _status(exc) < 500:
+                if 400 <= status_code(exc) < 500:
                     raise ContainerStartFailed(
-                        f"docker refused container {spec.name}: {_explain(exc)}"
+                        f"docker refused container {spec.name}: {explain(exc)}"
                     ) from exc
                 raise
         container_id = str(created.get("Id") or "")
@@ -709,23 +581,23 @@ class DockerEngineAdapter:
         """
         give_up = time.monotonic() + _NETWORK_CROWDED_SECONDS
         container_id = workload_id
-        with _docker_call(f"start container {container_id}"):
+        with docker_call(f"start container {container_id}"):
             while True:
                 try:
                     self._api().start(container_id)
                     return container_id
                 except docker.errors.APIError as exc:
                     if _network_gone(exc):
-                        self._forget_network(_explain(exc))
+                        self._forget_network(explain(exc))
                         raise EngineNetworkGone(
-                            f"docker could not start container {container_id}: {_explain(exc)}",
+                            f"docker could not start container {container_id}: {explain(exc)}",
                             metadata={"container_id": container_id},
                         ) from exc
                     if _network_crowded(exc) and time.monotonic() < give_up:
                         time.sleep(random.uniform(0.05, 0.25))
                         continue
                     raise ContainerStartFailed(
-                        f"docker could not start container {container_id}: {_explain(exc)}",
+                        f"docker could not start container {container_id}: {explain(exc)}",
                         metadata={"container_id": container_id},
                     ) from exc
 
@@ -736,7 +608,7 @@ class DockerEngineAdapter:
         timeout, so a slow engine does not look like a dead daemon.
         """
         seconds = max(0, math.ceil(timeout.total_seconds()))
-        with _docker_call(f"stop container {container_id}"):
+        with docker_call(f"stop container {container_id}"):
             try:
                 # 304 (already stopped) is not an error for requests/docker-py.
                 self._api().stop(container_id, timeout=seconds)
@@ -748,16 +620,16 @@ class DockerEngineAdapter:
 
         Raises `Conflict` when it still runs and `force` is not set.
         """
-        with _docker_call(f"remove container {container_id}"):
+        with docker_call(f"remove container {container_id}"):
             try:
                 self._api().remove_container(container_id, force=force)
             except docker.errors.NotFound:
                 pass
             except docker.errors.APIError as exc:
-                message = _explain(exc)
-                if _status(exc) == 409 and "already in progress" in message:
+                message = explain(exc)
+                if status_code(exc) == 409 and "already in progress" in message:
                     return
-                if _status(exc) == 409:
+                if status_code(exc) == 409:
                     raise Conflict(f"cannot remove container {container_id}: {message}") from exc
                 raise
         with self._owned_lock:
@@ -768,7 +640,7 @@ class DockerEngineAdapter:
 
         One host: the node is never reported (empty).
         """
-        with _docker_call(f"inspect container {id_or_name}"):
+        with docker_call(f"inspect container {id_or_name}"):
             try:
                 data = cast("dict[str, Any]", self._api().inspect_container(id_or_name))
             except docker.errors.NotFound:
@@ -823,12 +695,12 @@ class DockerEngineAdapter:
             labels=labels,
             image_ref=labels.get(galaxy_labels.IMAGE_REF) or str(config.get("Image") or ""),
             game_id=labels.get(galaxy_labels.GAME_ID, ""),
-            exit_code=_int_or_none(state.get("ExitCode")) if exited else None,
+            exit_code=int_or_none(state.get("ExitCode")) if exited else None,
             health=str(health["Status"]) if health.get("Status") else None,
-            started_at=_parse_docker_time(state.get("StartedAt")),
-            finished_at=_parse_docker_time(state.get("FinishedAt")),
+            started_at=parse_docker_time(state.get("StartedAt")),
+            finished_at=parse_docker_time(state.get("FinishedAt")),
             oom_killed=bool(state.get("OOMKilled")),
-            restart_count=_int_or_none(data.get("RestartCount")) or 0,
+            restart_count=int_or_none(data.get("RestartCount")) or 0,
             image_id=str(data.get("Image") or ""),
         )
 
@@ -840,10 +712,10 @@ class DockerEngineAdapter:
         container is inspected, so exit codes, health and times are None
         (see `_summary_to_info`).
         """
-        with _docker_call("list containers"):
+        with docker_call("list containers"):
             listed = cast(
                 "list[dict[str, Any]]",
-                self._api().containers(all=True, filters={"label": _owner_filters(self._cluster)}),
+                self._api().containers(all=True, filters={"label": owner_filters(self._cluster)}),
             )
         infos = [info for info in map(self._summary_to_info, listed) if info.owned]
         self._remember_owned([info.id for info in infos if info.id], every_one=True)
@@ -878,13 +750,13 @@ class DockerEngineAdapter:
         """Return the last `lines` lines of stdout and stderr ("" when unavailable)."""
         if lines <= 0:
             return ""
-        with _docker_call(f"logs of container {container_id}"):
+        with docker_call(f"logs of container {container_id}"):
             try:
                 output = self._api().logs(
                     container_id, stdout=True, stderr=True, stream=False, tail=lines
                 )
             except docker.errors.APIError as exc:
-                if _status(exc) >= 500 and _status(exc) != 501:
+                if status_code(exc) >= 500 and status_code(exc) != 501:
                     raise
                 # Gone (404) or a logging driver that cannot be read (501).
                 return ""
@@ -902,11 +774,11 @@ class DockerEngineAdapter:
         if since is not None:
             aware = since if since.tzinfo is not None else since.replace(tzinfo=UTC)
             since_ts = math.floor(aware.timestamp())
-        with _docker_call("follow events"):
+        with docker_call("follow events"):
             stream = self._api().events(
                 since=since_ts,
                 decode=True,
-                filters={"type": "container", "label": _owner_filters(self._cluster)},
+                filters={"type": "container", "label": owner_filters(self._cluster)},
             )
         return DockerEventStream(stream, self._cluster)
 

@@ -32,7 +32,7 @@ services and tasks.
   polls the tasks (`SwarmTaskEventStream`) and reports a task that stopped
   running as `die`.
 
-Errors follow the single-host adapter's policy (`_docker_call`).
+Errors follow the single-host adapter's policy (`docker_call`).
 """
 
 from __future__ import annotations
@@ -64,14 +64,14 @@ from docker.types import (
     TaskTemplate,
 )
 
-from rtmanager.adapters.docker.engine import (
+from rtmanager.adapters.docker.calls import (
     DockerConnection,
-    _docker_call,
-    _explain,
-    _int_or_none,
-    _owner_filters,
-    _parse_docker_time,
-    _status,
+    docker_call,
+    explain,
+    int_or_none,
+    owner_filters,
+    parse_docker_time,
+    status_code,
 )
 from rtmanager.deadlines import bounded, cut_by_deadline
 from rtmanager.domain import labels as galaxy_labels
@@ -255,10 +255,10 @@ def task_view(task: Mapping[str, Any], node_state: str | None) -> TaskView:
         state = "node-down" if node_down else "stopping"
     else:
         state = reported
-    timestamp = _parse_docker_time(status.get("Timestamp"))
+    timestamp = parse_docker_time(status.get("Timestamp"))
     exit_code = None
     if reported in _TERMINAL_STATES:
-        exit_code = _int_or_none((status.get("ContainerStatus") or {}).get("ExitCode"))
+        exit_code = int_or_none((status.get("ContainerStatus") or {}).get("ExitCode"))
     return TaskView(
         container_id=_container_id(task),
         state=state,
@@ -411,7 +411,7 @@ class SwarmEngineAdapter:
         locked swarm) raises `BackendMismatch`.
         """
         try:
-            with _docker_call("info"):
+            with docker_call("info"):
                 info = self._api().info()
         except InternalError as exc:
             raise ServiceUnavailable(exc.message) from exc
@@ -434,7 +434,7 @@ class SwarmEngineAdapter:
         """
         if policy is not PullPolicy.NEVER:
             return
-        with _docker_call(f"inspect image {image_ref}"):
+        with docker_call(f"inspect image {image_ref}"):
             try:
                 self._api().inspect_image(image_ref)
             except docker.errors.NotFound as exc:
@@ -444,9 +444,9 @@ class SwarmEngineAdapter:
                     metadata={"image_ref": image_ref},
                 ) from exc
             except docker.errors.APIError as exc:
-                if _status(exc) == 400:
+                if status_code(exc) == 400:
                     raise ImagePullFailed(
-                        f"image {image_ref}: {_explain(exc)}", metadata={"image_ref": image_ref}
+                        f"image {image_ref}: {explain(exc)}", metadata={"image_ref": image_ref}
                     ) from exc
                 raise
 
@@ -458,7 +458,7 @@ class SwarmEngineAdapter:
         the other's. An existing network that is not a swarm overlay cannot
         carry services: `ContainerStartFailed`.
         """
-        with _docker_call(f"ensure network {name}"):
+        with docker_call(f"ensure network {name}"):
             api = self._api()
             for _ in range(3):
                 found = [n for n in api.networks(names=[name]) or [] if n.get("Name") == name]
@@ -480,7 +480,7 @@ class SwarmEngineAdapter:
                     )
                     return
                 except docker.errors.APIError as exc:
-                    if _status(exc) != 409:
+                    if status_code(exc) != 409:
                         raise
         raise ServiceUnavailable(f"docker: ensure network {name}: could not settle")
 
@@ -493,17 +493,17 @@ class SwarmEngineAdapter:
             stop_grace=self._stop_grace,
             network=spec.network,
         )
-        with _docker_call(f"create service {spec.name}"):
+        with docker_call(f"create service {spec.name}"):
             try:
                 created = self._api().create_service(**args)
             except docker.errors.APIError as exc:
-                if _status(exc) == 409:
+                if status_code(exc) == 409:
                     raise Conflict(
-                        f"a service named {spec.name} already exists: {_explain(exc)}"
+                        f"a service named {spec.name} already exists: {explain(exc)}"
                     ) from exc
-                if 400 <= _status(exc) < 500:
+                if 400 <= status_code(exc) < 500:
                     raise ContainerStartFailed(
-                        f"docker refused service {spec.name}: {_explain(exc)}"
+                        f"docker refused service {spec.name}: {explain(exc)}"
                     ) from exc
                 raise
         service_id = str(created.get("ID") or "")
@@ -530,7 +530,7 @@ class SwarmEngineAdapter:
         deadline = time.monotonic() + wait.total_seconds()
         view: TaskView | None = None
         while True:
-            with _docker_call(f"tasks of service {service_id}"):
+            with docker_call(f"tasks of service {service_id}"):
                 task = current_task(self._tasks_of(service_id))
             if task is not None:
                 view = task_view(task, self._node_state(str(task.get("NodeID") or "")))
@@ -587,7 +587,7 @@ class SwarmEngineAdapter:
         self._scale(service_id, 0, extra_labels=extra)
         give_up = time.monotonic() + timeout.total_seconds() + _STOP_MARGIN_SECONDS
         while True:
-            with _docker_call(f"tasks of service {service_id}"):
+            with docker_call(f"tasks of service {service_id}"):
                 tasks = self._tasks_of(service_id)
             live = [
                 t
@@ -615,7 +615,7 @@ class SwarmEngineAdapter:
             if task_view(task, node).running:
                 raise Conflict(f"cannot remove service {service_id}: its engine is running")
         with (
-            _docker_call(f"remove service {service_id}"),
+            docker_call(f"remove service {service_id}"),
             contextlib.suppress(docker.errors.NotFound),
         ):
             self._api().remove_service(service_id)
@@ -663,14 +663,14 @@ class SwarmEngineAdapter:
             return ""
         service_id = str(found[0]["ID"])
         chunks: list[bytes] = []
-        with _docker_call(f"logs of service {service_id}"):
+        with docker_call(f"logs of service {service_id}"):
             try:
                 for chunk in self._api().service_logs(
                     service_id, stdout=True, stderr=True, tail=lines, is_tty=False
                 ):
                     chunks.append(chunk if isinstance(chunk, bytes) else str(chunk).encode())
             except docker.errors.APIError as exc:
-                if _status(exc) >= 500 and _status(exc) != 501:
+                if status_code(exc) >= 500 and status_code(exc) != 501:
                     raise
                 return ""
         return b"".join(chunks).decode("utf-8", errors="replace")
@@ -705,7 +705,7 @@ class SwarmEngineAdapter:
             self._owned_ids.update(i for i in ids if i)
 
     def _service(self, key: str) -> dict[str, Any] | None:
-        with _docker_call(f"inspect service {key}"):
+        with docker_call(f"inspect service {key}"):
             try:
                 return self._api().inspect_service(key)
             except docker.errors.NotFound:
@@ -715,7 +715,7 @@ class SwarmEngineAdapter:
         """The service an id or name names, and the task that stands for it."""
         api = self._api()
         if _CONTAINER_ID.fullmatch(key):
-            with _docker_call(f"find the task of container {key}"):
+            with docker_call(f"find the task of container {key}"):
                 known = self._services_of.get(key)
                 tasks: list[dict[str, Any]] = []
                 if known:
@@ -741,7 +741,7 @@ class SwarmEngineAdapter:
         if service is None or (service.get("Spec", {}).get("Name") != key and service["ID"] != key):
             # docker resolves id prefixes too; only whole ids and names count.
             return None
-        with _docker_call(f"tasks of service {key}"):
+        with docker_call(f"tasks of service {key}"):
             newest = current_task(self._tasks_of(str(service["ID"])))
         return service, newest
 
@@ -769,7 +769,7 @@ class SwarmEngineAdapter:
             spec = service.get("Spec") or {}
             labels = dict(spec.get("Labels") or {})
             labels.update(extra_labels or {})
-            with _docker_call(f"scale service {service_id}"):
+            with docker_call(f"scale service {service_id}"):
                 try:
                     self._api().update_service(
                         service_id,
@@ -783,14 +783,14 @@ class SwarmEngineAdapter:
                     )
                     return
                 except docker.errors.APIError as exc:
-                    if "out of sequence" in _explain(exc) and attempt < _UPDATE_ATTEMPTS - 1:
+                    if "out of sequence" in explain(exc) and attempt < _UPDATE_ATTEMPTS - 1:
                         continue
-                    if _status(exc) == 404:
+                    if status_code(exc) == 404:
                         raise ContainerStartFailed(f"service {service_id} vanished") from exc
                     raise
 
     def _node_states(self) -> dict[str, str]:
-        with _docker_call("list nodes"):
+        with docker_call("list nodes"):
             nodes = self._api().nodes()
         states = {}
         for node in nodes or []:
@@ -804,7 +804,7 @@ class SwarmEngineAdapter:
     def _node_state(self, node_id: str) -> str | None:
         if not node_id:
             return None
-        with _docker_call(f"inspect node {node_id}"):
+        with docker_call(f"inspect node {node_id}"):
             try:
                 node = self._api().inspect_node(node_id)
             except docker.errors.NotFound:
@@ -818,8 +818,8 @@ class SwarmEngineAdapter:
         self,
     ) -> tuple[list[dict[str, Any]], dict[str, list[dict[str, Any]]]]:
         api = self._api()
-        with _docker_call("list services"):
-            listed = api.services(filters={"label": _owner_filters(self._cluster)}) or []
+        with docker_call("list services"):
+            listed = api.services(filters={"label": owner_filters(self._cluster)}) or []
             services = [s for s in listed if galaxy_labels.is_owned(_labels(s), self._cluster)]
             tasks: dict[str, list[dict[str, Any]]] = {}
             if services:
