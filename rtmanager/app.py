@@ -65,6 +65,7 @@ _SCHEMA_RETRY_SECONDS = 2.0
 # acted on at once.
 _SCHEMA_PROBE_SECONDS = 1.0
 _FEED_STOP_SECONDS = 5.0
+_SERVER_CLOSE_SECONDS = 5.0
 
 
 class StartupError(RuntimeError):
@@ -297,7 +298,7 @@ class Application:
         )
         auth = Authenticator(tokens)
         self.calls = CallLimiter(settings.max_concurrent_rpcs)
-        self.server, self.port = build_server(
+        self.server = build_server(
             address=settings.grpc_addr,
             runtime=RuntimeServicer(self.lifecycles, auth, self.calls),
             admin=RuntimeAdminServicer(self.lifecycles, auth, self.calls),
@@ -308,6 +309,7 @@ class Application:
             interceptors=self.export.server_interceptors(),
             credentials=credentials,
         )
+        self.port = self.server.port
         if tokens and credentials is None and not is_loopback_address(settings.grpc_addr):
             log.warning(
                 "bearer tokens accepted in cleartext (RTMANAGER_ALLOW_CLEARTEXT_TOKENS=true): "
@@ -443,7 +445,8 @@ class Application:
         log.info("draining", extra={"grace_seconds": grace.total_seconds()})
         self.health.drain()
         self.workers.begin_drain()
-        # Stop accepting; grpc cancels what still runs at the deadline.
+        # Stop accepting; grpc cancels what still runs at the deadline. Then
+        # end the watches (UNAVAILABLE with their cursor).
         server_stopped = self.server.stop(_left(deadline))
         self.feed.stop(min(_FEED_STOP_SECONDS, _left(deadline)))
         # In this order, each within what is left of the one deadline.
@@ -480,6 +483,7 @@ class Application:
     def close(self) -> None:
         """Release every connection the application holds (nothing may still use them)."""
         self.feed.stop(_FEED_STOP_SECONDS)
+        self.server.close(_SERVER_CLOSE_SECONDS)
         self.pool.close()
         self.redis.close()
         self._backend.close()

@@ -46,8 +46,8 @@ _VOLUME_DRIVER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_./:-]{0,127}$")
 _ENGINE_USER = re.compile(r"^(\d{1,10}):(\d{1,10})$")
 # The largest id chown takes: (uid_t)-1 means "leave unchanged".
 _MAX_ID = 2**32 - 2
-# Server threads kept free of lifecycle calls and watches, for health checks
-# and reflection.
+# Server threads kept free of lifecycle calls, for health checks. (Watches
+# and reflection run on the server's event loop and take no thread.)
 RPC_THREAD_HEADROOM = 4
 # Default concurrent lifecycle/read calls per pooled PostgreSQL connection: a
 # call holds a connection only for its short transactions (loads, the
@@ -186,6 +186,8 @@ class Settings(BaseModel):
 
     grpc_addr: HostPort = "127.0.0.1:50051"
     grpc_max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+    # Threads of the server's pool for the synchronous handlers (every RPC but
+    # WatchRuntimes and reflection, which run on its event loop).
     grpc_max_workers: int = Field(default=64, ge=8, le=1024)
     # None: derived from the pool size (see `max_concurrent_rpcs`).
     grpc_max_concurrent_rpcs: int | None = Field(default=None, ge=1, le=1024)
@@ -291,16 +293,6 @@ class Settings(BaseModel):
     watch_retention: PositiveDuration = timedelta(days=7)
 
     @model_validator(mode="after")
-    def _watchers_leave_threads_for_calls(self) -> Settings:
-        # Each watch holds one server thread for its whole life.
-        if self.watch_max_subscribers > self.grpc_max_workers - 8:
-            raise ValueError(
-                "RTMANAGER_WATCH_MAX_SUBSCRIBERS must be at most RTMANAGER_GRPC_MAX_WORKERS - 8 "
-                f"({self.grpc_max_workers - 8}), so watchers cannot starve other calls"
-            )
-        return self
-
-    @model_validator(mode="after")
     def _stream_timings_fit(self) -> Settings:
         problems = []
         if self.stream_block > REDIS_COMMAND_TIMEOUT - timedelta(seconds=1):
@@ -325,14 +317,13 @@ class Settings(BaseModel):
         if self.grpc_max_concurrent_rpcs is not None and self.grpc_max_concurrent_rpcs > room:
             raise ValueError(
                 "RTMANAGER_GRPC_MAX_CONCURRENT_RPCS must be at most RTMANAGER_GRPC_MAX_WORKERS - "
-                f"RTMANAGER_WATCH_MAX_SUBSCRIBERS - {RPC_THREAD_HEADROOM} ({room}), so every "
-                "admitted call has a server thread"
+                f"{RPC_THREAD_HEADROOM} ({room}), so every admitted call has a server thread"
             )
         return self
 
     @property
     def _rpc_threads(self) -> int:
-        return self.grpc_max_workers - self.watch_max_subscribers - RPC_THREAD_HEADROOM
+        return self.grpc_max_workers - RPC_THREAD_HEADROOM
 
     @property
     def max_concurrent_rpcs(self) -> int:
@@ -340,7 +331,7 @@ class Settings(BaseModel):
 
         `RTMANAGER_GRPC_MAX_CONCURRENT_RPCS` when set; otherwise
         `CALLS_PER_CONNECTION` per pooled PostgreSQL connection, at most the
-        server threads left by watches and `RPC_THREAD_HEADROOM`.
+        server threads less `RPC_THREAD_HEADROOM`.
         """
         if self.grpc_max_concurrent_rpcs is not None:
             return self.grpc_max_concurrent_rpcs
