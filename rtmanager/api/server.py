@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from rtmanager._proto.galaxy.rtmanager.v1 import rtmanager_pb2 as pb
 from rtmanager._proto.galaxy.rtmanager.v1 import rtmanager_pb2_grpc as pb_grpc
+from rtmanager.api.health import LoopHealthServicer
 from rtmanager.api.servicers import RuntimeAdminServicer, RuntimeServicer
 
 RUNTIME_SERVICE = pb.DESCRIPTOR.services_by_name["RuntimeService"].full_name
@@ -198,7 +199,7 @@ def build_server(
     def register(server: grpc.aio.Server) -> None:
         add_runtime_service(runtime, server)
         pb_grpc.add_RuntimeAdminServiceServicer_to_server(admin, server)
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(LoopHealthServicer(health_servicer), server)
         if reflection_enabled:
             reflection.enable_server_reflection(
                 (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server

@@ -1,4 +1,4 @@
-"""The server model: unary RPCs in the thread pool, WatchRuntimes on the event loop.
+"""The server model: unary RPCs in the thread pool, watches on the event loop.
 
 Both kinds of handler keep what the servicers rely on: the caller's
 metadata, rich error statuses, deadlines, and with tracing on, a span per
@@ -17,6 +17,7 @@ from typing import Any
 
 import grpc
 import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -26,6 +27,7 @@ from rtmanager._proto.galaxy.rtmanager.v1 import rtmanager_pb2 as pb
 from rtmanager._proto.galaxy.rtmanager.v1 import rtmanager_pb2_grpc as pb_grpc
 from rtmanager.api.auth import Authenticator, Role
 from rtmanager.api.errors import error_info_of
+from rtmanager.api.health import LoopHealthServicer
 from rtmanager.api.limits import CallLimiter
 from rtmanager.api.server import BindError, GrpcServer, add_runtime_service
 from rtmanager.api.servicers import RuntimeServicer
@@ -37,6 +39,8 @@ from rtmanager.telemetry import request_tracing
 from tests.unit.test_watch import FakeFeed, FakeSubscription, event
 
 TOKEN = "gm-token-0123456789abcdef"
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 @dataclass
@@ -168,3 +172,32 @@ def test_an_address_in_use_is_a_bind_error(served: tuple[GrpcServer, Queries]) -
             max_workers=1,
             max_message_bytes=1024,
         )
+
+
+def test_a_health_watch_runs_on_the_loop_and_is_forgotten_when_cancelled() -> None:
+    servicer = health.HealthServicer()
+    server = GrpcServer(
+        address="127.0.0.1:0",
+        register=lambda aio_server: health_pb2_grpc.add_HealthServicer_to_server(
+            LoopHealthServicer(servicer), aio_server
+        ),
+        max_workers=2,
+        max_message_bytes=1024 * 1024,
+    )
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            checks = health_pb2_grpc.HealthStub(channel)
+            assert checks.Check(health_pb2.HealthCheckRequest(), timeout=5).status == SERVING
+            updates = checks.Watch(health_pb2.HealthCheckRequest(), timeout=10)
+            assert next(updates).status == SERVING
+            servicer.set("", NOT_SERVING)
+            assert next(updates).status == NOT_SERVING
+            updates.cancel()
+            deadline = time.monotonic() + 5
+            while servicer._send_response_callbacks[""]:  # what a leak would keep
+                assert time.monotonic() < deadline, "the cancelled watch stayed registered"
+                time.sleep(0.01)
+    finally:
+        assert server.stop(0).wait(10)
+        server.close(10)
