@@ -162,6 +162,53 @@ def record_params(record: RuntimeRecord) -> dict[str, Any]:
     }
 
 
+GET_QUERY: LiteralString = _SELECT + " WHERE game_id = %s"
+"""The read of one record by game id (one parameter: the game id)."""
+
+LIST_ACTION = "list runtime records"
+
+
+def get_action(game_id: str) -> str:
+    """What a failed read of one record was doing, for its error message."""
+    return f"read runtime record {game_id}"
+
+
+def record_of_get(game_id: str, row: tuple[Any, ...] | None) -> RuntimeRecord:
+    """The record of the row `GET_QUERY` returned; `NotFound` when it returned none."""
+    if row is None:
+        raise NotFound(f"no runtime record for game {game_id}", metadata={"game_id": game_id})
+    return record_from_columns(row)
+
+
+def list_query(
+    *, status: RuntimeStatus | None, page_size: int, page_token: str
+) -> tuple[LiteralString, list[object]]:
+    """The statement and parameters of one page of records (see `page_of_rows`).
+
+    Raises `InvalidRequest` for a page size outside 1..1000, a malformed
+    page token or an unknown status, before anything is sent.
+    """
+    check_page_size(page_size)
+    after = decode_records_token(page_token)
+    params: list[object] = []
+    if status is not None:
+        if status not in RuntimeStatus.__members__.values():
+            raise InvalidRequest(f"status {status!r} is unsupported", metadata={"field": "status"})
+        params.append(str(status))
+    if after is not None:
+        params.append(after)
+    # One row more than the page: whether it exists says if a next page does.
+    params.append(page_size + 1)
+    return _LIST_QUERIES[(status is not None, after is not None)], params
+
+
+def page_of_rows(rows: list[tuple[Any, ...]], page_size: int) -> Page[RuntimeRecord]:
+    """The page of records the rows of a `list_query` statement hold."""
+    records = [record_from_columns(row) for row in rows[:page_size]]
+    next_token = encode_records_token(records[-1].game_id) if len(rows) > page_size else ""
+    return Page(items=records, next_page_token=next_token)
+
+
 def _describe(status: str, container_id: str | None) -> str:
     return f"status {status} with container {container_id or '(none)'}"
 
@@ -192,12 +239,8 @@ class PostgresRuntimeRecordStore:
 
     def get(self, game_id: str) -> RuntimeRecord:
         """Return the game's record; raise `NotFound` when there is none."""
-        row = self._fetch_one(
-            f"read runtime record {game_id}", _SELECT + " WHERE game_id = %s", (game_id,)
-        )
-        if row is None:
-            raise NotFound(f"no runtime record for game {game_id}", metadata={"game_id": game_id})
-        return record_from_columns(row)
+        row = self._fetch_one(get_action(game_id), GET_QUERY, (game_id,))
+        return record_of_get(game_id, row)
 
     def get_for_update(self, game_id: str) -> RuntimeRecord | None:
         """Return the game's record locked (`FOR UPDATE`) until the transaction ends, or None."""
@@ -334,20 +377,6 @@ class PostgresRuntimeRecordStore:
         Raises `InvalidRequest` for a page size outside 1..1000, a malformed
         page token or an unknown status.
         """
-        check_page_size(page_size)
-        after = decode_records_token(page_token)
-        params: builtins.list[object] = []
-        if status is not None:
-            if status not in RuntimeStatus.__members__.values():
-                raise InvalidRequest(
-                    f"status {status!r} is unsupported", metadata={"field": "status"}
-                )
-            params.append(str(status))
-        if after is not None:
-            params.append(after)
-        params.append(page_size + 1)
-        query = _LIST_QUERIES[(status is not None, after is not None)]
-        rows = self._fetch_all("list runtime records", query, params)
-        records = [record_from_columns(row) for row in rows[:page_size]]
-        next_token = encode_records_token(records[-1].game_id) if len(rows) > page_size else ""
-        return Page(items=records, next_page_token=next_token)
+        query, params = list_query(status=status, page_size=page_size, page_token=page_token)
+        rows = self._fetch_all(LIST_ACTION, query, params)
+        return page_of_rows(rows, page_size)
