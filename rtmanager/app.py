@@ -18,6 +18,7 @@ import grpc
 from rtmanager.adapters.docker.engine import DockerEngineAdapter
 from rtmanager.adapters.instrumented import InstrumentedBackend
 from rtmanager.adapters.postgres.event_feed import PostgresRuntimeFeed
+from rtmanager.adapters.postgres.loop_reads import PostgresRecordReader
 from rtmanager.adapters.postgres.migrations import (
     SchemaVersionError,
     check_schema_owner,
@@ -41,7 +42,7 @@ from rtmanager.lifecycle.cleanup import CleanupService
 from rtmanager.lifecycle.common import LifecycleDeps, LifecycleSettings
 from rtmanager.lifecycle.leasing import GameLock
 from rtmanager.lifecycle.patch import PatchService
-from rtmanager.lifecycle.queries import RuntimeExplainer, RuntimeQueries
+from rtmanager.lifecycle.queries import RuntimeExplainer, RuntimeQueries, RuntimeReads
 from rtmanager.lifecycle.reconcile import Reconciler
 from rtmanager.lifecycle.recorder import OperationRecorder
 from rtmanager.lifecycle.restart import RecreateService, RestartService
@@ -229,6 +230,13 @@ class Application:
             timeout=_DEPENDENCY_TIMEOUT,
         )
         self.units_of_work = PostgresUnitOfWorkFactory(self.pool)
+        # Awaited on the server's loop; opened and closed there by the server.
+        self.record_reader = PostgresRecordReader(
+            settings.postgres_dsn,
+            settings.postgres_schema,
+            max_size=settings.postgres_read_pool_size,
+            timeout=_DEPENDENCY_TIMEOUT,
+        )
         self.feed = PostgresRuntimeFeed(
             dsn=settings.postgres_dsn,
             schema=settings.postgres_schema,
@@ -262,6 +270,7 @@ class Application:
         job_streams = RedisJobStreams(self.redis, job_streams_config(settings))
         self.lifecycles = Lifecycles(
             queries=RuntimeQueries(self.units_of_work),
+            reads=RuntimeReads(self.record_reader),
             start=start,
             stop=stop,
             restart=RestartService(recreate),
@@ -308,6 +317,7 @@ class Application:
             reflection_enabled=settings.reflection,
             interceptors=self.export.server_interceptors(),
             credentials=credentials,
+            resources=[self.record_reader],
         )
         self.port = self.server.port
         if tokens and credentials is None and not is_loopback_address(settings.grpc_addr):

@@ -337,6 +337,18 @@ class Settings(BaseModel):
             return self.grpc_max_concurrent_rpcs
         return min(CALLS_PER_CONNECTION * self.postgres_pool_size, self._rpc_threads)
 
+    @property
+    def postgres_read_pool_size(self) -> int:
+        """Connections of the event loop's read pool (`GetRuntime`, `ListRuntimes`).
+
+        Half of `RTMANAGER_POSTGRES_POOL_SIZE` (rounded up), at least 2. The
+        reads are one short statement each, awaited on one thread: a few
+        connections keep that thread busy while others wait on PostgreSQL;
+        more would only hold idle sessions. The connections are in addition
+        to the pool of `RTMANAGER_POSTGRES_POOL_SIZE`.
+        """
+        return max(2, -(-self.postgres_pool_size // 2))
+
     @field_validator("swarm_constraints")
     @classmethod
     def _constraints(cls, value: list[str]) -> list[str]:

@@ -105,6 +105,34 @@ class RuntimeRecordStore(Protocol):
         ...
 
 
+class RecordReader(Protocol):
+    """Reads of runtime records for the RPCs served on the server's event loop.
+
+    Each read is one statement in autocommit on a connection of the
+    reader's own pool, awaited without blocking the loop. `timeout` bounds
+    the statement (None: the session's default). A read whose connection
+    turns out broken (PostgreSQL restarted since it was pooled) is retried
+    once on a fresh connection. Both raise `ServiceUnavailable` when
+    PostgreSQL is unreachable, no connection frees up in time or the
+    statement times out.
+    """
+
+    async def get(self, game_id: str, *, timeout: timedelta | None = None) -> RuntimeRecord:
+        """Return the game's record; raise `NotFound` when there is none."""
+        ...
+
+    async def list(
+        self,
+        *,
+        status: RuntimeStatus | None,
+        page_size: int,
+        page_token: str,
+        timeout: timedelta | None = None,
+    ) -> Page[RuntimeRecord]:
+        """One page of records ordered by game id, as `RuntimeRecordStore.list`."""
+        ...
+
+
 @dataclass(frozen=True)
 class OperationFilter:
     """Filters of an operation-log listing; None means any."""

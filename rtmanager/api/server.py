@@ -4,10 +4,11 @@ served by `grpc.aio` on an event loop of its own."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 import grpc.aio
@@ -24,6 +25,21 @@ ADMIN_SERVICE = pb.DESCRIPTOR.services_by_name["RuntimeAdminService"].full_name
 SERVICE_NAMES = (RUNTIME_SERVICE, ADMIN_SERVICE)
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+
+class LoopResource(Protocol):
+    """Something the handlers on the server's loop use, bound to that loop
+    (such as an asyncio connection pool): opened before the server serves,
+    closed once it has stopped and its calls have ended."""
+
+    async def open(self) -> None:
+        """Open on the running loop."""
+        ...
+
+    async def close(self) -> None:
+        """Close on the running loop."""
+        ...
 
 
 class BindError(RuntimeError):
@@ -84,17 +100,20 @@ def add_runtime_service(runtime: RuntimeServicer, server: grpc.aio.Server) -> No
 class GrpcServer:
     """The gRPC server: `grpc.aio` on an event loop in a thread of its own.
 
-    `WatchRuntimes` is a coroutine handler and runs on the loop, one task per
-    stream and no thread: each change is handed to the loop once and written
-    to every watcher's stream there. Every other handler (the lifecycle and
-    read RPCs, the admin RPCs, health) is synchronous and runs unchanged in
-    the server's thread pool of `max_workers` threads (grpc's migration
-    thread pool). Reflection is grpc's asyncio servicer.
+    Coroutine handlers run on the loop, one task per call and no thread:
+    `WatchRuntimes` (each change is handed to the loop once and written to
+    every watcher's stream there), and `GetRuntime` and `ListRuntimes`,
+    which await PostgreSQL through a pool of the loop's own (one of the
+    `resources`). Every other handler (the lifecycle RPCs, the admin RPCs,
+    health checks) is synchronous and runs in the server's thread pool of
+    `max_workers` threads (grpc's migration thread pool). Reflection is
+    grpc's asyncio servicer.
 
-    Built and bound by the constructor (raising `BindError`); `start`
-    serves; `stop(grace)` stops accepting calls at once and ends what still
-    runs at the end of `grace`; `close` ends the loop and the thread pool
-    once the server has stopped.
+    Built and bound by the constructor (raising `BindError`); `start` opens
+    the `resources` on the loop, then serves; `stop(grace)` stops accepting
+    calls at once, ends what still runs at the end of `grace`, then closes
+    the `resources`; `close` ends the loop and the thread pool once the
+    server has stopped.
     """
 
     def __init__(
@@ -106,7 +125,9 @@ class GrpcServer:
         max_message_bytes: int,
         interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]] = (),
         credentials: grpc.ServerCredentials | None = None,
+        resources: Sequence[LoopResource] = (),
     ) -> None:
+        self._resources = tuple(resources)
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc")
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run_loop, name="grpc-loop", daemon=True)
@@ -158,20 +179,35 @@ class GrpcServer:
         return server, port
 
     def start(self) -> None:
-        """Start serving."""
-        self._run(self._server.start())
+        """Open the resources, then start serving."""
+        self._run(self._start())
+
+    async def _start(self) -> None:
+        for resource in self._resources:
+            await resource.open()
+        await self._server.start()
 
     def stop(self, grace: float) -> threading.Event:
         """Stop accepting calls now; cancel those still running after `grace` seconds.
 
-        Returns an event set once every call has ended. A second call
-        returns the same event.
+        Returns an event set once every call has ended and the resources
+        are closed. A second call returns the same event.
         """
         if not self._stopping:
             self._stopping = True
-            done = asyncio.run_coroutine_threadsafe(self._server.stop(grace), self.loop)
+            done = asyncio.run_coroutine_threadsafe(self._stop(grace), self.loop)
             done.add_done_callback(lambda _: self._stopped.set())
         return self._stopped
+
+    async def _stop(self, grace: float) -> None:
+        try:
+            await self._server.stop(grace)
+        finally:
+            for resource in self._resources:
+                try:
+                    await resource.close()
+                except Exception:
+                    log.exception("closing a resource of the server's loop failed")
 
     def close(self, timeout: float) -> None:
         """End the event loop and the thread pool (after `stop` has finished)."""
@@ -193,8 +229,10 @@ def build_server(
     reflection_enabled: bool,
     interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]] = (),
     credentials: grpc.ServerCredentials | None = None,
+    resources: Sequence[LoopResource] = (),
 ) -> GrpcServer:
-    """Build (not start) the server with every service and bind it."""
+    """Build (not start) the server with every service and bind it; `resources`
+    are opened on its loop when it starts and closed when it stops."""
 
     def register(server: grpc.aio.Server) -> None:
         add_runtime_service(runtime, server)
@@ -212,4 +250,5 @@ def build_server(
         max_message_bytes=max_message_bytes,
         interceptors=interceptors,
         credentials=credentials,
+        resources=resources,
     )

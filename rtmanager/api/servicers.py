@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -28,7 +28,7 @@ from rtmanager.domain.errors import ErrorCode, Failure, RuntimeManagerError
 from rtmanager.domain.runtime import RuntimeRecord
 from rtmanager.lifecycle.cleanup import CleanupRequest, CleanupService
 from rtmanager.lifecycle.patch import PatchRequest, PatchService
-from rtmanager.lifecycle.queries import RuntimeExplainer, RuntimeQueries
+from rtmanager.lifecycle.queries import RuntimeExplainer, RuntimeQueries, RuntimeReads
 from rtmanager.lifecycle.reconcile import Reconciler
 from rtmanager.lifecycle.recorder import OperationResult
 from rtmanager.lifecycle.restart import RestartRequest, RestartService
@@ -52,6 +52,7 @@ class Lifecycles:
     """The use cases the servicers call."""
 
     queries: RuntimeQueries
+    reads: RuntimeReads
     start: StartService
     stop: StopService
     restart: RestartService
@@ -98,6 +99,45 @@ def rpc(*, admin_only: bool = False) -> Callable[[Method[Any, Req, Resp]], Handl
                         return method(self, request, context, caller)
                 except Exception as error:
                     _abort_for(context, error, method.__name__, _game_id_of(request))
+            raise AssertionError("abort returned")  # pragma: no cover
+
+        return handler
+
+    return decorate
+
+
+AsyncMethod = Callable[
+    [S, Req, grpc.aio.ServicerContext[Any, Any], Principal], Coroutine[Any, Any, Resp]
+]
+AsyncHandler = Callable[[S, Req, grpc.aio.ServicerContext[Any, Any]], Coroutine[Any, Any, Resp]]
+
+
+def loop_rpc(
+    *, admin_only: bool = False
+) -> Callable[[AsyncMethod[Any, Req, Resp]], AsyncHandler[Any, Req, Resp]]:
+    """`rpc` for a coroutine handler, run on the server's event loop.
+
+    The same steps in the same order: the request's span, authentication,
+    admission within the concurrent-call bound, the caller's deadline, one
+    failure-to-status path. The call runs in one task, so the span and the
+    deadline (context variables) stay its own across its awaits.
+    """
+
+    def decorate(method: AsyncMethod[Any, Req, Resp]) -> AsyncHandler[Any, Req, Resp]:
+        @functools.wraps(method)
+        async def handler(
+            self: _Authenticated, request: Req, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> Resp:
+            with request_scope(context.invocation_metadata()):  # type: ignore[arg-type]
+                try:
+                    caller = self._auth.authenticate(context, admin_only=admin_only)  # type: ignore[arg-type]
+                    with self._limiter.admit(), deadline_scope(context.time_remaining()):
+                        return await method(self, request, context, caller)
+                except Exception as error:
+                    status = _status_for(error, method.__name__, _game_id_of(request))
+                    if status is None:
+                        raise
+                await context.abort(status.code, status.details, status.trailing_metadata)
             raise AssertionError("abort returned")  # pragma: no cover
 
         return handler
@@ -162,6 +202,10 @@ def _record_of(result: OperationResult) -> pb.RuntimeRecord:
 
 class RuntimeServicer(_Authenticated, pb_grpc.RuntimeServiceServicer):
     """`galaxy.rtmanager.v1.RuntimeService` (Game Master and admins).
+
+    `GetRuntime`, `ListRuntimes` and `WatchRuntimes` are coroutines, run on
+    the server's event loop; the lifecycle RPCs are synchronous and run in
+    its thread pool.
 
     The reads answer with bytes: `GetRuntime` and `ListRuntimes` return their
     serialized replies (assembled from memoised record bytes, see
@@ -229,19 +273,25 @@ class RuntimeServicer(_Authenticated, pb_grpc.RuntimeServiceServicer):
         )
         return pb.PatchRuntimeResponse(runtime=_record_of(result))
 
-    @rpc()
-    def GetRuntime(  # type: ignore[override]  # noqa: N802 - bytes, see the class
-        self, request: pb.GetRuntimeRequest, context: grpc.ServicerContext, caller: Principal
+    @loop_rpc()
+    async def GetRuntime(  # type: ignore[override]  # noqa: N802 - bytes, see the class
+        self,
+        request: pb.GetRuntimeRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+        caller: Principal,
     ) -> bytes:
-        record = self._lifecycles.queries.get_runtime(request.game_id)
+        record = await self._lifecycles.reads.get_runtime(request.game_id)
         return convert.get_runtime_reply(record)
 
-    @rpc()
-    def ListRuntimes(  # type: ignore[override]  # noqa: N802 - bytes, see the class
-        self, request: pb.ListRuntimesRequest, context: grpc.ServicerContext, caller: Principal
+    @loop_rpc()
+    async def ListRuntimes(  # type: ignore[override]  # noqa: N802 - bytes, see the class
+        self,
+        request: pb.ListRuntimesRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+        caller: Principal,
     ) -> bytes:
         status = convert.enum_from_pb(convert.STATUS_FROM_PB, request.status, "status")
-        page = self._lifecycles.queries.list_runtimes(
+        page = await self._lifecycles.reads.list_runtimes(
             status=status, page_size=request.page_size, page_token=request.page_token
         )
         return convert.list_runtimes_reply(page.items, page.next_page_token)

@@ -1,12 +1,14 @@
-"""The server model: unary RPCs in the thread pool, watches on the event loop.
+"""The server model: lifecycle RPCs in the thread pool; the reads and the
+watches on the event loop.
 
 Both kinds of handler keep what the servicers rely on: the caller's
-metadata, rich error statuses, deadlines, and with tracing on, a span per
-request in which the handler runs.
+metadata, rich error statuses, deadlines, the call limit, and with tracing
+on, a span per request in which the handler runs.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator
@@ -34,6 +36,7 @@ from rtmanager.api.servicers import RuntimeServicer
 from rtmanager.deadlines import bounded
 from rtmanager.domain.errors import NotFound
 from rtmanager.domain.runtime import RuntimeRecord
+from rtmanager.lifecycle.stop import StopRequest
 from rtmanager.lifecycle.watch import WatchService
 from rtmanager.telemetry import request_tracing
 from tests.unit.test_watch import FakeFeed, FakeSubscription, event
@@ -45,22 +48,35 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 @dataclass
 class Queries:
-    """`RuntimeQueries` that finds nothing and notes where and how it was asked."""
+    """The use cases the test RPCs call: each finds nothing and notes where
+    and how it was asked (`reads` and `stop` of `Lifecycles`)."""
 
     threads: list[str] = field(default_factory=list)
     bounds: list[timedelta] = field(default_factory=list)
     spans: list[int] = field(default_factory=list)
+    release: asyncio.Event | None = None
 
-    def get_runtime(self, game_id: str) -> RuntimeRecord:
+    def _note(self) -> None:
         self.threads.append(threading.current_thread().name)
         self.bounds.append(bounded(timedelta(hours=1)))
         self.spans.append(trace.get_current_span().get_span_context().trace_id)
+
+    async def get_runtime(self, game_id: str) -> RuntimeRecord:
+        self._note()
+        if self.release is not None:
+            await self.release.wait()
+        self._note()  # the span and deadline are still the call's after an await
         raise NotFound(f"no runtime {game_id}")
+
+    def handle(self, request: StopRequest) -> RuntimeRecord:
+        self._note()
+        raise NotFound(f"no runtime {request.game_id}")
 
 
 @dataclass
 class Lifecycles:
-    queries: Queries
+    reads: Queries
+    stop: Queries
     watch: WatchService
 
 
@@ -75,7 +91,9 @@ def served(spans: InMemorySpanExporter) -> Iterator[tuple[GrpcServer, Queries]]:
     provider.add_span_processor(SimpleSpanProcessor(spans))
     queries = Queries()
     feed = FakeFeed([], FakeSubscription(position=3, live=[event(4), 4]))
-    lifecycles: Any = Lifecycles(queries, WatchService(feed, heartbeat=timedelta(seconds=1)))
+    lifecycles: Any = Lifecycles(
+        queries, queries, WatchService(feed, heartbeat=timedelta(seconds=1))
+    )
     servicer = RuntimeServicer(lifecycles, Authenticator({TOKEN: Role.GAME_MASTER}), CallLimiter(4))
     server = GrpcServer(
         address="127.0.0.1:0",
@@ -112,7 +130,25 @@ def finished(spans: InMemorySpanExporter, suffix: str) -> ReadableSpan:
         time.sleep(0.01)
 
 
-def test_a_unary_rpc_runs_in_the_pool_in_its_span_with_its_deadline_and_rich_errors(
+def test_a_lifecycle_rpc_runs_in_the_pool_in_its_span_with_its_deadline_and_rich_errors(
+    served: tuple[GrpcServer, Queries], spans: InMemorySpanExporter
+) -> None:
+    server, queries = served
+    request = pb.StopRuntimeRequest(game_id="g1", reason=pb.STOP_REASON_ADMIN_REQUEST)
+    with stub(server) as runtimes, pytest.raises(grpc.RpcError) as failed:
+        runtimes.StopRuntime(request, metadata=AUTH, timeout=5)
+    assert failed.value.code() == grpc.StatusCode.NOT_FOUND
+    info = error_info_of(failed.value)
+    assert info is not None and info.reason == "not_found"
+    assert info.metadata["game_id"] == "g1"
+    assert queries.threads[0].startswith("grpc_")
+    assert timedelta(seconds=3) < queries.bounds[0] <= timedelta(seconds=5)
+    span = finished(spans, "/StopRuntime")
+    assert span.context is not None and queries.spans == [span.context.trace_id]
+    assert span.attributes is not None and span.attributes["rpc.grpc.status_code"] == 5
+
+
+def test_a_read_runs_on_the_loop_in_its_span_with_its_deadline_and_rich_errors(
     served: tuple[GrpcServer, Queries], spans: InMemorySpanExporter
 ) -> None:
     server, queries = served
@@ -122,11 +158,70 @@ def test_a_unary_rpc_runs_in_the_pool_in_its_span_with_its_deadline_and_rich_err
     info = error_info_of(failed.value)
     assert info is not None and info.reason == "not_found"
     assert info.metadata["game_id"] == "g1"
-    assert queries.threads[0].startswith("grpc")
-    assert timedelta(seconds=3) < queries.bounds[0] <= timedelta(seconds=5)
+    assert queries.threads == ["grpc-loop", "grpc-loop"]
+    assert all(timedelta(seconds=3) < bound <= timedelta(seconds=5) for bound in queries.bounds)
     span = finished(spans, "/GetRuntime")
-    assert span.context is not None and queries.spans == [span.context.trace_id]
+    assert span.context is not None
+    assert queries.spans == [span.context.trace_id] * 2
     assert span.attributes is not None and span.attributes["rpc.grpc.status_code"] == 5
+
+
+def test_reads_on_the_loop_count_against_the_call_limit(
+    served: tuple[GrpcServer, Queries],
+) -> None:
+    server, queries = served
+    queries.release = asyncio.Event()
+    with stub(server) as runtimes:
+        waiting = [
+            runtimes.GetRuntime.future(
+                pb.GetRuntimeRequest(game_id=f"g{n}"), metadata=AUTH, timeout=10
+            )
+            for n in range(4)
+        ]
+        deadline = time.monotonic() + 5
+        while len(queries.threads) < 4:
+            assert time.monotonic() < deadline, "the reads did not all start"
+            time.sleep(0.01)
+        with pytest.raises(grpc.RpcError) as refused:
+            runtimes.GetRuntime(pb.GetRuntimeRequest(game_id="g9"), metadata=AUTH, timeout=5)
+        server.loop.call_soon_threadsafe(queries.release.set)
+        codes = [_code_of(call) for call in waiting]
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    info = error_info_of(refused.value)
+    assert info is not None and info.reason == "too_many_requests"
+    assert codes == [grpc.StatusCode.NOT_FOUND] * 4
+
+
+def _code_of(call: Any) -> grpc.StatusCode:
+    try:
+        call.result()
+    except grpc.RpcError as error:
+        return error.code()  # type: ignore[no-any-return]
+    return grpc.StatusCode.OK
+
+
+def test_the_loop_resources_open_before_serving_and_close_after_the_calls() -> None:
+    events: list[str] = []
+
+    class Resource:
+        async def open(self) -> None:
+            events.append(f"open {threading.current_thread().name}")
+
+        async def close(self) -> None:
+            events.append(f"close {threading.current_thread().name}")
+
+    server = GrpcServer(
+        address="127.0.0.1:0",
+        register=lambda _server: None,
+        max_workers=1,
+        max_message_bytes=1024,
+        resources=[Resource()],
+    )
+    server.start()
+    assert events == ["open grpc-loop"]
+    assert server.stop(0).wait(10)
+    server.close(10)
+    assert events == ["open grpc-loop", "close grpc-loop"]
 
 
 def test_a_caller_without_a_token_is_refused_on_both_kinds_of_rpc(
