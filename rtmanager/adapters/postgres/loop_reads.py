@@ -58,6 +58,8 @@ class PostgresRecordReader:
     await the reads (the pool's workers are tasks of that loop). `open`
     never waits for the database: a read while it is down fails with
     `ServiceUnavailable` after `timeout` (the wait for a connection).
+    `configure`, if given, is awaited on each new connection before its
+    first use (tests trace the connection's messages with it).
     """
 
     def __init__(
@@ -69,6 +71,7 @@ class PostgresRecordReader:
         timeout: float | timedelta,
         session_timeout: timedelta = SESSION_STATEMENT_TIMEOUT,
         name: str = "rtmanager-postgres-reads",
+        configure: Callable[[AsyncConnection], Awaitable[None]] | None = None,
     ) -> None:
         if max_size < 1:
             raise ValueError(f"read pool size must be at least 1, got {max_size}")
@@ -85,6 +88,7 @@ class PostgresRecordReader:
             autocommit=True,
         )
         self._name = name
+        self._configure = configure
         self._pool: AsyncConnectionPool[AsyncConnection] | None = None
 
     async def open(self) -> None:
@@ -98,6 +102,7 @@ class PostgresRecordReader:
             max_size=self._max_size,
             timeout=self._timeout,
             name=self._name,
+            configure=self._configure,
             open=False,
         )
         await pool.open(wait=False)
