@@ -1,15 +1,16 @@
 """Watch fan-out: WatchRuntimes delivery latency and lost events at 100 and 1000 watchers.
 
 rtmanager: the real `rtmanager serve` process on its own migrated schema,
-with `RTMANAGER_WATCH_MAX_SUBSCRIBERS=1000` and
-`RTMANAGER_GRPC_MAX_WORKERS=1024` (each watch holds a server thread).
+with `RTMANAGER_WATCH_MAX_SUBSCRIBERS=1000` (watches run on the server's
+event loop and take no thread, so the thread pool keeps its default size).
 Events are produced by committing record changes the way the service does,
 through the PostgreSQL adapters on the benchmark's schema: one unit of work
 upserts a (stopped) record, appends its operation-log row and its event,
-and commits. Floor: `bench.bare_fanout`, a bare servicer in its own process
-with the same thread pool, one queue per subscriber of pre-serialized
-bytes; an event is published to it with one unary call carrying a
-`WatchRuntimesResponse` built the same way (same record shape, same size).
+and commits. Floor: `bench.bare_fanout`, a bare `grpc.aio` servicer in its
+own process (the same kind of server as rtmanager's watch path), one
+asyncio queue per subscriber of pre-serialized bytes; an event is
+published to it with one unary call carrying a `WatchRuntimesResponse`
+built the same way (same record shape, same size).
 
 Latency is measured from the moment the producer sends its `COMMIT` (or
 its `Publish` call) to the moment the message arrives in a subscriber
@@ -75,7 +76,6 @@ from tests.conftest import POSTGRES_DSN
 from tests.e2e.conftest import REPO
 
 NAME = "watch_fanout"
-GRPC_WORKERS = 1024
 MAX_WATCHERS = 1000
 CLIENT_PROCESSES = 2
 CHANNELS_PER_CLIENT = 4
@@ -210,7 +210,7 @@ class FanoutServer:
 @contextlib.contextmanager
 def fanout_server(iso: Isolation) -> Iterator[FanoutServer]:
     """Start `python -m bench.bare_fanout`; SIGTERM afterwards."""
-    with bare_process(iso, "bench.bare_fanout", "--workers", str(GRPC_WORKERS)) as started:
+    with bare_process(iso, "bench.bare_fanout") as started:
         yield FanoutServer(*started)
 
 
@@ -371,10 +371,7 @@ def run(*, quick: bool = False) -> dict[str, Any]:
     rows: list[Row] = []
     raw: dict[str, Any] = {}
     memory: dict[str, dict[str, Any]] = {"rtmanager": {}, "bare": {}}
-    env = {
-        "RTMANAGER_WATCH_MAX_SUBSCRIBERS": str(MAX_WATCHERS),
-        "RTMANAGER_GRPC_MAX_WORKERS": str(GRPC_WORKERS),
-    }
+    env = {"RTMANAGER_WATCH_MAX_SUBSCRIBERS": str(MAX_WATCHERS)}
     with (
         isolation(NAME) as iso,
         rtmanager_server(iso, extra_env=env) as server,
@@ -446,7 +443,6 @@ def run(*, quick: bool = False) -> dict[str, Any]:
             "cases": [asdict(case) for case in cases],
             "client_processes": CLIENT_PROCESSES,
             "channels_per_client": CHANNELS_PER_CLIENT,
-            "grpc_workers": GRPC_WORKERS,
             "drain_seconds": DRAIN_SECONDS,
             "warmup_events": WARMUP_EVENTS,
             "floor_message_bytes": publishes.message_bytes,

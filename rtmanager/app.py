@@ -18,6 +18,7 @@ import grpc
 from rtmanager.adapters.docker.engine import DockerEngineAdapter
 from rtmanager.adapters.instrumented import InstrumentedBackend
 from rtmanager.adapters.postgres.event_feed import PostgresRuntimeFeed
+from rtmanager.adapters.postgres.loop_reads import PostgresRecordReader
 from rtmanager.adapters.postgres.migrations import (
     SchemaVersionError,
     check_schema_owner,
@@ -40,7 +41,7 @@ from rtmanager.lifecycle.cleanup import CleanupService
 from rtmanager.lifecycle.common import LifecycleDeps, LifecycleSettings
 from rtmanager.lifecycle.leasing import GameLock
 from rtmanager.lifecycle.patch import PatchService
-from rtmanager.lifecycle.queries import RuntimeExplainer, RuntimeQueries
+from rtmanager.lifecycle.queries import RuntimeExplainer, RuntimeQueries, RuntimeReads
 from rtmanager.lifecycle.reconcile import Reconciler
 from rtmanager.lifecycle.recorder import OperationRecorder
 from rtmanager.lifecycle.restart import RecreateService, RestartService
@@ -64,6 +65,7 @@ _SCHEMA_RETRY_SECONDS = 2.0
 # acted on at once.
 _SCHEMA_PROBE_SECONDS = 1.0
 _FEED_STOP_SECONDS = 5.0
+_SERVER_CLOSE_SECONDS = 5.0
 
 
 class StartupError(RuntimeError):
@@ -230,6 +232,13 @@ class Application:
             timeout=_DEPENDENCY_TIMEOUT,
         )
         self.units_of_work = PostgresUnitOfWorkFactory(self.pool)
+        # Awaited on the server's loop; opened and closed there by the server.
+        self.record_reader = PostgresRecordReader(
+            settings.postgres_dsn,
+            settings.postgres_schema,
+            max_size=settings.postgres_read_pool_size,
+            timeout=_DEPENDENCY_TIMEOUT,
+        )
         self.feed = PostgresRuntimeFeed(
             dsn=settings.postgres_dsn,
             schema=settings.postgres_schema,
@@ -263,6 +272,7 @@ class Application:
         job_streams = RedisJobStreams(self.redis, job_streams_config(settings))
         self.lifecycles = Lifecycles(
             queries=RuntimeQueries(self.units_of_work),
+            reads=RuntimeReads(self.record_reader),
             start=start,
             stop=stop,
             restart=RestartService(recreate),
@@ -299,7 +309,7 @@ class Application:
         )
         auth = Authenticator(tokens)
         self.calls = CallLimiter(settings.max_concurrent_rpcs)
-        self.server, self.port = build_server(
+        self.server = build_server(
             address=settings.grpc_addr,
             runtime=RuntimeServicer(self.lifecycles, auth, self.calls),
             admin=RuntimeAdminServicer(self.lifecycles, auth, self.calls),
@@ -309,7 +319,9 @@ class Application:
             reflection_enabled=settings.reflection,
             interceptors=self.export.server_interceptors(),
             credentials=credentials,
+            resources=[self.record_reader],
         )
+        self.port = self.server.port
         if tokens and credentials is None and not is_loopback_address(settings.grpc_addr):
             log.warning(
                 "bearer tokens accepted in cleartext (RTMANAGER_ALLOW_CLEARTEXT_TOKENS=true): "
@@ -445,7 +457,8 @@ class Application:
         log.info("draining", extra={"grace_seconds": grace.total_seconds()})
         self.health.drain()
         self.workers.begin_drain()
-        # Stop accepting; grpc cancels what still runs at the deadline.
+        # Stop accepting; grpc cancels what still runs at the deadline. Then
+        # end the watches (UNAVAILABLE with their cursor).
         server_stopped = self.server.stop(_left(deadline))
         self.feed.stop(min(_FEED_STOP_SECONDS, _left(deadline)))
         # In this order, each within what is left of the one deadline.
@@ -482,6 +495,7 @@ class Application:
     def close(self) -> None:
         """Release every connection the application holds (nothing may still use them)."""
         self.feed.stop(_FEED_STOP_SECONDS)
+        self.server.close(_SERVER_CLOSE_SECONDS)
         self.pool.close()
         self.redis.close()
         self._backend.close()

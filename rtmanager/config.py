@@ -42,8 +42,8 @@ _VOLUME_DRIVER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_./:-]{0,127}$")
 _ENGINE_USER = re.compile(r"^(\d{1,10}):(\d{1,10})$")
 # The largest id chown takes: (uid_t)-1 means "leave unchanged".
 _MAX_ID = 2**32 - 2
-# Server threads kept free of lifecycle calls and watches, for health checks
-# and reflection.
+# Server threads kept free of lifecycle calls, for health checks. (Watches
+# and reflection run on the server's event loop and take no thread.)
 RPC_THREAD_HEADROOM = 4
 # Default concurrent lifecycle/read calls per pooled PostgreSQL connection: a
 # call holds a connection only for its short transactions (loads, the
@@ -191,6 +191,9 @@ class Settings:
 
     grpc_addr: str = "127.0.0.1:50051"
     grpc_max_message_bytes: int = 4 * 1024 * 1024
+    # Threads of the server's pool for the synchronous handlers (every RPC but
+    # WatchRuntimes, GetRuntime, ListRuntimes and reflection, which run on
+    # its event loop).
     grpc_max_workers: int = 64
     # None: derived from the pool size (see `max_concurrent_rpcs`).
     grpc_max_concurrent_rpcs: int | None = None
@@ -289,7 +292,7 @@ class Settings:
 
     @property
     def _rpc_threads(self) -> int:
-        return self.grpc_max_workers - self.watch_max_subscribers - RPC_THREAD_HEADROOM
+        return self.grpc_max_workers - RPC_THREAD_HEADROOM
 
     @property
     def max_concurrent_rpcs(self) -> int:
@@ -297,21 +300,27 @@ class Settings:
 
         `RTMANAGER_GRPC_MAX_CONCURRENT_RPCS` when set; otherwise
         `CALLS_PER_CONNECTION` per pooled PostgreSQL connection, at most the
-        server threads left by watches and `RPC_THREAD_HEADROOM`.
+        server threads less `RPC_THREAD_HEADROOM`.
         """
         if self.grpc_max_concurrent_rpcs is not None:
             return self.grpc_max_concurrent_rpcs
         return min(CALLS_PER_CONNECTION * self.postgres_pool_size, self._rpc_threads)
 
+    @property
+    def postgres_read_pool_size(self) -> int:
+        """Connections of the event loop's read pool (`GetRuntime`, `ListRuntimes`).
+
+        Half of `RTMANAGER_POSTGRES_POOL_SIZE` (rounded up), at least 2. The
+        reads are one short statement each, awaited on one thread: a few
+        connections keep that thread busy while others wait on PostgreSQL;
+        more would only hold idle sessions. The connections are in addition
+        to the pool of `RTMANAGER_POSTGRES_POOL_SIZE`.
+        """
+        return max(2, -(-self.postgres_pool_size // 2))
+
 
 def _cross_checks(settings: Settings) -> list[str]:
     """The first rule across settings that does not hold, as a message naming its variables."""
-    # Each watch holds one server thread for its whole life.
-    if settings.watch_max_subscribers > settings.grpc_max_workers - 8:
-        return [
-            "RTMANAGER_WATCH_MAX_SUBSCRIBERS must be at most RTMANAGER_GRPC_MAX_WORKERS - 8 "
-            f"({settings.grpc_max_workers - 8}), so watchers cannot starve other calls"
-        ]
     timings = []
     if settings.stream_block > REDIS_COMMAND_TIMEOUT - timedelta(seconds=1):
         timings.append(
@@ -329,8 +338,7 @@ def _cross_checks(settings: Settings) -> list[str]:
     if settings.grpc_max_concurrent_rpcs is not None and settings.grpc_max_concurrent_rpcs > room:
         return [
             "RTMANAGER_GRPC_MAX_CONCURRENT_RPCS must be at most RTMANAGER_GRPC_MAX_WORKERS - "
-            f"RTMANAGER_WATCH_MAX_SUBSCRIBERS - {RPC_THREAD_HEADROOM} ({room}), so every "
-            "admitted call has a server thread"
+            f"{RPC_THREAD_HEADROOM} ({room}), so every admitted call has a server thread"
         ]
     return []
 

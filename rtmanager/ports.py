@@ -105,6 +105,34 @@ class RuntimeRecordStore(Protocol):
         ...
 
 
+class RecordReader(Protocol):
+    """Reads of runtime records for the RPCs served on the server's event loop.
+
+    Each read is one statement in autocommit on a connection of the
+    reader's own pool, awaited without blocking the loop. `timeout` bounds
+    the statement (None: the session's default). A read whose connection
+    turns out broken (PostgreSQL restarted since it was pooled) is retried
+    once on a fresh connection. Both raise `ServiceUnavailable` when
+    PostgreSQL is unreachable, no connection frees up in time or the
+    statement times out.
+    """
+
+    async def get(self, game_id: str, *, timeout: timedelta | None = None) -> RuntimeRecord:
+        """Return the game's record; raise `NotFound` when there is none."""
+        ...
+
+    async def list(
+        self,
+        *,
+        status: RuntimeStatus | None,
+        page_size: int,
+        page_token: str,
+        timeout: timedelta | None = None,
+    ) -> Page[RuntimeRecord]:
+        """One page of records ordered by game id, as `RuntimeRecordStore.list`."""
+        ...
+
+
 @dataclass(frozen=True)
 class OperationFilter:
     """Filters of an operation-log listing; None means any."""
@@ -265,14 +293,18 @@ EVERY_EVENT = EventFilter()
 
 class Subscription(Protocol):
     """One watcher's live view of the feed: the events it wants, in id order, as
-    they commit."""
+    they commit.
+
+    A subscription belongs to the asyncio event loop it was made on: `get`
+    and `close` are called there, and the feed hands it events there.
+    """
 
     @property
     def position(self) -> int:
         """The newest event id the feed had dispatched when this watcher subscribed."""
         ...
 
-    def get(self, timeout: float) -> RuntimeEvent | int:
+    async def get(self, timeout: float) -> RuntimeEvent | int:
         """The next wanted event, or, after `timeout` seconds without one, a
         bookmark: the id through which every dispatched event has been handed
         over or was not wanted.
@@ -283,7 +315,7 @@ class Subscription(Protocol):
         ...
 
     def close(self) -> None:
-        """End this watch from any thread: a blocked `get` raises `FeedClosed` at once."""
+        """End this watch (on its event loop): a waiting `get` raises `FeedClosed` at once."""
         ...
 
 
@@ -302,17 +334,20 @@ class TooManyWatchers(Exception):
 class RuntimeFeed(Protocol):
     """The durable, ordered stream of committed runtime changes (WatchRuntimes)."""
 
-    def subscribe(self, wanted: EventFilter = EVERY_EVENT) -> Subscription:
+    async def subscribe(self, wanted: EventFilter = EVERY_EVENT) -> Subscription:
         """Register a watcher of the events `wanted` passes (filtered as they are
-        queued, not by the watcher); raise `TooManyWatchers` at the configured bound.
+        queued, not by the watcher) on the running event loop; raise
+        `TooManyWatchers` at the configured bound, `FeedClosed` when shutting down.
 
         The same `RuntimeEvent` object is handed to every watcher of an event.
         """
         ...
 
     def unsubscribe(self, subscription: Subscription) -> None:
-        """Forget a watcher."""
+        """Forget a watcher (on its event loop; a second call does nothing)."""
         ...
+
+    # The reads below block on the database: call them off the event loop.
 
     def snapshot(self) -> tuple[builtins.list[RuntimeRecord], int]:
         """Every record and the newest event id, read in one consistent snapshot."""

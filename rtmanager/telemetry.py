@@ -6,16 +6,19 @@ instruments are OpenTelemetry's no-ops, so lifecycles call it unconditionally.
 
 from __future__ import annotations
 
+import inspect
 import logging
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+import grpc
+import grpc.aio
 from opentelemetry import metrics
 from opentelemetry.metrics import Meter
 
 from rtmanager import tracing
 
 if TYPE_CHECKING:
-    import grpc
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
@@ -147,13 +150,11 @@ class TelemetryExport:
             else metrics.NoOpMeter(_METER_NAME)
         )
 
-    def server_interceptors(self) -> list[grpc.ServerInterceptor[Any, Any]]:
-        """The gRPC server's interceptors: the OpenTelemetry one when traces are exported."""
+    def server_interceptors(self) -> list[grpc.aio.ServerInterceptor[Any, Any]]:
+        """The gRPC server's interceptors: OpenTelemetry's when traces are exported."""
         if self.tracer_provider is None:
             return []
-        from opentelemetry.instrumentation.grpc import server_interceptor
-
-        return [server_interceptor(tracer_provider=self.tracer_provider)]  # type: ignore[no-untyped-call]
+        return [request_tracing(self.tracer_provider)]
 
     def shutdown(self) -> None:
         """Flush and stop the exporters."""
@@ -165,6 +166,60 @@ class TelemetryExport:
         shutdown = getattr(self._http_server, "shutdown", None)
         if shutdown is not None:
             shutdown()
+
+
+def request_tracing(tracer_provider: TracerProvider) -> grpc.aio.ServerInterceptor[Any, Any]:
+    """The server interceptor that makes a span of every request (see `_RequestTracing`)."""
+    from opentelemetry.instrumentation.grpc import aio_server_interceptor, server_interceptor
+
+    return _RequestTracing(
+        threaded=server_interceptor(tracer_provider=tracer_provider),  # type: ignore[no-untyped-call]
+        on_loop=aio_server_interceptor(tracer_provider=tracer_provider),  # type: ignore[no-untyped-call]
+    )
+
+
+class _RequestTracing(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """OpenTelemetry's gRPC instrumentation on a server with both kinds of handlers.
+
+    Its asyncio interceptor turns every handler into a coroutine that awaits
+    the original, which a synchronous handler (run in the server's thread
+    pool) is not, and would then run it on the event loop. Synchronous
+    handlers get the instrumentation's synchronous interceptor instead: its
+    span is made and current in the handler's own thread.
+    """
+
+    def __init__(self, *, threaded: Any, on_loop: grpc.aio.ServerInterceptor[Any, Any]) -> None:
+        self._threaded = threaded
+        self._on_loop = on_loop
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler  # type: ignore[return-value]  # unknown method: UNIMPLEMENTED
+        if not _runs_on_loop(handler):
+            wrapped: grpc.RpcMethodHandler[Any, Any] = self._threaded.intercept_service(
+                lambda _details: handler, handler_call_details
+            )
+            return wrapped
+
+        async def resolved(_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any]:
+            return handler
+
+        return await self._on_loop.intercept_service(resolved, handler_call_details)
+
+
+def _runs_on_loop(handler: grpc.RpcMethodHandler[Any, Any]) -> bool:
+    """Whether grpc.aio runs the handler on its event loop (else in its thread pool)."""
+    behavior = (
+        handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+    )
+    return inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior)
 
 
 def _resource(service_name: str) -> Resource:

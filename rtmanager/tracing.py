@@ -56,19 +56,36 @@ def request_scope(metadata: Sequence[tuple[str, str | bytes]] | None) -> Iterato
     `metadata` is the call's invocation metadata; its `traceparent`, if
     any, is the parent of the ids-only span.
     """
+    with span_scope(request_span(metadata)):
+        yield
+
+
+def request_span(metadata: Sequence[tuple[str, str | bytes]] | None) -> trace.Span | None:
+    """The ids-only span of a request (see `request_scope`); None when the gRPC
+    instrumentation's recording span is current already."""
     if trace.get_current_span().get_span_context().is_valid:
-        yield  # the gRPC instrumentation's recording span
-        return
+        return None
     parent = None
     for key, value in metadata or ():
         if key == "traceparent" and isinstance(value, str):
             extracted = _propagator.extract({"traceparent": value})
             parent = trace.get_current_span(extracted).get_span_context()
-    token = otel_context.attach(trace.set_span_in_context(_ids_only_span(parent)))
-    try:
+    return _ids_only_span(parent)
+
+
+@contextmanager
+def span_scope(span: trace.Span | None) -> Iterator[None]:
+    """Make `span` current within the block (None: leave the current one).
+
+    For work that is suspended and resumed (a stream on the event loop),
+    open it only around steps that do not yield, so the block ends in the
+    context it began in.
+    """
+    if span is None:
         yield
-    finally:
-        otel_context.detach(token)
+        return
+    with _current(span):
+        yield
 
 
 @contextmanager

@@ -7,12 +7,16 @@ the start-up reconcile); NOT_SERVING while draining, for good.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from datetime import timedelta
+from typing import Any
 
-from grpc_health.v1 import health, health_pb2
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -110,3 +114,48 @@ class HealthMonitor:
         )
         for service in self._services:
             self.servicer.set(service, status)
+
+
+class LoopHealthServicer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
+    """`grpc.health.v1.Health` of a `HealthServicer`, served by grpc.aio.
+
+    `Check` runs in the server's thread pool as before. `Watch` is a task on
+    the server's event loop fed by the servicer's callbacks: grpc.aio runs
+    a synchronous stream in pool threads and never calls the close
+    callbacks its `Watch` registers, so a finished watch would stay
+    registered and keep a thread until the next status update.
+    """
+
+    def __init__(self, servicer: health.HealthServicer) -> None:
+        self._servicer = servicer
+
+    def Check(  # noqa: N802 - gRPC method names
+        self, request: health_pb2.HealthCheckRequest, context: grpc.ServicerContext
+    ) -> health_pb2.HealthCheckResponse:
+        return self._servicer.Check(request, context)
+
+    async def Watch(  # noqa: N802
+        self, request: health_pb2.HealthCheckRequest, context: Any
+    ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
+        loop = asyncio.get_running_loop()
+        updates: asyncio.Queue[health_pb2.HealthCheckResponse | None] = asyncio.Queue()
+        closers: list[Callable[[], None]] = []
+
+        def send(response: health_pb2.HealthCheckResponse | None) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop has ended
+                loop.call_soon_threadsafe(updates.put_nowait, response)
+
+        self._servicer.Watch(request, _Closers(closers), send)  # type: ignore[arg-type]
+        try:
+            while (response := await updates.get()) is not None:
+                yield response
+        finally:
+            for close in closers:
+                close()
+
+
+class _Closers:
+    """The one part of a servicer context `HealthServicer.Watch` uses: `add_callback`."""
+
+    def __init__(self, closers: list[Callable[[], None]]) -> None:
+        self.add_callback = closers.append

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
+import grpc.aio
 from google.rpc import code_pb2
 
 from rtmanager._proto.galaxy.rtmanager.v1 import rtmanager_pb2 as pb
@@ -27,7 +28,7 @@ from rtmanager.domain.errors import ErrorCode, Failure, RuntimeManagerError
 from rtmanager.domain.runtime import RuntimeRecord
 from rtmanager.lifecycle.cleanup import CleanupRequest, CleanupService
 from rtmanager.lifecycle.patch import PatchRequest, PatchService
-from rtmanager.lifecycle.queries import RuntimeExplainer, RuntimeQueries
+from rtmanager.lifecycle.queries import RuntimeExplainer, RuntimeQueries, RuntimeReads
 from rtmanager.lifecycle.reconcile import Reconciler
 from rtmanager.lifecycle.recorder import OperationResult
 from rtmanager.lifecycle.restart import RestartRequest, RestartService
@@ -35,7 +36,7 @@ from rtmanager.lifecycle.start import StartRequest, StartService
 from rtmanager.lifecycle.stop import StopRequest, StopService
 from rtmanager.lifecycle.watch import WatchEnded, WatchService, format_cursor, watch_request
 from rtmanager.ports import OperationFilter
-from rtmanager.tracing import request_scope
+from rtmanager.tracing import request_scope, request_span, span_scope
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ class Lifecycles:
     """The use cases the servicers call."""
 
     queries: RuntimeQueries
+    reads: RuntimeReads
     start: StartService
     stop: StopService
     restart: RestartService
@@ -97,7 +99,46 @@ def rpc(*, admin_only: bool = False) -> Callable[[Method[Any, Req, Resp]], Handl
                         return method(self, request, context, caller)
                 except Exception as error:
                     _abort_for(context, error, method.__name__, _game_id_of(request))
-            raise AssertionError("abort_with_status returned")  # pragma: no cover
+            raise AssertionError("abort returned")  # pragma: no cover
+
+        return handler
+
+    return decorate
+
+
+AsyncMethod = Callable[
+    [S, Req, grpc.aio.ServicerContext[Any, Any], Principal], Coroutine[Any, Any, Resp]
+]
+AsyncHandler = Callable[[S, Req, grpc.aio.ServicerContext[Any, Any]], Coroutine[Any, Any, Resp]]
+
+
+def loop_rpc(
+    *, admin_only: bool = False
+) -> Callable[[AsyncMethod[Any, Req, Resp]], AsyncHandler[Any, Req, Resp]]:
+    """`rpc` for a coroutine handler, run on the server's event loop.
+
+    The same steps in the same order: the request's span, authentication,
+    admission within the concurrent-call bound, the caller's deadline, one
+    failure-to-status path. The call runs in one task, so the span and the
+    deadline (context variables) stay its own across its awaits.
+    """
+
+    def decorate(method: AsyncMethod[Any, Req, Resp]) -> AsyncHandler[Any, Req, Resp]:
+        @functools.wraps(method)
+        async def handler(
+            self: _Authenticated, request: Req, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> Resp:
+            with request_scope(context.invocation_metadata()):  # type: ignore[arg-type]
+                try:
+                    caller = self._auth.authenticate(context, admin_only=admin_only)  # type: ignore[arg-type]
+                    with self._limiter.admit(), deadline_scope(context.time_remaining()):
+                        return await method(self, request, context, caller)
+                except Exception as error:
+                    status = _status_for(error, method.__name__, _game_id_of(request))
+                    if status is None:
+                        raise
+                await context.abort(status.code, status.details, status.trailing_metadata)
+            raise AssertionError("abort returned")  # pragma: no cover
 
         return handler
 
@@ -107,40 +148,43 @@ def rpc(*, admin_only: bool = False) -> Callable[[Method[Any, Req, Resp]], Handl
 def _abort_for(
     context: grpc.ServicerContext, error: Exception, rpc_name: str, game_id: str = ""
 ) -> None:
-    """End the RPC with the status for `error`: the one failure-to-status path.
+    """End a synchronous RPC with the status for `error` (see `_status_for`)."""
+    status = _status_for(error, rpc_name, game_id)
+    if status is None:
+        raise error
+    # What `abort_with_status` does, which grpc.aio's context for synchronous
+    # handlers lacks.
+    context.set_trailing_metadata(status.trailing_metadata)
+    context.abort(status.code, status.details)
+
+
+def _status_for(error: Exception, rpc_name: str, game_id: str = "") -> grpc.Status | None:
+    """The status that ends an RPC for `error`: the one failure-to-status path.
 
     Auth failures, overload and watch endings carry their own codes; expected failures
     (`RuntimeManagerError`) their stable code; anything else is a bug, logged
-    with its traceback and reported as `internal` without leaking details. An
-    abort already in progress is let through.
+    with its traceback and reported as `internal` without leaking details.
+    None for an abort already in progress, which is let through.
     """
     if isinstance(error, AuthFailure):
-        status = rich_status(error.code.value[0], error.reason, error.message, {})
-    elif isinstance(error, Overloaded):
-        status = overloaded_status(error.message, error.limit)
-    elif isinstance(error, WatchEnded):
+        return rich_status(error.code.value[0], error.reason, error.message, {})
+    if isinstance(error, Overloaded):
+        return overloaded_status(error.message, error.limit)
+    if isinstance(error, WatchEnded):
         metadata = {} if error.cursor is None else {"cursor": format_cursor(error.cursor)}
-        status = rich_status(_WATCH_ENDINGS[error.kind], error.kind, error.message, metadata)
-    elif isinstance(error, RuntimeManagerError):
-        status = to_rpc_status(error.to_failure(), game_id=game_id)
-    elif _aborted(context):
-        raise error
-    else:
-        log.exception("unexpected error in %s", rpc_name)
-        internal = Failure(ErrorCode.INTERNAL, "internal error; see the server log")
-        status = to_rpc_status(internal, game_id=game_id)
-    context.abort_with_status(status)
+        return rich_status(_WATCH_ENDINGS[error.kind], error.kind, error.message, metadata)
+    if isinstance(error, RuntimeManagerError):
+        return to_rpc_status(error.to_failure(), game_id=game_id)
+    if isinstance(error, grpc.aio.AbortError):
+        return None
+    log.exception("unexpected error in %s", rpc_name)
+    internal = Failure(ErrorCode.INTERNAL, "internal error; see the server log")
+    return to_rpc_status(internal, game_id=game_id)
 
 
 def _game_id_of(request: Any) -> str:
     value = getattr(request, "game_id", "")
     return value if isinstance(value, str) and len(value) <= 64 else ""
-
-
-def _aborted(context: grpc.ServicerContext) -> bool:
-    # context.abort() raises a bare Exception after setting the code.
-    code = getattr(context, "code", lambda: None)()
-    return code is not None and code != grpc.StatusCode.OK
 
 
 def _record_of(result: OperationResult) -> pb.RuntimeRecord:
@@ -158,6 +202,10 @@ def _record_of(result: OperationResult) -> pb.RuntimeRecord:
 
 class RuntimeServicer(_Authenticated, pb_grpc.RuntimeServiceServicer):
     """`galaxy.rtmanager.v1.RuntimeService` (Game Master and admins).
+
+    `GetRuntime`, `ListRuntimes` and `WatchRuntimes` are coroutines, run on
+    the server's event loop; the lifecycle RPCs are synchronous and run in
+    its thread pool.
 
     The reads answer with bytes: `GetRuntime` and `ListRuntimes` return their
     serialized replies (assembled from memoised record bytes, see
@@ -225,41 +273,54 @@ class RuntimeServicer(_Authenticated, pb_grpc.RuntimeServiceServicer):
         )
         return pb.PatchRuntimeResponse(runtime=_record_of(result))
 
-    @rpc()
-    def GetRuntime(  # type: ignore[override]  # noqa: N802 - bytes, see the class
-        self, request: pb.GetRuntimeRequest, context: grpc.ServicerContext, caller: Principal
+    @loop_rpc()
+    async def GetRuntime(  # type: ignore[override]  # noqa: N802 - bytes, see the class
+        self,
+        request: pb.GetRuntimeRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+        caller: Principal,
     ) -> bytes:
-        record = self._lifecycles.queries.get_runtime(request.game_id)
+        record = await self._lifecycles.reads.get_runtime(request.game_id)
         return convert.get_runtime_reply(record)
 
-    @rpc()
-    def ListRuntimes(  # type: ignore[override]  # noqa: N802 - bytes, see the class
-        self, request: pb.ListRuntimesRequest, context: grpc.ServicerContext, caller: Principal
+    @loop_rpc()
+    async def ListRuntimes(  # type: ignore[override]  # noqa: N802 - bytes, see the class
+        self,
+        request: pb.ListRuntimesRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+        caller: Principal,
     ) -> bytes:
         status = convert.enum_from_pb(convert.STATUS_FROM_PB, request.status, "status")
-        page = self._lifecycles.queries.list_runtimes(
+        page = await self._lifecycles.reads.list_runtimes(
             status=status, page_size=request.page_size, page_token=request.page_token
         )
         return convert.list_runtimes_reply(page.items, page.next_page_token)
 
-    def WatchRuntimes(  # type: ignore[override]  # noqa: N802 - bytes, see the class
-        self, request: pb.WatchRuntimesRequest, context: grpc.ServicerContext
-    ) -> Iterator[bytes]:
+    async def WatchRuntimes(  # type: ignore[override]  # noqa: N802 - bytes, see the class
+        self, request: pb.WatchRuntimesRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[bytes]:
+        # Runs on the server's event loop. The request's span is made current
+        # only around work that does not yield: a stream may be closed from
+        # another task, where the span's context is not the current one.
+        span = request_span(context.invocation_metadata())  # type: ignore[arg-type]
         try:
-            self._auth.authenticate(context, admin_only=False)
-            watch = watch_request(
-                list(request.game_ids),
-                convert.statuses_from_pb(request.statuses),
-                request.since,
-                request.initial_snapshot,
-            )
+            with span_scope(span):
+                self._auth.authenticate(context, admin_only=False)  # type: ignore[arg-type]
+                watch = watch_request(
+                    list(request.game_ids),
+                    convert.statuses_from_pb(request.statuses),
+                    request.since,
+                    request.initial_snapshot,
+                )
             encode = self._watch_wire.encode
-            for item in self._lifecycles.watch.watch(
-                watch, context.is_active, context.add_callback
-            ):
+            async for item in self._lifecycles.watch.watch(watch):
                 yield encode(item)
         except Exception as error:
-            _abort_for(context, error, "WatchRuntimes")
+            with span_scope(span):
+                status = _status_for(error, "WatchRuntimes")
+            if status is None:
+                raise
+            await context.abort(status.code, status.details, status.trailing_metadata)
 
 
 class RuntimeAdminServicer(_Authenticated, pb_grpc.RuntimeAdminServiceServicer):

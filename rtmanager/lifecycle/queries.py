@@ -1,5 +1,6 @@
 """Read-only use cases: one runtime, a page of runtimes, a page of the audit log, and
-everything known about one game (`RuntimeExplainer`)."""
+everything known about one game (`RuntimeExplainer`); the first two also as
+coroutines for the server's event loop (`RuntimeReads`)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from rtmanager.ports import (
     JobStreams,
     OperationFilter,
     Page,
+    RecordReader,
     UnitOfWork,
     UnitOfWorkFactory,
 )
@@ -86,6 +88,36 @@ class RuntimeQueries:
         size = effective_page_size(page_size)
         return self._units_of_work.read(
             lambda uow: uow.operations.list(filters, page_size=size, page_token=page_token),
+            timeout=bounded(self._timeout),
+        )
+
+
+class RuntimeReads:
+    """`GetRuntime` and `ListRuntimes` as coroutines, for the server's event loop.
+
+    The same checks and bounds as `RuntimeQueries.get_runtime` and
+    `list_runtimes` (a malformed game id or page size is refused before
+    any I/O; the statement is bounded by the caller's deadline), read
+    through a `RecordReader` that awaits PostgreSQL without a thread.
+    """
+
+    def __init__(self, reader: RecordReader, *, timeout: timedelta = timedelta(seconds=10)) -> None:
+        self._reader = reader
+        self._timeout = timeout
+
+    async def get_runtime(self, game_id: str) -> RuntimeRecord:
+        """Return the game's record; `InvalidRequest` for a bad id, `NotFound` if none."""
+        parse_game_id(game_id)
+        return await self._reader.get(game_id, timeout=bounded(self._timeout))
+
+    async def list_runtimes(
+        self, *, status: RuntimeStatus | None, page_size: int, page_token: str
+    ) -> Page[RuntimeRecord]:
+        """Return one page of records ordered by game id, optionally of one status."""
+        return await self._reader.list(
+            status=status,
+            page_size=effective_page_size(page_size),
+            page_token=page_token,
             timeout=bounded(self._timeout),
         )
 

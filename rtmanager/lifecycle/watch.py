@@ -1,11 +1,12 @@
 """WatchRuntimes: every committed runtime change, in commit order, resumable by cursor.
 
-A watch subscribes to the feed first (so nothing committed from then on is
-missed), then optionally sends a snapshot of the records with the cursor it
-was taken at, replays stored events after the starting cursor, and finally
-follows the live feed, skipping what it already sent. Live events are
-filtered by the feed as it queues them (the watch subscribes with its
-filters), replayed ones here. Quiet periods produce bookmarks carrying the
+A watch runs on an asyncio event loop (the gRPC server's). It subscribes to
+the feed first (so nothing committed from then on is missed), then
+optionally sends a snapshot of the records with the cursor it was taken at,
+replays stored events after the starting cursor, and finally follows the
+live feed, skipping what it already sent. Live events are filtered by the
+feed as it queues them (the watch subscribes with its filters), replayed
+ones here. Quiet periods produce bookmarks carrying the
 latest cursor. A cursor is the id of the last event covered, as a decimal
 string; it stays valid across restarts and replicas until retention prunes
 the events after it.
@@ -13,8 +14,9 @@ the events after it.
 
 from __future__ import annotations
 
+import asyncio
 import functools
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -131,45 +133,48 @@ def watch_request(
 
 
 class WatchService:
-    """Serves watches from a `RuntimeFeed`."""
+    """Serves watches from a `RuntimeFeed`, on the event loop the caller runs on."""
 
     def __init__(self, feed: RuntimeFeed, *, heartbeat: timedelta) -> None:
         self._feed = feed
         self._heartbeat = heartbeat.total_seconds()
 
-    def watch(
-        self,
-        request: WatchRequest,
-        is_active: Callable[[], bool],
-        on_cancel: Callable[[Callable[[], None]], object] | None = None,
-    ) -> Iterator[WatchItem]:
-        """Yield the watch's items until the caller goes away; raise `WatchEnded` to end it.
+    async def watch(self, request: WatchRequest) -> AsyncIterator[WatchItem]:
+        """Yield the watch's items until the caller stops; raise `WatchEnded` to end it.
 
-        `on_cancel(callback)` registers a callback run when the caller goes
-        away (gRPC's `add_callback`), which frees this thread at once.
+        The caller ends a watch by cancelling the task iterating it (or by
+        closing the iterator): the subscription is released at once. The
+        feed's blocking reads (snapshot, replay) run in a worker thread.
         """
         try:
-            subscription = self._feed.subscribe(request.filter)
+            subscription = await self._feed.subscribe(request.filter)
         except TooManyWatchers as error:
             raise WatchEnded("too_many_watchers", str(error)) from None
         except FeedClosed as error:
             raise WatchEnded("unavailable", str(error)) from None
-        if on_cancel is not None:
-            on_cancel(subscription.close)
         try:
             if request.initial_snapshot:
-                records, cursor = self._feed.snapshot()
+                records, cursor = await asyncio.to_thread(self._feed.snapshot)
                 for record in records:
                     if request.wants(record):
                         yield SnapshotRecord(record)
                 yield SnapshotDone(cursor)
             elif request.since is not None:
-                cursor = yield from self._replay(request, request.since, subscription.position)
+                cursor = request.since
+                through = subscription.position
+                while True:
+                    events, last_page = await asyncio.to_thread(self._replay_page, cursor)
+                    for event in events:
+                        cursor = event.id
+                        if request.wants(event.record):
+                            yield ChangeEvent(event)
+                    if last_page or cursor >= through:
+                        break
             else:
                 cursor = subscription.position
-            while is_active():
+            while True:
                 try:
-                    item = subscription.get(self._heartbeat)
+                    item = await subscription.get(self._heartbeat)
                 except SubscriberOverflow:
                     raise WatchEnded(
                         "too_slow",
@@ -177,8 +182,6 @@ class WatchService:
                         cursor,
                     ) from None
                 except FeedClosed:
-                    if not is_active():
-                        return
                     raise WatchEnded("unavailable", "the server is shutting down", cursor) from None
                 if isinstance(item, int):
                     cursor = max(cursor, item)
@@ -192,27 +195,18 @@ class WatchService:
         finally:
             self._feed.unsubscribe(subscription)
 
-    def _replay(
-        self, request: WatchRequest, cursor: int, through: int
-    ) -> Generator[WatchItem, None, int]:
-        """Stored events after `cursor`, at least through `through` (where the live
-        queue takes over); return the cursor reached.
+    def _replay_page(self, cursor: int) -> tuple[list[RuntimeEvent], bool]:
+        """Stored events after `cursor` (one page) and whether they were the last page.
 
-        The cursor is checked after each page is read, before any of it is
+        The cursor is checked after the page is read, before any of it is
         sent: retention only moves forward and prunes atomically, so if it has
         not passed `cursor` at the check it had not when the page was read, and
         the page is whole. Checked before the read instead, a prune in between
         would make the page skip events silently.
         """
-        while True:
-            events = self._feed.events_after(cursor, _BACKFILL_BATCH)
-            try:
-                self._feed.check_cursor(cursor)
-            except CursorExpired as error:
-                raise WatchEnded("cursor_expired", str(error), cursor) from None
-            for event in events:
-                cursor = event.id
-                if request.wants(event.record):
-                    yield ChangeEvent(event)
-            if len(events) < _BACKFILL_BATCH or cursor >= through:
-                return cursor
+        events = self._feed.events_after(cursor, _BACKFILL_BATCH)
+        try:
+            self._feed.check_cursor(cursor)
+        except CursorExpired as error:
+            raise WatchEnded("cursor_expired", str(error), cursor) from None
+        return events, len(events) < _BACKFILL_BATCH

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import grpc
+import grpc.aio
 import psycopg
 import pytest
 
 from rtmanager._proto.galaxy.rtmanager.v1 import rtmanager_pb2 as pb
+from rtmanager._proto.galaxy.rtmanager.v1 import rtmanager_pb2_grpc as pb_grpc
+from rtmanager.adapters.postgres.pool import create_pool
+from rtmanager.adapters.postgres.unit_of_work import PostgresUnitOfWorkFactory
 from rtmanager.client import (
     CursorExpiredError,
     ImagePullFailedError,
@@ -19,7 +26,9 @@ from rtmanager.client import (
     RuntimeManagerClientError,
     WatchEndedError,
 )
-from rtmanager.domain.operation import OpKind
+from rtmanager.domain.ids import engine_endpoint
+from rtmanager.domain.operation import OperationEntry, OpKind, OpSource, Outcome
+from rtmanager.domain.runtime import RuntimeRecord, RuntimeStatus
 from tests.conftest import POSTGRES_DSN
 from tests.e2e.conftest import ServerProcess, replica_env, start_server
 
@@ -293,6 +302,143 @@ def test_watchers_are_bounded_and_a_slow_one_is_ended_with_its_cursor(
             assert delivered, "some events were delivered before the end"
             assert ended.value.metadata["cursor"] == delivered[-1]
             assert len(delivered) < 3000
+    finally:
+        server.stop()
+
+
+# --- many watchers on the server's event loop -----------------------------------------
+
+
+def commit_changes(env: dict[str, str], count: int) -> list[str]:
+    """Commit `count` record changes as the service does; return their cursors."""
+    pool = create_pool(POSTGRES_DSN, env["RTMANAGER_POSTGRES_SCHEMA"], max_size=1, timeout=10)
+    units = PostgresUnitOfWorkFactory(pool, default_timeout=timedelta(seconds=10))
+    cursors = []
+    try:
+        for n in range(count):
+            now = datetime.now(UTC)
+            game_id = f"many-{n % 5}"
+            record = RuntimeRecord(
+                game_id=game_id,
+                status=RuntimeStatus.STOPPED,
+                engine_endpoint=engine_endpoint(game_id, 8080),
+                state_path=f"/state/{game_id}",
+                docker_network="galaxy-many",
+                last_op_at=now,
+                created_at=now,
+                current_container_id=f"{n:064x}",
+                current_image_ref=STUB,
+                started_at=now,
+                stopped_at=now,
+            )
+            entry = OperationEntry(
+                game_id=game_id,
+                op_kind=OpKind.STOP,
+                op_source=OpSource.ADMIN_REST,
+                outcome=Outcome.SUCCESS,
+                started_at=now,
+                finished_at=now,
+                image_ref=STUB,
+            )
+            with units() as uow:
+                uow.records.upsert(record)
+                event_id = uow.events.append(uow.operations.append(entry), record)
+                uow.commit()
+            cursors.append(str(event_id))
+    finally:
+        pool.close()
+    return cursors
+
+
+async def watch_many(
+    address: str, env: dict[str, str], watchers: int, changes: int, within: float
+) -> list[list[str]]:
+    """Open `watchers` streams, commit `changes` once all are subscribed, and return
+    the event cursors each stream received (bookmarks skipped), in order."""
+    channels = [grpc.aio.insecure_channel(address) for _ in range(4)]
+    subscribed = 0
+    all_subscribed = asyncio.Event()
+    received: list[list[str]] = [[] for _ in range(watchers)]
+
+    async def one(index: int) -> None:
+        nonlocal subscribed
+        stub = pb_grpc.RuntimeServiceStub(channels[index % len(channels)])
+        call = stub.WatchRuntimes(pb.WatchRuntimesRequest(initial_snapshot=True))
+        async for message in call:
+            kind = message.WhichOneof("payload")
+            if kind == "snapshot_complete":
+                subscribed += 1
+                if subscribed == watchers:
+                    all_subscribed.set()
+            elif kind == "event":
+                received[index].append(message.event.cursor)
+                if len(received[index]) == changes:
+                    call.cancel()
+                    return
+
+    tasks = [asyncio.create_task(one(i)) for i in range(watchers)]
+    try:
+        async with asyncio.timeout(within):
+            await all_subscribed.wait()
+            await asyncio.to_thread(commit_changes, env, changes)
+            await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for channel in channels:
+            await channel.close()
+    return received
+
+
+def test_a_thousand_watchers_each_receive_every_change_once_in_commit_order(
+    server_environment: dict[str, str], tmp_path: Path
+) -> None:
+    env = dict(server_environment)
+    env["RTMANAGER_WATCH_MAX_SUBSCRIBERS"] = "1000"
+    env["RTMANAGER_GRPC_MAX_WORKERS"] = "16"  # watches take no server thread
+    server = start_server(env, tmp_path / "server.log")
+    try:
+        received = asyncio.run(watch_many(server.address, env, 1000, 20, within=150))
+        with psycopg.connect(POSTGRES_DSN, autocommit=True) as conn:
+            stored = [
+                str(row[0])
+                for row in conn.execute(
+                    f'SELECT id FROM "{env["RTMANAGER_POSTGRES_SCHEMA"]}".runtime_events'
+                    " ORDER BY id"
+                )
+            ]
+        assert len(stored) == 20
+        assert all(cursors == stored for cursors in received)
+    finally:
+        server.stop()
+
+
+def test_a_cancelled_watch_frees_its_place_at_once(
+    server_environment: dict[str, str], tmp_path: Path
+) -> None:
+    env = dict(server_environment)
+    env["RTMANAGER_WATCH_MAX_SUBSCRIBERS"] = "1"
+    server = start_server(env, tmp_path / "server.log")
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.RuntimeServiceStub(channel)
+            first = stub.WatchRuntimes(pb.WatchRuntimesRequest(initial_snapshot=True))
+            assert next(first).WhichOneof("payload") == "snapshot_complete"
+            first.cancel()
+            # The server notices the cancellation and unsubscribes; the one
+            # place is free again within moments, not at the next heartbeat.
+            deadline = time.monotonic() + 5
+            while True:
+                second = stub.WatchRuntimes(pb.WatchRuntimesRequest(initial_snapshot=True))
+                try:
+                    assert next(second).WhichOneof("payload") == "snapshot_complete"
+                    break
+                except grpc.RpcError as error:
+                    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                    assert time.monotonic() < deadline, "the cancelled watch kept its place"
+                    time.sleep(0.05)
+            second.cancel()
     finally:
         server.stop()
 

@@ -8,6 +8,7 @@ PostgreSQL (`tests.support.private_postgres`), never the shared one.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import threading
 import time
@@ -154,24 +155,28 @@ def age_events(db: Database, through: int) -> None:
 
 @dataclass
 class Watcher:
-    """One watch through `WatchService`, read on a thread of its own."""
+    """One watch through `WatchService`, on an event loop in a thread of its own."""
 
     ids: list[int] = field(default_factory=list)
     events: list[RuntimeEvent] = field(default_factory=list)
     bookmarks: list[int] = field(default_factory=list)
     ended: WatchEnded | None = None
     error: BaseException | None = None
-    active: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
     _seen: threading.Condition = field(default_factory=threading.Condition)
+    _cancel: Callable[[], object] | None = None
+    _started: threading.Event = field(default_factory=threading.Event)
 
     def run(self, feed: PostgresRuntimeFeed, request: WatchRequest) -> Watcher:
         service = WatchService(feed, heartbeat=HEARTBEAT)
-        self.active.set()
 
-        def read() -> None:
+        async def read() -> None:
+            loop, task = asyncio.get_running_loop(), asyncio.current_task()
+            assert task is not None
+            self._cancel = lambda: loop.call_soon_threadsafe(task.cancel)
+            self._started.set()
             try:
-                for item in service.watch(request, self.active.is_set):
+                async for item in service.watch(request):
                     if isinstance(item, ChangeEvent):
                         with self._seen:
                             self.ids.append(item.event.id)
@@ -181,14 +186,17 @@ class Watcher:
                         self.bookmarks.append(item.cursor)
             except WatchEnded as ended:
                 self.ended = ended
+            except asyncio.CancelledError:
+                pass
             except BaseException as error:
                 self.error = error
             finally:
                 with self._seen:
                     self._seen.notify_all()
 
-        self.thread = threading.Thread(target=read, daemon=True)
+        self.thread = threading.Thread(target=lambda: asyncio.run(read()), daemon=True)
         self.thread.start()
+        self._started.wait(10)
         return self
 
     def wait_for(self, predicate: Callable[[list[int]], bool], within: float = 30) -> list[int]:
@@ -212,8 +220,9 @@ class Watcher:
         return self.ended
 
     def stop(self) -> None:
-        # The watch notices within one heartbeat.
-        self.active.clear()
+        if self._cancel is not None:
+            with contextlib.suppress(RuntimeError):  # its loop has ended already
+                self._cancel()
         if self.thread is not None:
             self.thread.join(10)
 
@@ -498,14 +507,17 @@ def test_the_subscriber_gauge_follows_watchers_coming_and_going(db: Database) ->
             for point in metric.data.data_points
         )
 
-    with running_feed(db, telemetry=telemetry) as feed:
-        first, second = feed.subscribe(), feed.subscribe()
+    async def come_and_go(feed: PostgresRuntimeFeed) -> None:
+        first, second = await feed.subscribe(), await feed.subscribe()
         assert gauge() == 2
         feed.unsubscribe(first)
         feed.unsubscribe(first)
         assert (gauge(), feed.subscribers) == (1, 1)
         feed.unsubscribe(second)
         assert gauge() == 0
+
+    with running_feed(db, telemetry=telemetry) as feed:
+        asyncio.run(come_and_go(feed))
 
 
 # --- PostgreSQL restarted under connected watchers ----------------------------------

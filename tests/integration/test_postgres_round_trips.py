@@ -3,14 +3,18 @@
 Every message the client sends is in the trace; a round trip is a simple
 `Query` or the `Sync` that ends an extended-protocol exchange, each waited
 for before anything else is sent. The counts below are what `GetRuntime`,
-`ListRuntimes`, `ListOperations` and an operation's commit cost, so a
+`ListRuntimes` (both as served, on the event loop's reader, and through a
+unit of work), `ListOperations` and an operation's commit cost, so a
 change that adds a statement to the hot path fails here.
 """
 
 from __future__ import annotations
 
+import asyncio
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import AbstractAsyncContextManager as AsyncContextManager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -19,7 +23,9 @@ from typing import TypeVar
 import psycopg
 import pytest
 from psycopg.pq import Trace
+from psycopg.rows import TupleRow
 
+from rtmanager.adapters.postgres.loop_reads import PostgresRecordReader
 from rtmanager.adapters.postgres.migrations import apply_migrations
 from rtmanager.adapters.postgres.pool import Pool, create_pool, database_errors
 from rtmanager.adapters.postgres.unit_of_work import PostgresUnitOfWorkFactory
@@ -27,7 +33,7 @@ from rtmanager.deadlines import deadline_scope
 from rtmanager.domain.errors import ServiceUnavailable
 from rtmanager.domain.operation import OperationEntry, OpKind, OpSource, Outcome
 from rtmanager.domain.runtime import RuntimeRecord, RuntimeStatus
-from rtmanager.lifecycle.queries import RuntimeQueries
+from rtmanager.lifecycle.queries import RuntimeQueries, RuntimeReads
 from rtmanager.ports import OperationFilter, UnitOfWork
 from tests.conftest import POSTGRES_DSN
 
@@ -72,6 +78,7 @@ class Traced:
     pool: Pool
     units: PostgresUnitOfWorkFactory
     trace: Path
+    schema: str
 
     def round_trips(self, action: Callable[[], R]) -> tuple[int, R]:
         """Run `action`; return how many round trips it made, and its result."""
@@ -80,12 +87,16 @@ class Traced:
         return self._count() - before, result
 
     def _count(self) -> int:
-        sent = 0
-        for line in self.trace.read_text().splitlines():
-            fields = line.split("\t")
-            if len(fields) >= 3 and fields[0] == "F" and fields[2] in ("Query", "Sync"):
-                sent += 1
-        return sent
+        return _sent_round_trips(self.trace)
+
+
+def _sent_round_trips(trace: Path) -> int:
+    sent = 0
+    for line in trace.read_text().splitlines():
+        fields = line.split("\t")
+        if len(fields) >= 3 and fields[0] == "F" and fields[2] in ("Query", "Sync"):
+            sent += 1
+    return sent
 
 
 @pytest.fixture
@@ -105,7 +116,7 @@ def traced(pg_schema: str) -> Iterator[Traced]:
                 work.records.upsert(record())
                 work.operations.append(entry())
                 work.commit()
-            yield Traced(pool, units, trace)
+            yield Traced(pool, units, trace, pg_schema)
         finally:
             pool.close()
             sink.close()
@@ -196,5 +207,119 @@ def _terminate_pooled_backend(pool: Pool) -> None:
     """Kill the pooled connection's server process, as a PostgreSQL restart would."""
     with pool.connection() as conn:
         pid = conn.info.backend_pid
+    _terminate(pid)
+
+
+def _terminate(pid: int) -> None:
     with psycopg.connect(POSTGRES_DSN, autocommit=True) as admin:
         admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+
+
+# The reads as served: coroutines on the event loop, through the reader's
+# own asyncio pool (one connection here, traced from its first use).
+
+
+@dataclass
+class LoopTraced:
+    """The event loop's reader on a pool of one traced connection."""
+
+    reads: RuntimeReads
+    trace: Path
+    pid: list[int]
+    prepare_threshold: int
+
+    async def round_trips(self, action: Callable[[], Awaitable[R]]) -> tuple[int, R]:
+        before = _sent_round_trips(self.trace)
+        result = await action()
+        return _sent_round_trips(self.trace) - before, result
+
+
+@contextmanager
+def loop_traced(traced: Traced) -> Iterator[Callable[[], AsyncContextManager[LoopTraced]]]:
+    """Yields a factory of the traced reader, to be opened inside the test's loop."""
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "loop.trace"
+        sink = trace.open("w", buffering=1)
+        pid: list[int] = []
+        threshold: list[int | None] = []
+
+        async def configure(conn: psycopg.AsyncConnection[TupleRow]) -> None:
+            conn.pgconn.trace(sink.fileno())
+            conn.pgconn.set_trace_flags(Trace.SUPPRESS_TIMESTAMPS)
+            pid.append(conn.info.backend_pid)
+            threshold.append(conn.prepare_threshold)
+
+        @asynccontextmanager
+        async def opened() -> AsyncIterator[LoopTraced]:
+            reader = PostgresRecordReader(
+                POSTGRES_DSN, traced.schema, max_size=1, timeout=10, configure=configure
+            )
+            await reader.open()
+            try:
+                await reader.get("g-1")  # the connection is made, traced from here
+                (prepare_threshold,) = threshold
+                assert prepare_threshold is not None
+                yield LoopTraced(RuntimeReads(reader), trace, pid, prepare_threshold)
+            finally:
+                await reader.close()
+
+        try:
+            yield opened
+        finally:
+            sink.close()
+
+
+def test_each_read_on_the_loop_is_one_round_trip(traced: Traced) -> None:
+    async def run(
+        opened: Callable[[], AsyncContextManager[LoopTraced]],
+    ) -> tuple[int, dict[str, list[int]]]:
+        async with opened() as loop:
+            reads: dict[str, Callable[[], Awaitable[object]]] = {
+                "get": lambda: loop.reads.get_runtime("g-1"),
+                "list": lambda: loop.reads.list_runtimes(status=None, page_size=100, page_token=""),
+            }
+            trips: dict[str, list[int]] = {name: [] for name in reads}
+            for _ in range(loop.prepare_threshold + 4):
+                for name, read in reads.items():
+                    trips[name].append((await loop.round_trips(read))[0])
+            return loop.prepare_threshold, trips
+
+    with loop_traced(traced) as opened:
+        threshold, trips = asyncio.run(run(opened))
+    # One round trip each, but for the one call that prepares the statement
+    # (Parse is its own exchange). The get on opening was the first run of
+    # its statement: it is prepared one call earlier than the list's.
+    expected_get = [1] * (threshold + 4)
+    expected_get[threshold - 1] = 2
+    expected_list = [1] * (threshold + 4)
+    expected_list[threshold] = 2
+    assert trips == {"get": expected_get, "list": expected_list}
+
+
+def test_a_client_deadline_near_the_session_timeout_costs_the_loop_read_nothing(
+    traced: Traced,
+) -> None:
+    async def run(opened: Callable[[], AsyncContextManager[LoopTraced]]) -> tuple[int, int]:
+        async with opened() as loop:
+            with deadline_scope(9.5):
+                near, _ = await loop.round_trips(lambda: loop.reads.get_runtime("g-1"))
+            with deadline_scope(2.0):
+                short, _ = await loop.round_trips(lambda: loop.reads.get_runtime("g-1"))
+            return near, short
+
+    with loop_traced(traced) as opened:
+        near, short = asyncio.run(run(opened))
+    assert near == 1
+    assert short == 3  # BEGIN with SET LOCAL; SELECT; ROLLBACK
+
+
+def test_a_loop_read_on_a_broken_connection_is_retried_on_a_fresh_one(traced: Traced) -> None:
+    async def run(opened: Callable[[], AsyncContextManager[LoopTraced]]) -> tuple[str, int]:
+        async with opened() as loop:
+            _terminate(loop.pid[-1])
+            record = await loop.reads.get_runtime("g-1")
+            return record.game_id, len(set(loop.pid))
+
+    with loop_traced(traced) as opened:
+        game_id, connections = asyncio.run(run(opened))
+    assert (game_id, connections) == ("g-1", 2)

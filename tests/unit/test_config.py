@@ -537,10 +537,18 @@ def test_huge_duration_is_a_config_error() -> None:
 
 def test_concurrent_rpcs_default_to_calls_per_pooled_connection_within_free_threads() -> None:
     assert load_settings({"RTMANAGER_POSTGRES_POOL_SIZE": "2"}).max_concurrent_rpcs == 16
-    # 64 threads - 32 watchers - 4 kept for health and reflection.
-    assert load_settings({}).max_concurrent_rpcs == 28
+    # 64 threads - 4 kept for health checks (watches take no thread).
+    assert load_settings({}).max_concurrent_rpcs == 60
     roomy = load_settings({"RTMANAGER_GRPC_MAX_WORKERS": "200"})
     assert roomy.max_concurrent_rpcs == 80  # 8 per connection of the default pool of 10
+
+
+def test_watchers_need_no_server_threads() -> None:
+    settings = load_settings(
+        {"RTMANAGER_WATCH_MAX_SUBSCRIBERS": "1000", "RTMANAGER_GRPC_MAX_WORKERS": "8"}
+    )
+    assert settings.watch_max_subscribers == 1000
+    assert settings.max_concurrent_rpcs == 4
 
 
 def test_concurrent_rpcs_can_be_set() -> None:
@@ -555,9 +563,9 @@ def test_bad_concurrent_rpcs_name_the_variable(value: str) -> None:
 
 
 def test_concurrent_rpcs_beyond_the_free_server_threads_are_refused() -> None:
-    message = config_error({"RTMANAGER_GRPC_MAX_CONCURRENT_RPCS": "29"})
+    message = config_error({"RTMANAGER_GRPC_MAX_CONCURRENT_RPCS": "61"})
     assert "RTMANAGER_GRPC_MAX_CONCURRENT_RPCS must be at most" in message
-    assert "(28)" in message
+    assert "(60)" in message
     assert "RTMANAGER_?" not in message  # a rule across settings is reported as such
 
 

@@ -1,23 +1,27 @@
-"""`RuntimeQueries`: the read-only use cases, against the fake unit of work."""
+"""`RuntimeQueries` and `RuntimeReads`: the read-only use cases, against the fake
+unit of work."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
 import pytest
 
+from rtmanager.deadlines import deadline_scope
 from rtmanager.domain.errors import InvalidRequest, NotFound
 from rtmanager.domain.operation import OpKind, OpSource
-from rtmanager.domain.runtime import RuntimeStatus
+from rtmanager.domain.runtime import RuntimeRecord, RuntimeStatus
 from rtmanager.domain.timeutil import utc_now
 from rtmanager.lifecycle.queries import (
     DEFAULT_PAGE_SIZE,
     MAX_PAGE_SIZE,
     RuntimeQueries,
+    RuntimeReads,
     effective_page_size,
 )
 from rtmanager.lifecycle.stop import StopRequest
-from rtmanager.ports import OperationFilter
+from rtmanager.ports import OperationFilter, Page
 from tests.unit.harness import Harness
 
 
@@ -116,3 +120,64 @@ def test_list_operations_refuses_a_malformed_game_id_and_an_inverted_time_range(
             page_token="",
         )
     assert h.units_of_work.units == []
+
+
+class FakeReader:
+    """A `RecordReader` over the harness's records that notes how it was asked."""
+
+    def __init__(self, h: Harness) -> None:
+        self._queries = RuntimeQueries(h.units_of_work)
+        self.calls: list[tuple[str, object, timedelta | None]] = []
+
+    async def get(self, game_id: str, *, timeout: timedelta | None = None) -> RuntimeRecord:
+        self.calls.append(("get", game_id, timeout))
+        return self._queries.get_runtime(game_id)
+
+    async def list(
+        self,
+        *,
+        status: RuntimeStatus | None,
+        page_size: int,
+        page_token: str,
+        timeout: timedelta | None = None,
+    ) -> Page[RuntimeRecord]:
+        self.calls.append(("list", page_size, timeout))
+        return self._queries.list_runtimes(
+            status=status, page_size=page_size, page_token=page_token
+        )
+
+
+def test_reads_on_the_loop_answer_as_the_queries_do_within_the_callers_deadline(
+    h: Harness,
+) -> None:
+    record = h.seed_running("game-1")
+    reader = FakeReader(h)
+    reads = RuntimeReads(reader, timeout=timedelta(seconds=10))
+
+    async def read() -> tuple[RuntimeRecord, Page[RuntimeRecord]]:
+        with deadline_scope(2.0):
+            return (
+                await reads.get_runtime("game-1"),
+                await reads.list_runtimes(status=None, page_size=0, page_token=""),
+            )
+
+    got, page = asyncio.run(read())
+
+    assert got == record and list(page.items) == [record]
+    (get_call, list_call) = reader.calls
+    assert list_call[1] == DEFAULT_PAGE_SIZE
+    for _, _, timeout in (get_call, list_call):
+        assert timeout is not None and timedelta(seconds=1) < timeout <= timedelta(seconds=2)
+
+
+def test_reads_on_the_loop_refuse_a_bad_id_or_page_size_without_reading(h: Harness) -> None:
+    reader = FakeReader(h)
+    reads = RuntimeReads(reader)
+
+    with pytest.raises(InvalidRequest):
+        asyncio.run(reads.get_runtime("../etc"))
+    with pytest.raises(InvalidRequest):
+        asyncio.run(reads.list_runtimes(status=None, page_size=-1, page_token=""))
+    assert reader.calls == []
+    asyncio.run(reads.list_runtimes(status=None, page_size=MAX_PAGE_SIZE + 1, page_token=""))
+    assert reader.calls[0][1] == MAX_PAGE_SIZE

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import queue
 from datetime import UTC, datetime, timedelta
 
@@ -76,7 +77,7 @@ class FakeSubscription:
         self.closed = False
         self.wanted = EVERY_EVENT
 
-    def get(self, timeout: float) -> RuntimeEvent | int:
+    async def get(self, timeout: float) -> RuntimeEvent | int:
         while True:
             item = self._live.get_nowait() if not self._live.empty() else FeedClosed("done")
             if isinstance(item, Exception):
@@ -108,7 +109,7 @@ class FakeFeed:
         self.full = full
         self.unsubscribed = False
 
-    def subscribe(self, wanted: EventFilter = EVERY_EVENT) -> FakeSubscription:
+    async def subscribe(self, wanted: EventFilter = EVERY_EVENT) -> FakeSubscription:
         if self.full:
             raise TooManyWatchers("full")
         self.subscription.wanted = wanted
@@ -131,12 +132,16 @@ class FakeFeed:
 def run(feed: FakeFeed, request: WatchRequest) -> tuple[list[object], WatchEnded | None]:
     service = WatchService(feed, heartbeat=timedelta(seconds=1))  # type: ignore[arg-type]
     items: list[object] = []
-    try:
-        for item in service.watch(request, lambda: True):
-            items.append(item)
-    except WatchEnded as ended:
-        return items, ended
-    return items, None
+
+    async def consume() -> WatchEnded | None:
+        try:
+            async for item in service.watch(request):
+                items.append(item)
+        except WatchEnded as ended:
+            return ended
+        return None
+
+    return items, asyncio.run(consume())
 
 
 def ids(items: list[object]) -> list[int]:
@@ -265,3 +270,28 @@ def test_the_subscriber_gauge_goes_down_when_watchers_leave() -> None:
     assert subscribers() == 1
     telemetry.watch_unsubscribed()
     assert subscribers() == 0
+
+
+def test_a_cancelled_watch_unsubscribes_at_once() -> None:
+    class Waiting(FakeSubscription):
+        async def get(self, timeout: float) -> RuntimeEvent | int:
+            await asyncio.Event().wait()  # nothing ever comes
+            raise AssertionError("unreachable")
+
+    feed = FakeFeed([], Waiting(position=0, live=[]))
+    service = WatchService(feed, heartbeat=timedelta(seconds=1))  # type: ignore[arg-type]
+
+    async def watch_then_cancel() -> None:
+        async def consume() -> None:
+            async for _ in service.watch(WatchRequest()):
+                pass
+
+        task = asyncio.create_task(consume())
+        await asyncio.sleep(0.01)
+        assert not feed.unsubscribed
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert feed.unsubscribed
+
+    asyncio.run(watch_then_cancel())

@@ -17,7 +17,7 @@ from rtmanager._proto.galaxy.rtmanager.v1 import rtmanager_pb2_grpc as pb_grpc
 from rtmanager.api import convert_results
 from rtmanager.api.auth import Authenticator
 from rtmanager.api.limits import CallLimiter
-from rtmanager.api.server import add_runtime_service
+from rtmanager.api.server import GrpcServer, add_runtime_service
 from rtmanager.api.servicers import RuntimeServicer
 from rtmanager.client import RuntimeManagerClient, ServiceUnavailableError, runtime_event
 from rtmanager.domain.operation import OpKind
@@ -98,17 +98,30 @@ def served() -> Iterator[tuple[pb_grpc.RuntimeServiceStub, FakeFeed]]:
         snapshot_cursor=3,
     )
     lifecycles: Any = _Watches(WatchService(feed, heartbeat=timedelta(seconds=1)))  # type: ignore[arg-type]
-    servicer = RuntimeServicer(lifecycles, Authenticator({}), CallLimiter(4))
-    server = grpc.server(ThreadPoolExecutor(max_workers=4))
-    add_runtime_service(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    server = serve(RuntimeServicer(lifecycles, Authenticator({}), CallLimiter(4)))
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
     try:
         yield pb_grpc.RuntimeServiceStub(channel), feed
     finally:
         channel.close()
-        server.stop(None)
+        stop(server)
+
+
+def serve(servicer: RuntimeServicer) -> GrpcServer:
+    """`RuntimeService` alone on a started server, as rtmanager serves it."""
+    server = GrpcServer(
+        address="127.0.0.1:0",
+        register=lambda aio_server: add_runtime_service(servicer, aio_server),
+        max_workers=4,
+        max_message_bytes=4 * 1024 * 1024,
+    )
+    server.start()
+    return server
+
+
+def stop(server: GrpcServer) -> None:
+    assert server.stop(0).wait(10)
+    server.close(10)
 
 
 def _without_server_time(
@@ -176,19 +189,15 @@ def test_an_inner_step_and_its_operation_arrive_with_source_ref_and_parent() -> 
     outer = replace(event(9, "a"), op_kind=OpKind.RESTART, operation_id=20, source_ref="gm-7")
     feed = FakeFeed([], FakeSubscription(position=7, live=[inner, outer]))
     lifecycles: Any = _Watches(WatchService(feed, heartbeat=timedelta(seconds=1)))
-    servicer = RuntimeServicer(lifecycles, Authenticator({}), CallLimiter(4))
-    server = grpc.server(ThreadPoolExecutor(max_workers=4))
-    add_runtime_service(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
+    server = serve(RuntimeServicer(lifecycles, Authenticator({}), CallLimiter(4)))
     try:
-        with RuntimeManagerClient(f"127.0.0.1:{port}") as client:
+        with RuntimeManagerClient(f"127.0.0.1:{server.port}") as client:
             received = []
             with pytest.raises(ServiceUnavailableError):
                 for message in client.watch_runtimes(pb.WatchRuntimesRequest()):
                     received.append(message)
     finally:
-        server.stop(None)
+        stop(server)
 
     first, second = (message.event for message in received)
     assert (first.source_ref, first.parent_op_kind, first.parent_operation_id) == (

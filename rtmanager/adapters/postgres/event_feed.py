@@ -3,13 +3,18 @@
 The listener thread LISTENs on the schema's channel on a dedicated
 connection and, on every notification (and at least every
 `poll_interval`, so a lost notification only delays), reads the events after
-the last one it dispatched, in id order, and hands each to the bounded
-queue of every subscriber whose filter wants it (watchers of named games are
-found through an index by game id, so an event costs nothing for watchers of
-other games). Every queue gets the same `RuntimeEvent` object, so whatever is
-derived from an event once (its wire bytes, say) serves all its watchers. A
-subscriber whose queue is full is marked overflowed and gets nothing more:
-the watch ends with its last delivered cursor instead of skipping silently.
+the last one it dispatched, in id order. Watchers live on asyncio event
+loops (the gRPC server's): the listener hands each batch of events to each
+loop that has watchers once, with one `call_soon_threadsafe`, and the loop
+offers every event to the bounded queue of each of its watchers whose
+filter wants it (watchers of named games are found through an index by game
+id, so an event costs nothing for watchers of other games). Every queue gets
+the same `RuntimeEvent` object, so whatever is derived from an event once
+(its wire bytes, say) serves all its watchers. A subscriber whose queue is
+full is marked overflowed and gets nothing more: the watch ends with its
+last delivered cursor instead of skipping silently. Batches, overflows and
+closes reach a loop in the order the listener made them.
+
 Changes made through any replica reach every replica's watchers, because
 they all read the same table.
 
@@ -36,10 +41,12 @@ once a minute, never past the position this feed has dispatched.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from datetime import timedelta
 
@@ -79,24 +86,18 @@ _PRUNE_EVERY = 60.0
 
 
 class _Subscription:
-    """One watcher's queue of the events it wants; filled by the listener thread
-    under the feed's lock."""
+    """One watcher's queue of the events it wants, on its event loop.
 
-    def __init__(
-        self,
-        wanted: EventFilter,
-        position: int,
-        capacity: int,
-        lock: threading.Lock,
-        dispatched: Callable[[], int],
-    ) -> None:
-        # Unbounded underneath; `offer` keeps it to `capacity` events, plus the
-        # wake-up tokens of overflow() and close().
-        self._queue: queue.SimpleQueue[RuntimeEvent | None] = queue.SimpleQueue()
+    Filled by its loop's `_LoopFeed` (never by another thread), so it needs
+    no lock: at most one watcher task waits on it.
+    """
+
+    def __init__(self, hub: _LoopFeed, wanted: EventFilter, capacity: int) -> None:
+        self.hub = hub
+        self._items: deque[RuntimeEvent] = deque()
         self._capacity = capacity
-        self._start = position
-        self._lock = lock
-        self._dispatched = dispatched
+        self._start = hub.position
+        self._waiter: asyncio.Future[None] | None = None
         self.wanted = wanted
         self.overflowed = False
         self.closed = False
@@ -106,51 +107,58 @@ class _Subscription:
         return self._start
 
     def offer(self, event: RuntimeEvent) -> None:
-        """Queue an event (caller holds the feed's lock)."""
+        """Queue an event; past `capacity` waiting events, overflow instead."""
         if self.overflowed or self.closed:
             return
-        if self._queue.qsize() >= self._capacity:
+        if len(self._items) >= self._capacity:
             self.overflow()
             return
-        self._queue.put(event)
+        self._items.append(event)
+        self._wake()
 
     def overflow(self) -> None:
         """Give this watcher nothing more: once its queue is drained, `get` raises
-        `SubscriberOverflow` (caller holds the feed's lock)."""
+        `SubscriberOverflow`."""
         self.overflowed = True
-        self._queue.put(None)
+        self._wake()
 
     def close(self) -> None:
-        """End the watch: wake its reader, which then raises `FeedClosed`."""
+        """End the watch: once its queue is drained, `get` raises `FeedClosed`."""
         self.closed = True
-        self._queue.put(None)
+        self._wake()
 
-    def get(self, timeout: float) -> RuntimeEvent | int:
-        deadline = time.monotonic() + timeout
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def get(self, timeout: float) -> RuntimeEvent | int:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         while True:
+            # What was queued before an overflow or close is delivered first.
+            if self._items:
+                return self._items.popleft()
+            if self.overflowed:
+                raise SubscriberOverflow("the watcher fell too far behind")
+            if self.closed:
+                raise FeedClosed("the server is shutting down")
+            if loop.time() >= deadline:
+                # Nothing queued: every wanted event dispatched to this loop
+                # so far has been handed over.
+                return self.hub.position
+            self._waiter = loop.create_future()
             try:
-                # What was queued before an overflow or close is delivered first.
-                if self.overflowed or self.closed:
-                    item = self._queue.get_nowait()
-                else:
-                    item = self._queue.get(timeout=max(deadline - time.monotonic(), 0))
-                if item is not None:
-                    return item
-                continue  # a wake-up token: look at the flags again
-            except queue.Empty:
-                if self.overflowed:
-                    raise SubscriberOverflow("the watcher fell too far behind") from None
-                if self.closed:
-                    raise FeedClosed("the server is shutting down") from None
-            with self._lock:
-                # Read together: nothing queued means every wanted event
-                # dispatched up to here has been handed over.
-                if self._queue.empty():
-                    return self._dispatched()
+                async with asyncio.timeout_at(deadline):
+                    await self._waiter
+            except TimeoutError:
+                pass
+            finally:
+                self._waiter = None
 
 
 class _Subscribers:
-    """The registered watchers, indexed for dispatch (caller holds the feed's lock).
+    """The registered watchers of one loop, indexed for dispatch.
 
     A watcher whose filter names games is found through each of them; the
     others are offered every event. Statuses are checked per watcher.
@@ -194,6 +202,40 @@ class _Subscribers:
                     subscription.offer(event)
 
 
+class _LoopFeed:
+    """The feed's side on one event loop: its watchers and how far it has dispatched.
+
+    The listener thread hands each batch of events to the loop once
+    (`deliver`, through `call_soon_threadsafe`); the loop offers it to its
+    watchers there. Everything here runs on that loop, in the order the
+    listener handed it over.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, position: int) -> None:
+        self.loop = loop
+        self.position = position
+        self.subscribers = _Subscribers()
+
+    def deliver(self, events: list[RuntimeEvent]) -> None:
+        for event in events:
+            self.subscribers.offer(event)
+        self.position = events[-1].id
+
+    def overflow_all(self, position: int) -> None:
+        for subscription in self.subscribers.all:
+            subscription.overflow()
+        self.position = position
+
+    def close_all(self) -> None:
+        for subscription in self.subscribers.all:
+            subscription.close()
+
+    def call(self, callback: Callable[..., None], *args: object) -> None:
+        """Run `callback(*args)` on the loop (from any thread); a closed loop has no watchers."""
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(callback, *args)
+
+
 class PostgresRuntimeFeed:
     """The event feed of one process (see the module docstring)."""
 
@@ -219,7 +261,9 @@ class PostgresRuntimeFeed:
         self._retention = retention
         self._timeout = timeout.total_seconds()
         self._telemetry = telemetry or Telemetry()
-        self._subscribers = _Subscribers()
+        # The loops that have watchers, and how many watchers in all.
+        self._loops: dict[asyncio.AbstractEventLoop, _LoopFeed] = {}
+        self._count = 0
         self._lock = threading.Lock()
         self._position = 0
         self._ready = threading.Event()
@@ -228,42 +272,50 @@ class PostgresRuntimeFeed:
 
     # -- RuntimeFeed -----------------------------------------------------------------
 
-    def subscribe(self, wanted: EventFilter = EVERY_EVENT) -> _Subscription:
-        """Register a watcher of the events `wanted` passes, at the feed's current position."""
-        if not self._ready.wait(self._timeout):
+    async def subscribe(self, wanted: EventFilter = EVERY_EVENT) -> _Subscription:
+        """Register a watcher of the events `wanted` passes, on the running loop, at
+        the position dispatched to that loop."""
+        if not self._ready.is_set() and not await asyncio.to_thread(
+            self._ready.wait, self._timeout
+        ):
             raise FeedClosed("the event feed is not connected to PostgreSQL")
+        loop = asyncio.get_running_loop()
         with self._lock:
             if self._stop.is_set():
                 raise FeedClosed("the server is shutting down")
-            if len(self._subscribers) >= self._max_subscribers:
+            if self._count >= self._max_subscribers:
                 raise TooManyWatchers(
                     f"this server already serves {self._max_subscribers} watchers"
                 )
-            subscription = _Subscription(
-                wanted, self._position, self._capacity, self._lock, self._dispatched
-            )
-            self._subscribers.add(subscription)
-            self._telemetry.watch_subscribed()
-            return subscription
+            hub = self._loops.get(loop)
+            if hub is None:
+                # From here on every batch dispatched after `_position` goes to this loop.
+                hub = self._loops[loop] = _LoopFeed(loop, self._position)
+            self._count += 1
+        subscription = _Subscription(hub, wanted, self._capacity)
+        hub.subscribers.add(subscription)
+        self._telemetry.watch_subscribed()
+        return subscription
 
     def unsubscribe(self, subscription: object) -> None:
         """Forget a watcher (a second call for the same one does nothing)."""
         if not isinstance(subscription, _Subscription):
             return
+        hub = subscription.hub
+        if subscription not in hub.subscribers:
+            return
+        hub.subscribers.remove(subscription)
         with self._lock:
-            if subscription in self._subscribers:
-                self._subscribers.remove(subscription)
-                self._telemetry.watch_unsubscribed()
-
-    def _dispatched(self) -> int:
-        """How far events have been dispatched (caller holds the lock)."""
-        return self._position
+            self._count -= 1
+            if not hub.subscribers and self._loops.get(hub.loop) is hub:
+                del self._loops[hub.loop]
+        self._telemetry.watch_unsubscribed()
 
     @property
     def subscribers(self) -> int:
         """How many watchers are registered."""
         with self._lock:
-            return len(self._subscribers)
+            return self._count
 
     def snapshot(self) -> tuple[list[RuntimeRecord], int]:
         """Every record and the newest event id, from one consistent snapshot."""
@@ -288,10 +340,10 @@ class PostgresRuntimeFeed:
 
     def stop(self, timeout: float) -> bool:
         """Stop listening and end every watcher's stream."""
-        self._stop.set()
         with self._lock:
-            for subscription in self._subscribers.all:
-                subscription.close()
+            self._stop.set()
+            for hub in self._loops.values():
+                hub.call(hub.close_all)
         if self._thread is None:
             return True
         self._thread.join(timeout)
@@ -342,9 +394,11 @@ class PostgresRuntimeFeed:
                 if edge > self._position:
                     self._lost_to_retention(edge)
                     continue
-                for event in events:
-                    self._subscribers.offer(event)
-                    self._position = event.id
+                if events:
+                    # Once per batch and loop, not per watcher: the loop fans it out.
+                    for hub in self._loops.values():
+                        hub.call(hub.deliver, events)
+                    self._position = events[-1].id
             if len(events) < _BATCH:
                 return
 
@@ -359,8 +413,8 @@ class PostgresRuntimeFeed:
             "event retention passed the feed's position; ending its watchers",
             extra={"position": self._position, "pruned_through": edge},
         )
-        for subscription in self._subscribers.all:
-            subscription.overflow()
+        for hub in self._loops.values():
+            hub.call(hub.overflow_all, edge)
         self._position = edge
 
     def _prune(self, conn: psycopg.Connection[tuple[object, ...]]) -> None:

@@ -64,6 +64,9 @@ TCP_USER_TIMEOUT_MS = 20_000
 SESSION_STATEMENT_TIMEOUT = timedelta(seconds=10)
 """The `statement_timeout` every pooled connection starts with."""
 
+TIMEOUT_SLACK = timedelta(seconds=1)
+"""How much shorter than the session's a timeout may be and still not be `SET`."""
+
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 
@@ -123,6 +126,48 @@ def connect_kwargs(*, connect_timeout: float, application_name: str) -> dict[str
     }
 
 
+def pooled_connection_kwargs(
+    schema: str,
+    *,
+    statement_timeout: timedelta,
+    connect_timeout: float,
+    name: str,
+    autocommit: bool,
+) -> dict[str, Any]:
+    """The connection parameters of a pool's connections (this module's and
+    the event loop's read pool): `schema`, UTC, the session's
+    `statement_timeout`, and `connect_kwargs`."""
+    return {
+        "autocommit": autocommit,
+        "options": session_options(schema, statement_timeout),
+        **connect_kwargs(connect_timeout=connect_timeout, application_name=name),
+    }
+
+
+def pool_timeout_seconds(timeout: float | timedelta) -> float:
+    """A pool's borrow timeout in seconds; ValueError unless positive."""
+    seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else float(timeout)
+    if seconds <= 0:
+        raise ValueError(f"pool timeout must be positive, got {seconds} s")
+    return seconds
+
+
+def local_timeout_ms(timeout: timedelta | None, session: timedelta) -> int | None:
+    """The statement timeout, in ms, that a read or transaction must `SET LOCAL`, or None.
+
+    None when `timeout` is None or close enough to the session's default
+    (`session`): at most `TIMEOUT_SLACK` shorter and not longer. A statement
+    bounded at 9.6 s instead of 10 s changes nothing anyone can observe, and
+    every read under a 10 s client deadline would otherwise pay for a `SET`.
+    """
+    if timeout is None:
+        return None
+    wanted = timeout_ms(timeout)
+    if timeout > session or timeout < session - TIMEOUT_SLACK:
+        return wanted
+    return None
+
+
 def create_pool(
     dsn: str,
     schema: str,
@@ -143,17 +188,16 @@ def create_pool(
     """
     if min_size < 0 or max_size < max(min_size, 1):
         raise ValueError(f"pool sizes are invalid: min_size={min_size}, max_size={max_size}")
-    seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else float(timeout)
-    if seconds <= 0:
-        raise ValueError(f"pool timeout must be positive, got {seconds} s")
-
+    seconds = pool_timeout_seconds(timeout)
     pool: Pool = ConnectionPool(
         dsn,
-        kwargs={
-            "autocommit": False,
-            "options": session_options(schema, statement_timeout),
-            **connect_kwargs(connect_timeout=seconds, application_name=name),
-        },
+        kwargs=pooled_connection_kwargs(
+            schema,
+            statement_timeout=statement_timeout,
+            connect_timeout=seconds,
+            name=name,
+            autocommit=False,
+        ),
         min_size=min_size,
         max_size=max_size,
         timeout=seconds,

@@ -10,7 +10,7 @@ Round trips. Every pooled connection starts with the session's
 `statement_timeout` (`pool.SESSION_STATEMENT_TIMEOUT`). A unit of work sends
 `BEGIN` as its first round trip, with `SET LOCAL statement_timeout` in the
 same message only when it wants a timeout the session does not have: longer
-than the session's, or shorter by more than `TIMEOUT_SLACK` (a statement
+than the session's, or shorter by more than `pool.TIMEOUT_SLACK` (a statement
 bounded at 9.6 s instead of 10 s changes nothing anyone can observe, and
 every read under a 10 s client deadline would otherwise pay for a `SET`).
 Its statements follow, then `COMMIT`; nothing is sent on leaving a committed
@@ -44,6 +44,7 @@ from rtmanager.adapters.postgres.pool import (
     Pool,
     connection_broken,
     database_errors,
+    local_timeout_ms,
     timeout_ms,
     to_domain_error,
 )
@@ -59,19 +60,6 @@ from rtmanager.ports import (
 )
 
 T = TypeVar("T")
-
-TIMEOUT_SLACK = timedelta(seconds=1)
-"""How much shorter than the session's a timeout may be and still not be `SET`."""
-
-
-def _local_timeout(timeout: timedelta | None, session: timedelta) -> int | None:
-    """The `SET LOCAL statement_timeout` a unit of work needs, in ms, or None."""
-    if timeout is None:
-        return None
-    wanted = timeout_ms(timeout)
-    if timeout > session or timeout < session - TIMEOUT_SLACK:
-        return wanted
-    return None
 
 
 class PostgresUnitOfWork:
@@ -98,7 +86,7 @@ class PostgresUnitOfWork:
         read_only: bool = False,
     ) -> None:
         self._pool = pool
-        self._local_ms = _local_timeout(timeout, session_timeout)
+        self._local_ms = local_timeout_ms(timeout, session_timeout)
         self._read_only = read_only
         self._conn: Connection | None = None
         self.connection_broke = False
