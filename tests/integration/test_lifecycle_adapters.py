@@ -143,14 +143,17 @@ def rows(schema: str, game_id: str) -> list[tuple[str, str, str]]:
         ]
 
 
-def test_start_and_stop_commit_each_record_change_with_its_audit_row(wired: Wired) -> None:
-    started = wired.start.handle(StartRequest("real-1", STUB, OpSource.GM_REST, "r1"))
+def test_start_and_stop_commit_each_record_change_with_its_audit_row(
+    wired: Wired, test_id: str
+) -> None:
+    game_id = f"real-1-{test_id}"  # container names are per engine, shared by every run
+    started = wired.start.handle(StartRequest(game_id, STUB, OpSource.GM_REST, "r1"))
     assert started.ok and started.record is not None
     assert started.record.status is RuntimeStatus.RUNNING
-    stopped = wired.stop.handle(StopRequest("real-1", OpSource.GM_REST))
+    stopped = wired.stop.handle(StopRequest(game_id, OpSource.GM_REST))
     assert stopped.ok and stopped.record is not None
     assert stopped.record.status is RuntimeStatus.STOPPED
-    assert rows(wired.schema, "real-1") == [("start", "success", ""), ("stop", "success", "")]
+    assert rows(wired.schema, game_id) == [("start", "success", ""), ("stop", "success", "")]
 
 
 def parents_and_events(schema: str, game_id: str) -> list[tuple[object, ...]]:
@@ -189,11 +192,12 @@ def test_a_restart_draws_its_id_before_its_inner_rows_and_publishes_its_end(
 
 
 def test_a_lease_held_by_another_replica_makes_the_start_a_retryable_conflict(
-    wired: Wired, docker_client: docker.DockerClient, cluster: str
+    wired: Wired, docker_client: docker.DockerClient, cluster: str, test_id: str
 ) -> None:
-    other = wired.leases.acquire("real-2", timedelta(seconds=30))
+    game_id = f"real-2-{test_id}"  # container names are per engine, shared by every run
+    other = wired.leases.acquire(game_id, timedelta(seconds=30))
     assert other is not None
-    busy = wired.start.handle(StartRequest("real-2", STUB, OpSource.LOBBY_STREAM, "1-0"))
+    busy = wired.start.handle(StartRequest(game_id, STUB, OpSource.LOBBY_STREAM, "1-0"))
     assert busy.failure is not None
     assert (busy.failure.code, busy.failure.race) == (ErrorCode.CONFLICT, True)
     assert (
@@ -203,27 +207,26 @@ def test_a_lease_held_by_another_replica_makes_the_start_a_retryable_conflict(
         == []
     )
     assert wired.leases.release(other)
-    assert wired.start.handle(StartRequest("real-2", STUB, OpSource.LOBBY_STREAM, "1-0")).ok
-    assert rows(wired.schema, "real-2") == [
+    assert wired.start.handle(StartRequest(game_id, STUB, OpSource.LOBBY_STREAM, "1-0")).ok
+    assert rows(wired.schema, game_id) == [
         ("start", "failure", "conflict"),
         ("start", "success", ""),
     ]
 
 
 def test_an_observed_exit_marks_only_the_records_current_container_stopped(
-    wired: Wired, docker_client: docker.DockerClient
+    wired: Wired, docker_client: docker.DockerClient, test_id: str
 ) -> None:
-    started = wired.start.handle(StartRequest("real-3", STUB, OpSource.GM_REST))
+    game_id = f"real-3-{test_id}"  # container names are per engine, shared by every run
+    started = wired.start.handle(StartRequest(game_id, STUB, OpSource.GM_REST))
     assert started.record is not None
     container_id = started.record.current_container_id
-    assert (
-        wired.reconciler.observe_exit("real-3", "some-other-id", event="die", exit_code=1) is None
-    )
+    assert wired.reconciler.observe_exit(game_id, "some-other-id", event="die", exit_code=1) is None
     docker_client.containers.get(container_id).kill()
-    result = wired.reconciler.observe_exit("real-3", container_id, event="die", exit_code=137)
+    result = wired.reconciler.observe_exit(game_id, container_id, event="die", exit_code=137)
     assert result is not None and result.ok and result.record is not None
     assert result.record.status is RuntimeStatus.STOPPED
-    assert rows(wired.schema, "real-3")[-1] == (str(OpKind.STOP), "success", "")
+    assert rows(wired.schema, game_id)[-1] == (str(OpKind.STOP), "success", "")
     assert wired.reconciler.run_pass().actions == ()
 
 
