@@ -139,7 +139,7 @@ def test_a_short_deadline_bounds_the_statement_and_the_connection_stays_usable(
         return waited, after.game_id
 
     waited, game_id = on_loop(pg_schema, blocked_then_free)
-    assert waited < 2.0  # the statement was cut at the deadline, not the session's 10 s
+    assert waited < 5.0  # the statement was cut at the deadline, not the session's 10 s
     assert game_id == "g-1"
 
 

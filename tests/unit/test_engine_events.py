@@ -178,7 +178,7 @@ def test_stop_ends_a_listener_waiting_on_a_quiet_stream() -> None:
     wait_for(listener.connected.is_set)
     started = time.monotonic()
     assert listener.stop(5)
-    assert time.monotonic() - started < 1
+    assert time.monotonic() - started < 2.5  # not the 5 s a listener stuck on its stream takes
 
 
 def test_an_exit_waiting_for_its_games_operation_holds_up_neither_other_exits_nor_repeats() -> None:

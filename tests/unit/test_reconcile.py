@@ -346,5 +346,5 @@ def test_waiting_for_an_operation_of_this_process_ends_when_stopped(h: Harness) 
             GAME, record.current_container_id, event="die", exit_code=0, stop=stop
         )
     assert result is None
-    assert time.monotonic() - began < 2
+    assert time.monotonic() - began < 5  # the lease is held for ever: only `stop` ends the wait
     assert h.leases.acquires_of(GAME) == 1
