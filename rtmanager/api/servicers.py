@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -79,6 +80,14 @@ class _Authenticated:
         self._auth = auth
         self._limiter = limiter
 
+    @contextmanager
+    def _admitted(self, context: grpc.ServicerContext, *, admin_only: bool) -> Iterator[Principal]:
+        """Authenticate the caller, admit the call within the concurrent-call
+        bound and bound its waits by the caller's deadline; the caller."""
+        caller = self._auth.authenticate(context, admin_only=admin_only)
+        with self._limiter.admit(), deadline_scope(context.time_remaining()):
+            yield caller
+
 
 def rpc(*, admin_only: bool = False) -> Callable[[Method[Any, Req, Resp]], Handler[Any, Req, Resp]]:
     """Run in the request's span, authenticate, admit within the concurrent-call
@@ -94,8 +103,7 @@ def rpc(*, admin_only: bool = False) -> Callable[[Method[Any, Req, Resp]], Handl
         def handler(self: _Authenticated, request: Req, context: grpc.ServicerContext) -> Resp:
             with request_scope(context.invocation_metadata()):
                 try:
-                    caller = self._auth.authenticate(context, admin_only=admin_only)
-                    with self._limiter.admit(), deadline_scope(context.time_remaining()):
+                    with self._admitted(context, admin_only=admin_only) as caller:
                         return method(self, request, context, caller)
                 except Exception as error:
                     _abort_for(context, error, method.__name__, _game_id_of(request))
@@ -130,8 +138,7 @@ def loop_rpc(
         ) -> Resp:
             with request_scope(context.invocation_metadata()):  # type: ignore[arg-type]
                 try:
-                    caller = self._auth.authenticate(context, admin_only=admin_only)  # type: ignore[arg-type]
-                    with self._limiter.admit(), deadline_scope(context.time_remaining()):
+                    with self._admitted(context, admin_only=admin_only) as caller:  # type: ignore[arg-type]
                         return await method(self, request, context, caller)
                 except Exception as error:
                     status = _status_for(error, method.__name__, _game_id_of(request))

@@ -92,12 +92,19 @@ _STREAM_ERRORS: tuple[type[BaseException], ...] = (
 
 
 def _network_crowded(exc: docker.errors.APIError) -> bool:
-    """Whether a start failed on a network name that a duplicate, being removed, still shares."""
+    """Whether a start failed on a network name that a duplicate, being removed, still shares
+    (and not on a network that is gone: see `_network_gone`)."""
     words = explain(exc)
     if "is ambiguous" in words:
         return True
-    # An engine in swarm mode resolves the name through the swarm too.
-    return "could not attach to network" in words.lower() and "not found" in words.lower()
+    # An engine in swarm mode resolves the name through the swarm too; its
+    # "could not attach" names the network by id when the network is gone.
+    lowered = words.lower()
+    return (
+        "could not attach to network" in lowered
+        and "not found" in lowered
+        and not _network_gone(exc)
+    )
 
 
 def _network_gone(exc: docker.errors.APIError) -> bool:
