@@ -12,16 +12,25 @@ call count. `GetRuntime` cycles through the 100 seeded game ids.
 
 ratio = rtmanager / bare: above 1 for latency means slower; below 1 for
 throughput means fewer calls per second.
+
+Each round also counts CPU time (user + system, from /proc) spent per call:
+by the server process; by PostgreSQL (every `postgres` process on the
+machine, so the machine must be otherwise quiet; the bare server uses
+none); and by this client process. On a machine whose cores the client,
+the server and PostgreSQL share, throughput follows the sum.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import os
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -77,6 +86,8 @@ class LoadResult:
     calls: int = 0
     errors: int = 0
     seconds: float = 0.0
+    cpu: dict[str, float] = field(default_factory=dict)
+    """CPU seconds spent during the rounds, by `CpuMeter` part."""
 
     def add(self, other: LoadResult) -> None:
         """Fold another round into this one."""
@@ -84,6 +95,13 @@ class LoadResult:
         self.calls += other.calls
         self.errors += other.errors
         self.seconds += other.seconds
+        for part, seconds in other.cpu.items():
+            self.cpu[part] = self.cpu.get(part, 0.0) + seconds
+
+    def cpu_per_call_us(self, *parts: str) -> float:
+        """CPU microseconds per call spent by `parts` together."""
+        spent = sum(self.cpu.get(part, 0.0) for part in parts)
+        return spent / self.calls * 1e6 if self.calls else 0.0
 
     @property
     def throughput(self) -> float:
@@ -98,7 +116,45 @@ class LoadResult:
             "errors": self.errors,
             "seconds": self.seconds,
             "throughput_per_s": self.throughput,
+            "cpu_per_call_us": {part: self.cpu_per_call_us(part) for part in self.cpu},
         }
+
+
+CPU_PARTS = ("server", "postgres", "client")
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _postgres_pids() -> list[int]:
+    found = subprocess.run(["pgrep", "-x", "postgres"], capture_output=True, text=True, check=False)
+    return [int(pid) for pid in found.stdout.split()]
+
+
+@dataclass(frozen=True)
+class CpuMeter:
+    """CPU time of a server process, of PostgreSQL and of this process."""
+
+    server_pid: int
+
+    def sample(self) -> dict[str, float]:
+        """CPU seconds so far, by part."""
+        return {
+            "server": _cpu_seconds(self.server_pid),
+            "postgres": sum(_cpu_seconds(pid) for pid in _postgres_pids()),
+            "client": time.process_time(),
+        }
+
+    @staticmethod
+    def spent(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+        """CPU seconds by part between two samples."""
+        return {part: max(0.0, after[part] - before[part]) for part in before}
 
 
 class ReadClient:
@@ -173,9 +229,14 @@ def run_load(
 
 
 def measure_case(
-    clients: dict[str, ReadClient], rpc: str, concurrency: int, params: ReadParams
+    clients: dict[str, ReadClient],
+    rpc: str,
+    concurrency: int,
+    params: ReadParams,
+    meters: dict[str, CpuMeter] | None = None,
 ) -> dict[str, LoadResult]:
-    """Alternate rounds over the targets; return each target's merged result."""
+    """Alternate rounds over the targets; return each target's merged result
+    (with the CPU each target's meter counted during its measured rounds)."""
     results = {name: LoadResult() for name in clients}
     names = list(clients)
     per_round = params.seconds / params.rounds
@@ -189,14 +250,14 @@ def measure_case(
                 seconds=params.warmup,
                 max_calls=params.max_calls,
             )
-            results[name].add(
-                run_load(
-                    call,
-                    concurrency=concurrency,
-                    seconds=per_round,
-                    max_calls=params.max_calls,
-                )
+            meter = (meters or {}).get(name)
+            before = meter.sample() if meter else {}
+            measured = run_load(
+                call, concurrency=concurrency, seconds=per_round, max_calls=params.max_calls
             )
+            if meter:
+                measured.cpu = meter.spent(before, meter.sample())
+            results[name].add(measured)
     return results
 
 
@@ -248,12 +309,16 @@ def run(*, quick: bool = False) -> dict[str, Any]:
             "rtmanager": ReadClient(server.address, game_ids),
             "bare": ReadClient(bare.address, game_ids),
         }
+        meters = {
+            "rtmanager": CpuMeter(server.process.pid),
+            "bare": CpuMeter(bare.process.pid),
+        }
         try:
             sizes = reply_sizes(clients)
             for rpc, concurrency in CASES:
                 case = f"{rpc} x{concurrency}"
                 log(f"{NAME}: {case}")
-                results = measure_case(clients, rpc, concurrency, params)
+                results = measure_case(clients, rpc, concurrency, params, meters)
                 ours, floor = results["rtmanager"], results["bare"]
                 raw[case] = {name: result.summary() for name, result in results.items()}
                 a, b = raw[case]["rtmanager"], raw[case]["bare"]
@@ -272,6 +337,21 @@ def run(*, quick: bool = False) -> dict[str, Any]:
                         notes={"calls": [ours.calls, floor.calls]},
                     )
                 )
+                for metric, parts in (
+                    ("cpu per call: server", ("server",)),
+                    ("cpu per call: server + PostgreSQL", ("server", "postgres")),
+                    ("cpu per call: server + PostgreSQL + client", CPU_PARTS),
+                ):
+                    rows.append(
+                        Row(
+                            NAME,
+                            case,
+                            metric,
+                            "us",
+                            ours.cpu_per_call_us(*parts),
+                            floor.cpu_per_call_us(*parts),
+                        )
+                    )
                 if ours.errors or floor.errors:
                     log(f"{NAME}: {case}: errors rtmanager={ours.errors} bare={floor.errors}")
         finally:

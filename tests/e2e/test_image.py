@@ -40,7 +40,7 @@ BUILD_FILES = ("Dockerfile", ".dockerignore", "pyproject.toml", "constraints.txt
 BUILD_DIRS = ("rtmanager", "migrations")
 # The project, what builds it (the image installs it from source), and what
 # redis-py needs on bookworm's Python 3.11.2 but not on the host's newer one.
-WHEELHOUSE = ("-w", "wheelhouse", ".", "setuptools>=69", "wheel", "async-timeout>=4.0.3")
+WHEELHOUSE = ("-w", "wheelhouse", ".", "setuptools>=77", "wheel", "async-timeout>=4.0.3")
 
 
 @pytest.fixture(scope="module")
