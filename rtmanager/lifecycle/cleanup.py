@@ -89,8 +89,7 @@ class CleanupService(LifecycleService):
         return self._recorder.run(operation, body)
 
     def _cleanup(self, op: Operation, request: CleanupRequest) -> OperationResult:
-        with self._recorder.unit_of_work() as uow:
-            record = uow.records.get(op.game_id)
+        record = self._recorder.read(lambda uow: uow.records.get(op.game_id))
         op.image_ref = record.current_image_ref
         op.container_id = record.current_container_id
         if record.status is RuntimeStatus.REMOVED:

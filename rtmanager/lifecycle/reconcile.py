@@ -254,8 +254,7 @@ class Reconciler(LifecycleService):
         waiting_since = time.monotonic()
         while True:
             busy_here = game_id in self._lock.held_games
-            with self._recorder.unit_of_work() as uow:
-                record = load_record(uow, game_id)
+            record = self._recorder.read(lambda uow: load_record(uow, game_id))
             if not _claims(record, container_id):
                 return None
             waited = time.monotonic() - waiting_since
@@ -271,8 +270,7 @@ class Reconciler(LifecycleService):
                 return None
         try:
             with self._lock.hold(game_id):
-                with self._recorder.unit_of_work() as uow:
-                    record = load_record(uow, game_id)
+                record = self._recorder.read(lambda uow: load_record(uow, game_id))
                 if record is None or not _claims(record, container_id):
                     return None
                 info = self._engine.inspect(container_id)
@@ -329,8 +327,7 @@ class Reconciler(LifecycleService):
         game_id = planned.game_id
         try:
             with self._lock.hold(game_id):
-                with self._recorder.unit_of_work() as uow:
-                    record = load_record(uow, game_id)
+                record = self._recorder.read(lambda uow: load_record(uow, game_id))
                 action = plan_game(game_id, record, self._fresh_containers(game_id, record, listed))
                 if action is None:
                     return replace(planned, skipped_reason="already consistent")

@@ -39,6 +39,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import TypeVar
 
 from rtmanager.deadlines import bounded
 from rtmanager.domain.errors import (
@@ -57,6 +58,8 @@ from rtmanager.domain.runtime import RuntimeRecord
 from rtmanager.domain.timeutil import utc_now
 from rtmanager.ports import UnitOfWork, UnitOfWorkFactory
 from rtmanager.telemetry import Telemetry
+
+T = TypeVar("T")
 
 log = logging.getLogger("rtmanager.operations")
 
@@ -250,6 +253,11 @@ class OperationRecorder:
     def unit_of_work(self) -> UnitOfWork:
         """A unit of work for reads, bounded by the caller's deadline."""
         return self.units_of_work(timeout=bounded(self.db_timeout))
+
+    def read(self, work: Callable[[UnitOfWork], T]) -> T:
+        """Run `work`, a read of a single statement, bounded by the caller's
+        deadline: one round trip, no transaction (`UnitOfWorkFactory.read`)."""
+        return self.units_of_work.read(work, timeout=bounded(self.db_timeout))
 
     def add_listener(self, listener: CommitListener) -> None:
         """Call `listener(entry, record)` after every committed operation."""

@@ -101,8 +101,7 @@ class RecreateService(LifecycleService):
     def _recreate(
         self, op: Operation, target: ImageRef | None, removed: list[str]
     ) -> OperationResult:
-        with self._recorder.unit_of_work() as uow:
-            record = uow.records.get(op.game_id)
+        record = self._recorder.read(lambda uow: uow.records.get(op.game_id))
         op.container_id = record.current_container_id
         if record.status is RuntimeStatus.REMOVED:
             raise Conflict(f"runtime of game {op.game_id} is removed; it cannot be recreated")

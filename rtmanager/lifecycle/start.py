@@ -114,8 +114,7 @@ class StartService(LifecycleService):
         return self._recorder.run(operation, body, on_failure=forget_removed_container)
 
     def _start(self, op: Operation, image_ref: str, removed: list[str]) -> OperationResult:
-        with self._recorder.unit_of_work() as uow:
-            existing = load_record(uow, op.game_id)
+        existing = self._recorder.read(lambda uow: load_record(uow, op.game_id))
         if existing is not None:
             if existing.status is RuntimeStatus.REMOVED:
                 raise Conflict(f"runtime of game {op.game_id} is removed; it cannot start again")

@@ -63,8 +63,7 @@ class StopService(LifecycleService):
         return self._recorder.run(operation, self._stop)
 
     def _stop(self, op: Operation) -> OperationResult:
-        with self._recorder.unit_of_work() as uow:
-            record = uow.records.get(op.game_id)
+        record = self._recorder.read(lambda uow: uow.records.get(op.game_id))
         op.image_ref = record.current_image_ref
         op.container_id = record.current_container_id
         if record.status is RuntimeStatus.REMOVED:

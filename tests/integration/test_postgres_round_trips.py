@@ -33,8 +33,11 @@ from rtmanager.deadlines import deadline_scope
 from rtmanager.domain.errors import ServiceUnavailable
 from rtmanager.domain.operation import OperationEntry, OpKind, OpSource, Outcome
 from rtmanager.domain.runtime import RuntimeRecord, RuntimeStatus
+from rtmanager.lifecycle.common import load_record
 from rtmanager.lifecycle.queries import RuntimeQueries, RuntimeReads
+from rtmanager.lifecycle.recorder import OperationRecorder
 from rtmanager.ports import OperationFilter, UnitOfWork
+from rtmanager.telemetry import Telemetry
 from tests.conftest import POSTGRES_DSN
 
 pytestmark = pytest.mark.integration
@@ -146,6 +149,18 @@ def test_each_read_rpc_is_one_round_trip(traced: Traced) -> None:
         expected = [1] * len(counts)
         expected[prepare_at] = 2
         assert counts == expected, name
+
+
+def test_a_lifecycle_reads_its_record_in_one_round_trip(traced: Traced) -> None:
+    # Stop, cleanup, restart and start read the game's record through the
+    # recorder before they act, and the reconciler re-reads it per step.
+    recorder = OperationRecorder(traced.units, Telemetry())
+    with deadline_scope(30.0):
+        trips, got = traced.round_trips(lambda: recorder.read(lambda uow: uow.records.get("g-1")))
+    assert got.game_id == "g-1"
+    assert trips == 1
+    missing, none = traced.round_trips(lambda: recorder.read(lambda uow: load_record(uow, "g-9")))
+    assert (missing, none) == (1, None)
 
 
 def test_a_client_deadline_near_the_session_timeout_costs_nothing(traced: Traced) -> None:
