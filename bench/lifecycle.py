@@ -91,7 +91,7 @@ class LifecycleParams:
     warmup_cycles: int = 1
 
 
-DEFAULT = LifecycleParams(cycles=10)
+DEFAULT = LifecycleParams(cycles=30)
 QUICK = LifecycleParams(cycles=3)
 
 Phases = dict[str, float]
