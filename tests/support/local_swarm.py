@@ -42,6 +42,8 @@ from typing import Any
 import docker
 import docker.errors
 
+from tests.support.procfs import stat_fields
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "swarm-local.sh"
 RUN_VARIABLE = "RTMANAGER_TEST_RUN"
@@ -69,12 +71,8 @@ class LocalSwarm:
 
 def process_identity(pid: int) -> str | None:
     """`<pid>-<start time>` of a live process, None when it is gone (or a zombie)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat.rsplit(")", 1)[1].split()
-    if fields[0] == "Z":
+    fields = stat_fields(pid)
+    if fields is None or fields[0] == "Z":
         return None
     return f"{pid}-{fields[19]}"
 

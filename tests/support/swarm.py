@@ -115,6 +115,8 @@ import docker
 import docker.errors
 import requests.exceptions
 
+from tests.support.procfs import stat_fields
+
 DEFAULT_IMAGES: tuple[str, ...] = (
     "galaxy/engine-stub:1.0.0",
     "galaxy/engine-stub:1.0.1",
@@ -214,11 +216,8 @@ def wait_until(
 
 def _proc_start_time(pid: int) -> str | None:
     """Field 22 of /proc/PID/stat (start time in clock ticks), None when the pid is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]
+    fields = stat_fields(pid)
+    return None if fields is None else fields[19]
 
 
 def _proc_table() -> dict[int, tuple[int, str, str]]:
