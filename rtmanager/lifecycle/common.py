@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from rtmanager.domain.errors import Conflict, InternalError, NotFound
+from rtmanager.domain.errors import Conflict, InternalError
 from rtmanager.domain.ids import engine_endpoint
 from rtmanager.domain.images import ImageRef, parse_image_ref, require_allowed
 from rtmanager.domain.runtime import RuntimeRecord, RuntimeStatus
@@ -125,14 +125,6 @@ def forget_container(
     updated = replace(record, current_container_id="", last_op_at=when)
     uow.records.upsert(updated)
     return updated
-
-
-def load_record(uow: UnitOfWork, game_id: str) -> RuntimeRecord | None:
-    """The game's record, or None when there is none."""
-    try:
-        return uow.records.get(game_id)
-    except NotFound:
-        return None
 
 
 def owned_container(engine: EngineBackend, container_id: str) -> ContainerInfo | None:

@@ -45,8 +45,8 @@ from rtmanager.domain.errors import ConcurrentModification, RuntimeManagerError
 from rtmanager.domain.ids import container_name, is_valid_game_id
 from rtmanager.domain.operation import OpKind, OpSource
 from rtmanager.domain.runtime import RuntimeRecord, RuntimeStatus
-from rtmanager.lifecycle.common import LifecycleDeps, LifecycleService, load_record
-from rtmanager.lifecycle.recorder import Operation, OperationResult
+from rtmanager.lifecycle.common import LifecycleDeps, LifecycleService
+from rtmanager.lifecycle.recorder import Operation, OperationResult, load_record
 from rtmanager.ports import ContainerInfo, StatusChange, UnitOfWork
 from rtmanager.telemetry import Telemetry
 

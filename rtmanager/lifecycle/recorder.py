@@ -411,15 +411,11 @@ class OperationRecorder:
         """`JobSettled` when the game's watermark settles the operation's job, else None."""
         if operation.job is None:
             return None
-        with self.unit_of_work() as uow:
-            mark = uow.job_marks.get(operation.game_id)
-            if mark is None or not mark.settles(operation.job):
-                return None
-            try:
-                record: RuntimeRecord | None = uow.records.get(operation.game_id)
-            except NotFound:
-                record = None
-        return JobSettled(mark, record)
+        # One round trip for every job; a settled one (rare) reads its record too.
+        mark = self.read(lambda uow: uow.job_marks.get(operation.game_id))
+        if mark is None or not mark.settles(operation.job):
+            return None
+        return JobSettled(mark, self.read(lambda uow: load_record(uow, operation.game_id)))
 
     def _settled(self, operation: Operation, settled: JobSettled) -> OperationResult:
         """The result of a job found settled: nothing was done, nothing is audited."""
@@ -557,3 +553,11 @@ class OperationRecorder:
             fields["error_message"] = result.failure.message
             level = logging.ERROR if result.failure.code is ErrorCode.INTERNAL else logging.WARNING
             log.log(level, "operation failed", extra=fields)
+
+
+def load_record(uow: UnitOfWork, game_id: str) -> RuntimeRecord | None:
+    """The game's record, or None when there is none."""
+    try:
+        return uow.records.get(game_id)
+    except NotFound:
+        return None

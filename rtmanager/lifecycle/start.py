@@ -35,11 +35,10 @@ from rtmanager.lifecycle.common import (
     LifecycleService,
     allowed_image,
     forget_container,
-    load_record,
     op_time,
     owned_container,
 )
-from rtmanager.lifecycle.recorder import Operation, OperationResult
+from rtmanager.lifecycle.recorder import Operation, OperationResult, load_record
 from rtmanager.lifecycle.state_dirs import prepare_state_dir
 from rtmanager.ports import ContainerInfo, ContainerSpec, UnitOfWork
 

@@ -31,11 +31,11 @@ from rtmanager.adapters.postgres.pool import Pool, create_pool, database_errors
 from rtmanager.adapters.postgres.unit_of_work import PostgresUnitOfWorkFactory
 from rtmanager.deadlines import deadline_scope
 from rtmanager.domain.errors import ServiceUnavailable
+from rtmanager.domain.jobs import JobKind, JobMark, LobbyJob
 from rtmanager.domain.operation import OperationEntry, OpKind, OpSource, Outcome
 from rtmanager.domain.runtime import RuntimeRecord, RuntimeStatus
-from rtmanager.lifecycle.common import load_record
 from rtmanager.lifecycle.queries import RuntimeQueries, RuntimeReads
-from rtmanager.lifecycle.recorder import OperationRecorder
+from rtmanager.lifecycle.recorder import JobSettled, OperationRecorder, load_record
 from rtmanager.ports import OperationFilter, UnitOfWork
 from rtmanager.telemetry import Telemetry
 from tests.conftest import POSTGRES_DSN
@@ -161,6 +161,47 @@ def test_a_lifecycle_reads_its_record_in_one_round_trip(traced: Traced) -> None:
     assert trips == 1
     missing, none = traced.round_trips(lambda: recorder.read(lambda uow: load_record(uow, "g-9")))
     assert (missing, none) == (1, None)
+
+
+def test_a_lobby_jobs_watermark_check_is_one_round_trip(traced: Traced) -> None:
+    # Every Lobby job is checked against its game's watermark under the
+    # lease before it acts; only a job found settled also reads the record.
+    recorder = OperationRecorder(traced.units, Telemetry())
+
+    def job(entry_id: str) -> LobbyJob:
+        return LobbyJob(JobKind.STOP, "stop_jobs", entry_id)
+
+    def check(entry_id: str) -> int:
+        operation = recorder.begin(
+            game_id="g-1",
+            op_kind=OpKind.STOP,
+            op_source=OpSource.LOBBY_STREAM,
+            source_ref=entry_id,
+            job=job(entry_id),
+        )
+        with deadline_scope(30.0):
+            return traced.round_trips(lambda: recorder.check_job(operation))[0]
+
+    assert check("1000-0") == 1  # no watermark yet
+    with traced.units() as work:
+        mark = JobMark("g-1", job("2000-0"), Outcome.SUCCESS, applied_at=datetime.now(UTC))
+        assert work.job_marks.advance(mark)
+        work.commit()
+    assert check("3000-0") == 1  # newer than the watermark: applied
+    settled_op = recorder.begin(
+        game_id="g-1", op_kind=OpKind.STOP, op_source=OpSource.LOBBY_STREAM, job=job("2000-0")
+    )
+
+    def settled_check() -> JobSettled:
+        with pytest.raises(JobSettled) as caught:
+            recorder.check_job(settled_op)
+        return caught.value
+
+    with deadline_scope(30.0):
+        trips, settled = traced.round_trips(settled_check)
+    assert trips == 2  # the watermark, then the record to answer with
+    assert settled.mark == mark
+    assert settled.record is not None and settled.record.game_id == "g-1"
 
 
 def test_a_client_deadline_near_the_session_timeout_costs_nothing(traced: Traced) -> None:
