@@ -90,6 +90,11 @@ class _Subscription:
 
     Filled by its loop's `_LoopFeed` (never by another thread), so it needs
     no lock: at most one watcher task waits on it.
+
+    A wait costs one future. The heartbeat's timer is not made per wait:
+    one timer, armed at a wait's deadline, serves every wait until it fires,
+    so a busy watcher arms about one per `timeout` instead of one per event.
+    A wait woken by a timer armed for an earlier deadline waits on.
     """
 
     def __init__(self, hub: _LoopFeed, wanted: EventFilter, capacity: int) -> None:
@@ -98,6 +103,7 @@ class _Subscription:
         self._capacity = capacity
         self._start = hub.position
         self._waiter: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
         self.wanted = wanted
         self.overflowed = False
         self.closed = False
@@ -127,6 +133,12 @@ class _Subscription:
         self.closed = True
         self._wake()
 
+    def release(self) -> None:
+        """Drop the heartbeat's timer (the watcher is gone)."""
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
+
     def _wake(self) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
@@ -147,14 +159,20 @@ class _Subscription:
                 # Nothing queued: every wanted event dispatched to this loop
                 # so far has been handed over.
                 return self.hub.position
+            timer = self._timer
+            if timer is None or timer.when() > deadline:
+                if timer is not None:
+                    timer.cancel()
+                self._timer = loop.call_at(deadline, self._heartbeat_due)
             self._waiter = loop.create_future()
             try:
-                async with asyncio.timeout_at(deadline):
-                    await self._waiter
-            except TimeoutError:
-                pass
+                await self._waiter
             finally:
                 self._waiter = None
+
+    def _heartbeat_due(self) -> None:
+        self._timer = None
+        self._wake()
 
 
 class _Subscribers:
@@ -305,6 +323,7 @@ class PostgresRuntimeFeed:
         if subscription not in hub.subscribers:
             return
         hub.subscribers.remove(subscription)
+        subscription.release()
         with self._lock:
             self._count -= 1
             if not hub.subscribers and self._loops.get(hub.loop) is hub:
