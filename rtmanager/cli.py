@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import signal
@@ -131,6 +132,7 @@ def _serve(settings: Settings) -> int:
         except BindError as error:
             print(f"rtmanager serve: {error}", file=sys.stderr)
             return EXIT_FAILURE
+        _freeze_heap()
         app.begin_start_up()
     finally:
         # A signal that came meanwhile is pending and is delivered here.
@@ -149,6 +151,20 @@ def _serve(settings: Settings) -> int:
     # server threads, finalizing grpc and OpenTelemetry modules) does
     # nothing more but can take a second on a loaded machine.
     _exit_now(EXIT_OK if app.startup_error is None else EXIT_FAILURE)
+
+
+def _freeze_heap() -> None:
+    """Take what lives as long as the process out of the cyclic collector's walks.
+
+    The modules, settings and adapters built so far are most of the heap.
+    Each full collection would walk them all, holding the GIL: 40-105 ms
+    measured while 1000 watchers were served, stalling every RPC and watch
+    in flight. Collected once here, then frozen (`gc.freeze`), they are
+    never walked again; what start-up and the RPCs create later is
+    collected as usual.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def _exit_now(code: int) -> NoReturn:
