@@ -55,7 +55,7 @@ class LobbyJobsParams:
     """Games per round, rounds and the time budget of the measured rounds."""
 
     games: int = 8
-    rounds: int = 5
+    rounds: int = 10
     warmup_rounds: int = 1
     max_seconds: float = 240.0
 
