@@ -12,6 +12,7 @@ from rtmanager.domain.explanation import ContainerState, RuntimeExplanation
 from rtmanager.domain.ids import container_name, parse_game_id
 from rtmanager.domain.operation import OperationEntry
 from rtmanager.domain.runtime import RuntimeRecord, RuntimeStatus
+from rtmanager.lifecycle.recorder import load_record
 from rtmanager.ports import (
     ContainerInfo,
     EngineBackend,
@@ -20,7 +21,6 @@ from rtmanager.ports import (
     OperationFilter,
     Page,
     RecordReader,
-    UnitOfWork,
     UnitOfWorkFactory,
 )
 
@@ -171,7 +171,7 @@ class RuntimeExplainer:
         parse_game_id(game_id)
         limit = explain_operations_limit(operations)
         record = self._units_of_work.read(
-            lambda uow: _record_or_none(uow, game_id), timeout=bounded(self._timeout)
+            lambda uow: load_record(uow, game_id), timeout=bounded(self._timeout)
         )
         entries = self._units_of_work.read(
             lambda uow: uow.operations.list(OperationFilter(game_id=game_id), page_size=limit),
@@ -211,13 +211,6 @@ class RuntimeExplainer:
                 return container_state(info)
         info = self._engine.inspect(container_name(game_id))
         return None if info is None else container_state(info)
-
-
-def _record_or_none(uow: UnitOfWork, game_id: str) -> RuntimeRecord | None:
-    try:
-        return uow.records.get(game_id)
-    except NotFound:
-        return None
 
 
 def container_state(info: ContainerInfo) -> ContainerState:
