@@ -12,7 +12,6 @@ import contextlib
 import multiprocessing
 import os
 import queue
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -36,6 +35,7 @@ from rtmanager.domain.errors import (
 )
 from rtmanager.ports import ContainerEvent, ContainerInfo, ContainerSpec, EngineUser, PullPolicy
 from tests.conftest import CRASH_IMAGE, DOCKER_HOST, ENGINE_IMAGE, TEST_LABEL
+from tests.support.docker_proxy import DockerSocketProxy
 
 pytestmark = pytest.mark.integration
 
@@ -1020,75 +1020,6 @@ def test_event_stream_ended_by_the_daemon_raises_service_unavailable() -> None:
 # -- availability ---------------------------------------------------------------
 
 
-class SocketProxy:
-    """A unix-socket stand-in for the daemon: forwards to it, or answers nothing.
-
-    `cut()` drops every connection, which is what the adapter sees when the
-    daemon restarts.
-    """
-
-    def __init__(self, path: str, *, upstream: str | None) -> None:
-        self.path = path
-        self._upstream = upstream
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._listener.bind(path)
-        self._listener.listen(16)
-        self._listener.settimeout(0.1)
-        self._connections: list[socket.socket] = []
-        self._lock = threading.Lock()
-        self._stopped = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"unix://{self.path}"
-
-    def _accept(self) -> None:
-        while not self._stopped.is_set():
-            try:
-                conn, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            with self._lock:
-                self._connections.append(conn)
-            if self._upstream is None:
-                continue  # hold it open and never answer
-            upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            upstream.connect(self._upstream)
-            with self._lock:
-                self._connections.append(upstream)
-            for src, dst in ((conn, upstream), (upstream, conn)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        for sock in (src, dst):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-
-    def cut(self) -> None:
-        with self._lock:
-            connections, self._connections = self._connections, []
-        for sock in connections:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
-
-    def close(self) -> None:
-        self._stopped.set()
-        self._listener.close()
-        self.cut()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-
-
 @pytest.fixture
 def daemon_socket_path() -> str:
     if not DOCKER_HOST.startswith("unix://"):
@@ -1099,7 +1030,7 @@ def daemon_socket_path() -> str:
 def test_daemon_disconnect_while_following_events_raises_service_unavailable(
     daemon_socket_path: str, cluster: str, test_id: str
 ) -> None:
-    proxy = SocketProxy(f"/tmp/gx-{test_id}.sock", upstream=daemon_socket_path)
+    proxy = DockerSocketProxy(f"/tmp/gx-{test_id}.sock", upstream=daemon_socket_path)
     adapter = DockerEngineAdapter(base_url=proxy.url, cluster=cluster)
     try:
         stream = adapter.follow_events()
@@ -1115,7 +1046,7 @@ def test_daemon_disconnect_while_following_events_raises_service_unavailable(
 
 
 def test_daemon_that_does_not_answer_in_time_is_service_unavailable(test_id: str) -> None:
-    proxy = SocketProxy(f"/tmp/gx-{test_id}.sock", upstream=None)
+    proxy = DockerSocketProxy(f"/tmp/gx-{test_id}.sock", upstream=None)
     adapter = DockerEngineAdapter(
         base_url=proxy.url, cluster="default", timeout=timedelta(seconds=1)
     )
