@@ -324,7 +324,9 @@ def in_process_lifecycles(
     )
     try:
         requests = DockerRequests()
-        adapter.ping()  # builds the client, so the counter sees every later request
+        adapter.ping()
+        # Built here (asking the daemon's API version), so the counter sees
+        # every later request; `ping` has a client of its own.
         requests.attach(adapter._api())
         lock = GameLock(
             RedisGameLeases(redis_client, prefix=settings.redis_prefix), settings.game_lease_ttl

@@ -99,6 +99,8 @@ def engine_backend(settings: Settings) -> ClosableBackend:
         base_url=settings.docker_host,
         cluster=settings.cluster,
         timeout=settings.docker_timeout,
+        engine_network=settings.engine_network,
+        probe_timeout=settings.docker_probe_timeout,
     )
 
 

@@ -241,6 +241,10 @@ class Settings:
     swarm_constraints: list[str] = field(default_factory=list)
     swarm_volume_driver: str = "local"
     docker_timeout: timedelta = timedelta(seconds=30)
+    # Single host only: how long the health probe waits for Docker's answers
+    # (a network listing included; see `DockerEngineAdapter.ping`), at most
+    # `docker_timeout`.
+    docker_probe_timeout: timedelta = timedelta(seconds=3)
     engine_network: str = "galaxy-engines"
     engine_port: int = 8080
     state_root: Path = Path("/var/lib/galaxy/games")
@@ -543,6 +547,7 @@ _PARSERS: Mapping[str, Parser] = {
         _matching(_VOLUME_DRIVER, "expected a volume driver name such as local")
     ),
     "docker_timeout": _positive_duration,
+    "docker_probe_timeout": _positive_duration,
     "engine_network": _text(_NAME_RULE),
     "engine_port": _integer(ge=1, le=65535),
     "state_root": _path(_absolute_path),

@@ -585,7 +585,15 @@ class EngineBackend(Protocol):
         ...
 
     def ping(self) -> None:
-        """Raise `ServiceUnavailable` unless the backend's daemon answers."""
+        """Raise `ServiceUnavailable` unless the backend's daemon answers.
+
+        Called once at start-up (where `BackendMismatch` refuses the
+        endpoint) and by every health check, every 2 s: it is cheap and
+        should return soon. A daemon known to keep answering a bare ping
+        while the lifecycles' calls hang is probed with one of those calls
+        too, under a short timeout of its own (the single-host backend lists
+        the engine network: `DockerEngineAdapter.ping`).
+        """
         ...
 
     def ensure_image(self, image_ref: str, policy: PullPolicy) -> None:

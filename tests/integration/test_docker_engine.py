@@ -19,6 +19,7 @@ from concurrent.futures import ProcessPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar, cast
+from urllib.parse import unquote
 
 import docker
 import docker.errors
@@ -1062,6 +1063,90 @@ def test_daemon_that_does_not_answer_in_time_is_service_unavailable(test_id: str
 
 def test_ping_answers_on_the_local_daemon(engine: DockerEngineAdapter) -> None:
     engine.ping()
+
+
+def test_ping_passes_whether_or_not_the_engine_network_exists(
+    engine: DockerEngineAdapter, network: str, cluster: str, test_id: str
+) -> None:
+    for engine_network in (network, f"galaxy-absent-{test_id}"):
+        adapter = DockerEngineAdapter(
+            base_url=DOCKER_HOST, cluster=cluster, engine_network=engine_network
+        )
+        try:
+            adapter.ping()
+        finally:
+            adapter.close()
+
+
+def test_ping_fails_within_its_bound_while_the_daemon_answers_no_network_listing(
+    daemon_socket_path: str, cluster: str, test_id: str
+) -> None:
+    # Docker 20.10's libnetwork deadlock (moby/moby#42545) as clients see it:
+    # `/_ping` answered, network listings never.
+    proxy = DockerSocketProxy(f"/tmp/gx-{test_id}.sock", upstream=daemon_socket_path)
+    engine_network = f"galaxy-t-{test_id}"
+    adapter = DockerEngineAdapter(
+        base_url=proxy.url,
+        cluster=cluster,
+        timeout=timedelta(seconds=30),
+        engine_network=engine_network,
+        probe_timeout=timedelta(seconds=1),
+    )
+    # What a bare `/_ping` check sees through the same proxy.
+    bare = docker.APIClient(base_url=proxy.url, timeout=5)
+    try:
+        adapter.ping()
+        proxy.hold_network_listings()
+
+        began = time.monotonic()
+        with pytest.raises(ServiceUnavailable) as caught:
+            adapter.ping()
+        took = time.monotonic() - began
+        assert caught.value.message.startswith(
+            "Docker answers /_ping but not a network listing within 1 s: the daemon may be wedged"
+        )
+        assert "docs/operations.md" in caught.value.message
+        assert 0.9 <= took < 3, f"the probe took {took:.1f}s"
+        assert bare.ping()
+        # One listing, of the engine network by name, is what was held.
+        assert len(proxy.held) == 1
+        assert proxy.held[0].startswith("GET /v")
+        assert engine_network in unquote(proxy.held[0])
+
+        proxy.release()
+        adapter.ping()
+        assert bare.ping()
+    finally:
+        proxy.release()
+        bare.close()
+        adapter.close()
+        proxy.close()
+
+
+def test_a_held_listing_outlasting_the_probe_does_not_stall_the_next_probe(
+    daemon_socket_path: str, cluster: str, test_id: str
+) -> None:
+    proxy = DockerSocketProxy(f"/tmp/gx-{test_id}.sock", upstream=daemon_socket_path)
+    adapter = DockerEngineAdapter(
+        base_url=proxy.url, cluster=cluster, probe_timeout=timedelta(seconds=1)
+    )
+    try:
+        proxy.hold_network_listings()
+        for _ in range(2):
+            began = time.monotonic()
+            with pytest.raises(ServiceUnavailable, match="not a network listing"):
+                adapter.ping()
+            assert time.monotonic() - began < 3
+        assert len(proxy.held) == 2
+        proxy.release()
+        # The listings the probes gave up on reach the daemon only now, on
+        # connections their client has closed; the next probe uses a new one.
+        adapter.ping()
+        wait_for(lambda: proxy.waiting == 0, timeout=5, what="held listings forwarded")
+    finally:
+        proxy.release()
+        adapter.close()
+        proxy.close()
 
 
 def test_adapter_on_a_missing_socket_reports_service_unavailable(test_id: str) -> None:

@@ -446,10 +446,18 @@ def test_invalid_engine_network_names_are_rejected(name: str) -> None:
         ("RTMANAGER_LOG_LEVEL", "loud"),
         ("RTMANAGER_LOG_FORMAT", "xml"),
         ("RTMANAGER_REDIS_URL", "  "),
+        ("RTMANAGER_DOCKER_PROBE_TIMEOUT", "0s"),
+        ("RTMANAGER_DOCKER_PROBE_TIMEOUT", "soon"),
     ],
 )
 def test_bad_values_name_the_variable_and_the_value(variable: str, value: str) -> None:
     assert f"{variable}={value!r}" in config_error({variable: value})
+
+
+def test_the_docker_health_probe_waits_a_few_seconds_unless_told_otherwise() -> None:
+    assert load_settings({}).docker_probe_timeout == timedelta(seconds=3)
+    settings = load_settings({"RTMANAGER_DOCKER_PROBE_TIMEOUT": "5s"})
+    assert settings.docker_probe_timeout == timedelta(seconds=5)
 
 
 # --- engine hardening -------------------------------------------------------------------

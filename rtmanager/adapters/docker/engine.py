@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import docker
 import docker.errors
+import requests.exceptions
 from docker.types import CancellableStream, LogConfig, Mount
 
 from rtmanager.adapters.docker.calls import (
@@ -53,7 +54,13 @@ from rtmanager.ports import (
     PullPolicy,
 )
 
-__all__ = ["INTERESTING_EVENT_ACTIONS", "DockerEngineAdapter", "DockerEventStream"]
+__all__ = [
+    "DEFAULT_PROBE_TIMEOUT",
+    "INTERESTING_EVENT_ACTIONS",
+    "DockerEngineAdapter",
+    "DockerEventStream",
+    "whole_seconds",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +70,12 @@ logger = logging.getLogger(__name__)
 INTERESTING_EVENT_ACTIONS = frozenset(
     {"create", "start", "restart", "die", "oom", "kill", "stop", "destroy", "pause", "unpause"}
 )
+
+# How long `ping` waits for each answer unless told (RTMANAGER_DOCKER_PROBE_TIMEOUT):
+# ample for a listing of one network, and far below the lifecycle calls'
+# timeout, so that with a health check every 2 s a wedged daemon turns
+# health NOT_SERVING within about 5 s and never holds the checker for long.
+DEFAULT_PROBE_TIMEOUT = timedelta(seconds=3)
 
 # One host: state directories on it, prepared by the service.
 _CAPABILITIES = BackendCapabilities(host_state_dirs=True)
@@ -120,6 +133,22 @@ def _network_gone(exc: docker.errors.APIError) -> bool:
     if status_code(exc) == 404 and words.startswith("network ") and words.endswith(" not found"):
         return True
     return _GONE_NETWORK_ID.search(words) is not None
+
+
+def whole_seconds(timeout: timedelta) -> int:
+    """A positive timeout in the whole seconds docker-py takes, rounded up."""
+    if timeout <= timedelta(0):
+        raise ValueError("docker timeouts must be positive")
+    return max(1, math.ceil(timeout.total_seconds()))
+
+
+def _wedged(seconds: int) -> str:
+    """The probe's complaint about a daemon that answers pings but no network listing."""
+    return (
+        f"Docker answers /_ping but not a network listing within {seconds} s: "
+        "the daemon may be wedged (moby/moby#42545); see docs/operations.md, "
+        "'A Docker daemon that stops answering lifecycle calls'"
+    )
 
 
 def _event_time(raw: dict[str, Any]) -> datetime:
@@ -209,13 +238,28 @@ class DockerEngineAdapter:
     """
 
     def __init__(
-        self, *, base_url: str, cluster: str, timeout: timedelta = timedelta(seconds=30)
+        self,
+        *,
+        base_url: str,
+        cluster: str,
+        timeout: timedelta = timedelta(seconds=30),
+        engine_network: str = "galaxy-engines",
+        probe_timeout: timedelta = DEFAULT_PROBE_TIMEOUT,
     ) -> None:
-        """Prepare an adapter for the daemon at `base_url` and deployment `cluster`."""
-        if timeout <= timedelta(0):
-            raise ValueError("docker timeout must be positive")
+        """Prepare an adapter for the daemon at `base_url` and deployment `cluster`.
+
+        `timeout` bounds each Docker call; `ping` waits at most
+        `probe_timeout` (no longer than `timeout`) for each of its answers,
+        one of them a listing of `engine_network`.
+        """
+        seconds = whole_seconds(timeout)
         self._cluster = cluster
-        self._connection = DockerConnection(base_url, max(1, math.ceil(timeout.total_seconds())))
+        self._connection = DockerConnection(base_url, seconds)
+        # `ping` has a client of its own, whose timeout is the probe's: a
+        # health check must not wait as long as a lifecycle call may.
+        self._probe_seconds = min(whole_seconds(probe_timeout), seconds)
+        self._probe_connection = DockerConnection(base_url, self._probe_seconds)
+        self._engine_network = engine_network
         self._network_lock = threading.Lock()
         # Engine network name -> the id `ensure_network` settled on; forgotten
         # when a create or start finds that network gone.
@@ -233,8 +277,9 @@ class DockerEngineAdapter:
         return self._cluster
 
     def close(self) -> None:
-        """Release the client's connections; a later call builds a new client."""
+        """Release the clients' connections; a later call builds a new client."""
         self._connection.close()
+        self._probe_connection.close()
 
     # -- plumbing ---------------------------------------------------------
 
@@ -252,10 +297,24 @@ class DockerEngineAdapter:
         return _CAPABILITIES
 
     def ping(self) -> None:
-        """Raise `ServiceUnavailable` unless the daemon answers `/_ping`."""
+        """Raise `ServiceUnavailable` unless the daemon answers `/_ping` and a network listing.
+
+        Docker 20.10 can deadlock in libnetwork (moby/moby#42545): container
+        create, start and stop and every network listing then hang for good
+        while `/_ping` is still answered. So the probe also lists the engine
+        network by name, as `ensure_network` does; answered with or without
+        that network, it passes. Both requests go through a client of their
+        own that waits `probe_timeout` for each answer.
+        """
         try:
+            api = self._probe_connection.client().api
             with docker_call("ping"):
-                self._api().ping()
+                api.ping()
+            with docker_call(f"list networks named {self._engine_network}"):
+                try:
+                    api.networks(names=[self._engine_network])
+                except requests.exceptions.ReadTimeout as exc:
+                    raise ServiceUnavailable(_wedged(self._probe_seconds)) from exc
         except InternalError as exc:
             # Whatever answers there is not a usable Docker daemon.
             raise ServiceUnavailable(exc.message) from exc
