@@ -1028,6 +1028,17 @@ def daemon_socket_path() -> str:
     return DOCKER_HOST.removeprefix("unix://")
 
 
+@pytest.fixture
+def daemon_proxy(daemon_socket_path: str, test_id: str) -> Iterator[DockerSocketProxy]:
+    """A proxy in front of the daemon's socket, closed (held requests given up) afterwards."""
+    proxy = DockerSocketProxy(f"/tmp/gx-{test_id}.sock", upstream=daemon_socket_path)
+    try:
+        yield proxy
+    finally:
+        proxy.release()
+        proxy.close()
+
+
 def test_daemon_disconnect_while_following_events_raises_service_unavailable(
     daemon_socket_path: str, cluster: str, test_id: str
 ) -> None:
@@ -1079,24 +1090,23 @@ def test_ping_passes_whether_or_not_the_engine_network_exists(
 
 
 def test_ping_fails_within_its_bound_while_the_daemon_answers_no_network_listing(
-    daemon_socket_path: str, cluster: str, test_id: str
+    daemon_proxy: DockerSocketProxy, cluster: str, test_id: str
 ) -> None:
     # Docker 20.10's libnetwork deadlock (moby/moby#42545) as clients see it:
     # `/_ping` answered, network listings never.
-    proxy = DockerSocketProxy(f"/tmp/gx-{test_id}.sock", upstream=daemon_socket_path)
     engine_network = f"galaxy-t-{test_id}"
     adapter = DockerEngineAdapter(
-        base_url=proxy.url,
+        base_url=daemon_proxy.url,
         cluster=cluster,
         timeout=timedelta(seconds=30),
         engine_network=engine_network,
         probe_timeout=timedelta(seconds=1),
     )
     # What a bare `/_ping` check sees through the same proxy.
-    bare = docker.APIClient(base_url=proxy.url, timeout=5)
+    bare = docker.APIClient(base_url=daemon_proxy.url, timeout=5)
     try:
         adapter.ping()
-        proxy.hold_network_listings()
+        daemon_proxy.hold_network_listings()
 
         began = time.monotonic()
         with pytest.raises(ServiceUnavailable) as caught:
@@ -1109,44 +1119,39 @@ def test_ping_fails_within_its_bound_while_the_daemon_answers_no_network_listing
         assert 0.9 <= took < 3, f"the probe took {took:.1f}s"
         assert bare.ping()
         # One listing, of the engine network by name, is what was held.
-        assert len(proxy.held) == 1
-        assert proxy.held[0].startswith("GET /v")
-        assert engine_network in unquote(proxy.held[0])
+        assert len(daemon_proxy.held) == 1
+        assert daemon_proxy.held[0].startswith("GET /v")
+        assert engine_network in unquote(daemon_proxy.held[0])
 
-        proxy.release()
+        daemon_proxy.release()
         adapter.ping()
         assert bare.ping()
     finally:
-        proxy.release()
         bare.close()
         adapter.close()
-        proxy.close()
 
 
 def test_a_held_listing_outlasting_the_probe_does_not_stall_the_next_probe(
-    daemon_socket_path: str, cluster: str, test_id: str
+    daemon_proxy: DockerSocketProxy, cluster: str
 ) -> None:
-    proxy = DockerSocketProxy(f"/tmp/gx-{test_id}.sock", upstream=daemon_socket_path)
     adapter = DockerEngineAdapter(
-        base_url=proxy.url, cluster=cluster, probe_timeout=timedelta(seconds=1)
+        base_url=daemon_proxy.url, cluster=cluster, probe_timeout=timedelta(seconds=1)
     )
     try:
-        proxy.hold_network_listings()
+        daemon_proxy.hold_network_listings()
         for _ in range(2):
             began = time.monotonic()
             with pytest.raises(ServiceUnavailable, match="not a network listing"):
                 adapter.ping()
             assert time.monotonic() - began < 3
-        assert len(proxy.held) == 2
-        proxy.release()
+        assert len(daemon_proxy.held) == 2
+        daemon_proxy.release()
         # The listings the probes gave up on reach the daemon only now, on
         # connections their client has closed; the next probe uses a new one.
         adapter.ping()
-        wait_for(lambda: proxy.waiting == 0, timeout=5, what="held listings forwarded")
+        wait_for(lambda: daemon_proxy.waiting == 0, timeout=5, what="held listings forwarded")
     finally:
-        proxy.release()
         adapter.close()
-        proxy.close()
 
 
 def test_adapter_on_a_missing_socket_reports_service_unavailable(test_id: str) -> None:
