@@ -373,8 +373,19 @@ def test_inspect_reports_an_engine_killed_for_memory_and_the_image_it_ran(
     game_id = f"oom-{test_id}"
     container = client.containers.create(
         STUB_IMAGE,
-        # 64 MiB in one buffer, under a 16 MiB limit without swap.
-        command=["/bin/busybox", "dd", "if=/dev/zero", "of=/dev/null", "bs=64M", "count=1"],
+        # dd wants 64 MiB in one buffer, under a 16 MiB limit without swap:
+        # the kernel kills it. Docker marks a container OOM-killed only when
+        # the OOM event reaches it, and that needs containerd's watch of the
+        # container's memory cgroup, set up just after the start: so dd runs
+        # a second after the start, and the shell lives on for a second after
+        # the kill, then exits with dd's status (137).
+        command=[
+            "/bin/busybox",
+            "sh",
+            "-c",
+            "/bin/busybox sleep 1; /bin/busybox dd if=/dev/zero of=/dev/null bs=64M count=1;"
+            " status=$?; /bin/busybox sleep 1; exit $status",
+        ],
         entrypoint=[],
         name=f"galaxy-game-{game_id}",
         labels={
