@@ -12,7 +12,11 @@ call it before every Docker change and the recorder before every commit, so
 an operation that lost its game stops there (`LeaseLost`) instead of acting
 alongside the new holder.
 
-Each held lease has its own renewer thread, so one slow renewal (a Redis
+A lease is first renewed a third of its TTL after it was taken. Most
+operations end long before that, so a lease gets its renewer thread only
+when that first renewal falls due: one thread per `GameLock` waits for the
+due times and starts the renewers, and never calls Redis itself. From then
+on each held lease has its own renewer thread, so one slow renewal (a Redis
 call waiting out its timeout) never delays another game's.
 """
 
@@ -22,6 +26,7 @@ import contextvars
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -55,6 +60,10 @@ class _Held:
     # Monotonic time until which the lease is surely ours: measured from
     # before the call that last set its TTL.
     valid_until: float
+    # The operation's context: the renewer's log lines carry its trace ids.
+    context: contextvars.Context
+    # Monotonic time of its first renewal; its renewer thread starts then.
+    renew_at: float = 0.0
     lost: str = ""  # why it is lost; "" while held
     done: threading.Event = field(default_factory=threading.Event)
 
@@ -72,8 +81,13 @@ class GameLock:
         self._leases = leases
         self._ttl = ttl
         self._on_latency = on_acquire_latency
+        self._interval = max(ttl.total_seconds() / 3, 0.05)
         self._held: dict[str, _Held] = {}  # by game id
         self._lock = threading.Lock()
+        # Held leases not renewed yet, in the order of their first renewal.
+        self._unrenewed: deque[_Held] = deque()
+        self._renewal_due = threading.Condition(self._lock)
+        self._starter: threading.Thread | None = None
 
     @property
     def held_games(self) -> list[str]:
@@ -96,17 +110,14 @@ class GameLock:
                 f"another operation is in progress for game {game_id}",
                 metadata={"game_id": game_id},
             )
-        held = _Held(lease, valid_until=started + self._ttl.total_seconds())
+        held = _Held(
+            lease,
+            valid_until=started + self._ttl.total_seconds(),
+            context=contextvars.copy_context(),
+        )
         with self._lock:
             self._held[game_id] = held
-        # In the operation's context: its log lines carry the operation's trace ids.
-        renewer = threading.Thread(
-            target=contextvars.copy_context().run,
-            args=(self._renew_until_done, held),
-            name=f"lease-{game_id}",
-            daemon=True,
-        )
-        renewer.start()
+            self._schedule_renewal(held)
         try:
             yield lease
         finally:
@@ -140,10 +151,53 @@ class GameLock:
                 metadata={"game_id": game_id, "dependency": "redis", "lease": "lost"},
             )
 
+    def _schedule_renewal(self, held: _Held) -> None:
+        """Have `held`'s renewer started when its first renewal falls due (under `_lock`).
+
+        Due times follow the order of this call (a fixed interval from it),
+        so a queue keeps them in order. Leases already released are dropped
+        from its front here, so a steady run of short operations leaves it
+        short.
+        """
+        while self._unrenewed and self._unrenewed[0].done.is_set():
+            self._unrenewed.popleft()
+        held.renew_at = time.monotonic() + self._interval
+        self._unrenewed.append(held)
+        if self._starter is None:
+            self._starter = threading.Thread(
+                target=self._start_renewers, name="lease-renewals", daemon=True
+            )
+            self._starter.start()
+
+    def _start_renewers(self) -> None:
+        """Start each held lease's renewer thread when its first renewal falls due.
+
+        Ends once no lease waits for one; `_schedule_renewal` starts it again.
+        """
+        while True:
+            with self._renewal_due:
+                while self._unrenewed and self._unrenewed[0].done.is_set():
+                    self._unrenewed.popleft()
+                if not self._unrenewed:
+                    self._starter = None
+                    return
+                held = self._unrenewed[0]
+                wait = held.renew_at - time.monotonic()
+                if wait > 0:
+                    self._renewal_due.wait(wait)
+                    continue
+                self._unrenewed.popleft()
+            threading.Thread(
+                target=held.context.run,
+                args=(self._renew_until_done, held),
+                name=f"lease-{held.lease.game_id}",
+                daemon=True,
+            ).start()
+
     def _renew_until_done(self, held: _Held) -> None:
-        interval = max(self._ttl.total_seconds() / 3, 0.05)
+        """Renew `held` now and then every interval until its block ends or it is lost."""
         game_id = held.lease.game_id
-        while not held.done.wait(interval):
+        while not held.done.is_set():
             started = time.monotonic()
             try:
                 renewed = self._leases.renew(held.lease, self._ttl)
@@ -152,14 +206,17 @@ class GameLock:
                     "could not renew game lease",
                     extra={"game_id": game_id, "problem": str(error)},
                 )
-                continue
-            if held.done.is_set():
-                return
-            if not renewed:
-                held.lost = "it expired or another holder took it"
-                log.error("lost a game lease while its operation runs", extra={"game_id": game_id})
-                return
-            held.valid_until = started + self._ttl.total_seconds()
+            else:
+                if held.done.is_set():
+                    return
+                if not renewed:
+                    held.lost = "it expired or another holder took it"
+                    log.error(
+                        "lost a game lease while its operation runs", extra={"game_id": game_id}
+                    )
+                    return
+                held.valid_until = started + self._ttl.total_seconds()
+            held.done.wait(self._interval)
 
     def _release(self, held: _Held) -> None:
         lease = held.lease

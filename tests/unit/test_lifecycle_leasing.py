@@ -325,3 +325,42 @@ def _found_lost(lock: GameLock, game_id: str) -> bool:
     except ServiceUnavailable:
         return False
     return False
+
+
+def renewer_threads(game_id: str) -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name == f"lease-{game_id}"]
+
+
+def test_an_operation_that_ends_before_its_first_renewal_gets_no_renewer_thread() -> None:
+    leases = FakeLeases()
+    lock = GameLock(leases, LONG_TTL)  # first renewal due after 10 s
+
+    for _ in range(3):
+        with lock.hold("game-1"):
+            assert renewer_threads("game-1") == []
+
+    assert leases.renewed == []
+    assert renewer_threads("game-1") == []
+
+
+def test_a_lease_held_past_its_first_renewal_gets_a_renewer_thread_of_its_own() -> None:
+    leases = FakeLeases()
+    lock = GameLock(leases, SHORT_TTL)
+
+    with lock.hold("game-1") as lease:
+        assert renewer_threads("game-1") == []  # due only 50 ms after the acquire
+        assert wait_until(lambda: renewals(leases, lease) >= 1)
+        assert len(renewer_threads("game-1")) == 1
+
+    assert wait_until(lambda: renewer_threads("game-1") == [])
+
+
+def test_leases_taken_one_after_another_are_each_renewed_when_due() -> None:
+    leases = FakeLeases()
+    lock = GameLock(leases, SHORT_TTL)
+
+    with lock.hold("game-1") as first:
+        time.sleep(0.02)
+        with lock.hold("game-2") as second:
+            assert wait_until(lambda: renewals(leases, second) >= 2)
+            assert renewals(leases, first) >= 2
