@@ -63,6 +63,8 @@ class HealthMonitor:
             if problems != self._problems:
                 for name, problem in problems.items():
                     log.warning("dependency unhealthy", extra={"check": name, "problem": problem})
+                for name in self._problems.keys() - problems.keys() - {"startup"}:
+                    log.info("dependency healthy again", extra={"check": name})
             if not self._ready:
                 problems.setdefault("startup", "not ready yet")
             self._problems = problems
