@@ -94,6 +94,7 @@ def engine_backend(settings: Settings) -> ClosableBackend:
             stop_grace=settings.stop_timeout,
             start_wait=settings.start_timeout,
             timeout=settings.docker_timeout,
+            probe_timeout=settings.docker_probe_timeout,
         )
     return DockerEngineAdapter(
         base_url=settings.docker_host,

@@ -241,8 +241,8 @@ class Settings:
     swarm_constraints: list[str] = field(default_factory=list)
     swarm_volume_driver: str = "local"
     docker_timeout: timedelta = timedelta(seconds=30)
-    # Single host only: how long the health probe waits for Docker's answers
-    # (a network listing included; see `DockerEngineAdapter.ping`), at most
+    # How long the health probe waits for each of Docker's answers (a network
+    # listing included on one host; see the backends' `ping`), at most
     # `docker_timeout`.
     docker_probe_timeout: timedelta = timedelta(seconds=3)
     engine_network: str = "galaxy-engines"

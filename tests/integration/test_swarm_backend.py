@@ -38,6 +38,7 @@ from rtmanager.ports import (
     PullPolicy,
 )
 from tests.conftest import TEST_LABEL, needs_swarm_tools
+from tests.support.docker_proxy import DockerSocketProxy
 from tests.support.local_swarm import LocalSwarm
 from tests.support.swarm import SwarmCluster
 
@@ -296,6 +297,27 @@ def test_a_running_engine_is_removed_only_by_force(
         adapter.remove(container_id)
     adapter.remove(container_id, force=True)
     assert adapter.inspect(f"galaxy-game-busy-{test_id}") is None
+
+
+def test_ping_of_a_manager_that_does_not_answer_gives_up_within_the_probe_timeout(
+    test_id: str, cluster: str
+) -> None:
+    # A health check must not wait for as long as a lifecycle call may.
+    proxy = DockerSocketProxy(f"/tmp/gx-{test_id}.sock", upstream=None)  # answers nothing
+    silent = SwarmEngineAdapter(
+        base_url=proxy.url,
+        cluster=cluster,
+        timeout=timedelta(seconds=30),
+        probe_timeout=timedelta(seconds=1),
+    )
+    try:
+        began = time.monotonic()
+        with pytest.raises(ServiceUnavailable, match="timed out"):
+            silent.ping()
+        assert time.monotonic() - began < 5
+    finally:
+        silent.close()
+        proxy.close()
 
 
 @needs_swarm_tools()

@@ -17,11 +17,8 @@ import docker
 import pytest
 import requests
 
-from rtmanager.adapters.docker.engine import (
-    DEFAULT_PROBE_TIMEOUT,
-    DockerEngineAdapter,
-    whole_seconds,
-)
+from rtmanager.adapters.docker.calls import DEFAULT_PROBE_TIMEOUT, whole_seconds
+from rtmanager.adapters.docker.engine import DockerEngineAdapter
 from rtmanager.config import load_settings
 from rtmanager.domain.errors import ServiceUnavailable
 

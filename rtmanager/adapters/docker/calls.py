@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import docker
 import docker.errors
@@ -124,6 +125,21 @@ def owner_filters(cluster: str) -> list[str]:
     if cluster != galaxy_labels.DEFAULT_CLUSTER:
         selectors.append(f"{galaxy_labels.CLUSTER}={cluster}")
     return selectors
+
+
+# How long a backend's `ping` waits for each answer unless told
+# (RTMANAGER_DOCKER_PROBE_TIMEOUT): ample for a ping, a listing of one
+# network or a swarm's `/info`, and far below the lifecycle calls' timeout,
+# so that with a health check every 2 s a daemon that stops answering turns
+# health NOT_SERVING within about 5 s and never holds the checker for long.
+DEFAULT_PROBE_TIMEOUT = timedelta(seconds=3)
+
+
+def whole_seconds(timeout: timedelta) -> int:
+    """A positive timeout in the whole seconds docker-py takes, rounded up."""
+    if timeout <= timedelta(0):
+        raise ValueError("docker timeouts must be positive")
+    return max(1, math.ceil(timeout.total_seconds()))
 
 
 class DockerConnection:

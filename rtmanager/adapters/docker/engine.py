@@ -27,6 +27,7 @@ import requests.exceptions
 from docker.types import CancellableStream, LogConfig, Mount
 
 from rtmanager.adapters.docker.calls import (
+    DEFAULT_PROBE_TIMEOUT,
     TRANSPORT_ERRORS,
     DockerConnection,
     docker_call,
@@ -35,6 +36,7 @@ from rtmanager.adapters.docker.calls import (
     owner_filters,
     parse_docker_time,
     status_code,
+    whole_seconds,
 )
 from rtmanager.domain import labels as galaxy_labels
 from rtmanager.domain.errors import (
@@ -54,13 +56,7 @@ from rtmanager.ports import (
     PullPolicy,
 )
 
-__all__ = [
-    "DEFAULT_PROBE_TIMEOUT",
-    "INTERESTING_EVENT_ACTIONS",
-    "DockerEngineAdapter",
-    "DockerEventStream",
-    "whole_seconds",
-]
+__all__ = ["INTERESTING_EVENT_ACTIONS", "DockerEngineAdapter", "DockerEventStream"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,12 +66,6 @@ logger = logging.getLogger(__name__)
 INTERESTING_EVENT_ACTIONS = frozenset(
     {"create", "start", "restart", "die", "oom", "kill", "stop", "destroy", "pause", "unpause"}
 )
-
-# How long `ping` waits for each answer unless told (RTMANAGER_DOCKER_PROBE_TIMEOUT):
-# ample for a listing of one network, and far below the lifecycle calls'
-# timeout, so that with a health check every 2 s a wedged daemon turns
-# health NOT_SERVING within about 5 s and never holds the checker for long.
-DEFAULT_PROBE_TIMEOUT = timedelta(seconds=3)
 
 # One host: state directories on it, prepared by the service.
 _CAPABILITIES = BackendCapabilities(host_state_dirs=True)
@@ -133,13 +123,6 @@ def _network_gone(exc: docker.errors.APIError) -> bool:
     if status_code(exc) == 404 and words.startswith("network ") and words.endswith(" not found"):
         return True
     return _GONE_NETWORK_ID.search(words) is not None
-
-
-def whole_seconds(timeout: timedelta) -> int:
-    """A positive timeout in the whole seconds docker-py takes, rounded up."""
-    if timeout <= timedelta(0):
-        raise ValueError("docker timeouts must be positive")
-    return max(1, math.ceil(timeout.total_seconds()))
 
 
 def _wedged(seconds: int) -> str:

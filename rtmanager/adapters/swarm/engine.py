@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import re
 import threading
 import time
@@ -65,6 +64,7 @@ from docker.types import (
 )
 
 from rtmanager.adapters.docker.calls import (
+    DEFAULT_PROBE_TIMEOUT,
     DockerConnection,
     docker_call,
     explain,
@@ -72,6 +72,7 @@ from rtmanager.adapters.docker.calls import (
     owner_filters,
     parse_docker_time,
     status_code,
+    whole_seconds,
 )
 from rtmanager.deadlines import bounded, cut_by_deadline
 from rtmanager.domain import labels as galaxy_labels
@@ -361,16 +362,17 @@ class SwarmEngineAdapter:
         start_wait: timedelta = timedelta(seconds=30),
         timeout: timedelta = timedelta(seconds=30),
         poll_interval: timedelta = timedelta(seconds=1),
+        probe_timeout: timedelta = DEFAULT_PROBE_TIMEOUT,
     ) -> None:
         """Prepare an adapter for the manager at `base_url` and deployment `cluster`.
 
         `stop_grace` is each service's stop grace period (swarm fixes it
         when the service is made); `start_wait` bounds `start`'s wait for
         the task, cut by the caller's deadline; `poll_interval` paces
-        `follow_events`.
+        `follow_events`; `timeout` bounds each Docker call, and `ping` waits
+        at most `probe_timeout` (no longer than `timeout`) for its answer.
         """
-        if timeout <= timedelta(0):
-            raise ValueError("docker timeout must be positive")
+        seconds = whole_seconds(timeout)
         self._base_url = base_url
         self._cluster = cluster
         self._constraints = [c.strip() for c in constraints if c.strip()]
@@ -378,7 +380,12 @@ class SwarmEngineAdapter:
         self._stop_grace = stop_grace
         self._start_wait = start_wait
         self._poll_seconds = poll_interval.total_seconds()
-        self._connection = DockerConnection(base_url, max(1, math.ceil(timeout.total_seconds())))
+        self._connection = DockerConnection(base_url, seconds)
+        # `ping` has a client of its own, whose timeout is the probe's: a
+        # health check must not wait as long as a lifecycle call may.
+        self._probe_connection = DockerConnection(
+            base_url, min(whole_seconds(probe_timeout), seconds)
+        )
         self._owned_lock = threading.Lock()
         self._owned_ids: set[str] = set()
         # Container id -> service id, as seen in tasks.
@@ -391,8 +398,9 @@ class SwarmEngineAdapter:
         return self._cluster
 
     def close(self) -> None:
-        """Release the client's connections; a later call builds a new client."""
+        """Release the clients' connections; a later call builds a new client."""
         self._connection.close()
+        self._probe_connection.close()
 
     def _api(self) -> _SwarmApi:
         return cast("_SwarmApi", self._connection.client().api)
@@ -408,11 +416,12 @@ class SwarmEngineAdapter:
         """Raise `ServiceUnavailable` unless the endpoint is a reachable swarm manager.
 
         A daemon that answers but is no manager (not in a swarm, a worker, a
-        locked swarm) raises `BackendMismatch`.
+        locked swarm) raises `BackendMismatch`. The answer is awaited for
+        `probe_timeout` at most, on a client of its own.
         """
         try:
             with docker_call("info"):
-                info = self._api().info()
+                info = self._probe_connection.client().api.info()
         except InternalError as exc:
             raise ServiceUnavailable(exc.message) from exc
         swarm = info.get("Swarm") or {}
