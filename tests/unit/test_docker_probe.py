@@ -72,7 +72,7 @@ def probe_over(
         **settings,  # type: ignore[arg-type]
     )
     client = SimpleNamespace(api=api)
-    monkeypatch.setattr(adapter, "_probe_connection", SimpleNamespace(client=lambda: client))
+    monkeypatch.setattr(adapter._probe_connection, "client", lambda: client)
     return adapter
 
 

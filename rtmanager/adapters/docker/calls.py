@@ -155,6 +155,21 @@ class DockerConnection:
         self._client: docker.DockerClient | None = None
         self._lock = threading.Lock()
 
+    @property
+    def timeout_seconds(self) -> int:
+        """How long each call waits for its answer."""
+        return self._timeout_seconds
+
+    def for_probes(self, probe_timeout: timedelta) -> DockerConnection:
+        """A connection of its own to the same endpoint for a backend's `ping`.
+
+        Its calls wait `probe_timeout`, and never longer than this
+        connection's: a health check must not wait as long as a lifecycle
+        call may.
+        """
+        seconds = min(whole_seconds(probe_timeout), self._timeout_seconds)
+        return DockerConnection(self._base_url, seconds)
+
     def client(self) -> docker.DockerClient:
         """The client, built now if there is none (`ServiceUnavailable` when that fails)."""
         with self._lock:

@@ -235,13 +235,9 @@ class DockerEngineAdapter:
         `probe_timeout` (no longer than `timeout`) for each of its answers,
         one of them a listing of `engine_network`.
         """
-        seconds = whole_seconds(timeout)
         self._cluster = cluster
-        self._connection = DockerConnection(base_url, seconds)
-        # `ping` has a client of its own, whose timeout is the probe's: a
-        # health check must not wait as long as a lifecycle call may.
-        self._probe_seconds = min(whole_seconds(probe_timeout), seconds)
-        self._probe_connection = DockerConnection(base_url, self._probe_seconds)
+        self._connection = DockerConnection(base_url, whole_seconds(timeout))
+        self._probe_connection = self._connection.for_probes(probe_timeout)
         self._engine_network = engine_network
         self._network_lock = threading.Lock()
         # Engine network name -> the id `ensure_network` settled on; forgotten
@@ -297,7 +293,9 @@ class DockerEngineAdapter:
                 try:
                     api.networks(names=[self._engine_network])
                 except requests.exceptions.ReadTimeout as exc:
-                    raise ServiceUnavailable(_wedged(self._probe_seconds)) from exc
+                    raise ServiceUnavailable(
+                        _wedged(self._probe_connection.timeout_seconds)
+                    ) from exc
         except InternalError as exc:
             # Whatever answers there is not a usable Docker daemon.
             raise ServiceUnavailable(exc.message) from exc

@@ -372,7 +372,6 @@ class SwarmEngineAdapter:
         `follow_events`; `timeout` bounds each Docker call, and `ping` waits
         at most `probe_timeout` (no longer than `timeout`) for its answer.
         """
-        seconds = whole_seconds(timeout)
         self._base_url = base_url
         self._cluster = cluster
         self._constraints = [c.strip() for c in constraints if c.strip()]
@@ -380,12 +379,8 @@ class SwarmEngineAdapter:
         self._stop_grace = stop_grace
         self._start_wait = start_wait
         self._poll_seconds = poll_interval.total_seconds()
-        self._connection = DockerConnection(base_url, seconds)
-        # `ping` has a client of its own, whose timeout is the probe's: a
-        # health check must not wait as long as a lifecycle call may.
-        self._probe_connection = DockerConnection(
-            base_url, min(whole_seconds(probe_timeout), seconds)
-        )
+        self._connection = DockerConnection(base_url, whole_seconds(timeout))
+        self._probe_connection = self._connection.for_probes(probe_timeout)
         self._owned_lock = threading.Lock()
         self._owned_ids: set[str] = set()
         # Container id -> service id, as seen in tasks.
