@@ -159,8 +159,7 @@ class GameLock:
         from its front here, so a steady run of short operations leaves it
         short.
         """
-        while self._unrenewed and self._unrenewed[0].done.is_set():
-            self._unrenewed.popleft()
+        self._drop_released()
         held.renew_at = time.monotonic() + self._interval
         self._unrenewed.append(held)
         if self._starter is None:
@@ -176,8 +175,7 @@ class GameLock:
         """
         while True:
             with self._renewal_due:
-                while self._unrenewed and self._unrenewed[0].done.is_set():
-                    self._unrenewed.popleft()
+                self._drop_released()
                 if not self._unrenewed:
                     self._starter = None
                     return
@@ -193,6 +191,11 @@ class GameLock:
                 name=f"lease-{held.lease.game_id}",
                 daemon=True,
             ).start()
+
+    def _drop_released(self) -> None:
+        """Drop the leases already released from the front of the queue (under `_lock`)."""
+        while self._unrenewed and self._unrenewed[0].done.is_set():
+            self._unrenewed.popleft()
 
     def _renew_until_done(self, held: _Held) -> None:
         """Renew `held` now and then every interval until its block ends or it is lost."""
