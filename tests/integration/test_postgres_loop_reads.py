@@ -122,24 +122,32 @@ def test_an_unknown_game_is_not_found_and_a_malformed_id_is_invalid(
 def test_a_short_deadline_bounds_the_statement_and_the_connection_stays_usable(
     seeded: RuntimeQueries, pg_schema: str
 ) -> None:
-    async def blocked_then_free(reads: RuntimeReads) -> tuple[float, str]:
+    table = f'"{pg_schema}".runtime_records'
+
+    async def blocked_then_free(reads: RuntimeReads) -> tuple[float, int, str]:
         locker = await psycopg.AsyncConnection.connect(POSTGRES_DSN)
         try:
-            await locker.execute(
-                f'LOCK TABLE "{pg_schema}".runtime_records IN ACCESS EXCLUSIVE MODE'
-            )
+            await locker.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
             started = time.monotonic()
             with deadline_scope(0.3), pytest.raises(ServiceUnavailable, match="timed out"):
                 await reads.get_runtime("g-1")
             waited = time.monotonic() - started
+            # Still locked: a statement only abandoned by the client would
+            # still be waiting for the lock in PostgreSQL.
+            cur = await locker.execute(
+                "SELECT count(*) FROM pg_locks WHERE relation = %s::regclass AND NOT granted",
+                (table,),
+            )
+            (still_waiting,) = await cur.fetchone() or (None,)
         finally:
             await locker.rollback()
             await locker.close()
         after = await reads.get_runtime("g-1")
-        return waited, after.game_id
+        return waited, still_waiting, after.game_id
 
-    waited, game_id = on_loop(pg_schema, blocked_then_free)
+    waited, still_waiting, game_id = on_loop(pg_schema, blocked_then_free)
     assert waited < 5.0  # the statement was cut at the deadline, not the session's 10 s
+    assert still_waiting == 0  # and cancelled in PostgreSQL
     assert game_id == "g-1"
 
 

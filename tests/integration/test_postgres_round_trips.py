@@ -280,6 +280,7 @@ class LoopTraced:
     """The event loop's reader on a pool of one traced connection."""
 
     reads: RuntimeReads
+    reader: PostgresRecordReader
     trace: Path
     pid: list[int]
     prepare_threshold: int
@@ -315,7 +316,7 @@ def loop_traced(traced: Traced) -> Iterator[Callable[[], AsyncContextManager[Loo
                 await reader.get("g-1")  # the connection is made, traced from here
                 (prepare_threshold,) = threshold
                 assert prepare_threshold is not None
-                yield LoopTraced(RuntimeReads(reader), trace, pid, prepare_threshold)
+                yield LoopTraced(RuntimeReads(reader), reader, trace, pid, prepare_threshold)
             finally:
                 await reader.close()
 
@@ -352,21 +353,31 @@ def test_each_read_on_the_loop_is_one_round_trip(traced: Traced) -> None:
     assert trips == {"get": expected_get, "list": expected_list}
 
 
-def test_a_client_deadline_near_the_session_timeout_costs_the_loop_read_nothing(
-    traced: Traced,
-) -> None:
-    async def run(opened: Callable[[], AsyncContextManager[LoopTraced]]) -> tuple[int, int]:
+def test_a_client_deadline_costs_the_loop_read_no_round_trip(traced: Traced) -> None:
+    # A deadline shorter than the session's timeout is kept on the loop (the
+    # statement is cancelled when it passes): no transaction, no SET.
+    async def run(opened: Callable[[], AsyncContextManager[LoopTraced]]) -> tuple[int, ...]:
         async with opened() as loop:
-            with deadline_scope(9.5):
-                near, _ = await loop.round_trips(lambda: loop.reads.get_runtime("g-1"))
-            with deadline_scope(2.0):
-                short, _ = await loop.round_trips(lambda: loop.reads.get_runtime("g-1"))
-            return near, short
+            trips = []
+            for seconds in (9.5, 2.0, 0.5):
+                with deadline_scope(seconds):
+                    trips.append((await loop.round_trips(lambda: loop.reads.get_runtime("g-1")))[0])
+            return tuple(trips)
 
     with loop_traced(traced) as opened:
-        near, short = asyncio.run(run(opened))
-    assert near == 1
-    assert short == 3  # BEGIN with SET LOCAL; SELECT; ROLLBACK
+        trips = asyncio.run(run(opened))
+    assert trips == (1, 1, 1)
+
+
+def test_a_loop_read_allowed_longer_than_the_session_timeout_sets_its_own(traced: Traced) -> None:
+    async def run(opened: Callable[[], AsyncContextManager[LoopTraced]]) -> int:
+        async with opened() as loop:
+            longer = timedelta(seconds=30)
+            trips, _ = await loop.round_trips(lambda: loop.reader.get("g-1", timeout=longer))
+            return trips
+
+    with loop_traced(traced) as opened:
+        assert asyncio.run(run(opened)) == 3  # BEGIN with SET LOCAL; SELECT; ROLLBACK
 
 
 def test_a_loop_read_on_a_broken_connection_is_retried_on_a_fresh_one(traced: Traced) -> None:

@@ -9,15 +9,20 @@ the call to the thread pool and back.
 The reads cost what the synchronous ones do (see `unit_of_work`), with the
 same statements and row mapping (`records`): one round trip in autocommit,
 the session's `statement_timeout` set once per connection by its startup
-options, a `BEGIN; SET LOCAL statement_timeout` (and a `ROLLBACK`) only
-when the caller's deadline is shorter than the session's by more than
-`pool.TIMEOUT_SLACK`. Borrowing does not probe: a read whose connection
-turns out broken has the pool check its idle connections and runs once
-more on a fresh one.
+options. A caller's deadline shorter than that (by more than
+`pool.TIMEOUT_SLACK`) is kept here, on the loop, and still costs one round
+trip: when it passes, the read's task is cancelled and psycopg sends
+PostgreSQL a cancel request and waits for the statement to end, so the
+connection goes back to the pool idle. Only a timeout longer than the
+session's needs the server's consent: a `BEGIN; SET LOCAL
+statement_timeout` (and a `ROLLBACK`). Borrowing does not probe: a read
+whose connection turns out broken has the pool check its idle connections
+and runs once more on a fresh one.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -32,6 +37,7 @@ from rtmanager.adapters.postgres.pool import (
     local_timeout_ms,
     pool_timeout_seconds,
     pooled_connection_kwargs,
+    statement_timed_out,
     timeout_ms,
     to_domain_error,
 )
@@ -75,7 +81,7 @@ class PostgresRecordReader:
     ) -> None:
         if max_size < 1:
             raise ValueError(f"read pool size must be at least 1, got {max_size}")
-        timeout_ms(session_timeout)
+        self._session_ms = timeout_ms(session_timeout)
         self._dsn = dsn
         self._max_size = max_size
         self._timeout = pool_timeout_seconds(timeout)
@@ -154,20 +160,29 @@ class PostgresRecordReader:
             try:
                 async with pool.connection() as conn:
                     try:
-                        return await _run(conn, fetch, local_ms)
+                        return await _run(conn, fetch, local_ms, self._session_ms)
                     finally:
                         broke = conn.closed or conn.broken
             except psycopg.Error as error:
                 if last or not broke:
                     raise to_domain_error(error, action) from error
+            except TimeoutError as error:
+                raise statement_timed_out(action) from error
             await pool.check()
         raise AssertionError("the second attempt returns or raises")  # pragma: no cover
 
 
-async def _run(conn: AsyncConnection, fetch: Rows[T], local_ms: int | None) -> T:
-    """The read alone in autocommit, or bounded by `local_ms` in a transaction of its own."""
+async def _run(conn: AsyncConnection, fetch: Rows[T], local_ms: int | None, session_ms: int) -> T:
+    """The read alone in autocommit, bounded by `local_ms` if given: here when
+    that is shorter than the session's timeout (`TimeoutError` when it
+    passes), by PostgreSQL in a transaction of its own when it is longer."""
     if local_ms is None:
         return await fetch(conn)
+    if local_ms < session_ms:
+        # Cancelled at the deadline: psycopg has the statement cancelled in
+        # PostgreSQL and waits for it to end (or closes the connection).
+        async with asyncio.timeout(local_ms / 1000):
+            return await fetch(conn)
     # Without parameters psycopg sends the simple protocol's one message,
     # which may hold several statements; the value is an int.
     try:

@@ -153,7 +153,8 @@ def pool_timeout_seconds(timeout: float | timedelta) -> float:
 
 
 def local_timeout_ms(timeout: timedelta | None, session: timedelta) -> int | None:
-    """The statement timeout, in ms, that a read or transaction must `SET LOCAL`, or None.
+    """The statement timeout, in ms, that a read or transaction must keep instead of
+    the session's, or None.
 
     None when `timeout` is None or close enough to the session's default
     (`session`): at most `TIMEOUT_SLACK` shorter and not longer. A statement
@@ -262,12 +263,17 @@ def to_domain_error(error: psycopg.Error, action: str) -> RuntimeManagerError:
     if isinstance(error, psycopg.errors.TransactionRollback):
         return ConcurrentModification(f"{action}: concurrent transaction conflict: {detail}")
     if isinstance(error, psycopg.errors.QueryCanceled):
-        return ServiceUnavailable(f"{action}: PostgreSQL statement timed out or was canceled")
+        return statement_timed_out(action)
     if isinstance(error, psycopg.OperationalError):
         return ServiceUnavailable(f"{action}: PostgreSQL is unavailable: {detail}")
     if isinstance(error, psycopg.DataError):
         return InvalidRequest(f"{action}: value rejected by PostgreSQL: {detail}")
     return InternalError(f"{action}: unexpected PostgreSQL error: {detail}")
+
+
+def statement_timed_out(action: str) -> ServiceUnavailable:
+    """The error of a statement cut short by a timeout (PostgreSQL's or the caller's)."""
+    return ServiceUnavailable(f"{action}: PostgreSQL statement timed out or was canceled")
 
 
 @contextmanager
