@@ -8,6 +8,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
@@ -102,6 +103,39 @@ def test_reads_on_the_loop_answer_what_the_record_store_answers(
     assert got == seeded.get_runtime("g-3")
     assert (first, second) == (expected_first, expected_second)
     assert [r.game_id for r in running.items] == ["g-1", "g-3"]  # type: ignore[attr-defined]
+
+
+def test_timestamps_read_on_the_loop_keep_every_microsecond_and_are_utc(pg_schema: str) -> None:
+    # The loop's connections load a timestamptz as its integer (microseconds
+    # since 2000-01-01 UTC); the record store's as a datetime. Both must
+    # give the same instants, before 2000 too, as UTC datetimes.
+    apply_migrations(POSTGRES_DSN, pg_schema, MIGRATIONS)
+    pool = create_pool(POSTGRES_DSN, pg_schema, max_size=1, timeout=10)
+    stored = replace(
+        record("g-old", RuntimeStatus.STOPPED),
+        created_at=datetime(1999, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC),
+        started_at=datetime(2000, 1, 1, 0, 0, 0, 1, tzinfo=UTC),
+        stopped_at=datetime(2025, 3, 1, 12, 0, 0, 123_456, tzinfo=UTC),
+        last_op_at=datetime(2099, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC),
+        removed_at=None,
+    )
+    try:
+        units = PostgresUnitOfWorkFactory(pool)
+        with units() as work:
+            work.records.upsert(stored)
+            work.commit()
+        from_store = RuntimeQueries(units).get_runtime("g-old")
+    finally:
+        pool.close()
+
+    got = on_loop(pg_schema, lambda reads: reads.get_runtime("g-old"))
+    listed = on_loop(
+        pg_schema, lambda reads: reads.list_runtimes(status=None, page_size=0, page_token="")
+    )
+    assert got == from_store == stored
+    assert listed.items == [stored]
+    for value in (got.created_at, got.started_at, got.stopped_at, got.last_op_at):
+        assert value is not None and value.tzinfo is UTC
 
 
 def test_an_unknown_game_is_not_found_and_a_malformed_id_is_invalid(

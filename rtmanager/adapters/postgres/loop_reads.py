@@ -46,6 +46,7 @@ from rtmanager.adapters.postgres.records import (
     LIST_ACTION,
     get_action,
     list_query,
+    micros_timestamps,
     page_of_rows,
     record_of_get,
 )
@@ -93,6 +94,8 @@ class PostgresRecordReader:
             name=name,
             autocommit=True,
         )
+        # These connections run only the record reads below.
+        self._kwargs["context"] = micros_timestamps()
         self._name = name
         self._configure = configure
         self._pool: AsyncConnectionPool[AsyncConnection] | None = None
