@@ -887,7 +887,3 @@ def main(
     except SystemExit as leaving:  # --help (0) or a usage error (2)
         return leaving.code if isinstance(leaving.code, int) else EXIT_USAGE
     return run(args, connect=connect, stdout=stdout, parser=parser)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
