@@ -38,6 +38,9 @@ from rtmanager.client import (
     UnimplementedError,
     watch_request,
 )
+from rtmanager.ctl.commands import parse_timestamp
+from rtmanager.ctl.connection import Connection
+from rtmanager.ctl.errors import EXIT_UNAVAILABLE, exit_code_for
 from rtmanager.domain.explanation import RuntimeExplanation
 from rtmanager.domain.operation import OperationEntry, OpKind, OpSource, Outcome, StopReason
 from rtmanager.domain.runtime import RuntimeRecord, RuntimeStatus
@@ -107,7 +110,7 @@ class StubSession(RuntimeManagerClient):
         self.explanation = explanation or full_explanation()
         self.calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
         self.closed = False
-        self.connection: ctl.Connection | None = None
+        self.connection: Connection | None = None
 
     def _called(self, name: str, *args: Any, **kwargs: Any) -> None:
         self.calls.append((name, args, kwargs))
@@ -214,7 +217,7 @@ class StubSession(RuntimeManagerClient):
 def run(argv: list[str], session: StubSession | None = None) -> tuple[int, str, StubSession]:
     stub = session or StubSession()
 
-    def connect(connection: ctl.Connection) -> StubSession:
+    def connect(connection: Connection) -> StubSession:
         stub.connection = connection
         return stub
 
@@ -258,7 +261,7 @@ def test_each_error_class_has_its_exit_code_and_message(
 
 def test_deadline_exceeded_counts_as_service_unavailable() -> None:
     failure = ServiceUnavailableError("Deadline Exceeded", status=grpc.StatusCode.DEADLINE_EXCEEDED)
-    assert ctl.exit_code_for(failure) == ctl.EXIT_UNAVAILABLE
+    assert exit_code_for(failure) == EXIT_UNAVAILABLE
 
 
 def test_unreachable_server_exits_7_quickly(capsys: pytest.CaptureFixture[str]) -> None:
@@ -327,12 +330,12 @@ def test_address_defaults_from_environment(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.delenv("RTMANAGER_GRPC_ADDR", raising=False)
     monkeypatch.delenv("RTMANAGER_CTL_TOKEN", raising=False)
     _, _, stub = run(["get", "g1"])
-    assert stub.connection == ctl.Connection("127.0.0.1:50051", None, None, 60.0)
+    assert stub.connection == Connection("127.0.0.1:50051", None, None, 60.0)
 
     monkeypatch.setenv("RTMANAGER_GRPC_ADDR", "0.0.0.0:7000")
     monkeypatch.setenv("RTMANAGER_CTL_TOKEN", "secret-token")
     _, _, stub = run(["get", "g1"])
-    assert stub.connection == ctl.Connection("127.0.0.1:7000", "secret-token", None, 60.0)
+    assert stub.connection == Connection("127.0.0.1:7000", "secret-token", None, 60.0)
 
     monkeypatch.setenv("RTMANAGER_CTL_ADDR", "rtm.example:9000")
     _, _, stub = run(["--timeout", "2.5", "get", "g1"])
@@ -341,7 +344,7 @@ def test_address_defaults_from_environment(monkeypatch: pytest.MonkeyPatch) -> N
     assert stub.connection.timeout == 2.5
 
     _, _, stub = run(["--addr", "h:1", "--token", "t", "get", "g1"])
-    assert stub.connection == ctl.Connection("h:1", "t", None, 60.0)
+    assert stub.connection == Connection("h:1", "t", None, 60.0)
 
 
 def test_tls_files_are_read(tmp_path: Any) -> None:
@@ -451,7 +454,7 @@ def test_ops_filters_are_parsed() -> None:
         )
     ]
     # A timestamp without an offset is UTC.
-    assert ctl.parse_timestamp("2024-05-01T12:00") == T0
+    assert parse_timestamp("2024-05-01T12:00") == T0
 
 
 def test_list_all_follows_page_tokens() -> None:
