@@ -40,7 +40,7 @@ from collections.abc import Sequence
 from typing import TextIO
 
 from rtmanager.client import RuntimeManagerClientError
-from rtmanager.ctl.commands import PROG, Handler, _watch, build_parser
+from rtmanager.ctl.commands import PROG, Handler, build_parser
 from rtmanager.ctl.connection import Connect, connect, connection_of
 from rtmanager.ctl.errors import (
     EXIT_FAILURE,
@@ -89,7 +89,7 @@ def run(
         _fail(error_label(error), error.message)
         return exit_code_for(error)
     except KeyboardInterrupt:
-        return EXIT_OK if handler is _watch else EXIT_INTERRUPTED
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         # The reader went away (e.g. `| head`): silence the final flush.
         with contextlib.suppress(OSError, ValueError):

@@ -117,13 +117,16 @@ def _watch(client: RuntimeManagerClient, args: argparse.Namespace, out: Output) 
         since=args.since,
         initial_snapshot=args.snapshot,
     )
-    for message in stream:
-        if out.json:
-            out.emit_json(message_to_json(message), indent=None)
-            continue
-        line = watch_line(message)
-        if line is not None:
-            out.emit(line)
+    try:
+        for message in stream:
+            if out.json:
+                out.emit_json(message_to_json(message), indent=None)
+                continue
+            line = watch_line(message)
+            if line is not None:
+                out.emit(line)
+    except KeyboardInterrupt:
+        return  # Ctrl-C is how a watch ends: a success
 
 
 Handler = Callable[[RuntimeManagerClient, argparse.Namespace, Output], None]

@@ -862,6 +862,21 @@ def test_watch_prints_the_stream() -> None:
     ]
 
 
+def test_ctrl_c_ends_a_watch_with_success_and_any_other_command_with_130() -> None:
+    def interrupted() -> Iterator[pb.WatchRuntimesResponse]:
+        yield from _watch_messages()[:1]
+        raise KeyboardInterrupt
+
+    session = StubSession()
+    session.watch = interrupted()  # type: ignore[assignment]
+    code, out, stub = run(["watch"], session)
+    assert (code, stub.closed) == (0, True)
+    assert out.split()[:2] == ["snapshot", "g1"]  # what came before Ctrl-C was shown
+
+    code, _, stub = run(["get", "g1"], StubSession(fail=KeyboardInterrupt()))
+    assert (code, stub.closed) == (130, True)
+
+
 def test_watch_shows_which_operation_an_inner_step_is_part_of() -> None:
     inner = pb.WatchRuntimesResponse(
         event=pb.RuntimeEvent(
