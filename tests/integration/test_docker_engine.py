@@ -25,7 +25,8 @@ import docker
 import docker.errors
 import pytest
 
-from rtmanager.adapters.docker.engine import DockerEngineAdapter, DockerEventStream
+from rtmanager.adapters.docker.engine import DockerEngineAdapter
+from rtmanager.adapters.docker.events import DockerEventStream
 from rtmanager.domain import labels as galaxy_labels
 from rtmanager.domain.errors import (
     Conflict,

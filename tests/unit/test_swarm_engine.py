@@ -5,13 +5,12 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from rtmanager.adapters.swarm.engine import (
+from rtmanager.adapters.swarm.services import service_create_args, volume_name
+from rtmanager.adapters.swarm.tasks import (
     SwarmTaskEventStream,
     current_task,
-    service_create_args,
     task_changes,
     task_view,
-    volume_name,
 )
 from rtmanager.domain import labels as galaxy_labels
 from rtmanager.ports import ContainerSpec, EngineUser
@@ -177,7 +176,7 @@ def test_the_task_poll_streams_engines_starting_and_ending_until_closed() -> Non
         {a: ("g1", False, None), b: ("g2", True, None)},
         {b: ("g2", False, 3)},
     )
-    stream = SwarmTaskEventStream(polls, {a: ("g1", True, None)}, interval=0.0)  # type: ignore[arg-type]
+    stream = SwarmTaskEventStream(polls, {a: ("g1", True, None)}, interval=0.0)
     polls.stream = stream
     events = [(e.action, e.container_id, e.game_id, e.exit_code) for e in stream]
     assert events == [

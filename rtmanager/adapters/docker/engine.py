@@ -5,30 +5,27 @@ given, containers report no node, and a game's state is a host directory
 the service prepares (`host_state_dirs`).
 
 Docker's failures become the service's errors in `rtmanager.adapters.docker.calls`
-(`docker_call`), shared with the swarm backend.
+(`docker_call`), shared with the swarm backend. Beside the adapter:
+`networks.py` settles on one engine network, `containers.py` says what an
+engine container is made of, and `events.py` holds the event stream.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import random
-import re
 import threading
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, cast
 
 import docker
 import docker.errors
 import requests.exceptions
-from docker.types import CancellableStream, LogConfig, Mount
 
 from rtmanager.adapters.docker.calls import (
     DEFAULT_PROBE_TIMEOUT,
-    TRANSPORT_ERRORS,
     DockerConnection,
     docker_call,
     explain,
@@ -37,6 +34,14 @@ from rtmanager.adapters.docker.calls import (
     parse_docker_time,
     status_code,
     whole_seconds,
+)
+from rtmanager.adapters.docker.containers import container_create_args
+from rtmanager.adapters.docker.events import DockerEventStream
+from rtmanager.adapters.docker.networks import (
+    NETWORK_CROWDED_SECONDS,
+    network_crowded,
+    network_gone,
+    settle_network,
 )
 from rtmanager.domain import labels as galaxy_labels
 from rtmanager.domain.errors import (
@@ -49,80 +54,21 @@ from rtmanager.domain.errors import (
 )
 from rtmanager.ports import (
     BackendCapabilities,
-    ContainerEvent,
     ContainerInfo,
     ContainerSpec,
     EventStream,
     PullPolicy,
 )
 
-__all__ = ["INTERESTING_EVENT_ACTIONS", "DockerEngineAdapter", "DockerEventStream"]
+__all__ = ["DockerEngineAdapter"]
 
 logger = logging.getLogger(__name__)
-
-# Container event actions passed on to consumers; Docker also emits exec_*,
-# attach, resize, ... which say nothing about the engine's life.
-# `health_status: <status>` events are passed on too (see `_to_event`).
-INTERESTING_EVENT_ACTIONS = frozenset(
-    {"create", "start", "restart", "die", "oom", "kill", "stop", "destroy", "pause", "unpause"}
-)
 
 # One host: state directories on it, prepared by the service.
 _CAPABILITIES = BackendCapabilities(host_state_dirs=True)
 
-# /tmp of a read-only engine: writable scratch space, no setuid files or devices.
-_TMPFS_OPTIONS = "rw,nosuid,nodev,size=64m"
-
-# How long `ensure_network` may take to settle on one network, and how long
-# several networks of one name must stay listed before they count as left
-# behind (rather than a concurrent creator's about to yield).
-_NETWORK_SETTLE_SECONDS = 30.0
-_NETWORK_CROWDED_SECONDS = 5.0
-# How long a network another process created must be listed alone before
-# this one uses it.
-_NETWORK_QUIET_SECONDS = 2.0
-
-# How an engine in swarm mode reports a network id that no longer exists.
-_GONE_NETWORK_ID = re.compile(r"network [0-9a-f]{64} not found")
-
 # The container states (`State.Status`) in which Docker reports `State.Running`.
 _RUNNING_STATES = frozenset({"running", "paused", "restarting"})
-
-_STREAM_ERRORS: tuple[type[BaseException], ...] = (
-    *TRANSPORT_ERRORS,
-    docker.errors.DockerException,
-)
-
-
-def _network_crowded(exc: docker.errors.APIError) -> bool:
-    """Whether a start failed on a network name that a duplicate, being removed, still shares
-    (and not on a network that is gone: see `_network_gone`)."""
-    words = explain(exc)
-    if "is ambiguous" in words:
-        return True
-    # An engine in swarm mode resolves the name through the swarm too; its
-    # "could not attach" names the network by id when the network is gone.
-    lowered = words.lower()
-    return (
-        "could not attach to network" in lowered
-        and "not found" in lowered
-        and not _network_gone(exc)
-    )
-
-
-def _network_gone(exc: docker.errors.APIError) -> bool:
-    """Whether Docker refused a container because a network it names no longer exists.
-
-    Docker 20.10 accepts a create on a removed network's id and fails the
-    start with 404 "network <id> not found"; newer engines check at create.
-    An engine in swarm mode says "could not attach to network <id>: ...
-    network <id> not found" instead, which names an id, where a name
-    crowded by a duplicate is named by its name (`_network_crowded`).
-    """
-    words = explain(exc).lower()
-    if status_code(exc) == 404 and words.startswith("network ") and words.endswith(" not found"):
-        return True
-    return _GONE_NETWORK_ID.search(words) is not None
 
 
 def _wedged(seconds: int) -> str:
@@ -132,81 +78,6 @@ def _wedged(seconds: int) -> str:
         "the daemon may be wedged (moby/moby#42545); see docs/operations.md, "
         "'A Docker daemon that stops answering lifecycle calls'"
     )
-
-
-def _event_time(raw: dict[str, Any]) -> datetime:
-    """Return an event's time from `timeNano` (or `time`), as aware UTC."""
-    epoch = datetime(1970, 1, 1, tzinfo=UTC)
-    nanos = raw.get("timeNano")
-    if isinstance(nanos, int):
-        return epoch + timedelta(microseconds=nanos // 1000)
-    seconds = raw.get("time")
-    if isinstance(seconds, int | float):
-        return epoch + timedelta(seconds=seconds)
-    return datetime.now(UTC)
-
-
-class DockerEventStream:
-    """Owned containers' events from Docker's event stream (an `EventStream`).
-
-    Iteration ends quietly after `close()`, which may be called from any
-    thread; the daemon closing the stream or going away raises
-    `ServiceUnavailable`, so the consumer knows to reconnect and reconcile.
-    """
-
-    def __init__(self, stream: CancellableStream[dict[str, Any]], cluster: str) -> None:
-        """Wrap a decoded docker-py event stream for deployment `cluster`."""
-        self._stream = stream
-        self._cluster = cluster
-        self._closed = threading.Event()
-
-    def __iter__(self) -> Iterator[ContainerEvent]:
-        """Yield owned containers' events until closed or disconnected."""
-        try:
-            # CancellableStream turns socket errors into StopIteration, so a
-            # dead daemon and a close() look alike here: `_closed` tells them apart.
-            for raw in self._stream:
-                if self._closed.is_set():
-                    return
-                event = self._to_event(raw)
-                if event is not None:
-                    yield event
-        except _STREAM_ERRORS as exc:
-            if self._closed.is_set():
-                return
-            raise ServiceUnavailable(f"docker: event stream broken: {explain(exc)}") from exc
-        if not self._closed.is_set():
-            raise ServiceUnavailable("docker: event stream ended: the daemon closed it")
-
-    def close(self) -> None:
-        """End iteration (from any thread); closing twice is harmless."""
-        self._closed.set()
-        # The stream may already be finished or its socket gone; either way
-        # there is nothing left to cancel.
-        with contextlib.suppress(Exception):
-            self._stream.close()
-
-    def _to_event(self, raw: object) -> ContainerEvent | None:
-        if not isinstance(raw, dict) or raw.get("Type", "container") != "container":
-            return None
-        action = str(raw.get("Action") or raw.get("status") or "")
-        if action not in INTERESTING_EVENT_ACTIONS and not action.startswith("health_status"):
-            return None
-        actor = raw.get("Actor") or {}
-        attributes: dict[str, str] = dict(actor.get("Attributes") or {})
-        # Event attributes carry the container's labels (plus name, image, ...).
-        if not galaxy_labels.is_owned(attributes, self._cluster):
-            return None
-        container_id = str(actor.get("ID") or raw.get("id") or "")
-        if not container_id:
-            return None
-        return ContainerEvent(
-            action=action,
-            container_id=container_id,
-            game_id=attributes.get(galaxy_labels.GAME_ID, ""),
-            time=_event_time(raw),
-            exit_code=int_or_none(attributes.get("exitCode")) if action == "die" else None,
-        )
 
 
 class DockerEngineAdapter:
@@ -369,7 +240,7 @@ class DockerEngineAdapter:
         An existing network of that name is used as it is. Docker does not
         enforce unique network names, and replicas (or processes) starting
         together may each find none and create one. They settle on one
-        without a lock, by these rules (`_settle_network`):
+        without a lock, by these rules (`settle_network`, in `networks.py`):
 
         - a network is used only when it was the only one of its name in a
           listing (its creator's own listing right after creating it, or
@@ -413,7 +284,7 @@ class DockerEngineAdapter:
         with self._network_lock, docker_call(f"ensure network {name}"):
             # Another thread may have settled it while this one waited.
             if name not in self._network_ids:
-                self._network_ids[name] = self._settle_network(self._api(), name, labels)
+                self._network_ids[name] = settle_network(self._api(), name, labels)
 
     def _forget_network(self, words: str) -> None:
         """Forget the remembered networks Docker's `words` name (all, if they name none).
@@ -428,85 +299,6 @@ class DockerEngineAdapter:
         ]
         for name in named or list(self._network_ids):
             self._network_ids.pop(name, None)
-
-    def _settle_network(self, api: docker.APIClient, name: str, labels: dict[str, str]) -> str:
-        deadline = time.monotonic() + _NETWORK_SETTLE_SECONDS
-        crowded_since: float | None = None
-        alone: tuple[str, float] | None = None
-        while True:
-            found = self._networks_named(api, name)
-            ids = [str(n["Id"]) for n in found]
-            if len(ids) == 1:
-                # Someone else's network: its creator may still be about to
-                # yield it (and Docker lets a network go while containers are
-                # only created on it), so it is used once it stayed alone
-                # for longer than a creator takes to list after creating.
-                if alone is None or alone[0] != ids[0]:
-                    alone = (ids[0], time.monotonic())
-                if time.monotonic() - alone[1] >= _NETWORK_QUIET_SECONDS:
-                    return ids[0]
-            elif not ids:
-                alone = crowded_since = None
-                ours = self._create_network(api, name, labels)
-                if ours:
-                    if [n["Id"] for n in self._networks_named(api, name)] == [ours]:
-                        return ours
-                    logger.info("network %s was created concurrently; ours yields", name)
-                    with contextlib.suppress(docker.errors.APIError):
-                        api.remove_network(ours)
-            else:
-                alone = None
-                crowded_since = crowded_since or time.monotonic()
-                if time.monotonic() - crowded_since >= _NETWORK_CROWDED_SECONDS:
-                    return self._keeper_of(api, found, labels)
-            if time.monotonic() >= deadline:
-                raise ServiceUnavailable(
-                    f"docker: ensure network {name}: could not settle on one network "
-                    f"within {_NETWORK_SETTLE_SECONDS:g}s"
-                )
-            # Jitter: replicas that all yielded must not start over in step.
-            time.sleep(random.uniform(0.05, 0.25))
-
-    @staticmethod
-    def _create_network(api: docker.APIClient, name: str, labels: dict[str, str]) -> str:
-        """Create the network and return its id; "" when Docker saw a duplicate first."""
-        try:
-            created = api.create_network(
-                name, driver="bridge", internal=True, labels=dict(labels), check_duplicate=True
-            )
-        except docker.errors.APIError as exc:
-            if status_code(exc) == 409:  # a concurrent creator's network is listed now
-                return ""
-            raise
-        return str(created.get("Id", ""))
-
-    @staticmethod
-    def _keeper_of(
-        api: docker.APIClient, found: list[dict[str, Any]], labels: dict[str, str]
-    ) -> str:
-        keeper = min(found, key=lambda n: (str(n.get("Created", "")), str(n["Id"])))
-        for network in found:
-            if network["Id"] == keeper["Id"]:
-                continue
-            theirs = network.get("Labels") or {}
-            if any(theirs.get(key) != value for key, value in labels.items()):
-                continue
-            with contextlib.suppress(docker.errors.APIError):
-                detail = cast("dict[str, Any]", api.inspect_network(network["Id"]))
-                if not detail.get("Containers"):
-                    api.remove_network(network["Id"])
-        logger.warning(
-            "several networks named %s; using the oldest",
-            keeper.get("Name"),
-            extra={"network_id": keeper["Id"]},
-        )
-        return str(keeper["Id"])
-
-    @staticmethod
-    def _networks_named(api: docker.APIClient, name: str) -> list[dict[str, Any]]:
-        # The daemon's name filter matches substrings: keep exact matches only.
-        found = cast("list[dict[str, Any]]", api.networks(names=[name]) or [])
-        return [n for n in found if n.get("Name") == name]
 
     def create(self, spec: ContainerSpec) -> str:
         """Create (not start) the engine container of `spec` and return its id.
@@ -527,61 +319,8 @@ class DockerEngineAdapter:
             # same name appearing later cannot take engines elsewhere. (A dict
             # read needs no lock; `_network_lock` may be held for a while.)
             network = self._network_ids.get(spec.network, spec.network)
-            host_config = api.create_host_config(
-                init=True,
-                # rtmanager owns restarts; Docker restarting an engine
-                # behind its back would confuse records and the reconciler.
-                restart_policy={"Name": "no"},
-                cap_drop=["ALL"],
-                security_opt=["no-new-privileges:true"],
-                privileged=False,
-                pids_limit=spec.pids_limit if spec.pids_limit > 0 else None,
-                mem_limit=spec.memory_bytes if spec.memory_bytes > 0 else None,
-                # Memory plus swap equal to memory: no swap at all.
-                memswap_limit=spec.memory_bytes if spec.memory_bytes > 0 else None,
-                nano_cpus=spec.nano_cpus if spec.nano_cpus > 0 else None,
-                # Bounded whatever the daemon's default: a chatty engine
-                # must not fill the host's disk. json-file, because the
-                # log tail of a failed start is read back through Docker.
-                log_config=LogConfig(
-                    type=LogConfig.types.JSON,
-                    config={
-                        "max-size": str(spec.log_max_bytes),
-                        "max-file": str(spec.log_max_files),
-                    },
-                ),
-                read_only=True if spec.read_only_rootfs else None,
-                # A path inside the container, not a host temp file.
-                tmpfs={"/tmp": _TMPFS_OPTIONS} if spec.read_only_rootfs else None,  # noqa: S108
-                # A typed bind mount fails on a missing source instead of
-                # silently creating a root-owned directory on the host.
-                mounts=[
-                    Mount(
-                        target=spec.state_mount_path,
-                        source=spec.state_host_path,
-                        type="bind",
-                        read_only=False,
-                    )
-                ],
-                network_mode=network,
-            )
             try:
-                created = api.create_container(
-                    spec.image_ref,
-                    name=spec.name,
-                    hostname=spec.name,
-                    labels=dict(spec.labels),
-                    environment=dict(spec.env),
-                    user=str(spec.user),
-                    host_config=host_config,
-                    # What `create_networking_config` builds (its stub takes
-                    # one endpoint config, the function a dict of them).
-                    networking_config={
-                        "EndpointsConfig": {
-                            network: api.create_endpoint_config(aliases=[spec.network_alias])
-                        }
-                    },
-                )
+                created = api.create_container(**container_create_args(api, spec, network))
             except docker.errors.ImageNotFound as exc:
                 self._present_images.discard(spec.image_ref)
                 raise ImagePullFailed(
@@ -589,7 +328,7 @@ class DockerEngineAdapter:
                     metadata={"image_ref": spec.image_ref},
                 ) from exc
             except docker.errors.APIError as exc:
-                if _network_gone(exc):
+                if network_gone(exc):
                     self._forget_network(explain(exc))
                     raise EngineNetworkGone(
                         f"cannot create container {spec.name}: {explain(exc)}"
@@ -626,7 +365,7 @@ class DockerEngineAdapter:
         take to go. A network that is gone (removed behind rtmanager's back
         after `ensure_network` settled on it) is `EngineNetworkGone`.
         """
-        give_up = time.monotonic() + _NETWORK_CROWDED_SECONDS
+        give_up = time.monotonic() + NETWORK_CROWDED_SECONDS
         container_id = workload_id
         with docker_call(f"start container {container_id}"):
             while True:
@@ -634,13 +373,13 @@ class DockerEngineAdapter:
                     self._api().start(container_id)
                     return container_id
                 except docker.errors.APIError as exc:
-                    if _network_gone(exc):
+                    if network_gone(exc):
                         self._forget_network(explain(exc))
                         raise EngineNetworkGone(
                             f"docker could not start container {container_id}: {explain(exc)}",
                             metadata={"container_id": container_id},
                         ) from exc
-                    if _network_crowded(exc) and time.monotonic() < give_up:
+                    if network_crowded(exc) and time.monotonic() < give_up:
                         time.sleep(random.uniform(0.05, 0.25))
                         continue
                     raise ContainerStartFailed(

@@ -32,7 +32,9 @@ services and tasks.
   polls the tasks (`SwarmTaskEventStream`) and reports a task that stopped
   running as `die`.
 
-Errors follow the single-host adapter's policy (`docker_call`).
+Errors follow the single-host adapter's policy (`docker_call`). Beside the
+adapter: `services.py` says what a game's service is made of, and
+`tasks.py` judges tasks and holds the polling event stream.
 """
 
 from __future__ import annotations
@@ -42,37 +44,31 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from collections.abc import Iterable, Mapping
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import docker
 import docker.errors
-from docker.types import (
-    ContainerSpec as SwarmContainerSpec,
-)
-from docker.types import (
-    DriverConfig,
-    Mount,
-    NetworkAttachmentConfig,
-    Placement,
-    Resources,
-    RestartPolicy,
-    ServiceMode,
-    TaskTemplate,
-)
+from docker.types import ServiceMode
 
 from rtmanager.adapters.docker.calls import (
     DEFAULT_PROBE_TIMEOUT,
     DockerConnection,
     docker_call,
     explain,
-    int_or_none,
     owner_filters,
-    parse_docker_time,
     status_code,
     whole_seconds,
+)
+from rtmanager.adapters.swarm.services import service_create_args
+from rtmanager.adapters.swarm.tasks import (
+    TERMINAL_STATES,
+    SwarmTaskEventStream,
+    TaskView,
+    current_task,
+    task_container_id,
+    task_view,
 )
 from rtmanager.deadlines import bounded, cut_by_deadline
 from rtmanager.domain import labels as galaxy_labels
@@ -86,24 +82,13 @@ from rtmanager.domain.errors import (
 from rtmanager.ports import (
     BackendCapabilities,
     BackendMismatch,
-    ContainerEvent,
     ContainerInfo,
     ContainerSpec,
     EventStream,
     PullPolicy,
 )
 
-__all__ = [
-    "LAST_CONTAINER",
-    "SwarmEngineAdapter",
-    "SwarmTaskEventStream",
-    "TaskView",
-    "current_task",
-    "service_create_args",
-    "task_changes",
-    "task_view",
-    "volume_name",
-]
+__all__ = ["LAST_CONTAINER", "SwarmEngineAdapter"]
 
 logger = logging.getLogger(__name__)
 
@@ -112,9 +97,6 @@ LAST_CONTAINER = "com.galaxy.rtmanager.last_container"
 
 _CAPABILITIES = BackendCapabilities(host_state_dirs=False)
 _CONTAINER_ID = re.compile(r"^[0-9a-f]{64}$")
-_TMPFS_BYTES = 64 * 1024 * 1024
-# Task states after which the task never runs again.
-_TERMINAL_STATES = frozenset({"complete", "failed", "shutdown", "rejected", "orphaned", "remove"})
 _POLL_SECONDS = 0.2
 # How long `stop` waits beyond the grace period for the swarm to report the end.
 _STOP_MARGIN_SECONDS = 15.0
@@ -138,211 +120,6 @@ class _SwarmApi(Protocol):
     def nodes(self, filters: dict[str, Any] | None = None) -> list[dict[str, Any]]: ...
     def inspect_node(self, node_id: str) -> dict[str, Any]: ...
     def service_logs(self, service: str, **kwargs: Any) -> Iterable[bytes]: ...
-
-
-def volume_name(game_id: str) -> str:
-    """The named volume holding a game's state."""
-    return f"galaxy-state-{game_id}"
-
-
-def _game_of(spec: ContainerSpec) -> str:
-    return spec.labels.get(galaxy_labels.GAME_ID) or spec.name.removeprefix("galaxy-game-")
-
-
-def service_create_args(
-    spec: ContainerSpec,
-    *,
-    constraints: Iterable[str],
-    volume_driver: str,
-    stop_grace: timedelta,
-    network: str,
-) -> dict[str, Any]:
-    """The arguments of `APIClient.create_service` for one game's engine service.
-
-    Pure, so it is unit-tested: 0 replicas, restart condition `none`, the
-    labels on the service and its container, the game's volume, limits and
-    reservations, the hardening swarm can express, json-file log rotation,
-    placement constraints and the network alias.
-    """
-    game_id = _game_of(spec)
-    volume_labels = {
-        key: value
-        for key, value in spec.labels.items()
-        if key in (galaxy_labels.OWNER, galaxy_labels.CLUSTER, galaxy_labels.GAME_ID)
-    }
-    mounts = [
-        Mount(
-            target=spec.state_mount_path,
-            source=volume_name(game_id),
-            type="volume",
-            read_only=False,
-            labels=volume_labels,
-            driver_config=DriverConfig(volume_driver),
-        )
-    ]
-    if spec.read_only_rootfs:
-        # A path inside the container, not a host temp file.
-        mounts.append(Mount(target="/tmp", source=None, type="tmpfs", tmpfs_size=_TMPFS_BYTES))  # noqa: S108
-    container = SwarmContainerSpec(
-        spec.image_ref,
-        hostname=spec.name,
-        env=[f"{key}={value}" for key, value in spec.env.items()],
-        user=str(spec.user),
-        labels=dict(spec.labels),
-        mounts=mounts,
-        stop_grace_period=max(0, int(stop_grace.total_seconds() * 1_000_000_000)),
-        read_only=True if spec.read_only_rootfs else None,
-        init=True,
-        cap_drop=["ALL"],
-    )
-    # Daemons of API 1.46 and later apply it; older ones ignore the field
-    # (run their dockerd with --no-new-privileges, docs/operations.md).
-    container["Privileges"] = {"NoNewPrivileges": True}
-    resources = Resources(
-        cpu_limit=spec.nano_cpus or None,
-        mem_limit=spec.memory_bytes or None,
-        cpu_reservation=spec.nano_cpus or None,
-        mem_reservation=spec.memory_bytes or None,
-    )
-    if spec.pids_limit > 0:
-        resources.setdefault("Limits", {})["Pids"] = spec.pids_limit
-    template = TaskTemplate(
-        container_spec=container,
-        resources=resources,
-        restart_policy=RestartPolicy(condition="none"),
-        placement=Placement(constraints=list(constraints)) if constraints else None,
-        log_driver=DriverConfig(
-            "json-file",
-            {"max-size": str(spec.log_max_bytes), "max-file": str(spec.log_max_files)},
-        ),
-        networks=[NetworkAttachmentConfig(target=network, aliases=[spec.network_alias])],
-    )
-    return {
-        "task_template": template,
-        "name": spec.name,
-        "labels": dict(spec.labels),
-        "mode": ServiceMode("replicated", replicas=0),
-    }
-
-
-@dataclass(frozen=True)
-class TaskView:
-    """What one task says about its engine, judged against its node."""
-
-    container_id: str
-    state: str
-    running: bool
-    exit_code: int | None
-    error: str
-    node_id: str
-    started_at: datetime | None
-    finished_at: datetime | None
-
-
-def _container_id(task: Mapping[str, Any]) -> str:
-    status = task.get("Status") or {}
-    return str((status.get("ContainerStatus") or {}).get("ContainerID") or "")
-
-
-def task_view(task: Mapping[str, Any], node_state: str | None) -> TaskView:
-    """Judge one task: running only when reported and desired `running` on a node not `down`."""
-    status: Mapping[str, Any] = task.get("Status") or {}
-    reported = str(status.get("State") or "")
-    desired = str(task.get("DesiredState") or "")
-    node_down = node_state == "down"
-    running = reported == "running" and desired == "running" and not node_down
-    if reported == "running" and not running:
-        # The engine is gone or going although the task still says running.
-        state = "node-down" if node_down else "stopping"
-    else:
-        state = reported
-    timestamp = parse_docker_time(status.get("Timestamp"))
-    exit_code = None
-    if reported in _TERMINAL_STATES:
-        exit_code = int_or_none((status.get("ContainerStatus") or {}).get("ExitCode"))
-    return TaskView(
-        container_id=_container_id(task),
-        state=state,
-        running=running,
-        exit_code=exit_code,
-        error=str(status.get("Err") or ""),
-        node_id=str(task.get("NodeID") or ""),
-        started_at=timestamp if reported == "running" else None,
-        finished_at=timestamp if reported in _TERMINAL_STATES else None,
-    )
-
-
-def current_task(tasks: Iterable[Mapping[str, Any]]) -> Mapping[str, Any] | None:
-    """The task that stands for the service now: the newest one."""
-    return max(tasks, key=lambda t: str(t.get("CreatedAt") or ""), default=None)
-
-
-def task_changes(
-    before: Mapping[str, tuple[str, bool]],
-    after: Mapping[str, tuple[str, bool, int | None]],
-) -> list[tuple[str, str, str, int | None]]:
-    """Container events between two polls: (action, container id, game id, exit code).
-
-    `before` maps a container id to (game id, running); `after` adds the
-    exit code. A container newly running is `start`; one that was running
-    and no longer is (or vanished) is `die`.
-    """
-    changes: list[tuple[str, str, str, int | None]] = []
-    for container_id, (game_id, running, exit_code) in after.items():
-        was = before.get(container_id)
-        if running and (was is None or not was[1]):
-            changes.append(("start", container_id, game_id, None))
-        elif not running and was is not None and was[1]:
-            changes.append(("die", container_id, game_id, exit_code))
-    for container_id, (game_id, running) in before.items():
-        if container_id not in after and running:
-            changes.append(("die", container_id, game_id, None))
-    return changes
-
-
-class SwarmTaskEventStream:
-    """Owned engines' start and die events, by polling the swarm's tasks (an `EventStream`).
-
-    Every `interval` the manager's services, tasks and nodes are read (as
-    `list_owned` does) and compared with the previous poll (`task_changes`).
-    A node going down turns its tasks' engines not running, hence `die`.
-    The daemon failing raises `ServiceUnavailable`, so the consumer
-    reconnects and reconciles; `close()` ends iteration from any thread.
-    """
-
-    def __init__(
-        self,
-        adapter: SwarmEngineAdapter,
-        first: dict[str, tuple[str, bool, int | None]],
-        interval: float,
-    ) -> None:
-        """Poll through `adapter`, starting from the snapshot `first`."""
-        self._adapter = adapter
-        self._previous = first
-        self._interval = interval
-        self._closed = threading.Event()
-
-    def __iter__(self) -> Iterator[ContainerEvent]:
-        """Yield events until closed; raise `ServiceUnavailable` when the manager fails."""
-        while not self._closed.wait(self._interval):
-            current = self._adapter.task_snapshot()
-            before = {cid: (game, running) for cid, (game, running, _) in self._previous.items()}
-            now = datetime.now(UTC)
-            for action, container_id, game_id, exit_code in task_changes(before, current):
-                if self._closed.is_set():
-                    return
-                yield ContainerEvent(
-                    action=action,
-                    container_id=container_id,
-                    game_id=game_id,
-                    time=now,
-                    exit_code=exit_code,
-                )
-            self._previous = current
-
-    def close(self) -> None:
-        """End iteration (from any thread); closing twice is harmless."""
-        self._closed.set()
 
 
 class SwarmEngineAdapter:
@@ -543,7 +320,7 @@ class SwarmEngineAdapter:
                 if view.running and view.container_id:
                     self._remember_owned(view.container_id)
                     return view.container_id
-                if str((task.get("Status") or {}).get("State")) in _TERMINAL_STATES:
+                if str((task.get("Status") or {}).get("State")) in TERMINAL_STATES:
                     self._start_failed(service_id, view)
             if time.monotonic() >= deadline:
                 if cut_by_deadline(self._start_wait):
@@ -586,7 +363,7 @@ class SwarmEngineAdapter:
             return
         service, task = found
         service_id = str(service["ID"])
-        running_container = _container_id(task) if task is not None else ""
+        running_container = task_container_id(task) if task is not None else ""
         extra = {LAST_CONTAINER: running_container} if running_container else {}
         self._scale(service_id, 0, extra_labels=extra)
         give_up = time.monotonic() + timeout.total_seconds() + _STOP_MARGIN_SECONDS
@@ -596,7 +373,7 @@ class SwarmEngineAdapter:
             live = [
                 t
                 for t in tasks
-                if str((t.get("Status") or {}).get("State")) not in _TERMINAL_STATES
+                if str((t.get("Status") or {}).get("State")) not in TERMINAL_STATES
                 and self._node_state(str(t.get("NodeID") or "")) != "down"
             ]
             if not live:
@@ -724,9 +501,9 @@ class SwarmEngineAdapter:
                 tasks: list[dict[str, Any]] = []
                 if known:
                     tasks = self._tasks_of(known)
-                task = next((t for t in tasks if _container_id(t) == key), None)
+                task = next((t for t in tasks if task_container_id(t) == key), None)
                 if task is None:
-                    task = next((t for t in api.tasks() if _container_id(t) == key), None)
+                    task = next((t for t in api.tasks() if task_container_id(t) == key), None)
                 if task is not None:
                     service = self._service(str(task.get("ServiceID") or ""))
                     if service is None:
