@@ -24,8 +24,7 @@ from rtmanager.domain.errors import ServiceUnavailable
 
 __all__ = ["NETWORK_CROWDED_SECONDS", "network_crowded", "network_gone", "settle_network"]
 
-# The adapter's logger: settling the network is part of its `ensure_network`.
-logger = logging.getLogger("rtmanager.adapters.docker.engine")
+logger = logging.getLogger(__name__)
 
 # How long `ensure_network` may take to settle on one network, and how long
 # several networks of one name must stay listed before they count as left

@@ -40,7 +40,6 @@ adapter: `services.py` says what a game's service is made of, and
 from __future__ import annotations
 
 import contextlib
-import logging
 import re
 import threading
 import time
@@ -90,7 +89,6 @@ from rtmanager.ports import (
 
 __all__ = ["LAST_CONTAINER", "SwarmEngineAdapter"]
 
-logger = logging.getLogger(__name__)
 
 # The service label naming the container its task ran, written by `stop`.
 LAST_CONTAINER = "com.galaxy.rtmanager.last_container"
