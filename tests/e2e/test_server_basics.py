@@ -21,7 +21,7 @@ from rtmanager.adapters.postgres.pool import create_pool
 from rtmanager.adapters.postgres.unit_of_work import PostgresUnitOfWorkFactory
 from rtmanager.domain.runtime import RuntimeRecord, RuntimeStatus
 from tests.conftest import POSTGRES_DSN
-from tests.e2e.conftest import REPO, ServerProcess, free_port, run_cli
+from tests.e2e.conftest import REPO, ServerProcess, eventually, free_port, run_cli
 
 pytestmark = pytest.mark.e2e
 
@@ -94,6 +94,52 @@ def test_get_unknown_runtime_is_not_found_with_error_info(server: ServerProcess)
     assert info.reason == "not_found"
     assert info.domain == "rtmanager.galaxy"
     assert info.metadata["game_id"] == "no-such-game"
+
+
+@pytest.mark.parametrize("rpc", ["GetRuntime", "ListRuntimes"])
+def test_a_read_whose_caller_gives_up_is_cancelled_in_postgresql_and_the_server_serves_on(
+    server: ServerProcess, server_environment: dict[str, str], rpc: str
+) -> None:
+    # A read stuck behind a lock (a migration, a long transaction) must not
+    # outlive its caller in PostgreSQL: the server cancels the statement at
+    # the caller's deadline instead of leaving it to the session's 10 s
+    # statement_timeout, and its pooled connection serves the next read.
+    schema = server_environment["RTMANAGER_POSTGRES_SCHEMA"]
+    seed_records(schema, 1)
+    table = f'"{schema}".runtime_records'
+    requests = {
+        "GetRuntime": pb.GetRuntimeRequest(game_id="game-000"),
+        "ListRuntimes": pb.ListRuntimesRequest(page_size=10),
+    }
+
+    def call(stub: pb_grpc.RuntimeServiceStub, timeout: float) -> object:
+        return getattr(stub, rpc)(requests[rpc], timeout=timeout)
+
+    with psycopg.connect(POSTGRES_DSN) as locker, server.channel() as channel:
+        stub = pb_grpc.RuntimeServiceStub(channel)
+        locker.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+
+        def waiting_for_the_table() -> int:
+            cur = locker.execute(
+                "SELECT count(*) FROM pg_locks WHERE relation = %s::regclass AND NOT granted",
+                (table,),
+            )
+            row = cur.fetchone()
+            return int(row[0]) if row else 0
+
+        with pytest.raises(grpc.RpcError) as caught:
+            call(stub, timeout=1.0)
+        # The caller's deadline, or the server's answer at that deadline.
+        assert caught.value.code() in (
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            grpc.StatusCode.UNAVAILABLE,
+        )
+        # Still locked, yet nothing waits for the table any more: cancelled
+        # in PostgreSQL well before the session's statement_timeout would.
+        eventually(lambda: waiting_for_the_table() == 0, within=5)
+        locker.rollback()
+
+        assert call(stub, timeout=5)  # the same server, the same read pool
 
 
 @pytest.mark.parametrize("game_id", ["../etc", "", "UPPER", "a b", "x" * 1024, "-lead"])

@@ -11,9 +11,8 @@ same statements and row mapping (`records`): one round trip in autocommit,
 the session's `statement_timeout` set once per connection by its startup
 options. A caller's deadline shorter than that (by more than
 `pool.TIMEOUT_SLACK`) is kept here, on the loop, and still costs one round
-trip: when it passes, the read's task is cancelled and psycopg sends
-PostgreSQL a cancel request and waits for the statement to end, so the
-connection goes back to the pool idle. Only a timeout longer than the
+trip: when it passes, a cancel request stops the statement in PostgreSQL
+and the read ends with its cancellation. Only a timeout longer than the
 session's needs the server's consent: a `BEGIN; SET LOCAL
 statement_timeout` (and a `ROLLBACK`). Borrowing does not probe: a read
 whose connection turns out broken has the pool check its idle connections
@@ -23,6 +22,7 @@ and runs once more on a fresh one.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -37,7 +37,6 @@ from rtmanager.adapters.postgres.pool import (
     local_timeout_ms,
     pool_timeout_seconds,
     pooled_connection_kwargs,
-    statement_timed_out,
     timeout_ms,
     to_domain_error,
 )
@@ -54,6 +53,11 @@ from rtmanager.domain.runtime import RuntimeRecord, RuntimeStatus
 from rtmanager.ports import Page, RecordReader
 
 AsyncConnection = psycopg.AsyncConnection[TupleRow]
+
+log = logging.getLogger(__name__)
+
+# How long a cancel request may take to reach PostgreSQL.
+_CANCEL_TIMEOUT_SECONDS = 5.0
 T = TypeVar("T")
 Rows = Callable[[AsyncConnection], Awaitable[T]]
 
@@ -169,23 +173,18 @@ class PostgresRecordReader:
             except psycopg.Error as error:
                 if last or not broke:
                     raise to_domain_error(error, action) from error
-            except TimeoutError as error:
-                raise statement_timed_out(action) from error
             await pool.check()
         raise AssertionError("the second attempt returns or raises")  # pragma: no cover
 
 
 async def _run(conn: AsyncConnection, fetch: Rows[T], local_ms: int | None, session_ms: int) -> T:
-    """The read alone in autocommit, bounded by `local_ms` if given: here when
-    that is shorter than the session's timeout (`TimeoutError` when it
-    passes), by PostgreSQL in a transaction of its own when it is longer."""
+    """The read alone in autocommit, bounded by `local_ms` if given: from the
+    loop when that is shorter than the session's timeout (see `_cancelled_after`),
+    by PostgreSQL in a transaction of its own when it is longer."""
     if local_ms is None:
         return await fetch(conn)
     if local_ms < session_ms:
-        # Cancelled at the deadline: psycopg has the statement cancelled in
-        # PostgreSQL and waits for it to end (or closes the connection).
-        async with asyncio.timeout(local_ms / 1000):
-            return await fetch(conn)
+        return await _cancelled_after(local_ms / 1000, conn, fetch)
     # Without parameters psycopg sends the simple protocol's one message,
     # which may hold several statements; the value is an int.
     try:
@@ -193,6 +192,46 @@ async def _run(conn: AsyncConnection, fetch: Rows[T], local_ms: int | None, sess
         return await fetch(conn)
     finally:
         await _end_transaction(conn)
+
+
+async def _cancelled_after(seconds: float, conn: AsyncConnection, fetch: Rows[T]) -> T:
+    """`fetch`, its statement cancelled in PostgreSQL once `seconds` have passed.
+
+    A timer sends the cancel request (psycopg's `cancel_safe`) from a task
+    of its own, so the read is not interrupted: it ends with the statement's
+    `QueryCanceled` (a `ServiceUnavailable` for the caller). Cancelling the
+    read's task instead would leave the statement running in PostgreSQL
+    whenever gRPC cancels the task again at the caller's deadline, in the
+    middle of psycopg's own cancel request. The connection goes back to the
+    pool only once a sent cancel request has been handled, so that it cannot
+    reach the next statement on this connection; if that wait is itself
+    interrupted, the connection is closed instead.
+    """
+    cancelling: asyncio.Task[None] | None = None
+
+    def cancel() -> None:
+        nonlocal cancelling
+        cancelling = asyncio.ensure_future(_cancel(conn))
+
+    timer = asyncio.get_running_loop().call_later(seconds, cancel)
+    try:
+        return await fetch(conn)
+    finally:
+        timer.cancel()
+        if cancelling is not None:
+            try:
+                await asyncio.shield(cancelling)
+            except BaseException:
+                conn.pgconn.finish()  # broken: the pool drops it
+                raise
+
+
+async def _cancel(conn: AsyncConnection) -> None:
+    try:
+        await conn.cancel_safe(timeout=_CANCEL_TIMEOUT_SECONDS)
+    except psycopg.Error as error:
+        # The statement runs on, to the session's statement_timeout at most.
+        log.warning("could not cancel a read past its deadline", extra={"problem": str(error)})
 
 
 async def _end_transaction(conn: AsyncConnection) -> None:

@@ -263,17 +263,12 @@ def to_domain_error(error: psycopg.Error, action: str) -> RuntimeManagerError:
     if isinstance(error, psycopg.errors.TransactionRollback):
         return ConcurrentModification(f"{action}: concurrent transaction conflict: {detail}")
     if isinstance(error, psycopg.errors.QueryCanceled):
-        return statement_timed_out(action)
+        return ServiceUnavailable(f"{action}: PostgreSQL statement timed out or was canceled")
     if isinstance(error, psycopg.OperationalError):
         return ServiceUnavailable(f"{action}: PostgreSQL is unavailable: {detail}")
     if isinstance(error, psycopg.DataError):
         return InvalidRequest(f"{action}: value rejected by PostgreSQL: {detail}")
     return InternalError(f"{action}: unexpected PostgreSQL error: {detail}")
-
-
-def statement_timed_out(action: str) -> ServiceUnavailable:
-    """The error of a statement cut short by a timeout (PostgreSQL's or the caller's)."""
-    return ServiceUnavailable(f"{action}: PostgreSQL statement timed out or was canceled")
 
 
 @contextmanager
