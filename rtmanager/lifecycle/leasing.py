@@ -12,6 +12,13 @@ call it before every Docker change and the recorder before every commit, so
 an operation that lost its game stops there (`LeaseLost`) instead of acting
 alongside the new holder.
 
+A release that Redis cannot take (it is restarting, or unreachable) is
+tried again in the background, by one thread per `GameLock`, until it lands
+or the lease would have expired anyway: left alone, the lease would keep
+its game busy for the rest of its TTL (a minute by default) after a Redis
+blip of a second. A late release is safe: it deletes the lease only while
+the lease still holds this operation's token.
+
 A lease is first renewed a third of its TTL after it was taken. Most
 operations end long before that, so a lease gets its renewer thread only
 when that first renewal falls due: one thread per `GameLock` waits for the
@@ -40,6 +47,10 @@ from rtmanager.domain.errors import (
 from rtmanager.ports import GameLeases, Lease
 
 log = logging.getLogger(__name__)
+
+# Pauses between the background attempts to release a lease Redis could not
+# take back; the last repeats until the lease would have expired.
+_RELEASE_RETRY_SECONDS = (0.25, 0.5, 1.0, 2.0)
 
 LatencyObserver = Callable[[float], None]
 
@@ -88,6 +99,10 @@ class GameLock:
         self._unrenewed: deque[_Held] = deque()
         self._renewal_due = threading.Condition(self._lock)
         self._starter: threading.Thread | None = None
+        # Released leases whose release Redis could not take, and the
+        # thread that tries again.
+        self._unreleased: list[_Held] = []
+        self._releaser: threading.Thread | None = None
 
     @property
     def held_games(self) -> list[str]:
@@ -222,15 +237,62 @@ class GameLock:
             held.done.wait(self._interval)
 
     def _release(self, held: _Held) -> None:
+        """Release `held` by its token; when Redis cannot take the release,
+        have it tried again in the background (see `_release_late`)."""
         lease = held.lease
         try:
             if not self._leases.release(lease):
                 log.warning(
                     "game lease had expired before release", extra={"game_id": lease.game_id}
                 )
+            return
         except RuntimeManagerError as error:
-            # The lease expires on its own after its TTL.
             log.warning(
-                "could not release game lease",
+                "could not release game lease; trying again until it would expire",
                 extra={"game_id": lease.game_id, "problem": str(error)},
             )
+        with self._lock:
+            self._unreleased.append(held)
+            if self._releaser is None:
+                self._releaser = threading.Thread(
+                    target=self._release_late, name="lease-releases", daemon=True
+                )
+                self._releaser.start()
+
+    def _release_late(self) -> None:
+        """Try the releases Redis could not take again, pausing longer each
+        round, until each lands or its lease would have expired.
+
+        Ends once none is left; `_release` starts it again.
+        """
+        rounds = 0
+        while True:
+            time.sleep(_RELEASE_RETRY_SECONDS[min(rounds, len(_RELEASE_RETRY_SECONDS) - 1)])
+            rounds += 1
+            with self._lock:
+                pending, self._unreleased = self._unreleased, []
+            left = [held for held in pending if not self._released_late(held, rounds)]
+            with self._lock:
+                self._unreleased.extend(left)
+                if not self._unreleased:
+                    self._releaser = None
+                    return
+
+    def _released_late(self, held: _Held, rounds: int) -> bool:
+        """One more attempt at releasing `held`; True once there is nothing left to try."""
+        game_id = held.lease.game_id
+        if time.monotonic() >= held.valid_until:
+            held.context.run(
+                log.warning,
+                "game lease left to expire: Redis did not take its release in time",
+                extra={"game_id": game_id},
+            )
+            return True
+        try:
+            self._leases.release(held.lease)
+        except RuntimeManagerError:
+            return False
+        held.context.run(
+            log.info, "released game lease late", extra={"game_id": game_id, "rounds": rounds}
+        )
+        return True

@@ -18,6 +18,7 @@ from rtmanager.adapters.redis.client import create_redis
 from rtmanager.adapters.redis.leases import RedisGameLeases
 from rtmanager.domain.errors import ErrorCode, ServiceUnavailable
 from rtmanager.domain.explanation import LeaseHolder
+from rtmanager.lifecycle.leasing import GameLock
 from rtmanager.ports import Lease
 from tests.conftest import REDIS_URL
 from tests.support.private_redis import PrivateRedis
@@ -548,6 +549,22 @@ def test_an_acquire_on_a_paused_redis_fails_fast_and_the_game_is_free_after_it_r
             assert wait_for(lambda: _acquired(leases, "paused"))
         finally:
             server.resume()
+            client.close()
+
+
+def test_a_release_lost_to_a_redis_restart_lands_once_redis_is_back(tmp_path: Path) -> None:
+    # With the service's default TTL: a game must not stay busy for a minute
+    # because Redis was down in the second its operation ended.
+    with PrivateRedis.started(tmp_path / "redis") as server:
+        client = create_redis(server.url, timeout=timedelta(seconds=1))
+        leases = RedisGameLeases(client, prefix="p:")
+        lock = GameLock(leases, timedelta(seconds=60))
+        try:
+            with lock.hold("restarted"):
+                server.stop()  # the append-only file keeps the lease
+            server.start()
+            assert wait_for(lambda: _acquired(leases, "restarted"), seconds=10)
+        finally:
             client.close()
 
 

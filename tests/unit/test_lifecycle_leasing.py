@@ -201,7 +201,75 @@ def test_a_release_that_fails_is_logged_not_raised(caplog: pytest.LogCaptureFixt
         pass
 
     assert lock.held_games == []
-    assert any(r.getMessage() == "could not release game lease" for r in caplog.records)
+    assert any(
+        r.getMessage() == "could not release game lease; trying again until it would expire"
+        for r in caplog.records
+    )
+    leases.failing.clear()  # let the background release land, not retry for the whole TTL
+    assert wait_until(lambda: leases.tokens == {}, seconds=5)
+
+
+def test_a_release_redis_could_not_take_is_tried_again_until_it_lands(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Left alone, the lease would keep the game busy for the rest of its TTL.
+    leases = FakeLeases()
+    lock = GameLock(leases, LONG_TTL)
+
+    with caplog.at_level(logging.INFO):
+        with lock.hold("game-1") as lease:
+            leases.go_down("release")
+        assert lock.held_games == []  # the operation is over at once
+        assert leases.tokens == {"game-1": lease.token}
+        time.sleep(0.6)  # two background attempts fail
+        leases.failing.clear()  # Redis is back
+        assert wait_until(lambda: leases.tokens == {}, seconds=5)
+
+    assert leases.released == [lease]
+    assert any(r.getMessage() == "released game lease late" for r in caplog.records)
+    # The game can be taken again at once.
+    with lock.hold("game-1"):
+        pass
+
+
+def test_a_late_release_never_deletes_a_newer_holders_lease() -> None:
+    leases = FakeLeases()
+    lock = GameLock(leases, LONG_TTL)
+    with lock.hold("game-1"):
+        leases.go_down("release")
+    leases.expire("game-1")  # as if its TTL ran out meanwhile...
+    leases.failing.clear()
+    newer = leases.acquire("game-1", LONG_TTL)  # ...and another holder took the game
+    assert newer is not None
+
+    assert wait_until(lambda: len(leases.released) == 1, seconds=5)  # the late attempt ran
+    assert leases.tokens == {"game-1": newer.token}
+
+
+def test_late_releases_stop_once_the_lease_would_have_expired(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    attempts = 0
+
+    class CountingLeases(FakeLeases):
+        def release(self, lease: Lease) -> bool:
+            nonlocal attempts
+            attempts += 1
+            return super().release(lease)
+
+    leases = CountingLeases()
+    lock = GameLock(leases, timedelta(milliseconds=400))  # bounds this test's length only
+    leases.go_down("release")
+    gave_up = "game lease left to expire: Redis did not take its release in time"
+
+    with caplog.at_level(logging.WARNING):
+        with lock.hold("game-1"):
+            pass
+        assert wait_until(lambda: any(r.getMessage() == gave_up for r in caplog.records), 5)
+    tried = attempts
+    time.sleep(2.5)  # longer than the longest pause between attempts
+    assert attempts == tried
+    assert 1 < tried < 5  # the first release and the background attempts within 400 ms
 
 
 def test_releasing_a_lease_that_already_expired_is_logged_not_raised(
