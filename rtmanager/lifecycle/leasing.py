@@ -177,11 +177,7 @@ class GameLock:
         self._drop_released()
         held.renew_at = time.monotonic() + self._interval
         self._unrenewed.append(held)
-        if self._starter is None:
-            self._starter = threading.Thread(
-                target=self._start_renewers, name="lease-renewals", daemon=True
-            )
-            self._starter.start()
+        self._starter = _running(self._starter, self._start_renewers, "lease-renewals")
 
     def _start_renewers(self) -> None:
         """Start each held lease's renewer thread when its first renewal falls due.
@@ -253,11 +249,7 @@ class GameLock:
             )
         with self._lock:
             self._unreleased.append(held)
-            if self._releaser is None:
-                self._releaser = threading.Thread(
-                    target=self._release_late, name="lease-releases", daemon=True
-                )
-                self._releaser.start()
+            self._releaser = _running(self._releaser, self._release_late, "lease-releases")
 
     def _release_late(self) -> None:
         """Try the releases Redis could not take again, pausing longer each
@@ -296,3 +288,18 @@ class GameLock:
             log.info, "released game lease late", extra={"game_id": game_id, "rounds": rounds}
         )
         return True
+
+
+def _running(
+    worker: threading.Thread | None, target: Callable[[], None], name: str
+) -> threading.Thread:
+    """`worker`, or when there is none a daemon thread started on `target`.
+
+    For the threads a `GameLock` starts when work arrives for them and that
+    end, setting their attribute back to None under the lock, once none is
+    left; called under that lock.
+    """
+    if worker is None:
+        worker = threading.Thread(target=target, name=name, daemon=True)
+        worker.start()
+    return worker
