@@ -66,6 +66,9 @@ _SCHEMA_RETRY_SECONDS = 2.0
 _SCHEMA_PROBE_SECONDS = 1.0
 _FEED_STOP_SECONDS = 5.0
 _SERVER_CLOSE_SECONDS = 5.0
+# A shutdown waits this long at most (within its grace) for lease releases
+# Redis could not take: a Redis restart is over in a second or two.
+_LEASE_RELEASES_SECONDS = 5.0
 
 
 class StartupError(RuntimeError):
@@ -443,13 +446,14 @@ class Application:
         in-flight calls, jobs, periodic runs and the start-up work finish
         within `grace` (default RTMANAGER_SHUTDOWN_GRACE), all of them
         within the same deadline. Each operation releases its own lease as it
-        ends. The pools are closed last, and only when nothing that may use
-        them still runs: when the grace ran out first, they are left for the
-        process exit to drop, and the leases of the operations still running
-        expire on their own (Docker may still complete a call they sent, so
-        releasing them early could let another replica act on the game at
-        the same time). A second call returns at once: True only when the
-        first one has finished cleanly.
+        ends; a release Redis could not take is given a few more seconds
+        (`_LEASE_RELEASES_SECONDS`) to land. The pools are closed last, and
+        only when nothing that may use them still runs: when the grace ran
+        out first, they are left for the process exit to drop, and the
+        leases of the operations still running expire on their own (Docker
+        may still complete a call they sent, so releasing them early could
+        let another replica act on the game at the same time). A second call
+        returns at once: True only when the first one has finished cleanly.
         """
         with self._lock:
             if self._draining.is_set():
@@ -473,6 +477,7 @@ class Application:
             "health checks": lambda: self.health.stop(_left(deadline)),
         }
         unfinished = [name for name, wait in waits.items() if not wait()]
+        self._finish_lease_releases(deadline)
         held = self.lock.held_games
         if held:
             unfinished.append("operations")
@@ -488,6 +493,16 @@ class Application:
         log.info("stopped")
         self._drained = True
         return True
+
+    def _finish_lease_releases(self, deadline: float) -> None:
+        """Give the releases Redis could not take (see `GameLock`) a few more
+        seconds to land, so that other replicas need not wait out their TTL."""
+        pending = self.lock.finish_releases(min(_left(deadline), _LEASE_RELEASES_SECONDS))
+        if pending:
+            log.warning(
+                "game leases left to expire: Redis did not take their release before the exit",
+                extra={"games": pending},
+            )
 
     def _join_startup(self, timeout: float) -> bool:
         if self._startup is None:

@@ -100,9 +100,10 @@ class GameLock:
         self._renewal_due = threading.Condition(self._lock)
         self._starter: threading.Thread | None = None
         # Released leases whose release Redis could not take, and the
-        # thread that tries again.
+        # thread that tries again; `_releases_done` is notified when it ends.
         self._unreleased: list[_Held] = []
         self._releaser: threading.Thread | None = None
+        self._releases_done = threading.Condition(self._lock)
 
     @property
     def held_games(self) -> list[str]:
@@ -262,13 +263,30 @@ class GameLock:
             time.sleep(_RELEASE_RETRY_SECONDS[min(rounds, len(_RELEASE_RETRY_SECONDS) - 1)])
             rounds += 1
             with self._lock:
-                pending, self._unreleased = self._unreleased, []
-            left = [held for held in pending if not self._released_late(held, rounds)]
+                pending = list(self._unreleased)
+            ended = [held for held in pending if self._released_late(held, rounds)]
             with self._lock:
-                self._unreleased.extend(left)
+                self._unreleased = [held for held in self._unreleased if held not in ended]
                 if not self._unreleased:
                     self._releaser = None
+                    self._releases_done.notify_all()
                     return
+
+    def finish_releases(self, timeout: float) -> list[str]:
+        """Wait up to `timeout` seconds for the releases being tried again in
+        the background; return the games whose release is still pending.
+
+        For a shutdown: the releases still pending when the process exits are
+        left to their leases' TTL.
+        """
+        deadline = time.monotonic() + timeout
+        with self._releases_done:
+            while self._releaser is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._releases_done.wait(left)
+            return sorted(held.lease.game_id for held in self._unreleased)
 
     def _released_late(self, held: _Held, rounds: int) -> bool:
         """One more attempt at releasing `held`; True once there is nothing left to try."""

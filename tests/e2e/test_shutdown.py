@@ -6,6 +6,7 @@ an orchestrator does.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from rtmanager.domain.operation import OpKind, Outcome
 from rtmanager.domain.runtime import RuntimeRecord, RuntimeStatus
 from tests.conftest import REDIS_URL
 from tests.e2e.conftest import REPO, ServerProcess, eventually, free_port, start_server
+from tests.support.private_redis import PrivateRedis
 
 pytestmark = pytest.mark.e2e
 
@@ -31,6 +33,8 @@ IDLE_EXIT_WITHIN = 2.0
 # for the dependency probe it may be in the middle of.
 STARTING_EXIT_WITHIN = 3.0
 IDLE_RUNS = 10
+# How long Redis stays down after a lease release failed in the drain.
+REDIS_BACK_AFTER = 1.0
 
 
 def sigterm_and_time_exit(process: subprocess.Popen[bytes], timeout: float = 60) -> float:
@@ -134,6 +138,60 @@ def test_sigterm_lets_an_in_flight_start_finish_and_releases_its_lease(
             assert [row.outcome for row in starts] == [Outcome.SUCCESS]
     finally:
         after.stop()
+
+
+def test_a_lease_release_redis_could_not_take_during_the_drain_lands_before_the_exit(
+    server_environment: dict[str, str], tmp_path: Path
+) -> None:
+    # Redis is down when the in-flight start ends, so its lease release
+    # fails. The drain gives it a few seconds to land once Redis is back;
+    # otherwise the lease (kept by Redis's append-only file) would keep the
+    # game busy for the rest of its 60 s TTL, on every replica.
+    with PrivateRedis.started(tmp_path / "redis") as private:
+        env = {
+            **server_environment,
+            "RTMANAGER_REDIS_URL": private.url,
+            "RTMANAGER_START_SETTLE": "3s",  # the start stays in flight a while
+            "RTMANAGER_SHUTDOWN_GRACE": "20s",
+        }
+        server = start_server(env, tmp_path / "server.log")
+        results: list[RuntimeRecord | BaseException] = []
+
+        def start() -> None:
+            try:
+                with RuntimeManagerClient(server.address, timeout=60) as client:
+                    results.append(client.start_runtime("drain", "galaxy/engine-stub:1.0.0"))
+            except BaseException as error:  # recorded for the assertion below
+                results.append(error)
+
+        worker = threading.Thread(target=start)
+        worker.start()
+        lease_key = f"{env['RTMANAGER_REDIS_PREFIX']}lease:game:drain"
+        try:
+            with contextlib.closing(redis.Redis.from_url(private.url)) as client:
+                eventually(lambda: client.exists(lease_key), within=20)
+            private.stop()  # the append-only file keeps the lease
+            server.process.send_signal(signal.SIGTERM)
+            failed = "could not release game lease; trying again until it would expire"
+            eventually(lambda: failed in server.log(), within=30)
+            # Back later than the drain would take without the wait for the release.
+            time.sleep(REDIS_BACK_AFTER)
+            private.start()
+            assert server.process.wait(timeout=30) == 0, server.log()[-4000:]
+            worker.join(timeout=60)
+            (result,) = results
+            assert isinstance(result, RuntimeRecord), result
+            assert result.status is RuntimeStatus.RUNNING
+            log = server.log()
+            assert log.index('"message": "released game lease late"') < log.index(
+                '"message": "stopped"'
+            ), log[-4000:]
+            assert "game leases left to expire" not in log
+            with contextlib.closing(redis.Redis.from_url(private.url)) as client:
+                assert not client.exists(lease_key)
+        finally:
+            server.stop()
+            worker.join(timeout=60)
 
 
 def test_sigterm_while_waiting_for_postgres_ends_promptly(

@@ -272,6 +272,46 @@ def test_late_releases_stop_once_the_lease_would_have_expired(
     assert 1 < tried < 5  # the first release and the background attempts within 400 ms
 
 
+def test_finish_releases_returns_at_once_when_every_release_landed() -> None:
+    lock = GameLock(FakeLeases(), LONG_TTL)
+    with lock.hold("game-1"):
+        pass
+    started = time.monotonic()
+    assert lock.finish_releases(5.0) == []
+    assert time.monotonic() - started < 0.1
+
+
+def test_finish_releases_waits_for_a_late_release_to_land() -> None:
+    # A shutdown during a Redis restart: the release lands once Redis is back.
+    leases = FakeLeases()
+    lock = GameLock(leases, LONG_TTL)
+    with lock.hold("game-1") as lease:
+        leases.go_down("release")
+    threading.Timer(0.4, leases.failing.clear).start()  # Redis comes back
+
+    started = time.monotonic()
+    assert lock.finish_releases(5.0) == []
+    assert time.monotonic() - started < 3.0  # woken when the release landed
+    assert leases.released == [lease]
+    assert leases.tokens == {}
+
+
+def test_finish_releases_names_the_games_still_pending_when_its_time_is_up() -> None:
+    leases = FakeLeases()
+    lock = GameLock(leases, LONG_TTL)
+    leases.go_down("release")
+    for game_id in ("game-2", "game-1"):
+        with lock.hold(game_id):
+            pass
+
+    started = time.monotonic()
+    assert lock.finish_releases(0.3) == ["game-1", "game-2"]
+    assert 0.3 <= time.monotonic() - started < 1.0
+    leases.failing.clear()  # let the background releases land, not retry for the whole TTL
+    assert lock.finish_releases(5.0) == []
+    assert leases.tokens == {}
+
+
 def test_releasing_a_lease_that_already_expired_is_logged_not_raised(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
