@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from concurrent import futures
@@ -281,6 +283,19 @@ def test_cli_runs_ctl_without_server_settings(
     code = cli.main(["ctl", "--timeout", "3", "--json", "list"])
     assert code == 7
     assert "service_unavailable" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module", ["rtmanager", "rtmanager.cli", "rtmanager.ctl"])
+def test_each_module_entry_point_answers_help(module: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", module, "--help"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: rtmanager")
 
 
 @pytest.mark.parametrize(
