@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,21 @@ def spawn_server(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]
         )
 
 
+def start_in_background(address: str, game_id: str) -> Future[RuntimeRecord]:
+    """`StartRuntime` of `game_id` (engine-stub 1.0.0), called from a thread of its own."""
+    started: Future[RuntimeRecord] = Future()
+
+    def start() -> None:
+        try:
+            with RuntimeManagerClient(address, timeout=60) as client:
+                started.set_result(client.start_runtime(game_id, "galaxy/engine-stub:1.0.0"))
+        except BaseException as error:  # for the test's `result()`
+            started.set_exception(error)
+
+    threading.Thread(target=start, daemon=True).start()
+    return started
+
+
 def test_sigterm_ends_an_idle_server_within_two_seconds_every_time(
     server_environment: dict[str, str], tmp_path: Path
 ) -> None:
@@ -98,17 +114,7 @@ def test_sigterm_lets_an_in_flight_start_finish_and_releases_its_lease(
     env["RTMANAGER_START_SETTLE"] = "3s"
     env["RTMANAGER_SHUTDOWN_GRACE"] = "20s"
     server: ServerProcess = start_server(env, tmp_path / "server.log")
-    results: list[RuntimeRecord | BaseException] = []
-
-    def start() -> None:
-        try:
-            with RuntimeManagerClient(server.address, timeout=60) as client:
-                results.append(client.start_runtime("drain", "galaxy/engine-stub:1.0.0"))
-        except BaseException as error:  # recorded for the assertion below
-            results.append(error)
-
-    worker = threading.Thread(target=start)
-    worker.start()
+    started = start_in_background(server.address, "drain")
     lease_key = f"{redis_prefix}lease:game:drain"
     client = redis.Redis.from_url(REDIS_URL)
     try:
@@ -117,10 +123,8 @@ def test_sigterm_lets_an_in_flight_start_finish_and_releases_its_lease(
         # Acted on at once, while the start still runs.
         eventually(lambda: '"message": "received SIGTERM"' in server.log(), within=ACTED_ON_WITHIN)
         assert client.exists(lease_key), "the start should still be in flight"
-        worker.join(timeout=60)
+        result = started.result(timeout=60)
         assert server.process.wait(timeout=60) == 0, server.log()[-4000:]
-        (result,) = results
-        assert isinstance(result, RuntimeRecord), result
         assert result.status is RuntimeStatus.RUNNING
         assert not client.exists(lease_key)
         log = server.log()
@@ -155,17 +159,7 @@ def test_a_lease_release_redis_could_not_take_during_the_drain_lands_before_the_
             "RTMANAGER_SHUTDOWN_GRACE": "20s",
         }
         server = start_server(env, tmp_path / "server.log")
-        results: list[RuntimeRecord | BaseException] = []
-
-        def start() -> None:
-            try:
-                with RuntimeManagerClient(server.address, timeout=60) as client:
-                    results.append(client.start_runtime("drain", "galaxy/engine-stub:1.0.0"))
-            except BaseException as error:  # recorded for the assertion below
-                results.append(error)
-
-        worker = threading.Thread(target=start)
-        worker.start()
+        started = start_in_background(server.address, "drain")
         lease_key = f"{env['RTMANAGER_REDIS_PREFIX']}lease:game:drain"
         try:
             with contextlib.closing(redis.Redis.from_url(private.url)) as client:
@@ -178,10 +172,7 @@ def test_a_lease_release_redis_could_not_take_during_the_drain_lands_before_the_
             time.sleep(REDIS_BACK_AFTER)
             private.start()
             assert server.process.wait(timeout=30) == 0, server.log()[-4000:]
-            worker.join(timeout=60)
-            (result,) = results
-            assert isinstance(result, RuntimeRecord), result
-            assert result.status is RuntimeStatus.RUNNING
+            assert started.result(timeout=60).status is RuntimeStatus.RUNNING
             log = server.log()
             assert log.index('"message": "released game lease late"') < log.index(
                 '"message": "stopped"'
@@ -191,7 +182,6 @@ def test_a_lease_release_redis_could_not_take_during_the_drain_lands_before_the_
                 assert not client.exists(lease_key)
         finally:
             server.stop()
-            worker.join(timeout=60)
 
 
 def test_sigterm_while_waiting_for_postgres_ends_promptly(
@@ -258,17 +248,7 @@ def test_work_outlasting_the_grace_ends_the_process_at_the_deadline_with_code_1(
     env["RTMANAGER_START_SETTLE"] = "20s"  # far longer than the grace
     env["RTMANAGER_SHUTDOWN_GRACE"] = "1s"
     server = start_server(env, tmp_path / "server.log")
-    errors: list[BaseException] = []
-
-    def start() -> None:
-        try:
-            with RuntimeManagerClient(server.address, timeout=60) as client:
-                client.start_runtime("late", "galaxy/engine-stub:1.0.0")
-        except BaseException as error:  # the call is cut off; recorded below
-            errors.append(error)
-
-    caller = threading.Thread(target=start)
-    caller.start()
+    started = start_in_background(server.address, "late")
     try:
         eventually(lambda: _leased(server), within=20)
         took = sigterm_and_time_exit(server.process, timeout=30)
@@ -277,11 +257,10 @@ def test_work_outlasting_the_grace_ends_the_process_at_the_deadline_with_code_1(
         assert took < 10, f"exit took {took:.2f}s\n{log[-4000:]}"
         assert server.process.returncode == 1, log[-4000:]
         assert "work still running when the shutdown grace ended" in log
-        caller.join(timeout=30)
-        assert len(errors) == 1  # the client learns the call did not finish
+        # The client learns the call did not finish.
+        assert started.exception(timeout=30) is not None
     finally:
         server.stop(5)
-        caller.join(timeout=30)
 
 
 def _leased(server: ServerProcess) -> bool:
