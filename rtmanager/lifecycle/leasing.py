@@ -279,13 +279,8 @@ class GameLock:
         For a shutdown: the releases still pending when the process exits are
         left to their leases' TTL.
         """
-        deadline = time.monotonic() + timeout
         with self._releases_done:
-            while self._releaser is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._releases_done.wait(left)
+            self._releases_done.wait_for(lambda: self._releaser is None, timeout)
             return sorted(held.lease.game_id for held in self._unreleased)
 
     def _released_late(self, held: _Held, rounds: int) -> bool:
