@@ -6,8 +6,10 @@ protobuf writes for the same message, for any record and page token.
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -76,3 +78,33 @@ def test_timestamps_keep_microseconds_before_and_after_the_epoch() -> None:
         assert stamp is not None
         assert stamp.ToDatetime(tzinfo=UTC) == when
         assert 0 <= stamp.nanos < 1_000_000_000
+
+
+def _record(index: int) -> RuntimeRecord:
+    when = datetime(2026, 12, 7, 12, 0, index, tzinfo=UTC)
+    return RuntimeRecord(
+        game_id=f"game-{index}",
+        status=RuntimeStatus.RUNNING,
+        engine_endpoint=f"http://galaxy-game-{index}:8080",
+        state_path=f"/var/lib/galaxy/game-{index}",
+        docker_network="galaxy-net",
+        last_op_at=when,
+        created_at=when,
+    )
+
+
+def test_the_memo_answers_the_same_record_again_and_stays_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(convert, "_FIELD_MEMO_SIZE", 8)
+    monkeypatch.setattr(convert, "_fields_by_record", {})
+    page = [_record(index) for index in range(20)]
+    first = [convert.get_runtime_reply(record) for record in page]
+
+    assert len(convert._fields_by_record) <= 8
+    assert convert.get_runtime_reply(page[-1]) is first[-1]  # still memoised
+    assert convert.get_runtime_reply(page[0]) == first[0]  # evicted: serialized again
+    twin = dataclasses.replace(page[1])  # an equal record that is another object
+    assert twin is not page[1]
+    assert convert.get_runtime_reply(twin) == first[1]
+    assert convert.list_runtimes_reply(page, "") == b"".join(first)
