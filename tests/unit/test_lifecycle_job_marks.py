@@ -13,6 +13,7 @@ from datetime import timedelta
 
 import pytest
 
+from rtmanager.domain import labels as galaxy_labels
 from rtmanager.domain.errors import ErrorCode
 from rtmanager.domain.jobs import JobKind, JobMark, LobbyJob
 from rtmanager.domain.operation import OpKind, OpSource, Outcome, StopReason
@@ -245,7 +246,9 @@ def test_an_older_start_whose_game_a_newer_job_settled_meanwhile_lands_nothing(
     assert h.store.job_marks[GAME] == newer
     assert GAME not in h.store.records
     assert h.rows(GAME) == []
-    assert [c for c in h.docker.containers.values() if c.game_id == GAME] == []
+    assert [
+        c for c in h.docker.containers.values() if c.labels.get(galaxy_labels.GAME_ID) == GAME
+    ] == []
     assert h.leases.all_released
 
 
