@@ -148,7 +148,7 @@ class DockerPyServiceCycle:
         self._scale_to_zero(service_id)
         self._wait(service_id, running=False)
         t2 = clock()
-        self._api.remove_service(service_id)
+        self._api.remove_service(service_id)  # type: ignore[no-untyped-call]
         t3 = clock()
         return {"start": t1 - t0, "stop": t2 - t1, "cleanup": t3 - t2, "total": t3 - t0}
 
@@ -201,7 +201,7 @@ class DockerPyServiceCycle:
             networks=[NetworkAttachmentConfig(target=self.network, aliases=[name])],
         )
         return dict(
-            self._api.create_service(
+            self._api.create_service(  # type: ignore[no-untyped-call]
                 template,
                 name=name,
                 labels=labels,
@@ -210,7 +210,7 @@ class DockerPyServiceCycle:
         )
 
     def _scale_to_zero(self, service_id: str) -> None:
-        service = self._api.inspect_service(service_id)
+        service = self._api.inspect_service(service_id)  # type: ignore[no-untyped-call]
         spec = service["Spec"]
         self._api.update_service(
             service_id,
@@ -227,7 +227,7 @@ class DockerPyServiceCycle:
         """Poll the service's tasks until one runs (`running`) or none is live."""
         deadline = time.monotonic() + WAIT_SECONDS
         while True:
-            tasks = self._api.tasks(filters={"service": service_id})
+            tasks = self._api.tasks(filters={"service": service_id})  # type: ignore[no-untyped-call]
             states = [(t.get("Status") or {}).get("State") for t in tasks]
             if running:
                 if any(

@@ -19,6 +19,7 @@ overridden with RTMANAGER_TEST_POSTGRES_DSN / RTMANAGER_TEST_REDIS_URL.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
 import uuid
@@ -208,7 +209,7 @@ def remove_labelled(docker_client: Any, labels: list[str], *, settle: float = 30
         for network in docker_client.networks.list(filters=selector):
             _remove_in_time(network.remove, deadline)
         for volume in docker_client.volumes.list(filters=selector):
-            _remove_in_time(lambda v=volume: v.remove(force=True), deadline)
+            _remove_in_time(functools.partial(volume.remove, force=True), deadline)
 
 
 def _services(docker_client: Any, selector: dict[str, Any]) -> list[Any]:

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import grpc
 import pytest
@@ -23,8 +23,14 @@ REPO = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
 
 
-def eventually(probe: Callable[[], T], *, within: float, every: float = 0.05) -> T:
-    """Poll `probe` until it returns something truthy; fail after `within` seconds."""
+def eventually(
+    probe: Callable[[], T | Literal[False] | None], *, within: float, every: float = 0.05
+) -> T:
+    """Poll `probe` until it returns something truthy; fail after `within` seconds.
+
+    A probe may return False or None for "not yet" (`ready and value`, `value or None`);
+    only a truthy value is returned.
+    """
     deadline = time.monotonic() + within
     while True:
         value = probe()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import docker
@@ -26,9 +27,9 @@ STUB = "galaxy/engine-stub"
 
 
 @pytest.fixture
-def client(server: ServerProcess) -> RuntimeManagerClient:
+def client(server: ServerProcess) -> Iterator[RuntimeManagerClient]:
     with RuntimeManagerClient(server.address, timeout=60) as client:
-        yield client  # type: ignore[misc]
+        yield client
 
 
 def test_start_creates_a_hardened_labelled_engine_container(

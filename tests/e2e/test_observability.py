@@ -83,7 +83,9 @@ def test_log_lines_of_a_call_and_of_a_lobby_job_carry_their_span_ids(
         streams.close()
 
     def finished(op_kind: str) -> dict[str, Any] | None:
-        lines = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+        lines: list[dict[str, Any]] = [
+            json.loads(line) for line in server.log().splitlines() if line.startswith("{")
+        ]
         for line in lines:
             if line.get("message") == "operation succeeded" and line.get("op_kind") == op_kind:
                 return line

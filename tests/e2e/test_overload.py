@@ -101,10 +101,10 @@ def test_watch_streams_do_not_count_against_the_bound(limited_server: ServerProc
         ]
         try:
             for stream in streams:
-                next(stream)  # the stream is open and being served
+                next(iter(stream))  # the stream is open and being served
             for _ in range(LIMIT + 1):
                 listed = stub.ListRuntimes(pb.ListRuntimesRequest(), timeout=10)
                 assert list(listed.runtimes) == []
         finally:
             for stream in streams:
-                stream.cancel()
+                stream.cancel()  # type: ignore[no-untyped-call]

@@ -13,12 +13,14 @@ from pathlib import Path
 import docker
 import pytest
 import redis
+from redis.typing import EncodableT, FieldT
 
 from rtmanager.client import NotFoundError, RuntimeManagerClient
 from rtmanager.domain.operation import OpSource
 from rtmanager.domain.runtime import RuntimeStatus
 from tests.conftest import REDIS_URL
 from tests.e2e.conftest import ServerProcess, eventually, replica_env, start_server
+from tests.support import redis_replies as replies
 from tests.support.private_redis import PrivateRedis
 
 pytestmark = pytest.mark.e2e
@@ -34,11 +36,17 @@ def streams() -> Iterator[redis.Redis]:
 
 
 def results(streams: redis.Redis, env: dict[str, str]) -> list[dict[str, str]]:
-    return [fields for _id, fields in streams.xrange(env["RTMANAGER_JOB_RESULTS_STREAM"])]
+    return [
+        fields
+        for _id, fields in replies.entries(streams.xrange(env["RTMANAGER_JOB_RESULTS_STREAM"]))
+    ]
 
 
 def dead_letters(streams: redis.Redis, env: dict[str, str]) -> list[dict[str, str]]:
-    return [fields for _id, fields in streams.xrange(env["RTMANAGER_DEAD_LETTER_STREAM"])]
+    return [
+        fields
+        for _id, fields in replies.entries(streams.xrange(env["RTMANAGER_DEAD_LETTER_STREAM"]))
+    ]
 
 
 def answers(streams: redis.Redis, env: dict[str, str]) -> Counter[tuple[str, str]]:
@@ -58,7 +66,7 @@ def results_for(
 
 
 def pending(streams: redis.Redis, env: dict[str, str], stream_var: str) -> int:
-    info = streams.xpending(env[stream_var], "rtmanager")
+    info = replies.mapping(streams.xpending(env[stream_var], "rtmanager"))
     return int(info["pending"])
 
 
@@ -69,8 +77,8 @@ def test_start_and_stop_jobs_drive_a_runtime_and_report_results(
     docker_client: docker.DockerClient,
 ) -> None:
     env = server_environment
-    start_id = streams.xadd(
-        env["RTMANAGER_START_JOBS_STREAM"], {"game_id": "lobby-1", "image_ref": STUB}
+    start_id = replies.text(
+        streams.xadd(env["RTMANAGER_START_JOBS_STREAM"], {"game_id": "lobby-1", "image_ref": STUB})
     )
     (result,) = eventually(lambda: results_for(streams, env, {start_id}), within=30)
     assert result["outcome"] == "success"
@@ -81,8 +89,10 @@ def test_start_and_stop_jobs_drive_a_runtime_and_report_results(
     assert docker_client.containers.get(record["current_container_id"]).status == "running"
     assert pending(streams, env, "RTMANAGER_START_JOBS_STREAM") == 0
 
-    stop_id = streams.xadd(
-        env["RTMANAGER_STOP_JOBS_STREAM"], {"game_id": "lobby-1", "reason": "game_finished"}
+    stop_id = replies.text(
+        streams.xadd(
+            env["RTMANAGER_STOP_JOBS_STREAM"], {"game_id": "lobby-1", "reason": "game_finished"}
+        )
     )
     (stopped,) = eventually(lambda: results_for(streams, env, {stop_id}), within=30)
     assert stopped["outcome"] == "success"
@@ -121,9 +131,9 @@ def test_the_same_start_job_delivered_twice_makes_one_container_and_two_successe
     cluster: str,
 ) -> None:
     env = server_environment
-    job = {"game_id": "twice", "image_ref": STUB}
-    first = streams.xadd(env["RTMANAGER_START_JOBS_STREAM"], job)
-    second = streams.xadd(env["RTMANAGER_START_JOBS_STREAM"], job)
+    job: dict[FieldT, EncodableT] = {"game_id": "twice", "image_ref": STUB}
+    first = replies.text(streams.xadd(env["RTMANAGER_START_JOBS_STREAM"], job))
+    second = replies.text(streams.xadd(env["RTMANAGER_START_JOBS_STREAM"], job))
     done = eventually(
         lambda: len(got := results_for(streams, env, {first, second})) == 2 and got, within=30
     )
@@ -139,10 +149,12 @@ def test_a_malformed_job_is_dead_lettered_and_acknowledged(
     server: ServerProcess, server_environment: dict[str, str], streams: redis.Redis
 ) -> None:
     env = server_environment
-    bad = streams.xadd(env["RTMANAGER_START_JOBS_STREAM"], {"game_id": "no-image"})
+    bad = replies.text(streams.xadd(env["RTMANAGER_START_JOBS_STREAM"], {"game_id": "no-image"}))
     (letter,) = eventually(
         lambda: [
-            f for _i, f in streams.xrange(env["RTMANAGER_DEAD_LETTER_STREAM"]) if f["job_id"] == bad
+            f
+            for _i, f in replies.entries(streams.xrange(env["RTMANAGER_DEAD_LETTER_STREAM"]))
+            if f["job_id"] == bad
         ],
         within=30,
     )
@@ -160,12 +172,18 @@ def test_a_start_older_than_the_stop_already_applied_is_superseded_and_changes_n
 ) -> None:
     # Lobby said start(G) then stop(G); the stop reached the service first.
     env = server_environment
-    stop_id = streams.xadd(env["RTMANAGER_STOP_JOBS_STREAM"], {"game_id": "late-start"})
+    stop_id = replies.text(
+        streams.xadd(env["RTMANAGER_STOP_JOBS_STREAM"], {"game_id": "late-start"})
+    )
     (stopped,) = eventually(lambda: results_for(streams, env, {stop_id}), within=30)
     assert (stopped["outcome"], stopped["error_code"]) == ("failure", "not_found")
     older = f"{int(stop_id.split('-')[0]) - 1000}-0"
-    start_id = streams.xadd(
-        env["RTMANAGER_START_JOBS_STREAM"], {"game_id": "late-start", "image_ref": STUB}, id=older
+    start_id = replies.text(
+        streams.xadd(
+            env["RTMANAGER_START_JOBS_STREAM"],
+            {"game_id": "late-start", "image_ref": STUB},
+            id=older,
+        )
     )
     (late,) = eventually(lambda: results_for(streams, env, {start_id}), within=30)
     assert late["outcome"] == "superseded"
@@ -217,11 +235,11 @@ def test_two_replicas_apply_interleaved_jobs_so_every_game_ends_as_lobbys_last_j
                 time.sleep(0.001)
             if kind == "start":
                 stream = env["RTMANAGER_START_JOBS_STREAM"]
-                fields = {"game_id": game_id, "image_ref": STUB}
+                fields: dict[FieldT, EncodableT] = {"game_id": game_id, "image_ref": STUB}
             else:
                 stream = env["RTMANAGER_STOP_JOBS_STREAM"]
                 fields = {"game_id": game_id}
-            entry_id = streams.xadd(stream, fields)
+            entry_id = replies.text(streams.xadd(stream, fields))
             last_ms[game_id] = int(entry_id.split("-")[0])
             job_ids.append((stream, entry_id))
         eventually(lambda: set(answers(streams, env)) >= set(job_ids), within=180, every=0.2)
@@ -275,10 +293,12 @@ def test_a_job_behind_a_lease_held_elsewhere_waits_for_it_and_is_never_dead_lett
     lease_key = f"{env['RTMANAGER_REDIS_PREFIX']}lease:game:busy"
     streams.set(lease_key, "another-replica", px=20_000)
     started = time.monotonic()
-    job = streams.xadd(env["RTMANAGER_START_JOBS_STREAM"], {"game_id": "busy", "image_ref": STUB})
+    job = replies.text(
+        streams.xadd(env["RTMANAGER_START_JOBS_STREAM"], {"game_id": "busy", "image_ref": STUB})
+    )
     time.sleep(8)
-    (waiting,) = streams.xpending_range(
-        env["RTMANAGER_START_JOBS_STREAM"], "rtmanager", "-", "+", 5
+    (waiting,) = replies.mappings(
+        streams.xpending_range(env["RTMANAGER_START_JOBS_STREAM"], "rtmanager", "-", "+", 5)
     )
     assert waiting["times_delivered"] == 1  # retries are not deliveries
     assert results_for(streams, env, {job}) == []
@@ -301,8 +321,8 @@ def test_a_job_in_flight_on_a_killed_replica_is_taken_over_once_its_lease_frees(
     env = dict(server_environment)
     doomed_env = {**env, "RTMANAGER_START_SETTLE": "5s"}  # the start stays in flight a while
     doomed = start_server(doomed_env, tmp_path / "doomed.log")
-    job = streams.xadd(
-        env["RTMANAGER_START_JOBS_STREAM"], {"game_id": "orphaned", "image_ref": STUB}
+    job = replies.text(
+        streams.xadd(env["RTMANAGER_START_JOBS_STREAM"], {"game_id": "orphaned", "image_ref": STUB})
     )
     lease_key = f"{env['RTMANAGER_REDIS_PREFIX']}lease:game:orphaned"
     eventually(lambda: streams.exists(lease_key), within=30, every=0.02)
@@ -316,7 +336,7 @@ def test_a_job_in_flight_on_a_killed_replica_is_taken_over_once_its_lease_frees(
         (result,) = eventually(lambda: results_for(streams, env, {job}), within=150, every=0.2)
         assert result["outcome"] == "success", result
         assert time.monotonic() - killed_at > 30  # taken over, not stolen early
-        assert streams.pttl(lease_key) < 0 or streams.get(lease_key) is None
+        assert replies.integer(streams.pttl(lease_key)) < 0 or streams.get(lease_key) is None
         assert dead_letters(streams, env) == []
         eventually(lambda: pending(streams, env, "RTMANAGER_START_JOBS_STREAM") == 0, within=10)
         record = json.loads(result["record"])
@@ -336,7 +356,9 @@ def test_a_redelivered_job_that_was_already_answered_gets_no_second_answer(
 ) -> None:
     env = server_environment
     first = start_server(env, tmp_path / "first.log")
-    job = streams.xadd(env["RTMANAGER_START_JOBS_STREAM"], {"game_id": "again", "image_ref": STUB})
+    job = replies.text(
+        streams.xadd(env["RTMANAGER_START_JOBS_STREAM"], {"game_id": "again", "image_ref": STUB})
+    )
     eventually(lambda: results_for(streams, env, {job}), within=30)
     first.stop()
     # The answered entry comes back to the consumer's pending list.
@@ -363,13 +385,15 @@ def test_jobs_pending_across_a_redis_restart_are_all_answered_once(
             stop_stream = env["RTMANAGER_STOP_JOBS_STREAM"]
             job_ids = []
             for n in range(6):
-                fields = {"game_id": f"rr-{n}", "image_ref": STUB}
-                job_ids.append((start_stream, streams.xadd(start_stream, fields)))
+                fields: dict[FieldT, EncodableT] = {"game_id": f"rr-{n}", "image_ref": STUB}
+                job_ids.append((start_stream, replies.text(streams.xadd(start_stream, fields))))
             # Restart while the first jobs are being applied.
             eventually(lambda: answers(streams, env), within=60, every=0.05)
             private.restart(down_for=3)
             for n in range(6):
-                job_ids.append((stop_stream, streams.xadd(stop_stream, {"game_id": f"rr-{n}"})))
+                job_ids.append(
+                    (stop_stream, replies.text(streams.xadd(stop_stream, {"game_id": f"rr-{n}"})))
+                )
             eventually(lambda: set(answers(streams, env)) >= set(job_ids), within=120, every=0.2)
             counted = answers(streams, env)
             assert [counted[job_id] for job_id in job_ids] == [1] * len(job_ids)
@@ -401,8 +425,8 @@ def test_sigterm_finishes_the_job_in_flight_and_leaves_unstarted_jobs_pending(
     }
     server = start_server(env, tmp_path / "server.log")
     stream = env["RTMANAGER_START_JOBS_STREAM"]
-    first = streams.xadd(stream, {"game_id": "inflight", "image_ref": STUB})
-    second = streams.xadd(stream, {"game_id": "queued", "image_ref": STUB})
+    first = replies.text(streams.xadd(stream, {"game_id": "inflight", "image_ref": STUB}))
+    second = replies.text(streams.xadd(stream, {"game_id": "queued", "image_ref": STUB}))
     lease_key = f"{env['RTMANAGER_REDIS_PREFIX']}lease:game:inflight"
     eventually(lambda: streams.exists(lease_key), within=30, every=0.02)
     server.process.send_signal(signal.SIGTERM)
@@ -411,7 +435,7 @@ def test_sigterm_finishes_the_job_in_flight_and_leaves_unstarted_jobs_pending(
     assert result["outcome"] == "success"
     assert not streams.exists(lease_key)
     assert results_for(streams, env, {second}) == []
-    (left,) = streams.xpending_range(stream, "rtmanager", "-", "+", 5)
+    (left,) = replies.mappings(streams.xpending_range(stream, "rtmanager", "-", "+", 5))
     assert left["message_id"] == second  # not acknowledged unanswered
     again = start_server(env, tmp_path / "again.log")  # same name: takes it back
     try:

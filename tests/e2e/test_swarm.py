@@ -74,7 +74,7 @@ def test_lifecycles_on_the_local_one_node_swarm(
     # rtmanager's labels holding a game's name. Neither may be adopted,
     # stopped or removed. (The test label only lets the cleanup find them.)
     foreign, bare = f"foreign-{test_id}", f"bare-{test_id}"
-    manager.services.create(
+    manager.services.create(  # type: ignore[no-untyped-call]
         f"{STUB}:1.0.0",
         name=f"galaxy-game-{foreign}",
         labels={
@@ -85,7 +85,7 @@ def test_lifecycles_on_the_local_one_node_swarm(
         },
         mode=docker.types.ServiceMode("replicated", replicas=1),
     )
-    manager.services.create(
+    manager.services.create(  # type: ignore[no-untyped-call]
         f"{STUB}:1.0.0",
         name=f"galaxy-game-{bare}",
         labels={TEST_LABEL: test_id},
@@ -132,7 +132,7 @@ def _run_lifecycles(
     assert service is not None
     assert service["Spec"]["Labels"]["com.galaxy.rtmanager.cluster"] == cluster
     assert service["Spec"]["Mode"]["Replicated"]["Replicas"] == 1
-    tasks = manager.api.tasks(filters={"service": name})
+    tasks = manager.api.tasks(filters={"service": name})  # type: ignore[no-untyped-call]
     assert [t["Status"]["ContainerStatus"]["ContainerID"] for t in tasks] == [
         record.current_container_id
     ]

@@ -35,6 +35,7 @@ from rtmanager.domain.runtime import RuntimeStatus
 from tests.conftest import REDIS_URL, TEST_LABEL
 from tests.e2e.conftest import ServerProcess, eventually, start_server
 from tests.e2e.test_watch import Watcher
+from tests.support import redis_replies as replies
 from tests.support.local_swarm import LocalSwarm
 
 pytestmark = [
@@ -104,7 +105,7 @@ def _replicas(manager: docker.DockerClient, name: str) -> int | None:
 
 def _running_container(manager: docker.DockerClient, name: str) -> str:
     """The container id of the service's running task ("" while there is none)."""
-    for task in manager.api.tasks(filters={"service": name, "desired-state": "running"}):
+    for task in manager.api.tasks(filters={"service": name, "desired-state": "running"}):  # type: ignore[no-untyped-call]
         status = task.get("Status") or {}
         if status.get("State") == "running":
             return str((status.get("ContainerStatus") or {}).get("ContainerID") or "")
@@ -124,10 +125,13 @@ def test_lobby_start_and_stop_jobs_on_a_swarm(
     name = f"galaxy-game-{game}"
 
     def answer(job_id: str) -> dict[str, str] | None:
-        return next((f for _id, f in streams.xrange(results) if f["job_id"] == job_id), None)
+        return next(
+            (f for _id, f in replies.entries(streams.xrange(results)) if f["job_id"] == job_id),
+            None,
+        )
 
-    start_id = streams.xadd(
-        env["RTMANAGER_START_JOBS_STREAM"], {"game_id": game, "image_ref": STUB}
+    start_id = replies.text(
+        streams.xadd(env["RTMANAGER_START_JOBS_STREAM"], {"game_id": game, "image_ref": STUB})
     )
     started = eventually(lambda: answer(start_id), within=60, every=0.2)
     assert started["outcome"] == "success", started
@@ -136,8 +140,10 @@ def test_lobby_start_and_stop_jobs_on_a_swarm(
     assert _running_container(manager, name) == record["current_container_id"]
     assert _replicas(manager, name) == 1
 
-    stop_id = streams.xadd(
-        env["RTMANAGER_STOP_JOBS_STREAM"], {"game_id": game, "reason": "game_finished"}
+    stop_id = replies.text(
+        streams.xadd(
+            env["RTMANAGER_STOP_JOBS_STREAM"], {"game_id": game, "reason": "game_finished"}
+        )
     )
     stopped = eventually(lambda: answer(stop_id), within=60, every=0.2)
     assert stopped["outcome"] == "success", stopped
@@ -232,7 +238,7 @@ def test_reconcile_adopts_a_service_made_behind_its_back_and_disposes_a_vanished
         }
         labels.pop("com.galaxy.rtmanager.last_container", None)
         assert labels[galaxy_labels.CLUSTER] == cluster
-        manager.services.create(
+        manager.services.create(  # type: ignore[no-untyped-call]
             STUB,
             name=f"galaxy-game-{adoptee_id}",
             labels=labels,
@@ -252,7 +258,7 @@ def test_reconcile_adopts_a_service_made_behind_its_back_and_disposes_a_vanished
         # The doomed game's service goes while another replica holds its lease:
         # the events listener cannot record the exit, so the record stays running.
         lease = _hold_lease(streams, env, doomed_id)
-        manager.services.get(f"galaxy-game-{doomed_id}").remove()
+        manager.services.get(f"galaxy-game-{doomed_id}").remove()  # type: ignore[no-untyped-call]
         eventually(
             lambda: "engine exit left to the next reconcile pass: game busy" in server.log(),
             within=30,

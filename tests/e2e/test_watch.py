@@ -234,9 +234,9 @@ def test_a_cursor_older_than_retention_is_out_of_range(
         client.stop_runtime("w-old")
         schema = server_environment["RTMANAGER_POSTGRES_SCHEMA"]
         with psycopg.connect(POSTGRES_DSN, autocommit=True) as conn:
-            first, newest = conn.execute(
-                f'SELECT min(id), max(id) FROM "{schema}".runtime_events'
-            ).fetchone()
+            row = conn.execute(f'SELECT min(id), max(id) FROM "{schema}".runtime_events').fetchone()
+            assert row is not None
+            first, newest = row
             conn.execute(
                 f'UPDATE "{schema}".runtime_event_retention SET pruned_through = %s', (newest,)
             )
@@ -273,9 +273,9 @@ def test_watchers_are_bounded_and_a_slow_one_is_ended_with_its_cursor(
             # Far more changes than the watcher's queue and the transport's
             # buffers hold, while it reads nothing.
             with psycopg.connect(POSTGRES_DSN, autocommit=True) as conn:
-                (operation_id,) = conn.execute(
-                    f'SELECT max(id) FROM "{schema}".operation_log'
-                ).fetchone()
+                row = conn.execute(f'SELECT max(id) FROM "{schema}".operation_log').fetchone()
+                assert row is not None
+                (operation_id,) = row
                 conn.execute(
                     f'INSERT INTO "{schema}".runtime_events (operation_id, game_id, status,'
                     " current_container_id, current_image_ref, engine_endpoint, state_path,"
@@ -387,7 +387,7 @@ async def watch_many(
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         for channel in channels:
-            await channel.close()
+            await channel.close(grace=None)
     return received
 
 
@@ -424,21 +424,21 @@ def test_a_cancelled_watch_frees_its_place_at_once(
         with grpc.insecure_channel(server.address) as channel:
             stub = pb_grpc.RuntimeServiceStub(channel)
             first = stub.WatchRuntimes(pb.WatchRuntimesRequest(initial_snapshot=True))
-            assert next(first).WhichOneof("payload") == "snapshot_complete"
-            first.cancel()
+            assert next(iter(first)).WhichOneof("payload") == "snapshot_complete"
+            first.cancel()  # type: ignore[no-untyped-call]
             # The server notices the cancellation and unsubscribes; the one
             # place is free again within moments, not at the next heartbeat.
             deadline = time.monotonic() + 5
             while True:
                 second = stub.WatchRuntimes(pb.WatchRuntimesRequest(initial_snapshot=True))
                 try:
-                    assert next(second).WhichOneof("payload") == "snapshot_complete"
+                    assert next(iter(second)).WhichOneof("payload") == "snapshot_complete"
                     break
                 except grpc.RpcError as error:
                     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
                     assert time.monotonic() < deadline, "the cancelled watch kept its place"
                     time.sleep(0.05)
-            second.cancel()
+            second.cancel()  # type: ignore[no-untyped-call]
     finally:
         server.stop()
 

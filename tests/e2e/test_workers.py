@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import signal
 import threading
 import time
@@ -10,6 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import docker
+import docker.models.containers
 import psycopg
 import pytest
 
@@ -291,9 +293,9 @@ def test_strictly_sequential_calls_under_read_load_are_never_turned_away(
                 image, other = images[current], images[1 - current]
                 for _ in range(2):
                     call("stop", lambda: client.stop_runtime(game))
-                    call("start", lambda image=image: client.start_runtime(game, image))
+                    call("start", functools.partial(client.start_runtime, game, image))
                 call("restart", lambda: client.restart_runtime(game))
-                call("patch", lambda other=other: client.patch_runtime(game, other))
+                call("patch", functools.partial(client.patch_runtime, game, other))
                 current = 1 - current
             final = client.get_runtime(game)
             rows = list(client.iter_operations(game_id=game))

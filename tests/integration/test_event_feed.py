@@ -624,7 +624,7 @@ def test_each_watcher_is_queued_only_the_events_its_filters_want(
         # record), yet their bookmarks cover every event.
         newest = max(others + written["a"])
         for watcher in (of_stopped, of_running_c):
-            eventually(lambda w=watcher: max(w.bookmarks, default=0) >= newest, what="a bookmark")
+            eventually(lambda w=watcher: max(w.bookmarks, default=0) >= newest, what="a bookmark")  # type: ignore[misc]
             assert watcher.ids == []
         for watcher in (of_a, of_a_b, of_stopped, of_running_c):
             assert watcher.ended is None and watcher.error is None

@@ -188,7 +188,7 @@ def test_a_restart_draws_its_id_before_its_inner_rows_and_publishes_its_end(
     assert inner_start[:3] == ("start", "restart", outer[3])
     # Every row has its event; the restart's comes last.
     event_ids = [start[4], stop[4], inner_start[4], outer[4]]
-    assert None not in event_ids and event_ids == sorted(event_ids)
+    assert None not in event_ids and event_ids == sorted(event_ids)  # type: ignore[type-var]
 
 
 def test_a_lease_held_by_another_replica_makes_the_start_a_retryable_conflict(
@@ -475,6 +475,7 @@ def test_a_start_whose_name_is_held_by_an_orphan_of_ours_removes_it_and_starts(
         },
         network_mode="none",
     )
+    assert orphan.id is not None
 
     started = wired.start.handle(StartRequest(game_id, STUB, OpSource.GM_REST))
 

@@ -175,7 +175,7 @@ def inner_of(outer_id: int, minute: int = 1, **changes: object) -> OperationEntr
         op_kind=OpKind.STOP,
         parent_op_kind=OpKind.RESTART,
         parent_operation_id=outer_id,
-        **changes,
+        **changes,  # type: ignore[arg-type]
     )
 
 

@@ -16,6 +16,7 @@ from rtmanager.domain.errors import ServiceUnavailable
 from rtmanager.domain.jobs import JobKind
 from rtmanager.ports import AnswerOutcome
 from tests.conftest import REDIS_URL
+from tests.support import redis_replies as replies
 from tests.support.private_redis import PrivateRedis
 
 pytestmark = pytest.mark.integration
@@ -58,8 +59,10 @@ def _with_consumer(config: JobStreamsConfig, consumer: str) -> JobStreamsConfig:
 
 
 def add_start(client: redis.Redis, config: JobStreamsConfig, game_id: str) -> str:
-    entry_id = client.xadd(
-        config.start_stream, {"game_id": game_id, "image_ref": "galaxy/engine-stub:1.0.0"}
+    entry_id = replies.binary(
+        client.xadd(
+            config.start_stream, {"game_id": game_id, "image_ref": "galaxy/engine-stub:1.0.0"}
+        )
     )
     return entry_id.decode()
 
@@ -70,7 +73,7 @@ def test_groups_are_created_once_and_new_entries_are_first_deliveries(
     a = streams_for(client, config, "replica-a")
     a.ensure_groups()  # idempotent
     first = add_start(client, config, "g1")
-    stop = client.xadd(config.stop_stream, {"game_id": "g1"}).decode()
+    stop = replies.binary(client.xadd(config.stop_stream, {"game_id": "g1"})).decode()
     entries = a.read_new(10, timedelta(milliseconds=100))
     assert sorted((e.job.kind, e.entry_id, e.deliveries) for e in entries) == sorted(
         [(JobKind.START, first, 1), (JobKind.STOP, stop, 1)]
@@ -139,12 +142,12 @@ def test_an_answer_is_published_and_acknowledged_once(
     (entry,) = a.read_new(10, timedelta(milliseconds=100))
     fields = {"job_id": entry.entry_id, "outcome": "success"}
     assert a.answer(entry, fields) is AnswerOutcome.ANSWERED
-    assert client.xpending(config.start_stream, GROUP)["pending"] == 0
+    assert replies.mapping(client.xpending(config.start_stream, GROUP))["pending"] == 0
     # A redelivery of the answered job (forced back into the pending list).
     client.xclaim(config.start_stream, GROUP, "replica-a", 0, [entry.entry_id], force=True)
-    assert client.xpending(config.start_stream, GROUP)["pending"] == 1
+    assert replies.mapping(client.xpending(config.start_stream, GROUP))["pending"] == 1
     assert a.answer(entry, fields) is AnswerOutcome.ALREADY_ANSWERED
-    assert client.xpending(config.start_stream, GROUP)["pending"] == 0
+    assert replies.mapping(client.xpending(config.start_stream, GROUP))["pending"] == 0
     assert client.xlen(config.results_stream) == 1
 
 
@@ -169,10 +172,10 @@ def test_an_entry_deleted_while_pending_is_dead_lettered_when_taken_over(
     time.sleep(0.15)
     (taken,) = b.claim_abandoned(timedelta(milliseconds=100), 10)
     assert taken.entry_id == kept
-    ((_, letter),) = client.xrange(config.dead_letter_stream)
+    ((_, letter),) = replies.binary_entries(client.xrange(config.dead_letter_stream))
     assert letter[b"job_id"].decode() == gone
     assert b"deleted" in letter[b"reason"]
-    pending = client.xpending_range(config.start_stream, GROUP, "-", "+", 10)
+    pending = replies.mappings(client.xpending_range(config.start_stream, GROUP, "-", "+", 10))
     assert [p["message_id"].decode() for p in pending] == [kept]
 
 
@@ -189,7 +192,7 @@ def test_results_are_trimmed_to_about_the_configured_length(
             answered += 1
     assert answered == 400
     # MAXLEN ~ trims whole macro nodes: about the limit, never everything.
-    assert 50 <= client.xlen(config.results_stream) < 400
+    assert 50 <= replies.integer(client.xlen(config.results_stream)) < 400
 
 
 def test_idle_consumers_without_presence_or_pending_entries_are_removed(
@@ -209,7 +212,10 @@ def test_idle_consumers_without_presence_or_pending_entries_are_removed(
             consumer.answer(entry, {"job_id": entry.entry_id})
     time.sleep(0.3)
     assert a.remove_idle_consumers(timedelta(milliseconds=200)) == ["replica-gone"]
-    names = {c["name"].decode() for c in client.xinfo_consumers(config.start_stream, GROUP)}
+    names = {
+        c["name"].decode()
+        for c in replies.mappings(client.xinfo_consumers(config.start_stream, GROUP))
+    }
     assert "replica-gone" not in names
     assert {"replica-live", "replica-holding"} <= names
 
@@ -224,7 +230,9 @@ def test_lag_counts_entries_not_yet_read(client: redis.Redis, config: JobStreams
 
 
 def add_stop(client: redis.Redis, config: JobStreamsConfig, game_id: str) -> str:
-    entry_id = client.xadd(config.stop_stream, {"game_id": game_id, "reason": "game_finished"})
+    entry_id = replies.binary(
+        client.xadd(config.stop_stream, {"game_id": game_id, "reason": "game_finished"})
+    )
     return entry_id.decode()
 
 

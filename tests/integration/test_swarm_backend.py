@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import docker
 import docker.types
@@ -53,7 +53,9 @@ MOUNT = "/var/lib/galaxy-game"
 T = TypeVar("T")
 
 
-def wait_for(probe: Callable[[], T | None], *, timeout: float = 30.0, what: str = "") -> T:
+def wait_for(
+    probe: Callable[[], T | Literal[False] | None], *, timeout: float = 30.0, what: str = ""
+) -> T:
     deadline = time.monotonic() + timeout
     while True:
         value = probe()
@@ -157,7 +159,7 @@ def test_the_port_on_a_one_node_swarm(
         ),
         (bare, {}),
     ):
-        manager.services.create(
+        manager.services.create(  # type: ignore[no-untyped-call]
             STUB,
             name=name,
             labels={**labels, TEST_LABEL: test_id},
@@ -169,7 +171,7 @@ def test_the_port_on_a_one_node_swarm(
     created = adapter.inspect(f"galaxy-game-{game}")
     assert created is not None and created.owned and not created.running
     assert created.id == service_id and created.game_id == game
-    attrs = manager.services.get(service_id).attrs["Spec"]
+    attrs = manager.services.get(service_id).attrs["Spec"]  # type: ignore[no-untyped-call]
     assert attrs["Mode"]["Replicated"]["Replicas"] == 0
     template = attrs["TaskTemplate"]
     assert template["RestartPolicy"]["Condition"] == "none"
@@ -239,7 +241,7 @@ def test_the_port_on_a_one_node_swarm(
     stream.close()
     reader.join(5)
     assert all(e.game_id == game for e in seen)
-    spec_after = manager.services.get(service_id).attrs["Spec"]
+    spec_after = manager.services.get(service_id).attrs["Spec"]  # type: ignore[no-untyped-call]
     assert spec_after["Mode"]["Replicated"]["Replicas"] == 0
     assert spec_after["Labels"][LAST_CONTAINER] == container_id
     adapter.stop(container_id, timedelta(seconds=5))  # again: fine

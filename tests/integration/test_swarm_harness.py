@@ -52,7 +52,7 @@ STATE_MOUNT = "/var/lib/galaxy-game"
 
 
 def _tasks(client: docker.DockerClient, **filters: str) -> list[dict[str, Any]]:
-    return list(client.api.tasks(filters={"service": SERVICE, **filters}))
+    return list(client.api.tasks(filters={"service": SERVICE, **filters}))  # type: ignore[no-untyped-call]
 
 
 def _host_has_no_trace_of(cluster: SwarmCluster) -> None:
@@ -104,7 +104,7 @@ def _lose_node(
     down_after = time.monotonic() - stopped_at
 
     def desired_shutdown() -> dict[str, Any] | None:
-        task = manager.api.inspect_task(task_id)
+        task = manager.api.inspect_task(task_id)  # type: ignore[no-untyped-call]
         return task if task["DesiredState"] == "shutdown" else None
 
     task = wait_until(desired_shutdown, timeout=30, what=f"desired shutdown of task {task_id}")
@@ -165,7 +165,7 @@ def test_three_nodes_spread_a_service_and_a_stopped_worker_turns_down(
         assert network.attrs["Attachable"] is True
 
         # --- three replicas, at most one per node: one task on each node
-        manager.services.create(
+        manager.services.create(  # type: ignore[no-untyped-call]
             STUB_IMAGE,
             name=SERVICE,
             mode=docker.types.ServiceMode("replicated", replicas=3),

@@ -790,7 +790,11 @@ class SwarmCluster:
         """A running manager's view of the nodes: node id → the node's API object (attrs)."""
         client = self.live_manager().client(timeout=10)
         try:
-            return {n.id: n.attrs for n in client.nodes.list()}
+            nodes: dict[str, dict[str, Any]] = {}
+            for node in client.nodes.list():
+                assert node.id is not None
+                nodes[node.id] = node.attrs
+            return nodes
         finally:
             client.close()
 

@@ -752,7 +752,7 @@ class FakeBackend:
         self.behaviours: dict[str, EngineBehaviour] = {}
         self.calls: list[Call] = []
         self._failures: dict[str, list[RuntimeManagerError]] = {}
-        self._hooks: dict[str, Callable[..., None]] = {}
+        self._hooks: dict[str, Callable[..., object]] = {}
         self._counter = 0
         self._id_lock = threading.Lock()
 
@@ -767,7 +767,7 @@ class FakeBackend:
         failure = error or ServiceUnavailable(f"docker: {method}: daemon unreachable (injected)")
         self._failures.setdefault(method, []).extend([failure] * times)
 
-    def before(self, method: str, hook: Callable[..., None] | None) -> None:
+    def before(self, method: str, hook: Callable[..., object] | None) -> None:
         """Run `hook(*args)` before every call of `method` (None removes it)."""
         if hook is None:
             self._hooks.pop(method, None)

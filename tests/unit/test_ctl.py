@@ -100,7 +100,7 @@ class StubSession(RuntimeManagerClient):
     def __init__(
         self,
         *,
-        fail: Exception | None = None,
+        fail: BaseException | None = None,
         pages: list[Page[RuntimeRecord]] | None = None,
         watch: list[pb.WatchRuntimesResponse] | None = None,
         explanation: RuntimeExplanation | None = None,
@@ -175,7 +175,7 @@ class StubSession(RuntimeManagerClient):
         self._called("cleanup", game_id, force=force, source_ref=source_ref)
         return record(game_id, RuntimeStatus.STOPPED)
 
-    def list_operations(self, **filters: Any) -> Page[OperationEntry]:  # type: ignore[override]
+    def list_operations(self, **filters: Any) -> Page[OperationEntry]:
         self._called("ops", **filters)
         return Page([entry(2, OpKind.PATCH), entry(1)], "tok-2")
 
@@ -202,7 +202,7 @@ class StubSession(RuntimeManagerClient):
         self._called("explain", game_id, operations=operations)
         return self.explanation
 
-    def watch_runtimes(  # type: ignore[override]
+    def watch_runtimes(
         self,
         request: pb.WatchRuntimesRequest | None = None,
         *,

@@ -7,7 +7,7 @@ drives it, with a stand-in for the hub's position.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -28,7 +28,7 @@ def subscription(capacity: int = 1000) -> _Subscription:
     return _Subscription(Hub(), EVERY_EVENT, capacity)  # type: ignore[arg-type]
 
 
-def run(test: Callable[[], Awaitable[T]]) -> T:
+def run(test: Callable[[], Coroutine[Any, Any, T]]) -> T:
     return asyncio.run(test())
 
 
@@ -41,7 +41,7 @@ def count_timers(loop: asyncio.AbstractEventLoop) -> list[float]:
         armed.append(when)
         return call_at(when, callback, *args, **kwargs)
 
-    loop.call_at = counting  # type: ignore[method-assign]
+    loop.call_at = counting  # type: ignore[method-assign, assignment]
     return armed
 
 
@@ -131,6 +131,7 @@ def test_a_released_watcher_leaves_no_timer_behind() -> None:
         with pytest.raises(FeedClosed):
             await waiter
         sub.release()
-        return sum(1 for handle in loop._scheduled if not handle.cancelled())  # type: ignore[attr-defined]
+        scheduled: list[asyncio.TimerHandle] = loop._scheduled  # type: ignore[attr-defined]
+        return sum(1 for handle in scheduled if not handle.cancelled())
 
     assert run(test) == 0

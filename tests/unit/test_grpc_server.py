@@ -223,7 +223,7 @@ def _code_of(call: Any) -> grpc.StatusCode:
     try:
         call.result()
     except grpc.RpcError as error:
-        return error.code()  # type: ignore[no-any-return]
+        return error.code()
     return grpc.StatusCode.OK
 
 

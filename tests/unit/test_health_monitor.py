@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+from typing import cast
 
+import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
@@ -27,7 +29,7 @@ class Dependency:
 
 def status(monitor: HealthMonitor, service: str = "") -> int:
     request = health_pb2.HealthCheckRequest(service=service)
-    return int(monitor.servicer.Check(request, None).status)
+    return int(monitor.servicer.Check(request, cast("grpc.ServicerContext", None)).status)
 
 
 def test_not_serving_until_ready_then_serving_while_every_check_passes() -> None:

@@ -130,7 +130,7 @@ class FakeFeed:
 
 
 def run(feed: FakeFeed, request: WatchRequest) -> tuple[list[object], WatchEnded | None]:
-    service = WatchService(feed, heartbeat=timedelta(seconds=1))  # type: ignore[arg-type]
+    service = WatchService(feed, heartbeat=timedelta(seconds=1))
     items: list[object] = []
 
     async def consume() -> WatchEnded | None:
@@ -279,7 +279,7 @@ def test_a_cancelled_watch_unsubscribes_at_once() -> None:
             raise AssertionError("unreachable")
 
     feed = FakeFeed([], Waiting(position=0, live=[]))
-    service = WatchService(feed, heartbeat=timedelta(seconds=1))  # type: ignore[arg-type]
+    service = WatchService(feed, heartbeat=timedelta(seconds=1))
 
     async def watch_then_cancel() -> None:
         async def consume() -> None:

@@ -27,6 +27,7 @@ from rtmanager.lifecycle.watch import (
     ChangeEvent,
     SnapshotDone,
     SnapshotRecord,
+    WatchItem,
     WatchService,
 )
 from tests.unit.test_watch import FakeFeed, FakeSubscription, event, record
@@ -97,7 +98,7 @@ def served() -> Iterator[tuple[pb_grpc.RuntimeServiceStub, FakeFeed]]:
         records=[record("a"), record("b")],
         snapshot_cursor=3,
     )
-    lifecycles: Any = _Watches(WatchService(feed, heartbeat=timedelta(seconds=1)))  # type: ignore[arg-type]
+    lifecycles: Any = _Watches(WatchService(feed, heartbeat=timedelta(seconds=1)))
     server = serve(RuntimeServicer(lifecycles, Authenticator({}), CallLimiter(4)))
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
     try:
@@ -148,7 +149,7 @@ def test_the_generated_client_receives_the_messages_of_before(
 ) -> None:
     stub, _ = served
     received = _receive(stub, pb.WatchRuntimesRequest(game_ids=["a"], since="0"))
-    expected = [
+    expected: list[WatchItem] = [
         ChangeEvent(event(1, "a")),
         ChangeEvent(event(3, "a", RuntimeStatus.STOPPED)),
         ChangeEvent(event(4, "a")),
@@ -164,7 +165,7 @@ def test_a_snapshot_arrives_as_the_messages_of_before(
 ) -> None:
     stub, _ = served
     received = _receive(stub, pb.WatchRuntimesRequest(initial_snapshot=True))
-    expected = [
+    expected: list[WatchItem] = [
         SnapshotRecord(record("a")),
         SnapshotRecord(record("b")),
         SnapshotDone(3),
