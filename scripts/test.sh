@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # Brings everything up (see scripts/bootstrap.sh) and runs every check:
-# ruff, mypy --strict, buf lint, protobuf freshness and the whole pytest
-# suite against real PostgreSQL, Redis and Docker, then the short chaos soak
-# (bench/soak.py). Extra arguments go to pytest. Exits non-zero on any
-# failure, including "no tests collected".
+# ruff, mypy --strict over the package, its tests and the benchmarks, buf
+# lint, protobuf freshness and the whole pytest suite against real
+# PostgreSQL, Redis and Docker, then the short chaos soak (bench/soak.py).
+# Extra arguments go to pytest. Exits non-zero on any failure, including
+# "no tests collected".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
 echo "== ruff"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-echo "== mypy --strict"
-.venv/bin/mypy rtmanager
+echo "== mypy --strict (rtmanager, tests, bench)"
+.venv/bin/mypy rtmanager tests bench
 echo "== buf lint"
 node_modules/.bin/buf lint
 echo "== protobuf freshness"
