@@ -251,7 +251,7 @@ def create_engine_container(
         restart_policy=cast("_RestartPolicy", {"Name": "no"}),
         user=f"{ENGINE_UID}:{ENGINE_GID}",
         cap_drop=["ALL"],
-        security_opt=["no-new-privileges:true"],
+        security_opt=["no-new-privileges=true"],
         privileged=False,
         pids_limit=ENGINE_PIDS,
         mem_limit=ENGINE_MEMORY,

@@ -223,7 +223,10 @@ def test_create_and_start_runs_a_hardened_engine_on_the_internal_network_with_it
     assert host["Init"] is True
     assert host["RestartPolicy"]["Name"] == "no"
     assert host["CapDrop"] == ["ALL"]
-    assert "no-new-privileges:true" in host["SecurityOpt"]
+    assert "no-new-privileges=true" in host["SecurityOpt"]
+    # Enforced, not only recorded: the kernel runs the engine's init with no_new_privs.
+    status = Path(f"/proc/{raw['State']['Pid']}/status").read_text().splitlines()
+    assert "NoNewPrivs:\t1" in status
     assert host["Privileged"] is False
     assert host["PidsLimit"] == PIDS_LIMIT
     assert host["Memory"] == MEMORY_BYTES

@@ -269,7 +269,7 @@ def test_a_started_engine_is_hardened_as_configured_and_writes_its_state_as_its_
     assert host["ReadonlyRootfs"] is read_only
     assert ("/tmp" in (host.get("Tmpfs") or {})) is read_only
     assert host["CapDrop"] == ["ALL"]
-    assert host["SecurityOpt"] == ["no-new-privileges:true"]
+    assert host["SecurityOpt"] == ["no-new-privileges=true"]
     assert host["Privileged"] is False
     assert host["PidsLimit"] == 64
     assert host["NanoCpus"] == 500_000_000

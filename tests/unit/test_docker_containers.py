@@ -41,7 +41,7 @@ def test_every_engine_is_hardened_the_same_way() -> None:
     assert host["Init"] is True
     assert host["RestartPolicy"] == {"Name": "no"}
     assert host["CapDrop"] == ["ALL"]
-    assert host["SecurityOpt"] == ["no-new-privileges:true"]
+    assert host["SecurityOpt"] == ["no-new-privileges=true"]
     assert not host.get("Privileged", False)  # docker-py leaves out its false default
     # Memory plus swap equal to memory: no swap.
     assert host["Memory"] == host["MemorySwap"] == 256 * 1024 * 1024

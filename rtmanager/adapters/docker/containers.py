@@ -36,7 +36,7 @@ def container_create_args(
         # behind its back would confuse records and the reconciler.
         restart_policy={"Name": "no"},
         cap_drop=["ALL"],
-        security_opt=["no-new-privileges:true"],
+        security_opt=["no-new-privileges=true"],
         privileged=False,
         pids_limit=spec.pids_limit if spec.pids_limit > 0 else None,
         mem_limit=spec.memory_bytes if spec.memory_bytes > 0 else None,
