@@ -152,10 +152,11 @@ class CommitProducer:
         with self._units() as uow:
             uow.records.upsert(record)
             stored = uow.operations.append(_entry(game_id, now))
-            event_id = uow.events.append(stored, record)
+            uow.events.append(stored, record)
             sent = time.monotonic()
-            uow.commit()
+            uow.commit()  # sends the event and COMMIT together
         self.commit_seconds.append(time.monotonic() - sent)
+        [event_id] = uow.committed_event_ids
         return event_id, sent
 
     def close(self) -> None:

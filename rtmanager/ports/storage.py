@@ -200,12 +200,14 @@ class RuntimeEvent:
 class RuntimeEventLog(Protocol):
     """The outbox of record changes, written in the change's own transaction."""
 
-    def append(self, operation: OperationEntry, record: RuntimeRecord) -> int:
-        """Append the change `operation` made (the record after it); return the event id.
+    def append(self, operation: OperationEntry, record: RuntimeRecord) -> None:
+        """Add the change `operation` made (the record after it) to the commit.
 
-        The feed reads the operation's kind, source, outcome, source_ref and
-        parent from its operation-log row, appended first in the same unit
-        of work.
+        The event is written by the unit of work's `commit()`, after every
+        other statement of the transaction; leaving the block without
+        committing discards it. The feed reads the operation's kind, source,
+        outcome, source_ref and parent from its operation-log row, appended
+        first in the same unit of work.
 
         Event ids grow in commit order: an event committed later never has a
         smaller id than one a reader has already seen.
@@ -256,7 +258,7 @@ class UnitOfWork(Protocol):
     ) -> None: ...
 
     def commit(self) -> None:
-        """Commit everything written in this unit of work."""
+        """Commit everything written in this unit of work, its events last."""
         ...
 
 

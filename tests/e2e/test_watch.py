@@ -313,7 +313,7 @@ def commit_changes(env: dict[str, str], count: int) -> list[str]:
     """Commit `count` record changes as the service does; return their cursors."""
     pool = create_pool(POSTGRES_DSN, env["RTMANAGER_POSTGRES_SCHEMA"], max_size=1, timeout=10)
     units = PostgresUnitOfWorkFactory(pool, default_timeout=timedelta(seconds=10))
-    cursors = []
+    cursors: list[str] = []
     try:
         for n in range(count):
             now = datetime.now(UTC)
@@ -342,9 +342,9 @@ def commit_changes(env: dict[str, str], count: int) -> list[str]:
             )
             with units() as uow:
                 uow.records.upsert(record)
-                event_id = uow.events.append(uow.operations.append(entry), record)
+                uow.events.append(uow.operations.append(entry), record)
                 uow.commit()
-            cursors.append(str(event_id))
+            cursors.extend(str(event_id) for event_id in uow.committed_event_ids)
     finally:
         pool.close()
     return cursors

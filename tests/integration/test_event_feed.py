@@ -24,11 +24,11 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from psycopg import sql
 
 from rtmanager.adapters.postgres.event_feed import PostgresRuntimeFeed
-from rtmanager.adapters.postgres.events import prune_events, pruned_through
+from rtmanager.adapters.postgres.events import insert_event, prune_events, pruned_through
 from rtmanager.adapters.postgres.migrations import apply_migrations
 from rtmanager.adapters.postgres.pool import Pool, create_pool
 from rtmanager.adapters.postgres.unit_of_work import PostgresUnitOfWork, PostgresUnitOfWorkFactory
-from rtmanager.domain.errors import RuntimeManagerError
+from rtmanager.domain.errors import RuntimeManagerError, ServiceUnavailable
 from rtmanager.domain.operation import OperationEntry, OpKind, OpSource, Outcome
 from rtmanager.domain.runtime import RuntimeRecord, RuntimeStatus
 from rtmanager.lifecycle.watch import Bookmark, ChangeEvent, WatchEnded, WatchRequest, WatchService
@@ -130,17 +130,19 @@ def record(game_id: str) -> RuntimeRecord:
     )
 
 
-def append(work: PostgresUnitOfWork, game_id: str) -> int:
-    """Append one operation and its event in `work`'s transaction (not committed)."""
+def append_now(work: PostgresUnitOfWork, game_id: str) -> int:
+    """Append one operation and insert its event at once in `work`'s transaction
+    (not committed): the event is drawn and the writers' lock held."""
     stored = work.operations.append(entry(game_id))
-    return work.events.append(stored, record(game_id))
+    return insert_event(work.connection, stored, record(game_id))
 
 
 def write(db: Database, game_id: str = "g") -> int:
     """Commit one change (operation row + event) the way the recorder does."""
     with db.uow() as work:
-        event_id = append(work, game_id)
+        work.events.append(work.operations.append(entry(game_id)), record(game_id))
         work.commit()
+    [event_id] = work.committed_event_ids
     return event_id
 
 
@@ -274,7 +276,7 @@ def test_a_feed_started_while_a_writer_holds_the_lock_delivers_that_event(
 ) -> None:
     before = write(db, "g-before")
     with db.uow() as pending:
-        held = append(pending, "g-held")  # drawn under the lock, not committed
+        held = append_now(pending, "g-held")  # drawn under the lock, not committed
         with running_feed(db) as feed:
             # The start position must not be read past the uncommitted event.
             eventually(lambda: waiting_for_events_lock(db), what="the feed to wait for the writer")
@@ -364,7 +366,7 @@ def test_watchers_are_ended_when_retention_passes_the_feed(
         watcher = watch(watchers, feed)
         eventually(lambda: feed.subscribers == 1, what="the watcher")
         with db.uow() as work:
-            lost = append(work, "g-lost")
+            lost = append_now(work, "g-lost")
             prune_events(work.connection, FAR_FUTURE, EVERYTHING)
             work.commit()
         ended = watcher.wait_ended()
@@ -445,6 +447,59 @@ def test_events_and_the_snapshot_carry_the_node_of_the_record(db: Database) -> N
     assert records == [placed]
 
 
+# --- the commit that writes the events -----------------------------------------------
+
+
+def test_events_are_written_by_the_commit_and_discarded_without_one(db: Database) -> None:
+    before = db.stored_ids()
+    with db.uow() as work:
+        work.events.append(work.operations.append(entry("g-gone")), record("g-gone"))
+        assert db.stored_ids() == before  # staged: nothing drawn, no lock taken
+    assert db.stored_ids() == before
+    with db.uow() as work:
+        work.events.append(work.operations.append(entry("g-a")), record("g-a"))
+        work.events.append(work.operations.append(entry("g-b")), record("g-b"))
+        work.commit()
+    assert db.stored_ids() == before + work.committed_event_ids
+    assert len(work.committed_event_ids) == 2
+    assert work.committed_event_ids == sorted(work.committed_event_ids)
+
+
+def test_a_commit_whose_event_cannot_be_written_commits_nothing(db: Database) -> None:
+    """The event's statement fails inside the commit's pipeline (its lock wait
+    outlasts the statement timeout): the COMMIT behind it is not applied, the
+    error is the unit of work's, and the connection serves the next one."""
+    before = db.stored_ids()
+    with (
+        contextlib.closing(create_pool(db.dsn, db.schema, max_size=1, timeout=10)) as one,
+        db.raw() as holder,
+    ):
+        units = PostgresUnitOfWorkFactory(one)  # every unit of work on the same connection
+        with holder.transaction():
+            holder.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended('rtmanager.events:' || %s, 0))",
+                (db.schema,),
+            )
+            with (
+                pytest.raises(ServiceUnavailable, match="timed out"),
+                units(timeout=timedelta(milliseconds=300)) as work,
+            ):
+                work.records.upsert(record("g-failed"))
+                work.events.append(work.operations.append(entry("g-failed")), record("g-failed"))
+                work.commit()
+        with units() as work:
+            work.events.append(work.operations.append(entry("g-next")), record("g-next"))
+            work.commit()
+        [after] = work.committed_event_ids
+    with db.raw() as conn:
+        rows = conn.execute(
+            "SELECT (SELECT count(*) FROM runtime_records WHERE game_id = 'g-failed'),"
+            " (SELECT count(*) FROM operation_log WHERE game_id = 'g-failed')"
+        ).fetchone()
+    assert rows == (0, 0)
+    assert db.stored_ids() == [*before, after]
+
+
 # --- order under concurrent writers -------------------------------------------------
 
 
@@ -463,8 +518,11 @@ def test_concurrent_writers_reach_every_watcher_once_in_id_order(
             try:
                 for i in range(per_writer):
                     with db.uow() as work:
-                        append(work, f"g{n}")
-                        if i % 5 != 4:  # every fifth rolls back: a gap in the ids
+                        if i % 5 == 4:  # every fifth draws an id and rolls back: a gap
+                            append_now(work, f"g{n}")
+                        else:  # as the recorder does: the event goes with the commit
+                            stored = work.operations.append(entry(f"g{n}"))
+                            work.events.append(stored, record(f"g{n}"))
                             work.commit()
             except BaseException as error:
                 failures.append(error)

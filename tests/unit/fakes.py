@@ -375,13 +375,12 @@ class FakeRuntimeEventLog:
     def __init__(self, uow: FakeUnitOfWork) -> None:
         self._uow = uow
 
-    def append(self, operation: OperationEntry, record: RuntimeRecord) -> int:
+    def append(self, operation: OperationEntry, record: RuntimeRecord) -> None:
         """Stage the event with the next id."""
         self._uow.require_active()
         with self._uow.store.lock:
             event_id = len(self._uow.store.events) + len(self._uow.staged_events) + 1
         self._uow.staged_events.append((event_id, operation.id, record))
-        return event_id
 
 
 class FakeJobMarkStore:

@@ -1,8 +1,9 @@
 """The runtime event outbox in PostgreSQL (`runtime_events`, migration 0002).
 
-The writer's protocol: `PostgresRuntimeEventLog.append` runs as the last
-step of a unit of work. It takes the schema's transaction-scoped advisory
-lock (exclusive), inserts the event (its id drawn from the sequence now) and
+The writer's protocol: a unit of work's events are written by its commit,
+after every other statement, in one pipeline with the `COMMIT`. Each
+event's statement takes the schema's transaction-scoped advisory lock
+(exclusive), inserts the event (its id drawn from the sequence now) and
 calls pg_notify; the lock is released only when the transaction ends, and
 PostgreSQL makes a commit visible before it releases the committer's locks.
 Hence:
@@ -26,8 +27,9 @@ import hashlib
 from datetime import UTC, datetime
 from typing import Any, LiteralString
 
+import psycopg
 from psycopg import IsolationLevel
-from psycopg.rows import dict_row
+from psycopg.rows import TupleRow, dict_row
 
 from rtmanager.adapters.postgres.pool import Connection, database_errors
 from rtmanager.adapters.postgres.records import record_from_row, record_params
@@ -83,21 +85,65 @@ def channel_name(schema: str) -> str:
 
 
 class PostgresRuntimeEventLog:
-    """`RuntimeEventLog` on the connection of one unit of work."""
+    """`RuntimeEventLog` on the connection of one unit of work.
+
+    `append` only stages the event: `commit` sends the staged events and
+    `COMMIT` in one pipeline, so the writers' lock is taken by the
+    transaction's last statements and released by the `COMMIT` already
+    queued behind them. No writer holds it across a round trip to this
+    process, however long this process takes to read the reply.
+    """
 
     def __init__(self, conn: Connection) -> None:
         self._conn = conn
+        self._staged: list[dict[str, Any]] = []
 
-    def append(self, operation: OperationEntry, record: RuntimeRecord) -> int:
-        """Insert the event (ids in commit order) and notify listeners on commit."""
-        params = {"operation_id": operation.id, **record_params(record)}
-        with database_errors(f"append a runtime event of game {record.game_id}"):
-            # The lock is held until commit: the next writer gets its id only
-            # after this transaction is visible, so readers following ids skip
-            # nothing.
-            row = self._conn.execute(_APPEND, params).fetchone()
-        assert row is not None
-        return int(row[0])
+    def append(self, operation: OperationEntry, record: RuntimeRecord) -> None:
+        """Stage the event; `commit` writes it."""
+        self._staged.append(_event_params(operation, record))
+
+    def commit(self) -> list[int]:
+        """Write the staged events (ids in commit order), notify, and commit, in
+        one round trip; return the events' ids. Without staged events, just
+        `COMMIT`."""
+        staged, self._staged = self._staged, []
+        if not staged:
+            self._conn.commit()
+            return []
+        # The lock is held until the COMMIT queued behind the inserts: the
+        # next writer gets its id only after this transaction is visible, so
+        # readers following ids skip nothing. The COMMIT is a statement of the
+        # pipeline, not `commit()`, which would sync (wait) on its own before
+        # the pipeline's closing sync.
+        with self._conn.pipeline():
+            cursors = [self._conn.execute(_APPEND, params) for params in staged]
+            self._conn.execute(b"COMMIT")
+        return [_returned_id(cursor) for cursor in cursors]
+
+    def discard(self) -> None:
+        """Drop the staged events (the transaction is rolled back)."""
+        self._staged = []
+
+
+def insert_event(conn: Connection, operation: OperationEntry, record: RuntimeRecord) -> int:
+    """Insert one event at once in `conn`'s open transaction; return its id.
+
+    The writers' lock is then held until that transaction ends. Units of
+    work do not do this (their events go with the `COMMIT`); it makes the
+    state in between, an event drawn but not committed, for tools and tests.
+    """
+    with database_errors(f"append a runtime event of game {record.game_id}"):
+        return _returned_id(conn.execute(_APPEND, _event_params(operation, record)))
+
+
+def _event_params(operation: OperationEntry, record: RuntimeRecord) -> dict[str, Any]:
+    return {"operation_id": operation.id, **record_params(record)}
+
+
+def _returned_id(cursor: psycopg.Cursor[TupleRow]) -> int:
+    row = cursor.fetchone()
+    assert row is not None
+    return int(row[0])
 
 
 def event_from_row(row: dict[str, Any]) -> RuntimeEvent:

@@ -13,9 +13,11 @@ same message only when it wants a timeout the session does not have: longer
 than the session's, or shorter by more than `pool.TIMEOUT_SLACK` (a statement
 bounded at 9.6 s instead of 10 s changes nothing anyone can observe, and
 every read under a 10 s client deadline would otherwise pay for a `SET`).
-Its statements follow, then `COMMIT`; nothing is sent on leaving a committed
-block. A read (`PostgresUnitOfWorkFactory.read`) sends no `BEGIN`: its one
-statement runs in autocommit, so a `GetRuntime` costs a single round trip.
+Its statements follow, then `COMMIT`, sent in one pipeline with the
+unit's runtime events (`events.py`): the events and the commit cost one
+round trip together. Nothing is sent on leaving a committed block. A
+read (`PostgresUnitOfWorkFactory.read`) sends no `BEGIN`: its one statement
+runs in autocommit, so a `GetRuntime` costs a single round trip.
 psycopg prepares a statement once it has run a few times on a connection.
 
 A broken connection (PostgreSQL restarted since it was pooled) is found by
@@ -91,6 +93,8 @@ class PostgresUnitOfWork:
         self._conn: Connection | None = None
         self.connection_broke = False
         """Whether the connection turned out broken (set when the block ends)."""
+        self.committed_event_ids: list[int] = []
+        """The ids of the runtime events the last `commit()` wrote, in order."""
 
     def __enter__(self) -> Self:
         if self._conn is not None:
@@ -102,7 +106,7 @@ class PostgresUnitOfWork:
         self._conn = conn
         self.records = PostgresRuntimeRecordStore(conn)
         self.operations = PostgresOperationLog(conn)
-        self.events = PostgresRuntimeEventLog(conn)
+        self.events = self._events = PostgresRuntimeEventLog(conn)
         self.job_marks = PostgresJobMarkStore(conn)
         return self
 
@@ -156,12 +160,13 @@ class PostgresUnitOfWork:
         if self._read_only:
             return
         with database_errors("commit"):
-            conn.commit()
+            self.committed_event_ids = self._events.commit()
         self._reopen(conn)
 
     def rollback(self) -> None:
         """Discard everything written since the last commit."""
         conn = self._require_conn()
+        self._events.discard()
         with database_errors("roll back"):
             conn.rollback()
         self._reopen(conn)
@@ -184,7 +189,7 @@ class PostgresUnitOfWork:
         conn, self._conn = self._conn, None
         if conn is not None:
             # The connection goes back to the pool: the stores must not reach it.
-            del self.records, self.operations, self.events, self.job_marks
+            del self.records, self.operations, self.events, self._events, self.job_marks
             self.connection_broke = connection_broken(conn)
             self._release(conn)
 
