@@ -532,6 +532,66 @@ def test_an_acquire_whose_reply_was_lost_does_not_block_the_game(
         client.close()
 
 
+def test_two_acquires_of_one_game_whose_replies_were_lost_at_once_do_not_block_it(
+    redis_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two operations of one game (a restart and a patch, say) time out on a
+    # paused Redis at once; when it resumes, one queued SET lands and the
+    # other finds the key taken. Here the winner's reply is lost first and
+    # the loser's after it, the order in which a single remembered token
+    # would be the loser's.
+    client = create_redis(REDIS_URL, timeout=timedelta(seconds=5))
+    leases = RedisGameLeases(client, prefix=redis_prefix)
+    real_set = client.set
+    sent = threading.Barrier(2)
+    winner_failed = threading.Event()
+
+    def set_then_time_out(*args: object, **kwargs: object) -> object:
+        landed = real_set(*args, **kwargs)  # type: ignore[arg-type]
+        sent.wait(timeout=10)
+        if not landed:
+            winner_failed.wait(timeout=10)
+            time.sleep(0.2)  # the winner's failure is recorded by now
+        raise redis.exceptions.TimeoutError("Timeout reading from socket")
+
+    def attempt(game_id: str) -> None:
+        with pytest.raises(ServiceUnavailable):
+            leases.acquire(game_id, timedelta(seconds=60))
+
+    def both_time_out(game_id: str) -> None:
+        sent.reset()
+        winner_failed.clear()
+
+        def first() -> None:
+            try:
+                attempt(game_id)
+            finally:
+                winner_failed.set()
+
+        racers = [threading.Thread(target=first)]
+        racers[0].start()
+        poll(lambda: client.exists(leases.key(game_id)) == 1)  # the winner's SET landed
+        racers.append(threading.Thread(target=attempt, args=(game_id,)))
+        racers[1].start()
+        for racer in racers:
+            racer.join(30)
+
+    try:
+        monkeypatch.setattr(client, "set", set_then_time_out)
+        both_time_out("stuck")
+        both_time_out("other")
+        monkeypatch.setattr(client, "set", real_set)
+        # The next attempt of the game adopts the lease the winner's SET left ...
+        lease = leases.acquire("stuck", timedelta(seconds=60))
+        assert lease is not None
+        assert pttl(client, leases.key("stuck")) > 50_000
+        # ... and the other game's leftover is gone, whichever SET left it.
+        assert not client.exists(leases.key("other"))
+        assert leases.release(lease)
+    finally:
+        client.close()
+
+
 def test_an_acquire_on_a_paused_redis_fails_fast_and_the_game_is_free_after_it_resumes(
     tmp_path: Path,
 ) -> None:

@@ -42,10 +42,12 @@ class RedisGameLeases:
 
     A lease whose `acquire` call timed out may have been taken anyway (a
     paused Redis runs the queued SET when it resumes) under a token nobody
-    holds, which would block the game for a whole TTL. The token of such an
-    attempt is remembered: the next `acquire` of that game adopts the lease
-    if the SET did land, and any later successful call drops the others'
-    leftovers by compare-and-delete.
+    holds, which would block the game for a whole TTL. The tokens of such
+    attempts are remembered, every one of them (two operations of one game
+    may time out at once, and either SET may be the one that lands): the
+    next `acquire` of that game adopts the lease if one of them holds it,
+    and any later successful call drops the other games' leftovers by
+    compare-and-delete.
     """
 
     def __init__(self, client: redis.Redis, *, prefix: str = "", instance_id: str = "") -> None:
@@ -55,7 +57,7 @@ class RedisGameLeases:
         self._renew = client.register_script(RENEW_IF_OURS)
         self._release = client.register_script(DELETE_IF_OURS)
         # Tokens of acquires that failed without an answer, by game id.
-        self._unanswered: dict[str, str] = {}
+        self._unanswered: dict[str, list[str]] = {}
         self._unanswered_lock = threading.Lock()
 
     def key(self, game_id: str) -> str:
@@ -70,25 +72,25 @@ class RedisGameLeases:
         ttl_ms = _ttl_milliseconds(ttl)
         key = self.key(game_id)
         with self._unanswered_lock:
-            earlier = self._unanswered.pop(game_id, None)
+            earlier = self._unanswered.pop(game_id, [])
         # Reusing the token of an unanswered attempt makes a SET of it that
         # landed after all ours now.
-        token = earlier or self._token_head + secrets.token_urlsafe(24)
+        tokens = earlier or [self._token_head + secrets.token_urlsafe(24)]
         try:
             with self._unavailable_as_error("acquire", game_id):
-                if self._client.set(key, token, nx=True, px=ttl_ms):
-                    lease = Lease(game_id=game_id, token=token)
-                # The client retries a command once when its connection
-                # breaks; if the first SET took the lease before the break,
-                # the retry finds our own token, and the lease is ours.
-                elif _as_text(self._client.get(key)) == token:
-                    self._renew(keys=[key], args=[token, ttl_ms])
-                    lease = Lease(game_id=game_id, token=token)
+                if self._client.set(key, tokens[0], nx=True, px=ttl_ms):
+                    lease = Lease(game_id=game_id, token=tokens[0])
+                # The holder may be ours: an unanswered attempt's SET that
+                # landed, or the first SET of this call when the client
+                # retried it after its connection broke.
+                elif (holder := _as_text(self._client.get(key))) in tokens:
+                    self._renew(keys=[key], args=[holder, ttl_ms])
+                    lease = Lease(game_id=game_id, token=holder)
                 else:
                     lease = None
         except ServiceUnavailable:
             with self._unanswered_lock:
-                self._unanswered[game_id] = token
+                self._unanswered.setdefault(game_id, []).extend(tokens)
             raise
         self._drop_unanswered()
         return lease
@@ -103,13 +105,14 @@ class RedisGameLeases:
             with self._unanswered_lock:
                 if not self._unanswered:
                     return
-                game_id, token = self._unanswered.popitem()
-            try:
-                self._release(keys=[self.key(game_id)], args=[token])
-            except UNAVAILABLE_ERRORS:
-                with self._unanswered_lock:  # Redis is away again: later
-                    self._unanswered.setdefault(game_id, token)
-                return
+                game_id, tokens = self._unanswered.popitem()
+            for done, token in enumerate(tokens):
+                try:
+                    self._release(keys=[self.key(game_id)], args=[token])
+                except UNAVAILABLE_ERRORS:
+                    with self._unanswered_lock:  # Redis is away again: later
+                        self._unanswered.setdefault(game_id, []).extend(tokens[done:])
+                    return
 
     def renew(self, lease: Lease, ttl: timedelta) -> bool:
         """Extend a held lease to `ttl` from now; False when it is no longer ours.
