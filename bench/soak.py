@@ -568,6 +568,8 @@ class FaultRecord:
     kind: str
     target: str
     started: float
+    started_at: float = 0.0
+    """Wall-clock seconds (the clock of Redis's entry ids, on this machine)."""
     seconds: float = 0.0
     recovered_in: float | None = None
     details: dict[str, Any] = field(default_factory=dict)
@@ -596,7 +598,9 @@ class Faults:
 
     def inject(self, kind: str) -> FaultRecord:
         began = time.monotonic()
-        record = FaultRecord(kind=kind, target="", started=round(began, 1))
+        record = FaultRecord(
+            kind=kind, target="", started=round(began, 1), started_at=round(time.time(), 3)
+        )
         self.log("fault", kind=kind)
         getattr(self, f"_{kind}")(record)
         record.seconds = round(time.monotonic() - began, 1)
@@ -1040,6 +1044,7 @@ def soak(seconds: float, games_count: int, seed: int, run_dir: Path) -> Outcome:
             replica_crashes=len(replicas.crashes),
             replica_restart_failures=len(replicas.restart_failures),
             answer_ids=[entry_id for _answer, entry_id in answer_entries],
+            kills_at=[f.started_at for f in faults.done if f.kind == "kill9_replica"],
         )
         summary = {
             "run_dir": str(run_dir),
@@ -1181,6 +1186,8 @@ def print_outcome(outcome: Outcome) -> None:
     )
     print(f"Job outcomes: {report.details['job_outcomes']}")
     print(f"Seconds from job to answer: {report.details['answer_delay_s']}")
+    for late in report.details["answered_after_60s"]:
+        print(f"Answered after 60 s: {late}")
     print(f"Game Master answers: {report.details['gm_answers']}")
     for name in report.failed:
         offenders = report.details.get(name, report.details["watch"])

@@ -49,6 +49,13 @@ Definitions (each count below must be 0 unless marked informational):
   **watch_out_of_order**: receptions of an id lower than the one before.
 - **replica_crashes**: replica exits the soak did not cause;
   **replica_restart_failures**: restarts that did not reach SERVING in time.
+- Informational: **answered_after_60s**, jobs first answered more than 60 s
+  after they were sent (job entry id to answer entry id, both Redis's
+  clock); **answered_after_60s_not_near_a_kill**, those of them sent more
+  than 10 s from every kill -9 of a replica. A job sent near a kill -9 may
+  wait out the lease the killed replica held (60 s by default); any other
+  late answer is worth reading in the report's details, which list every
+  late job with its distance from the nearest kill -9.
 """
 
 from __future__ import annotations
@@ -87,9 +94,15 @@ INFORMATIONAL: tuple[str, ...] = (
     "answered",
     "results",
     "answered_after_60s",
+    "answered_after_60s_not_near_a_kill",
     "gm_calls",
     "watch_received",
 )
+# A job answered later than this is counted (informational); one sent
+# within NEAR_A_KILL seconds of a kill -9 of a replica may be waiting out
+# the dead replica's lease.
+LATE_ANSWER = 60.0
+NEAR_A_KILL = 10.0
 
 
 # -- the data ------------------------------------------------------------------
@@ -237,6 +250,53 @@ def answer_delays(
     `answer_ids[i]` is the entry id of `answers[i]` on its own stream; both
     ids carry Redis's clock in milliseconds.
     """
+    return sorted(_first_answer_delays(jobs, answers, answer_ids).values())
+
+
+def late_answers(
+    jobs: Sequence[Job],
+    answers: Sequence[Answer],
+    answer_ids: Sequence[str],
+    kills_at: Sequence[float],
+    *,
+    over: float = LATE_ANSWER,
+) -> list[dict[str, Any]]:
+    """The jobs answered more than `over` seconds after they were sent, oldest
+    first, each with the seconds from the nearest kill -9 of a replica
+    (`kills_at`: when each began, wall-clock seconds; None without any).
+
+    A job sent within `NEAR_A_KILL` of a kill -9 may wait out the lease the
+    killed replica held (its TTL, 60 s by default): a late answer is
+    expected there and nowhere else.
+    """
+    produced = {job.key: job for job in jobs}
+    late = []
+    for key, delay in _first_answer_delays(jobs, answers, answer_ids).items():
+        if delay <= over:
+            continue
+        job = produced[key]
+        sent = job.position[0] / 1000
+        from_kill = min((sent - kill for kill in kills_at), key=abs, default=None)
+        item = {
+            "game_id": job.game_id,
+            "kind": job.kind,
+            "job_id": job.job_id,
+            "seconds": round(delay, 1),
+            "sent_after_kill_s": None if from_kill is None else round(from_kill, 1),
+        }
+        late.append((job.position, item))
+    return [item for _position, item in sorted(late, key=lambda pair: pair[0])]
+
+
+def near_a_kill(late: dict[str, Any]) -> bool:
+    """Whether a late answer's job was sent within `NEAR_A_KILL` of a kill -9."""
+    from_kill = late["sent_after_kill_s"]
+    return from_kill is not None and abs(from_kill) <= NEAR_A_KILL
+
+
+def _first_answer_delays(
+    jobs: Sequence[Job], answers: Sequence[Answer], answer_ids: Sequence[str]
+) -> dict[tuple[str, str], float]:
     produced = {job.key: job for job in jobs}
     first: dict[tuple[str, str], float] = {}
     for answer, answer_id in zip(answers, answer_ids, strict=True):
@@ -245,7 +305,7 @@ def answer_delays(
             continue
         delay = (job_position(answer_id, START)[0] - job.position[0]) / 1000
         first[answer.key] = min(delay, first.get(answer.key, delay))
-    return sorted(first.values())
+    return first
 
 
 # -- records and containers ----------------------------------------------------
@@ -444,15 +504,19 @@ def evaluate(
     replica_crashes: int = 0,
     replica_restart_failures: int = 0,
     answer_ids: Sequence[str] | None = None,
+    kills_at: Sequence[float] = (),
     limit: int = 50,
 ) -> Report:
     """Every check of SPEC §11 over the gathered data.
 
     `answer_ids` (the answers' own entry ids), when given, add how long jobs
-    waited for their answers (informational).
+    waited for their answers, and which jobs were answered late and how
+    near to a kill -9 of a replica (`kills_at`, wall-clock seconds) they
+    were sent (informational).
     """
     accounting = account_jobs(jobs, answers)
     delays = answer_delays(jobs, answers, answer_ids) if answer_ids is not None else []
+    late = late_answers(jobs, answers, answer_ids, kills_at) if answer_ids is not None else []
     last = last_jobs(jobs)
     games = game_disagreements(last, records, containers)
     orphans = orphan_containers(records, containers)
@@ -468,7 +532,8 @@ def evaluate(
         "unanswered": len(accounting.unanswered),
         "answered_twice": len(accounting.answered_twice),
         "answers_to_unknown_jobs": len(accounting.answers_to_unknown_jobs),
-        "answered_after_60s": sum(1 for d in delays if d > 60),
+        "answered_after_60s": len(late),
+        "answered_after_60s_not_near_a_kill": sum(1 for item in late if not near_a_kill(item)),
         "disagreeing_games": len(games),
         "orphan_containers": len(orphans),
         "duplicate_containers": len(duplicates),
@@ -490,6 +555,7 @@ def evaluate(
             "p95": delays[int(len(delays) * 0.95)] if delays else None,
             "max": delays[-1] if delays else None,
         },
+        "answered_after_60s": late[:limit],
         "dead_lettered": accounting.dead_lettered[:limit],
         "unanswered": accounting.unanswered[:limit],
         "answered_twice": accounting.answered_twice[:limit],

@@ -18,6 +18,7 @@ from bench.soak_checks import (
     internal_or_unknown,
     job_position,
     last_jobs,
+    late_answers,
     orphan_containers,
     record_docker_disagreements,
     render_table,
@@ -276,3 +277,42 @@ def test_answer_delays_run_from_the_job_id_to_its_first_answer_id() -> None:
     report = evaluate(**_clean_run(), answer_ids=["62001-0", "2-0", "4-0"])  # type: ignore[arg-type]
     assert report.counts["answered_after_60s"] == 1
     assert report.ok  # informational
+
+
+def test_late_answers_say_how_near_to_a_kill_of_a_replica_their_jobs_were_sent() -> None:
+    # Sent at 100 s, 200 s and 300 s (entry ids are milliseconds); answered
+    # 61.5 s, 30 s and 65 s later; a replica killed at 103 s.
+    jobs = [start("100000-0"), stop("200000-0", "g2"), start("300000-0", "g3")]
+    answers = [result(job) for job in jobs]
+    answer_ids = ["161500-0", "230000-0", "365000-0"]
+    late = late_answers(jobs, answers, answer_ids, kills_at=[103.0])
+    assert late == [
+        {
+            "game_id": "g1",
+            "kind": "start",
+            "job_id": "100000-0",
+            "seconds": 61.5,
+            "sent_after_kill_s": -3.0,
+        },
+        {
+            "game_id": "g3",
+            "kind": "start",
+            "job_id": "300000-0",
+            "seconds": 65.0,
+            "sent_after_kill_s": 197.0,
+        },
+    ]
+    assert late_answers(jobs, answers, answer_ids, kills_at=[])[0]["sent_after_kill_s"] is None
+
+
+def test_a_late_answer_far_from_every_kill_is_counted_apart_but_informational() -> None:
+    run = _clean_run()  # jobs sent 1-3 ms after the epoch; the first answered 62 s later
+    counts = {
+        kills: evaluate(**run, answer_ids=["62001-0", "2-0", "4-0"], kills_at=kills).counts  # type: ignore[arg-type]
+        for kills in ((), (5.0,), (15.0,))
+    }
+    assert [c["answered_after_60s"] for c in counts.values()] == [1, 1, 1]
+    assert [c["answered_after_60s_not_near_a_kill"] for c in counts.values()] == [1, 0, 1]
+    report = evaluate(**run, answer_ids=["62001-0", "2-0", "4-0"], kills_at=(15.0,))  # type: ignore[arg-type]
+    assert report.ok
+    assert [item["job_id"] for item in report.details["answered_after_60s"]] == ["1-0"]
