@@ -520,16 +520,20 @@ def test_an_acquire_whose_reply_was_lost_does_not_block_the_game(
                 leases.acquire(game_id, timedelta(seconds=60))
         monkeypatch.setattr(client, "set", real_set)
         assert client.exists(leases.key("stuck"), leases.key("other")) == 2
-        # The next attempt of the same game adopts what its SET left ...
-        lease = leases.acquire("stuck", timedelta(seconds=60))
-        assert lease is not None
-        assert pttl(client, leases.key("stuck")) > 50_000
-        # ... and the other game's leftover is gone, so anyone may take it.
-        assert not client.exists(leases.key("other"))
+        assert_stuck_adopted_and_other_dropped(leases, client)
         assert RedisGameLeases(client, prefix=redis_prefix).acquire("other", timedelta(seconds=5))
-        assert leases.release(lease)
     finally:
         client.close()
+
+
+def assert_stuck_adopted_and_other_dropped(leases: RedisGameLeases, client: redis.Redis) -> None:
+    """After lost replies for games "stuck" and "other": the next acquire of
+    "stuck" adopts what its SET left, and that call drops "other"'s leftover."""
+    lease = leases.acquire("stuck", timedelta(seconds=60))
+    assert lease is not None
+    assert pttl(client, leases.key("stuck")) > 50_000
+    assert not client.exists(leases.key("other"))
+    assert leases.release(lease)
 
 
 def test_two_acquires_of_one_game_whose_replies_were_lost_at_once_do_not_block_it(
@@ -581,13 +585,7 @@ def test_two_acquires_of_one_game_whose_replies_were_lost_at_once_do_not_block_i
         both_time_out("stuck")
         both_time_out("other")
         monkeypatch.setattr(client, "set", real_set)
-        # The next attempt of the game adopts the lease the winner's SET left ...
-        lease = leases.acquire("stuck", timedelta(seconds=60))
-        assert lease is not None
-        assert pttl(client, leases.key("stuck")) > 50_000
-        # ... and the other game's leftover is gone, whichever SET left it.
-        assert not client.exists(leases.key("other"))
-        assert leases.release(lease)
+        assert_stuck_adopted_and_other_dropped(leases, client)
     finally:
         client.close()
 
