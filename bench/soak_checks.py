@@ -51,11 +51,12 @@ Definitions (each count below must be 0 unless marked informational):
   **replica_restart_failures**: restarts that did not reach SERVING in time.
 - Informational: **answered_after_60s**, jobs first answered more than 60 s
   after they were sent (job entry id to answer entry id, both Redis's
-  clock); **answered_after_60s_not_near_a_kill**, those of them sent more
-  than 10 s from every kill -9 of a replica. A job sent near a kill -9 may
-  wait out the lease the killed replica held (60 s by default); any other
-  late answer is worth reading in the report's details, which list every
-  late job with its distance from the nearest kill -9.
+  clock); **answered_after_60s_not_near_a_kill**, those of them a kill -9
+  of a replica does not explain: a job sent from 10 s before a kill until
+  60 s after it (while the killed replica's leases, 60 s TTL by default,
+  may still hold its game) and answered at most 90 s after the kill is
+  explained. Any other late answer is worth reading in the report's
+  details, which list every late job with its times from the kill.
 """
 
 from __future__ import annotations
@@ -98,11 +99,14 @@ INFORMATIONAL: tuple[str, ...] = (
     "gm_calls",
     "watch_received",
 )
-# A job answered later than this is counted (informational); one sent
-# within NEAR_A_KILL seconds of a kill -9 of a replica may be waiting out
-# the dead replica's lease.
+# A job answered later than this is counted (informational). A kill -9 of
+# a replica explains a late answer of a job sent from KILL_SENT_BEFORE
+# seconds before it until its leases (60 s TTL, the default) expire, and
+# answered within AFTER_KILLED_LEASES seconds after they did.
 LATE_ANSWER = 60.0
-NEAR_A_KILL = 10.0
+KILL_SENT_BEFORE = 10.0
+KILLED_LEASES_LAST = 60.0
+AFTER_KILLED_LEASES = 30.0
 
 
 # -- the data ------------------------------------------------------------------
@@ -262,12 +266,10 @@ def late_answers(
     over: float = LATE_ANSWER,
 ) -> list[dict[str, Any]]:
     """The jobs answered more than `over` seconds after they were sent, oldest
-    first, each with the seconds from the nearest kill -9 of a replica
-    (`kills_at`: when each began, wall-clock seconds; None without any).
-
-    A job sent within `NEAR_A_KILL` of a kill -9 may wait out the lease the
-    killed replica held (its TTL, 60 s by default): a late answer is
-    expected there and nowhere else.
+    first, each with when it was sent and answered relative to the last kill
+    -9 of a replica begun before it was sent (`kills_at`: wall-clock
+    seconds; a job sent up to `KILL_SENT_BEFORE` seconds before a kill
+    counts as sent after it; None without any such kill).
     """
     produced = {job.key: job for job in jobs}
     late = []
@@ -276,22 +278,31 @@ def late_answers(
             continue
         job = produced[key]
         sent = job.position[0] / 1000
-        from_kill = min((sent - kill for kill in kills_at), key=abs, default=None)
+        kill = max((k for k in kills_at if k <= sent + KILL_SENT_BEFORE), default=None)
         item = {
             "game_id": job.game_id,
             "kind": job.kind,
             "job_id": job.job_id,
             "seconds": round(delay, 1),
-            "sent_after_kill_s": None if from_kill is None else round(from_kill, 1),
+            "sent_after_kill_s": None if kill is None else round(sent - kill, 1),
+            "answered_after_kill_s": None if kill is None else round(sent + delay - kill, 1),
         }
         late.append((job.position, item))
     return [item for _position, item in sorted(late, key=lambda pair: pair[0])]
 
 
 def near_a_kill(late: dict[str, Any]) -> bool:
-    """Whether a late answer's job was sent within `NEAR_A_KILL` of a kill -9."""
-    from_kill = late["sent_after_kill_s"]
-    return from_kill is not None and abs(from_kill) <= NEAR_A_KILL
+    """Whether a late answer is what a kill -9 of a replica explains: the job
+    was sent while the killed replica's leases could still hold its game
+    (up to `KILLED_LEASES_LAST` after the kill) and answered within
+    `AFTER_KILLED_LEASES` of their expiry (retries, the game's other jobs).
+    """
+    sent, answered = late["sent_after_kill_s"], late["answered_after_kill_s"]
+    return (
+        sent is not None
+        and sent <= KILLED_LEASES_LAST
+        and answered <= KILLED_LEASES_LAST + AFTER_KILLED_LEASES
+    )
 
 
 def _first_answer_delays(

@@ -19,6 +19,7 @@ from bench.soak_checks import (
     job_position,
     last_jobs,
     late_answers,
+    near_a_kill,
     orphan_containers,
     record_docker_disagreements,
     render_table,
@@ -279,13 +280,13 @@ def test_answer_delays_run_from_the_job_id_to_its_first_answer_id() -> None:
     assert report.ok  # informational
 
 
-def test_late_answers_say_how_near_to_a_kill_of_a_replica_their_jobs_were_sent() -> None:
+def test_late_answers_say_when_they_were_sent_and_answered_after_a_kill_of_a_replica() -> None:
     # Sent at 100 s, 200 s and 300 s (entry ids are milliseconds); answered
     # 61.5 s, 30 s and 65 s later; a replica killed at 103 s.
     jobs = [start("100000-0"), stop("200000-0", "g2"), start("300000-0", "g3")]
     answers = [result(job) for job in jobs]
     answer_ids = ["161500-0", "230000-0", "365000-0"]
-    late = late_answers(jobs, answers, answer_ids, kills_at=[103.0])
+    late = late_answers(jobs, answers, answer_ids, kills_at=[103.0, 400.0])
     assert late == [
         {
             "game_id": "g1",
@@ -293,6 +294,7 @@ def test_late_answers_say_how_near_to_a_kill_of_a_replica_their_jobs_were_sent()
             "job_id": "100000-0",
             "seconds": 61.5,
             "sent_after_kill_s": -3.0,
+            "answered_after_kill_s": 58.5,
         },
         {
             "game_id": "g3",
@@ -300,19 +302,32 @@ def test_late_answers_say_how_near_to_a_kill_of_a_replica_their_jobs_were_sent()
             "job_id": "300000-0",
             "seconds": 65.0,
             "sent_after_kill_s": 197.0,
+            "answered_after_kill_s": 262.0,
         },
     ]
+    assert [near_a_kill(item) for item in late] == [True, False]
     assert late_answers(jobs, answers, answer_ids, kills_at=[])[0]["sent_after_kill_s"] is None
 
 
-def test_a_late_answer_far_from_every_kill_is_counted_apart_but_informational() -> None:
+def test_a_kill_explains_a_job_sent_while_its_leases_may_hold_and_answered_soon_after() -> None:
+    def item(sent: float, answered: float) -> dict[str, object]:
+        return {"sent_after_kill_s": sent, "answered_after_kill_s": answered}
+
+    assert near_a_kill(item(12.6, 73.8))  # behind the dead lease, then the game's other jobs
+    assert near_a_kill(item(-9.0, 55.0))
+    assert not near_a_kill(item(47.1, 114.6))  # answered long after the dead leases expired
+    assert not near_a_kill(item(61.0, 125.0))  # sent after they expired
+    assert not near_a_kill({"sent_after_kill_s": None, "answered_after_kill_s": None})
+
+
+def test_a_late_answer_no_kill_explains_is_counted_apart_but_informational() -> None:
     run = _clean_run()  # jobs sent 1-3 ms after the epoch; the first answered 62 s later
     counts = {
         kills: evaluate(**run, answer_ids=["62001-0", "2-0", "4-0"], kills_at=kills).counts  # type: ignore[arg-type]
-        for kills in ((), (5.0,), (15.0,))
+        for kills in ((), (5.0,), (-40.0,))
     }
     assert [c["answered_after_60s"] for c in counts.values()] == [1, 1, 1]
     assert [c["answered_after_60s_not_near_a_kill"] for c in counts.values()] == [1, 0, 1]
-    report = evaluate(**run, answer_ids=["62001-0", "2-0", "4-0"], kills_at=(15.0,))  # type: ignore[arg-type]
+    report = evaluate(**run, answer_ids=["62001-0", "2-0", "4-0"], kills_at=(-40.0,))  # type: ignore[arg-type]
     assert report.ok
     assert [item["job_id"] for item in report.details["answered_after_60s"]] == ["1-0"]
