@@ -254,7 +254,7 @@ def answer_delays(
     `answer_ids[i]` is the entry id of `answers[i]` on its own stream; both
     ids carry Redis's clock in milliseconds.
     """
-    return sorted(_first_answer_delays(jobs, answers, answer_ids).values())
+    return sorted(delay for _job, delay in _first_answers(jobs, answers, answer_ids).values())
 
 
 def late_answers(
@@ -271,24 +271,7 @@ def late_answers(
     seconds; a job sent up to `KILL_SENT_BEFORE` seconds before a kill
     counts as sent after it; None without any such kill).
     """
-    produced = {job.key: job for job in jobs}
-    late = []
-    for key, delay in _first_answer_delays(jobs, answers, answer_ids).items():
-        if delay <= over:
-            continue
-        job = produced[key]
-        sent = job.position[0] / 1000
-        kill = max((k for k in kills_at if k <= sent + KILL_SENT_BEFORE), default=None)
-        item = {
-            "game_id": job.game_id,
-            "kind": job.kind,
-            "job_id": job.job_id,
-            "seconds": round(delay, 1),
-            "sent_after_kill_s": None if kill is None else round(sent - kill, 1),
-            "answered_after_kill_s": None if kill is None else round(sent + delay - kill, 1),
-        }
-        late.append((job.position, item))
-    return [item for _position, item in sorted(late, key=lambda pair: pair[0])]
+    return _late(_first_answers(jobs, answers, answer_ids), kills_at, over)
 
 
 def near_a_kill(late: dict[str, Any]) -> bool:
@@ -305,18 +288,42 @@ def near_a_kill(late: dict[str, Any]) -> bool:
     )
 
 
-def _first_answer_delays(
+FirstAnswers = dict[tuple[str, str], tuple[Job, float]]
+"""Each answered job (by key) with the seconds to its first answer."""
+
+
+def _first_answers(
     jobs: Sequence[Job], answers: Sequence[Answer], answer_ids: Sequence[str]
-) -> dict[tuple[str, str], float]:
+) -> FirstAnswers:
     produced = {job.key: job for job in jobs}
-    first: dict[tuple[str, str], float] = {}
+    first: FirstAnswers = {}
     for answer, answer_id in zip(answers, answer_ids, strict=True):
         job = produced.get(answer.key)
         if job is None:
             continue
         delay = (job_position(answer_id, START)[0] - job.position[0]) / 1000
-        first[answer.key] = min(delay, first.get(answer.key, delay))
+        if answer.key not in first or delay < first[answer.key][1]:
+            first[answer.key] = (job, delay)
     return first
+
+
+def _late(first: FirstAnswers, kills_at: Sequence[float], over: float) -> list[dict[str, Any]]:
+    late = []
+    for job, delay in first.values():
+        if delay <= over:
+            continue
+        sent = job.position[0] / 1000
+        kill = max((k for k in kills_at if k <= sent + KILL_SENT_BEFORE), default=None)
+        item = {
+            "game_id": job.game_id,
+            "kind": job.kind,
+            "job_id": job.job_id,
+            "seconds": round(delay, 1),
+            "sent_after_kill_s": None if kill is None else round(sent - kill, 1),
+            "answered_after_kill_s": None if kill is None else round(sent + delay - kill, 1),
+        }
+        late.append((job.position, item))
+    return [item for _position, item in sorted(late, key=lambda pair: pair[0])]
 
 
 # -- records and containers ----------------------------------------------------
@@ -526,8 +533,9 @@ def evaluate(
     were sent (informational).
     """
     accounting = account_jobs(jobs, answers)
-    delays = answer_delays(jobs, answers, answer_ids) if answer_ids is not None else []
-    late = late_answers(jobs, answers, answer_ids, kills_at) if answer_ids is not None else []
+    first = _first_answers(jobs, answers, answer_ids) if answer_ids is not None else {}
+    delays = sorted(delay for _job, delay in first.values())
+    late = _late(first, kills_at, LATE_ANSWER)
     last = last_jobs(jobs)
     games = game_disagreements(last, records, containers)
     orphans = orphan_containers(records, containers)
