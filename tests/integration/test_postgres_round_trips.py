@@ -242,7 +242,7 @@ def test_an_operation_commit_is_begin_its_statements_and_commit(traced: Traced) 
     trips, ids = traced.round_trips(operation)
     assert trips == 4  # BEGIN, upsert, append, event with COMMIT: nothing on leaving
     with traced.pool.connection() as conn:
-        row = conn.execute("SELECT id, operation_id FROM runtime_events").fetchone()
+        row = conn.execute("SELECT id FROM runtime_events").fetchone()
     assert row is not None and ids == [row[0]]
 
 
